@@ -1,0 +1,87 @@
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { ErrorCodes, VeshError } from '../errors.js';
+import type { Limits } from './limits.js';
+import { serverConfigSchema } from './schema.js';
+import { parseYamlWithSchema } from './yaml-validate.js';
+
+/** The server configuration with every path made absolute and every unit resolved. */
+export interface ServerConfig {
+  configFile: string;
+  listen: { host: string; port: number };
+  dataDir: string;
+  hostKeysDir: string;
+  accountsFile: string;
+  defaults: { template: string; limits: Limits };
+  network: { bridge: string; subnet: string; outbound: boolean };
+  auth: {
+    maxAuthTries: number;
+    loginGraceTimeMs: number;
+    maxStartups: number;
+    penalties: { failuresBeforePenalty: number; penaltyMs: number; maxPenaltyMs: number };
+  };
+  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number };
+  logging: { level: string; pretty: boolean | 'auto' };
+}
+
+export const DEFAULT_CONFIG_PATH = 'config/vesh.yaml';
+
+function splitListen(listen: string): { host: string; port: number } {
+  const idx = listen.lastIndexOf(':');
+  let host = listen.slice(0, idx);
+  if (host.startsWith('[') && host.endsWith(']')) host = host.slice(1, -1);
+  const port = Number(listen.slice(idx + 1));
+  if (!Number.isInteger(port) || port < 1 || port > 65535) {
+    throw new VeshError(ErrorCodes.CONFIG_INVALID, `listen port ${port} is out of range: use 1-65535`);
+  }
+  return { host, port };
+}
+
+/** Parse and validate vesh.yaml text. `file` is used to resolve relative paths and in messages. */
+export function parseServerConfig(file: string, text: string): ServerConfig {
+  const abs = path.resolve(file);
+  const { value } = parseYamlWithSchema(abs, text, serverConfigSchema);
+  const dir = path.dirname(abs);
+  const rel = (p: string) => path.resolve(dir, p);
+  return {
+    configFile: abs,
+    listen: splitListen(value.listen),
+    dataDir: rel(value.dataDir),
+    hostKeysDir: rel(value.hostKeysDir),
+    accountsFile: rel(value.accountsFile),
+    defaults: { template: value.defaults.template, limits: { ...value.defaults.limits } },
+    network: { ...value.network },
+    auth: {
+      maxAuthTries: value.auth.maxAuthTries,
+      loginGraceTimeMs: value.auth.loginGraceTime,
+      maxStartups: value.auth.maxStartups,
+      penalties: {
+        failuresBeforePenalty: value.auth.penalties.failuresBeforePenalty,
+        penaltyMs: value.auth.penalties.penalty,
+        maxPenaltyMs: value.auth.penalties.maxPenalty,
+      },
+    },
+    runtime: {
+      engine: value.runtime.engine,
+      binary: value.runtime.binary,
+      idmapBase: value.runtime.idmapBase,
+      idmapSize: value.runtime.idmapSize,
+      stopTimeoutMs: value.runtime.stopTimeout,
+    },
+    logging: { ...value.logging },
+  };
+}
+
+export function loadServerConfig(file: string = DEFAULT_CONFIG_PATH): ServerConfig {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    if (e.code === 'ENOENT') {
+      throw new VeshError(ErrorCodes.CONFIG_NOT_FOUND, `config file ${path.resolve(file)} does not exist: run "npm start" once to create it from config/vesh.example.yaml, or pass --config PATH`);
+    }
+    throw new VeshError(ErrorCodes.CONFIG_INVALID, `cannot read config file ${path.resolve(file)}: ${e.message}`);
+  }
+  return parseServerConfig(file, text);
+}

@@ -1,0 +1,100 @@
+import { ErrorCodes, VeshError, isVeshError } from '../errors.js';
+import { run } from '../system/exec.js';
+import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from './types.js';
+
+/**
+ * runc, driven through its command line. State lives under `root` (a tmpfs
+ * path such as /run/vesh/<instance>), so it is gone after a host reboot, as the
+ * containers are.
+ */
+export class RuncRuntime implements ContainerRuntime {
+  readonly name = 'runc';
+
+  constructor(private readonly binary: string, private readonly root: string) {}
+
+  private base(): string[] {
+    return ['--root', this.root];
+  }
+
+  private async runc(args: string[], opts: { allowFailure?: boolean } = {}) {
+    try {
+      return await run(this.binary, [...this.base(), ...args], { allowFailure: opts.allowFailure, timeoutMs: 120_000 });
+    } catch (err) {
+      if (isVeshError(err, ErrorCodes.COMMAND_MISSING)) {
+        throw new VeshError(ErrorCodes.RUNTIME_MISSING, `the runtime binary "${this.binary}" was not found: install it with "apt-get install runc" (or set runtime.binary in vesh.yaml)`, { cause: err });
+      }
+      if (isVeshError(err, ErrorCodes.COMMAND_FAILED)) {
+        const stderr = String((err.details as { stderr?: string } | undefined)?.stderr ?? '');
+        throw new VeshError(ErrorCodes.RUNTIME_FAILED, `runc ${args[0]} failed: ${lastRuncLine(stderr) || err.message}`, { cause: err, details: err.details });
+      }
+      throw err;
+    }
+  }
+
+  async version(): Promise<string> {
+    const res = await this.runc(['--version']);
+    const m = /runc version (\S+)/.exec(res.stdout);
+    return `runc ${m?.[1] ?? res.stdout.split('\n')[0]}`;
+  }
+
+  async create(id: string, bundleDir: string, pidFile: string): Promise<void> {
+    await this.runc(['create', '--bundle', bundleDir, '--pid-file', pidFile, id]);
+  }
+
+  async start(id: string): Promise<void> {
+    await this.runc(['start', id]);
+  }
+
+  async state(id: string): Promise<ContainerState | null> {
+    const res = await this.runc(['state', id], { allowFailure: true });
+    if (res.code !== 0) {
+      if (/does not exist|not found/i.test(res.stderr)) return null;
+      throw new VeshError(ErrorCodes.RUNTIME_FAILED, `runc state ${id} failed: ${lastRuncLine(res.stderr)}`);
+    }
+    return toState(JSON.parse(res.stdout));
+  }
+
+  async list(): Promise<ContainerState[]> {
+    const res = await this.runc(['list', '--format', 'json']);
+    const parsed = JSON.parse(res.stdout.trim() || 'null') as unknown[] | null;
+    return (parsed ?? []).map(toState);
+  }
+
+  async kill(id: string, signal: string, all = false): Promise<void> {
+    await this.runc(['kill', ...(all ? ['--all'] : []), id, signal]);
+  }
+
+  async delete(id: string, force = false): Promise<void> {
+    const res = await this.runc(['delete', ...(force ? ['--force'] : []), id], { allowFailure: true });
+    if (res.code !== 0 && !/does not exist|not found/i.test(res.stderr)) {
+      throw new VeshError(ErrorCodes.RUNTIME_FAILED, `runc delete ${id} failed: ${lastRuncLine(res.stderr)}`);
+    }
+  }
+
+  execCommand(id: string, spec: ExecSpec): HostCommand {
+    // `runc exec -t` in the foreground allocates the terminal from the
+    // container's own devpts and relays it to ours (node-pty's), forwarding
+    // SIGWINCH resizes; without -t the process gets our pipes. Either way the
+    // process joins the container's cgroups, capabilities and seccomp filter,
+    // which nsenter would skip.
+    const args = [...this.base(), 'exec', `--tty=${spec.tty}`, '--user', `${spec.uid}:${spec.gid}`];
+    for (const g of spec.additionalGids ?? []) args.push('--additional-gids', String(g));
+    if (spec.cwd) args.push('--cwd', spec.cwd);
+    for (const [k, v] of Object.entries(spec.env ?? {})) args.push('--env', `${k}=${v}`);
+    args.push(id, ...spec.argv);
+    return { file: this.binary, args };
+  }
+}
+
+function toState(raw: unknown): ContainerState {
+  const r = raw as { id: string; pid?: number; status: string; bundle: string; created?: string };
+  return { id: r.id, pid: r.pid ?? 0, status: r.status as ContainerState['status'], bundle: r.bundle, created: r.created };
+}
+
+/** runc prints logrus lines (time="…" level=error msg="…"); keep the message. */
+function lastRuncLine(stderr: string): string {
+  const lines = stderr.trim().split('\n').filter(Boolean);
+  const last = lines[lines.length - 1] ?? '';
+  const m = /msg="((?:[^"\\]|\\.)*)"/.exec(last);
+  return (m ? m[1]!.replace(/\\"/g, '"') : last).trim();
+}

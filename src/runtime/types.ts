@@ -1,0 +1,61 @@
+/**
+ * The engine interface. Everything the VE layer needs from an OCI runtime goes
+ * through here, so another engine (crun on cgroup v2 hosts, a Kubernetes
+ * backend later) is one more implementation of this file, not a change to
+ * callers. Every method throws VeshError: VESH_RUNTIME_MISSING when the binary
+ * is absent, VESH_RUNTIME_FAILED when the engine refuses (message carries the
+ * engine's own last line).
+ */
+
+export type ContainerStatus = 'creating' | 'created' | 'running' | 'paused' | 'stopped';
+
+export interface ContainerState {
+  id: string;
+  /** PID of the container's init on the host, 0 when not running. */
+  pid: number;
+  status: ContainerStatus;
+  bundle: string;
+  created?: string;
+}
+
+/** A process to run inside a running container. */
+export interface ExecSpec {
+  argv: string[];
+  /** uid/gid inside the container. */
+  uid: number;
+  gid: number;
+  additionalGids?: number[];
+  cwd?: string;
+  env?: Record<string, string>;
+  /** Allocate a terminal from the container's own devpts. */
+  tty: boolean;
+}
+
+/** A host command line that, when spawned, runs the process inside the container. */
+export interface HostCommand {
+  file: string;
+  args: string[];
+}
+
+export interface ContainerRuntime {
+  readonly name: string;
+  /** Engine version string, e.g. "runc 1.1.5". */
+  version(): Promise<string>;
+  /** Create the container from an OCI bundle; init exists (namespaces made) but has not started. */
+  create(id: string, bundleDir: string, pidFile: string): Promise<void>;
+  /** Start the init of a created container. */
+  start(id: string): Promise<void>;
+  /** State of one container, or null when the engine does not know it. */
+  state(id: string): Promise<ContainerState | null>;
+  list(): Promise<ContainerState[]>;
+  /** Send a signal to the container's init (or to all its processes with all=true). */
+  kill(id: string, signal: string, all?: boolean): Promise<void>;
+  /** Remove the engine's state and cgroups of a container (force also kills it). */
+  delete(id: string, force?: boolean): Promise<void>;
+  /**
+   * The host command that runs `spec` inside the container in the foreground:
+   * stdio, exit status and (for tty) window size pass through it. The process
+   * gets the container's namespaces, cgroups, capabilities and seccomp filter.
+   */
+  execCommand(id: string, spec: ExecSpec): HostCommand;
+}

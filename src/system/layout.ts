@@ -1,0 +1,39 @@
+import { createHash } from 'node:crypto';
+import path from 'node:path';
+
+/**
+ * Where everything lives. One dataDir holds templates, VEs and state; the
+ * short instance id derived from it keeps runtime state, cgroups, veths and
+ * firewall tables of two vesh instances (a test's and the real one) apart.
+ */
+export interface Layout {
+  dataDir: string;
+  instanceId: string;
+  templatesDir: string;
+  vesDir: string;
+  locksDir: string;
+  /** runc --root: tmpfs, so engine state disappears with a host reboot as containers do. */
+  runtimeRoot: string;
+  /** Parent cgroup path of every VE of this instance. */
+  cgroupParent: string;
+  templateDir(name: string): string;
+  templateRootfs(name: string): string;
+  veDir(name: string): string;
+}
+
+export function makeLayout(dataDir: string): Layout {
+  const abs = path.resolve(dataDir);
+  const instanceId = createHash('sha256').update(abs).digest('hex').slice(0, 6);
+  return {
+    dataDir: abs,
+    instanceId,
+    templatesDir: path.join(abs, 'templates'),
+    vesDir: path.join(abs, 'ves'),
+    locksDir: path.join(abs, 'locks'),
+    runtimeRoot: path.join('/run/vesh', instanceId, 'runc'),
+    cgroupParent: `/vesh-${instanceId}`,
+    templateDir: (name) => path.join(abs, 'templates', name),
+    templateRootfs: (name) => path.join(abs, 'templates', name, 'rootfs'),
+    veDir: (name) => path.join(abs, 'ves', name),
+  };
+}

@@ -1,0 +1,24 @@
+/** What a VE needs to know of the template it is built on. Stored as templates/NAME/template.json. */
+export interface TemplateInfo {
+  name: string;
+  /** How it was made: 'debian' | 'busybox' | 'import'. */
+  kind: string;
+  /** Absolute path of the shared, read-only root filesystem (the overlay lower layer). */
+  rootfs: string;
+  createdAt: string;
+  /** argv of the VE's init (PID 1), e.g. ["/sbin/init"]. */
+  init: string[];
+  /** Signal that asks this init for a clean power-off (busybox init: SIGUSR2; sysvinit: SIGPWR with our inittab). */
+  stopSignal: string;
+  /** Host uid/gid that the template's uid/gid 0 was shifted to. */
+  idmapBase: number;
+  sizeBytes: number;
+}
+
+export type TemplateKind = 'debian' | 'busybox';
+
+export interface BuildProgress {
+  /** 0..1 where known, null for "working" without a measure. */
+  fraction: number | null;
+  message: string;
+}
