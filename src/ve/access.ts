@@ -1,0 +1,47 @@
+import type { LimitsInput } from '../config/limits.js';
+import type { HostCommand } from '../runtime/types.js';
+
+/** A user account inside a VE, read from the VE's own /etc/passwd and /etc/group. */
+export interface VeUserInfo {
+  name: string;
+  uid: number;
+  gid: number;
+  groups: number[];
+  home: string;
+  shell: string;
+}
+
+/** A process to start inside a VE, as a user of that VE. */
+export interface VeProcessSpec {
+  user: VeUserInfo;
+  argv: string[];
+  env: Record<string, string>;
+  cwd?: string;
+  tty: boolean;
+}
+
+/**
+ * The narrow interface the SSH side uses to reach VEs. It holds every
+ * root-only operation the SSH layer needs, so that privilege separation is a
+ * matter of putting a broker behind this interface (see design.md). Nothing
+ * here reads or writes VE files on a user's behalf: it only returns host
+ * commands that, once spawned, run inside the VE's namespaces.
+ */
+export interface VeAccess {
+  /**
+   * Make sure the VE exists and runs: a VE that does not exist is created
+   * from the given template and limits, a stopped one is started. Concurrent
+   * calls for one VE share one create/start.
+   */
+  ensureRunning(ve: string, opts?: { template?: string; limits?: LimitsInput; reason?: string }): Promise<void>;
+  /** Look up a user in the VE's own passwd/group database. Throws VESH_ACCOUNT_NOT_FOUND if absent. */
+  lookupUser(ve: string, user: string): Promise<VeUserInfo>;
+  /** Host command that runs the process inside the running VE (stdio and exit status pass through). */
+  processCommand(ve: string, spec: VeProcessSpec): Promise<HostCommand>;
+  /**
+   * Host command for network work inside the VE's network namespace, as `user`
+   * (in the VE's user namespace), running `argv` (a host program such as our
+   * port-forward helper). Nothing it does touches the host's network.
+   */
+  netCommand(ve: string, user: VeUserInfo, argv: string[]): Promise<HostCommand>;
+}
