@@ -1,5 +1,7 @@
 import { ErrorCodes, VeshError, isVeshError } from '../errors.js';
-import { run } from '../system/exec.js';
+import { spawn } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import { run, safeEnv } from '../system/exec.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from './types.js';
 
 /**
@@ -37,8 +39,28 @@ export class RuncRuntime implements ContainerRuntime {
     return `runc ${m?.[1] ?? res.stdout.split('\n')[0]}`;
   }
 
-  async create(id: string, bundleDir: string, pidFile: string): Promise<void> {
-    await this.runc(['create', '--bundle', bundleDir, '--pid-file', pidFile, id]);
+  async create(id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string }): Promise<void> {
+    // The init inherits runc's stdio. Pipes would keep us waiting for an EOF
+    // that comes only when the VE stops, so its stdio is the console file.
+    const fh = await fs.open(opts.consoleFile, 'w', 0o600);
+    try {
+      const res = await new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve, reject) => {
+        const child = spawn(this.binary, [...this.base(), 'create', '--bundle', opts.bundleDir, '--pid-file', opts.pidFile, id], {
+          stdio: ['ignore', fh.fd, fh.fd],
+          env: safeEnv(),
+        });
+        child.on('error', (e: NodeJS.ErrnoException) => reject(e.code === 'ENOENT'
+          ? new VeshError(ErrorCodes.RUNTIME_MISSING, `the runtime binary "${this.binary}" was not found: install it with "apt-get install runc" (or set runtime.binary in vesh.yaml)`)
+          : e));
+        child.on('close', (code, signal) => resolve({ code, signal }));
+      });
+      if (res.code !== 0) {
+        const text = await fs.readFile(opts.consoleFile, 'utf8').catch(() => '');
+        throw new VeshError(ErrorCodes.RUNTIME_FAILED, `runc create ${id} failed: ${lastRuncLine(text) || `exit ${res.code ?? res.signal}`}`);
+      }
+    } finally {
+      await fh.close();
+    }
   }
 
   async start(id: string): Promise<void> {

@@ -41,8 +41,11 @@ export interface ContainerRuntime {
   readonly name: string;
   /** Engine version string, e.g. "runc 1.1.5". */
   version(): Promise<string>;
-  /** Create the container from an OCI bundle; init exists (namespaces made) but has not started. */
-  create(id: string, bundleDir: string, pidFile: string): Promise<void>;
+  /**
+   * Create the container from an OCI bundle; init exists (namespaces made) but
+   * has not started. The init's stdout/stderr go to `consoleFile` (truncated).
+   */
+  create(id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string }): Promise<void>;
   /** Start the init of a created container. */
   start(id: string): Promise<void>;
   /** State of one container, or null when the engine does not know it. */

@@ -1,3 +1,4 @@
+import { promises as fs } from 'node:fs';
 import { createHash } from 'node:crypto';
 import path from 'node:path';
 
@@ -36,4 +37,19 @@ export function makeLayout(dataDir: string): Layout {
     templateRootfs: (name) => path.join(abs, 'templates', name, 'rootfs'),
     veDir: (name) => path.join(abs, 'ves', name),
   };
+}
+
+/**
+ * Make dataDir and ves/ traversable by everyone (mode 0711, not listable):
+ * runc's init runs as the VE's unprivileged host uid while it mounts the
+ * VE's rootfs, so every directory above a VE must let that uid pass.
+ */
+export async function prepareDataDir(layout: Layout): Promise<void> {
+  
+  for (const d of [layout.dataDir, layout.vesDir]) {
+    await fs.mkdir(d, { recursive: true, mode: 0o711 });
+    const st = await fs.stat(d);
+    if ((st.mode & 0o011) !== 0o011) await fs.chmod(d, (st.mode & 0o7777) | 0o011);
+  }
+  await fs.mkdir(layout.locksDir, { recursive: true, mode: 0o700 });
 }

@@ -1,0 +1,61 @@
+import { promises as fs, readFileSync } from 'node:fs';
+import path from 'node:path';
+
+/** Which cgroup layout this host has: v1 (all controllers v1), hybrid (v1 plus an empty v2 mount) or v2 (unified). */
+export type CgroupLayout = 'v1' | 'hybrid' | 'v2';
+
+export function detectCgroupLayout(mountsText = readFileSync('/proc/self/mounts', 'utf8')): CgroupLayout {
+  const lines = mountsText.split('\n').map((l) => l.split(' '));
+  const hasV1 = lines.some((f) => f[2] === 'cgroup');
+  const v2Root = lines.some((f) => f[2] === 'cgroup2' && f[1] === '/sys/fs/cgroup');
+  if (v2Root && !hasV1) return 'v2';
+  return lines.some((f) => f[2] === 'cgroup2') ? 'hybrid' : 'v1';
+}
+
+export interface CgroupStats {
+  memoryBytes: number | null;
+  pids: number | null;
+}
+
+async function readNumber(file: string): Promise<number | null> {
+  try {
+    const n = Number((await fs.readFile(file, 'utf8')).trim());
+    return Number.isFinite(n) ? n : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Memory in use and processes of a VE's cgroup, read straight from cgroupfs:
+ * one small read each, much cheaper than asking the runtime per VE when
+ * listing a thousand VEs. Memory is what the kernel charges the cgroup
+ * (shared template pages are charged to the VE that first read them).
+ */
+export async function readCgroupStats(cgroupsPath: string, layout: CgroupLayout = detectCgroupLayout()): Promise<CgroupStats> {
+  const rel = cgroupsPath.replace(/^\/+/, '');
+  if (layout === 'v2') {
+    const dir = path.join('/sys/fs/cgroup', rel);
+    return { memoryBytes: await readNumber(path.join(dir, 'memory.current')), pids: await readNumber(path.join(dir, 'pids.current')) };
+  }
+  return {
+    memoryBytes: await readNumber(path.join('/sys/fs/cgroup/memory', rel, 'memory.usage_in_bytes')),
+    pids: await readNumber(path.join('/sys/fs/cgroup/pids', rel, 'pids.current')),
+  };
+}
+
+/** Directories a VE's cgroup occupies (every v1 hierarchy, or the one v2 directory). */
+export function cgroupDirs(cgroupsPath: string, layout: CgroupLayout = detectCgroupLayout()): string[] {
+  const rel = cgroupsPath.replace(/^\/+/, '');
+  if (layout === 'v2') return [path.join('/sys/fs/cgroup', rel)];
+  // In hybrid mode runc also makes the VE's directory in the (empty) v2 tree.
+  const controllers = ['unified', 'memory', 'pids', 'cpu', 'cpuacct', 'cpuset', 'blkio', 'devices', 'freezer', 'systemd', 'net_cls', 'net_prio', 'perf_event', 'hugetlb', 'rdma', 'misc'];
+  return controllers.map((c) => path.join('/sys/fs/cgroup', c, rel));
+}
+
+/** Remove empty cgroup directories left for a VE (runc removes its own; this also drops our parent when empty). */
+export async function removeCgroupDirs(dirs: string[]): Promise<void> {
+  for (const d of dirs) {
+    await fs.rmdir(d).catch(() => undefined);
+  }
+}

@@ -1,0 +1,98 @@
+import { readFileSync } from 'node:fs';
+import type { Limits } from '../config/limits.js';
+import { vesSeccompProfile } from './seccomp.js';
+
+/** Everything needed to describe one VE to an OCI runtime. */
+export interface VeBundleSpec {
+  name: string;
+  hostname: string;
+  rootfs: string;
+  init: string[];
+  limits: Limits;
+  cgroupsPath: string;
+  idmap: { base: number; size: number };
+  /** Host directory bind-mounted at /run/vesh (writable by VE root). */
+  ctlDir: string;
+}
+
+/**
+ * Docker's default capability set (what a container's root keeps), plus
+ * three a whole-machine VE needs and that its user namespace confines:
+ * SYS_BOOT (reboot/poweroff restart or stop only the VE's pid namespace),
+ * NET_ADMIN (VE root configures its own network namespace; the host stops
+ * address spoofing on the bridge) and SYS_PTRACE (debuggers on the VE's own
+ * processes; other VEs' processes are not visible).
+ */
+export const VE_CAPABILITIES = [
+  'CAP_CHOWN', 'CAP_DAC_OVERRIDE', 'CAP_FSETID', 'CAP_FOWNER', 'CAP_MKNOD', 'CAP_NET_RAW',
+  'CAP_SETGID', 'CAP_SETUID', 'CAP_SETFCAP', 'CAP_SETPCAP', 'CAP_NET_BIND_SERVICE',
+  'CAP_SYS_CHROOT', 'CAP_KILL', 'CAP_AUDIT_WRITE',
+  'CAP_SYS_BOOT', 'CAP_NET_ADMIN', 'CAP_SYS_PTRACE',
+];
+
+const MASKED_PATHS = [
+  '/proc/acpi', '/proc/asound', '/proc/kcore', '/proc/keys', '/proc/latency_stats', '/proc/timer_list',
+  '/proc/timer_stats', '/proc/sched_debug', '/proc/scsi', '/sys/firmware', '/sys/devices/virtual/powercap',
+];
+const READONLY_PATHS = ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'];
+
+/** The hard RLIMIT_NOFILE of this process: an OCI rlimit above it makes runc fail. */
+function hostNofileHardLimit(): number {
+  try {
+    const text = readFileSync('/proc/self/limits', 'utf8');
+    const m = /^Max open files\s+\S+\s+(\S+)/m.exec(text);
+    if (m && m[1] !== 'unlimited') return Number(m[1]);
+  } catch {
+    // fall through to a conservative value
+  }
+  return 4096;
+}
+
+export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
+  const caps = VE_CAPABILITIES;
+  const nofileHard = Math.min(hostNofileHardLimit(), 65_536);
+  const period = 100_000;
+  return {
+    ociVersion: '1.0.2-dev',
+    process: {
+      terminal: false,
+      user: { uid: 0, gid: 0 },
+      args: spec.init,
+      // container= tells init scripts they run in a container (as LXC and systemd-nspawn set it).
+      env: ['PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', 'container=vesh', 'TERM=linux'],
+      cwd: '/',
+      capabilities: { bounding: caps, effective: caps, permitted: caps, inheritable: [], ambient: [] },
+      rlimits: [{ type: 'RLIMIT_NOFILE', hard: nofileHard, soft: Math.min(1024, nofileHard) }],
+      // setuid programs (su, sudo, passwd) must work inside the VE.
+      noNewPrivileges: false,
+    },
+    root: { path: spec.rootfs, readonly: false },
+    hostname: spec.hostname,
+    mounts: [
+      { destination: '/proc', type: 'proc', source: 'proc', options: ['nosuid', 'noexec', 'nodev'] },
+      { destination: '/dev', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'strictatime', 'mode=755', 'size=65536k'] },
+      { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620', 'gid=5'] },
+      { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', `size=${Math.max(1, Math.floor(spec.limits.memory / 2 / 1024 / 1024))}m`] },
+      { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
+      { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
+      { destination: '/sys/fs/cgroup', type: 'cgroup', source: 'cgroup', options: ['nosuid', 'noexec', 'nodev', 'relatime', 'ro'] },
+      { destination: '/run', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'nodev', 'mode=755', 'size=65536k'] },
+      { destination: '/run/vesh', type: 'bind', source: spec.ctlDir, options: ['rbind', 'rw', 'nosuid', 'nodev', 'noexec'] },
+    ],
+    linux: {
+      uidMappings: [{ containerID: 0, hostID: spec.idmap.base, size: spec.idmap.size }],
+      gidMappings: [{ containerID: 0, hostID: spec.idmap.base, size: spec.idmap.size }],
+      namespaces: ['pid', 'network', 'ipc', 'uts', 'mount', 'user', 'cgroup'].map((type) => ({ type })),
+      cgroupsPath: spec.cgroupsPath,
+      resources: {
+        devices: [{ allow: false, access: 'rwm' }],
+        memory: { limit: spec.limits.memory, swap: spec.limits.memory },
+        pids: { limit: spec.limits.pids },
+        cpu: { quota: Math.round(spec.limits.cpus * period), period },
+      },
+      maskedPaths: MASKED_PATHS,
+      readonlyPaths: READONLY_PATHS,
+      seccomp: vesSeccompProfile(),
+    },
+  };
+}

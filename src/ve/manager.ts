@@ -1,0 +1,599 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import type { Logger } from '../audit/logger.js';
+import { resolveLimits, type Limits, type LimitsInput } from '../config/limits.js';
+import type { ServerConfig } from '../config/server-config.js';
+import { ErrorCodes, VeshError, errorMessage, isVeshError } from '../errors.js';
+import { cgroupDirs, detectCgroupLayout, readCgroupStats, removeCgroupDirs, type CgroupLayout } from '../runtime/cgroups.js';
+import { buildOciConfig } from '../runtime/oci-bundle.js';
+import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from '../runtime/types.js';
+import type { VeNetIdentity } from '../net/types.js';
+import type { TemplateInfo } from '../template/types.js';
+import { run } from '../system/exec.js';
+import { prepareDataDir, type Layout } from '../system/layout.js';
+import { withRevert } from '../system/revert.js';
+import type { VeAccess, VeProcessSpec, VeUserInfo } from './access.js';
+import { withLock } from './lock.js';
+import { assertVeName } from './names.js';
+import { parseGroup, parsePasswd } from './passwd.js';
+import { readRecord, writeJsonAtomic, type VeRecord } from './record.js';
+import { canDestroy, canStart, canStop, needsCleanup, veStateOf, type VeState } from './state.js';
+import {
+  createDiskImage, diskUsage, mountOverlay, mountPrivate, mountsUnder, prepareUpper, unmountAll, vePaths, type VePaths,
+} from './storage.js';
+
+/** What the VE layer needs of the template module. */
+export interface TemplateSource {
+  get(name: string): Promise<TemplateInfo>;
+}
+
+/** What the VE layer needs of the network module. */
+export interface NetworkPlane {
+  ensureHost(): Promise<void>;
+  allocateAddress(used: string[]): string;
+  vethNameFor(address: string): string;
+  attach(id: VeNetIdentity, initPid: number): Promise<void>;
+  detach(id: VeNetIdentity): Promise<void>;
+  hostsFile(name: string, address: string): string;
+  resolvConf(): Promise<string>;
+}
+
+export interface VeManagerDeps {
+  config: ServerConfig;
+  layout: Layout;
+  logger: Logger;
+  runtime: ContainerRuntime;
+  templates: TemplateSource;
+  network: NetworkPlane;
+}
+
+export interface VeStatus {
+  name: string;
+  state: VeState;
+  template: string;
+  address: string;
+  onBoot: boolean;
+  limits: Limits;
+  pid: number | null;
+  memoryBytes: number | null;
+  processes: number | null;
+  disk: { used: number; total: number } | null;
+  createdAt: string;
+}
+
+export interface CreateOptions {
+  template?: string;
+  limits?: LimitsInput;
+  onBoot?: boolean;
+}
+
+const SHUTDOWN_MARKER = 'shutdown';
+
+/**
+ * VE lifecycle: create, start, stop, restart, destroy, list, status, exec,
+ * plus the VeAccess the SSH side uses. State on disk is ves/NAME/ve.json;
+ * whether a VE runs is always asked of the engine, so a restarted vesh finds
+ * running VEs again. Every verb takes the VE's lock, refreshes state first
+ * and registers an undo for each step it makes.
+ */
+export class VeManager implements VeAccess {
+  private readonly cfg: ServerConfig;
+  private readonly layout: Layout;
+  private readonly log: Logger;
+  private readonly runtime: ContainerRuntime;
+  private readonly templates: TemplateSource;
+  private readonly network: NetworkPlane;
+  private readonly cgroupLayout: CgroupLayout;
+  private readonly inflight = new Map<string, Promise<void>>();
+  /** VEs the monitor watches: name → init pid. */
+  private readonly watched = new Map<string, number>();
+  private monitorTimer: NodeJS.Timeout | null = null;
+  private monitorBusy = false;
+
+  constructor(deps: VeManagerDeps) {
+    this.cfg = deps.config;
+    this.layout = deps.layout;
+    this.log = deps.logger.child({ component: 've' });
+    this.runtime = deps.runtime;
+    this.templates = deps.templates;
+    this.network = deps.network;
+    this.cgroupLayout = detectCgroupLayout();
+  }
+
+  private paths(name: string): VePaths {
+    return vePaths(this.layout.veDir(name));
+  }
+
+  private cgroupsPath(name: string): string {
+    return `${this.layout.cgroupParent}/${name}`;
+  }
+
+  private netId(rec: VeRecord): VeNetIdentity {
+    return { name: rec.name, address: rec.address, hostVeth: rec.hostVeth };
+  }
+
+  private async lock<T>(name: string, body: () => Promise<T>): Promise<T> {
+    await this.prepared();
+    return withLock(this.layout.locksDir, `ve-${name}`, body);
+  }
+
+  private preparing: Promise<void> | null = null;
+  private prepared(): Promise<void> {
+    this.preparing ??= prepareDataDir(this.layout);
+    return this.preparing;
+  }
+
+  async exists(name: string): Promise<boolean> {
+    assertVeName(name);
+    return (await readRecord(this.paths(name).record)) !== null;
+  }
+
+  private async record(name: string): Promise<VeRecord> {
+    assertVeName(name);
+    const rec = await readRecord(this.paths(name).record);
+    if (!rec) {
+      throw new VeshError(ErrorCodes.VE_NOT_FOUND, `VE "${name}" does not exist: create it with "vesh ve create ${name}"`, { userMessage: 'Your environment does not exist.' });
+    }
+    return rec;
+  }
+
+  async names(): Promise<string[]> {
+    let entries: string[];
+    try {
+      entries = await fs.readdir(this.layout.vesDir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw err;
+    }
+    const out: string[] = [];
+    for (const e of entries.sort()) {
+      if (!e.startsWith('.') && (await readRecord(path.join(this.layout.vesDir, e, 've.json')).catch(() => null))) out.push(e);
+    }
+    return out;
+  }
+
+  /** VEs built on a template (the template module refuses to remove one in use). */
+  async usersOfTemplate(template: string): Promise<string[]> {
+    const out: string[] = [];
+    for (const n of await this.names()) {
+      const rec = await readRecord(this.paths(n).record);
+      if (rec?.template === template) out.push(n);
+    }
+    return out;
+  }
+
+  // ---------------------------------------------------------------- create
+
+  async create(name: string, opts: CreateOptions = {}): Promise<VeRecord> {
+    assertVeName(name);
+    const limits = resolveLimits(opts.limits, this.cfg.defaults.limits);
+    const templateName = opts.template ?? this.cfg.defaults.template;
+    const template = await this.templates.get(templateName);
+    // Address allocation and the record's appearance are one step under a
+    // global lock, so two creates never take one address.
+    await this.prepared();
+    return withLock(this.layout.locksDir, 'create', () => this.lock(name, async () => {
+      const p = this.paths(name);
+      if (await readRecord(p.record)) {
+        throw new VeshError(ErrorCodes.VE_EXISTS, `VE "${name}" already exists: use "vesh ve start ${name}", or destroy it first`);
+      }
+      const used: string[] = [];
+      for (const n of await this.names()) {
+        const r = await readRecord(this.paths(n).record);
+        if (r) used.push(r.address);
+      }
+      const address = this.network.allocateAddress(used);
+      const rec: VeRecord = {
+        name,
+        template: template.name,
+        limits,
+        address,
+        hostVeth: this.network.vethNameFor(address),
+        onBoot: opts.onBoot ?? false,
+        createdAt: new Date().toISOString(),
+      };
+      await withRevert(async (r) => {
+        // Traversable (not readable) by the VE's unprivileged host uid: runc's init
+        // runs as that uid when it bind-mounts the rootfs and /run/vesh.
+        await fs.mkdir(p.dir, { mode: 0o711 });
+        r.add('remove VE directory', () => fs.rm(p.dir, { recursive: true, force: true }));
+        r.add('unmount VE file systems', () => unmountAll(p));
+        const root = this.cfg.runtime.idmapBase;
+        if (limits.disk > 0) await createDiskImage(p, limits.disk, root);
+        await mountPrivate(p, limits.disk > 0);
+        await prepareUpper(p, root);
+        await fs.mkdir(p.ctl, { mode: 0o755 });
+        await fs.chown(p.ctl, root, root);
+        await mountOverlay(p, template.rootfs);
+        await this.writeIdentityFiles(p, rec);
+        await unmountAll(p);
+        await writeJsonAtomic(p.record, rec);
+      }, (failures) => this.log.error({ event: 've.create.undo_failed', ve: name, failures: failures.map((f) => `${f.what}: ${errorMessage(f.error)}`) }));
+      this.log.info({ event: 've.created', ve: name, template: template.name, address, limits });
+      return rec;
+    }));
+  }
+
+  /**
+   * The VE's own /etc/hostname, /etc/hosts and /etc/resolv.conf, written once
+   * at creation before the VE has ever run (so no VE-made symlink can redirect
+   * the write), owned by VE root; afterwards they are VE root's to change.
+   */
+  private async writeIdentityFiles(p: VePaths, rec: VeRecord): Promise<void> {
+    const etc = path.join(p.rootfs, 'etc');
+    const st = await fs.lstat(etc).catch(() => null);
+    if (!st?.isDirectory()) {
+      throw new VeshError(ErrorCodes.TEMPLATE_NOT_FOUND, `template "${rec.template}" has no /etc directory: rebuild or re-import it`);
+    }
+    const root = this.cfg.runtime.idmapBase;
+    const files: Array<[string, string]> = [
+      ['hostname', `${rec.name}\n`],
+      ['hosts', this.network.hostsFile(rec.name, rec.address)],
+      ['resolv.conf', await this.network.resolvConf()],
+    ];
+    for (const [file, content] of files) {
+      const target = path.join(etc, file);
+      await fs.rm(target, { force: true });
+      await fs.writeFile(target, content, { mode: 0o644, flag: 'wx' });
+      await fs.lchown(target, root, root);
+    }
+  }
+
+  // ---------------------------------------------------------------- start
+
+  async start(name: string): Promise<void> {
+    await this.lock(name, () => this.startLocked(name));
+  }
+
+  private async startLocked(name: string): Promise<void> {
+    const rec = await this.record(name);
+    const p = this.paths(name);
+    const before = await this.runtime.state(name);
+    const state = veStateOf(before);
+    if (!canStart(state)) {
+      throw new VeshError(ErrorCodes.VE_STATE, `VE "${name}" is already ${state}: stop it first if you want to restart it ("vesh ve restart ${name}")`);
+    }
+    if (needsCleanup(before)) await this.cleanupLocked(rec);
+    const template = await this.templates.get(rec.template);
+    const started = Date.now();
+    await withRevert(async (r) => {
+      r.add('unmount VE file systems', () => unmountAll(p));
+      await mountPrivate(p, rec.limits.disk > 0);
+      await prepareUpper(p, this.cfg.runtime.idmapBase);
+      await mountOverlay(p, template.rootfs);
+      await fs.mkdir(p.ctl, { recursive: true, mode: 0o755 });
+      await fs.rm(path.join(p.ctl, SHUTDOWN_MARKER), { force: true });
+      const oci = buildOciConfig({
+        name,
+        hostname: name,
+        rootfs: p.rootfs,
+        init: template.init,
+        limits: rec.limits,
+        cgroupsPath: this.cgroupsPath(name),
+        idmap: { base: this.cfg.runtime.idmapBase, size: this.cfg.runtime.idmapSize },
+        ctlDir: p.ctl,
+      });
+      await writeJsonAtomic(path.join(p.dir, 'config.json'), oci);
+      await this.network.ensureHost();
+      await fs.rm(p.pidFile, { force: true });
+      r.add('delete container', async () => {
+        await this.runtime.delete(name, true);
+        await removeCgroupDirs(cgroupDirs(this.cgroupsPath(name), this.cgroupLayout));
+      });
+      await this.runtime.create(name, { bundleDir: p.dir, pidFile: p.pidFile, consoleFile: p.console });
+      const pid = Number((await fs.readFile(p.pidFile, 'utf8')).trim());
+      r.add('detach network', () => this.network.detach(this.netId(rec)));
+      await this.network.attach(this.netId(rec), pid);
+      await this.runtime.start(name);
+      this.watched.set(name, pid);
+    }, (failures) => this.log.error({ event: 've.start.undo_failed', ve: name, failures: failures.map((f) => `${f.what}: ${errorMessage(f.error)}`) })).catch((err) => {
+      this.log.error({ event: 've.start_failed', ve: name, err: errorMessage(err) });
+      if (isVeshError(err) && err.code !== ErrorCodes.RUNTIME_FAILED && err.code !== ErrorCodes.COMMAND_FAILED) throw err;
+      throw new VeshError(ErrorCodes.VE_START_FAILED, `VE "${name}" failed to start: ${errorMessage(err)}`, { cause: err, userMessage: 'Your environment failed to start; the administrator has been told why.' });
+    });
+    this.log.info({ event: 've.started', ve: name, ms: Date.now() - started });
+  }
+
+  // ---------------------------------------------------------------- stop
+
+  async stop(name: string, opts: { kill?: boolean; timeoutMs?: number } = {}): Promise<void> {
+    await this.lock(name, () => this.stopLocked(name, opts));
+  }
+
+  private async stopLocked(name: string, opts: { kill?: boolean; timeoutMs?: number } = {}): Promise<void> {
+    const rec = await this.record(name);
+    const st = await this.runtime.state(name);
+    const state = veStateOf(st);
+    if (!canStop(state)) {
+      if (needsCleanup(st)) await this.cleanupLocked(rec);
+      throw new VeshError(ErrorCodes.VE_STATE, `VE "${name}" is not running`);
+    }
+    this.watched.delete(name);
+    if (state === 'running' && !opts.kill) {
+      const template = await this.templates.get(rec.template).catch(() => null);
+      const signal = template?.stopSignal ?? 'SIGTERM';
+      await fs.writeFile(path.join(this.paths(name).ctl, SHUTDOWN_MARKER), 'poweroff\n').catch(() => undefined);
+      await this.runtime.kill(name, signal).catch(() => undefined);
+      const deadline = Date.now() + (opts.timeoutMs ?? this.cfg.runtime.stopTimeoutMs);
+      while (Date.now() < deadline && veStateOf(await this.runtime.state(name)) === 'running') {
+        await sleep(100);
+      }
+    }
+    if (veStateOf(await this.runtime.state(name)) !== 'stopped') {
+      await this.runtime.kill(name, 'SIGKILL', state !== 'running').catch(() => undefined);
+      const deadline = Date.now() + 10_000;
+      while (Date.now() < deadline && veStateOf(await this.runtime.state(name)) === 'running') await sleep(50);
+    }
+    await this.cleanupLocked(rec);
+    this.log.info({ event: 've.stopped', ve: name });
+  }
+
+  /** Remove what a stopped (or half-started) VE holds: engine state, cgroups, veth, mounts. */
+  private async cleanupLocked(rec: VeRecord): Promise<void> {
+    const p = this.paths(rec.name);
+    await this.runtime.delete(rec.name, true);
+    await removeCgroupDirs(cgroupDirs(this.cgroupsPath(rec.name), this.cgroupLayout));
+    await this.network.detach(this.netId(rec));
+    await unmountAll(p);
+    await fs.rm(p.pidFile, { force: true });
+    this.watched.delete(rec.name);
+  }
+
+  async restart(name: string): Promise<void> {
+    await this.lock(name, async () => {
+      const st = veStateOf(await this.runtime.state(name));
+      if (canStop(st)) await this.stopLocked(name);
+      await this.startLocked(name);
+    });
+  }
+
+  // ---------------------------------------------------------------- destroy
+
+  async destroy(name: string, opts: { force?: boolean } = {}): Promise<void> {
+    await this.lock(name, async () => {
+      const rec = await this.record(name);
+      const state = veStateOf(await this.runtime.state(name));
+      if (!canDestroy(state, Boolean(opts.force))) {
+        throw new VeshError(ErrorCodes.VE_STATE, `VE "${name}" is ${state}: stop it first, or destroy it with --force`);
+      }
+      if (canStop(state)) await this.stopLocked(name, { kill: true });
+      await this.cleanupLocked(rec);
+      const p = this.paths(name);
+      const left = await mountsUnder(p.dir);
+      if (left.length > 0) {
+        throw new VeshError(ErrorCodes.VE_BUSY, `VE "${name}" still has mounts (${left.join(', ')}): unmount them, then destroy again`);
+      }
+      await fs.rm(p.dir, { recursive: true, force: true });
+      this.log.info({ event: 've.destroyed', ve: name });
+    });
+    await this.removeEmptyParents();
+  }
+
+  /** When an instance has no VE left, drop its parent cgroups too so nothing lingers. */
+  private async removeEmptyParents(): Promise<void> {
+    if ((await this.names()).length > 0) return;
+    await removeCgroupDirs(cgroupDirs(this.layout.cgroupParent, this.cgroupLayout));
+  }
+
+  async setOnBoot(name: string, onBoot: boolean): Promise<void> {
+    await this.lock(name, async () => {
+      const rec = await this.record(name);
+      await writeJsonAtomic(this.paths(name).record, { ...rec, onBoot });
+    });
+  }
+
+  // ---------------------------------------------------------------- status
+
+  async status(name: string): Promise<VeStatus> {
+    const rec = await this.record(name);
+    return this.statusOf(rec, await this.runtime.state(name));
+  }
+
+  async list(): Promise<VeStatus[]> {
+    const containers = new Map((await this.runtime.list()).map((c) => [c.id, c]));
+    const out: VeStatus[] = [];
+    for (const n of await this.names()) {
+      const rec = await readRecord(this.paths(n).record);
+      if (rec) out.push(await this.statusOf(rec, containers.get(n) ?? null));
+    }
+    return out;
+  }
+
+  private async statusOf(rec: VeRecord, c: ContainerState | null): Promise<VeStatus> {
+    const state = veStateOf(c);
+    const running = state === 'running' || state === 'paused';
+    const stats = running ? await readCgroupStats(this.cgroupsPath(rec.name), this.cgroupLayout) : { memoryBytes: null, pids: null };
+    return {
+      name: rec.name,
+      state,
+      template: rec.template,
+      address: rec.address,
+      onBoot: rec.onBoot,
+      limits: rec.limits,
+      pid: running && c ? c.pid : null,
+      memoryBytes: stats.memoryBytes,
+      processes: stats.pids,
+      disk: running ? await diskUsage(this.paths(rec.name)) : null,
+      createdAt: rec.createdAt,
+    };
+  }
+
+  // ---------------------------------------------------------------- processes inside
+
+  /** Host command running `spec` inside a running VE; throws VE_STATE if it is not running. */
+  async execCommand(name: string, spec: ExecSpec): Promise<HostCommand> {
+    await this.record(name);
+    const state = veStateOf(await this.runtime.state(name));
+    if (state !== 'running') {
+      throw new VeshError(ErrorCodes.VE_STATE, `VE "${name}" is ${state}: start it with "vesh ve start ${name}"`);
+    }
+    return this.runtime.execCommand(name, spec);
+  }
+
+  async ensureRunning(ve: string, opts: { template?: string; limits?: LimitsInput; reason?: string } = {}): Promise<void> {
+    assertVeName(ve);
+    // Concurrent logins of one account in this process share one start; the
+    // file lock covers other processes (the CLI).
+    const pending = this.inflight.get(ve);
+    if (pending) return pending;
+    const p = (async () => {
+      if (!(await this.exists(ve))) {
+        try {
+          await this.create(ve, { template: opts.template, limits: opts.limits });
+          this.log.info({ event: 've.created_on_demand', ve, reason: opts.reason });
+        } catch (err) {
+          if (!isVeshError(err, ErrorCodes.VE_EXISTS)) throw err;
+        }
+      }
+      await this.lock(ve, async () => {
+        if (veStateOf(await this.runtime.state(ve)) !== 'running') await this.startLocked(ve);
+      });
+    })().finally(() => this.inflight.delete(ve));
+    this.inflight.set(ve, p);
+    return p;
+  }
+
+  /** Run a short command inside a VE as its root and collect stdout (for reading the VE's own databases). */
+  private async readInside(ve: string, argv: string[]): Promise<string> {
+    const cmd = this.runtime.execCommand(ve, { argv, uid: 0, gid: 0, tty: false });
+    const res = await run(cmd.file, cmd.args, { timeoutMs: 30_000 });
+    return res.stdout;
+  }
+
+  async lookupUser(ve: string, user: string): Promise<VeUserInfo> {
+    // The VE's kernel view resolves /etc/passwd: a symlink planted there
+    // cannot make us read a host file, as it would through the host path.
+    const passwd = parsePasswd(await this.readInside(ve, ['cat', '/etc/passwd']));
+    const entry = passwd.find((e) => e.name === user);
+    if (!entry) {
+      throw new VeshError(ErrorCodes.ACCOUNT_NOT_FOUND, `user "${user}" does not exist inside VE "${ve}": add it there (adduser) or change the account's "user"`, { userMessage: `User ${user} does not exist in your environment.` });
+    }
+    const groups = parseGroup(await this.readInside(ve, ['cat', '/etc/group']).catch(() => ''));
+    const extra = groups.filter((g) => g.members.includes(user) && g.gid !== entry.gid).map((g) => g.gid);
+    return { name: entry.name, uid: entry.uid, gid: entry.gid, groups: [entry.gid, ...extra], home: entry.home || '/', shell: entry.shell || '/bin/sh' };
+  }
+
+  async processCommand(ve: string, spec: VeProcessSpec): Promise<HostCommand> {
+    // runc refuses to start a process whose cwd is missing; a login must still
+    // work when the user removed their home, so change directory inside, as
+    // sshd does, falling back to /.
+    const argv = spec.cwd
+      ? ['/bin/sh', '-c', 'cd -- "$1" 2>/dev/null || cd /; shift; exec "$@"', 'vesh-cd', spec.cwd, ...spec.argv]
+      : spec.argv;
+    return this.execCommand(ve, {
+      argv,
+      uid: spec.user.uid,
+      gid: spec.user.gid,
+      additionalGids: spec.user.groups.filter((g) => g !== spec.user.gid),
+      env: spec.env,
+      tty: spec.tty,
+    });
+  }
+
+  async netCommand(ve: string, user: VeUserInfo, argv: string[]): Promise<HostCommand> {
+    const st = await this.runtime.state(ve);
+    if (veStateOf(st) !== 'running' || !st) {
+      throw new VeshError(ErrorCodes.VE_STATE, `VE "${ve}" is not running`);
+    }
+    // The helper joins the VE's user and network namespaces only: as the VE
+    // user (an unprivileged host uid) it can bind and connect in the VE's
+    // network and nowhere else, while running a host program.
+    return {
+      file: 'nsenter',
+      args: ['--target', String(st.pid), '--user', '--net', '--setuid', String(user.uid), '--setgid', String(user.gid), '--', ...argv],
+    };
+  }
+
+  // ---------------------------------------------------------------- boot and monitor
+
+  /** Start every VE marked onBoot that is not running (vesh serve after a host reboot). */
+  async bootOnStart(): Promise<{ started: string[]; failed: string[] }> {
+    const started: string[] = [];
+    const failed: string[] = [];
+    for (const n of await this.names()) {
+      const rec = await readRecord(this.paths(n).record);
+      if (!rec?.onBoot) continue;
+      try {
+        await this.lock(n, async () => {
+          if (veStateOf(await this.runtime.state(n)) !== 'running') {
+            await this.startLocked(n);
+            started.push(n);
+          }
+        });
+      } catch (err) {
+        failed.push(n);
+        this.log.error({ event: 've.boot_failed', ve: n, err: errorMessage(err) });
+      }
+    }
+    return { started, failed };
+  }
+
+  /**
+   * Watch running VEs for an init that ended by itself: `reboot` inside
+   * (marker "reboot" in /run/vesh/shutdown) starts the VE again; `poweroff`,
+   * `halt` or a crash leave it stopped, cleaned up, until the next login or
+   * start. Polling pids costs a stat per VE per second, and no resident
+   * process per VE (which would cost memory in every VE).
+   */
+  async startMonitor(intervalMs = 1000): Promise<void> {
+    for (const c of await this.runtime.list()) {
+      if (c.status === 'running' && c.pid > 0) this.watched.set(c.id, c.pid);
+      else if (c.status === 'stopped') this.watched.set(c.id, -1);
+    }
+    this.monitorTimer = setInterval(() => void this.monitorTick(), intervalMs);
+    this.monitorTimer.unref();
+  }
+
+  stopMonitor(): void {
+    if (this.monitorTimer) clearInterval(this.monitorTimer);
+    this.monitorTimer = null;
+  }
+
+  private async monitorTick(): Promise<void> {
+    if (this.monitorBusy) return;
+    this.monitorBusy = true;
+    try {
+      for (const [name, pid] of [...this.watched]) {
+        if (pid > 0 && (await isAlive(pid))) continue;
+        this.watched.delete(name);
+        await this.handleInitExit(name).catch((err) => this.log.error({ event: 've.monitor_failed', ve: name, err: errorMessage(err) }));
+      }
+    } finally {
+      this.monitorBusy = false;
+    }
+  }
+
+  private async handleInitExit(name: string): Promise<void> {
+    await this.lock(name, async () => {
+      const rec = await readRecord(this.paths(name).record);
+      if (!rec) return;
+      const st = await this.runtime.state(name);
+      if (veStateOf(st) === 'running') {
+        if (st) this.watched.set(name, st.pid);
+        return;
+      }
+      const marker = (await fs.readFile(path.join(this.paths(name).ctl, SHUTDOWN_MARKER), 'utf8').catch(() => '')).trim().slice(0, 16);
+      await this.cleanupLocked(rec);
+      if (marker === 'reboot') {
+        this.log.info({ event: 've.reboot', ve: name });
+        await this.startLocked(name);
+      } else {
+        this.log.info({ event: 've.stopped', ve: name, reason: marker || 'init exited' });
+      }
+    });
+  }
+}
+
+async function isAlive(pid: number): Promise<boolean> {
+  try {
+    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+    // A zombie has exited; its parent just has not reaped it yet.
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}

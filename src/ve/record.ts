@@ -1,0 +1,44 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import { ErrorCodes, VeshError } from '../errors.js';
+
+/** What a VE is, kept in ves/NAME/ve.json. Runtime state (running or not) is asked of the engine, never stored. */
+export const veRecordSchema = z.object({
+  name: z.string(),
+  template: z.string(),
+  limits: z.object({ memory: z.number(), pids: z.number(), cpus: z.number(), disk: z.number() }),
+  address: z.string(),
+  hostVeth: z.string(),
+  onBoot: z.boolean().default(false),
+  createdAt: z.string(),
+});
+export type VeRecord = z.infer<typeof veRecordSchema>;
+
+export async function readRecord(file: string): Promise<VeRecord | null> {
+  let text: string;
+  try {
+    text = await fs.readFile(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw err;
+  }
+  const parsed = veRecordSchema.safeParse(JSON.parse(text));
+  if (!parsed.success) {
+    throw new VeshError(ErrorCodes.INTERNAL, `the VE state file ${file} is damaged (${parsed.error.issues[0]?.message}): restore it from a backup or destroy the VE with --force`);
+  }
+  return parsed.data;
+}
+
+/** Write a JSON file atomically: temp file in the same directory, fsync, rename. */
+export async function writeJsonAtomic(file: string, value: unknown): Promise<void> {
+  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
+  const fh = await fs.open(tmp, 'w', 0o600);
+  try {
+    await fh.writeFile(JSON.stringify(value, null, 2) + '\n');
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fs.rename(tmp, file);
+}

@@ -1,0 +1,121 @@
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { ErrorCodes, VeshError } from '../errors.js';
+import { run } from '../system/exec.js';
+
+/**
+ * A VE's own file system: a sparse ext4 image (its disk limit, as OpenVZ's
+ * ploop) loop-mounted at `private/`, holding the overlay's upper and work
+ * directories, and the overlay itself mounted at `rootfs/` over the shared
+ * template. Without a disk limit the upper layer lives on the host's disk.
+ */
+export interface VePaths {
+  dir: string;
+  image: string;
+  private: string;
+  upper: string;
+  work: string;
+  rootfs: string;
+  /** Host side of /run/vesh inside the VE (shutdown marker). */
+  ctl: string;
+  console: string;
+  runtimeLog: string;
+  pidFile: string;
+  record: string;
+}
+
+export function vePaths(dir: string): VePaths {
+  const priv = path.join(dir, 'private');
+  return {
+    dir,
+    image: path.join(dir, 'disk.img'),
+    private: priv,
+    upper: path.join(priv, 'upper'),
+    work: path.join(priv, 'work'),
+    rootfs: path.join(dir, 'rootfs'),
+    ctl: path.join(dir, 'ctl'),
+    console: path.join(dir, 'console.log'),
+    runtimeLog: path.join(dir, 'runtime.log'),
+    pidFile: path.join(dir, 'init.pid'),
+    record: path.join(dir, 've.json'),
+  };
+}
+
+/** Mount points currently mounted, from /proc/self/mountinfo (field 5, octal escapes decoded). */
+export async function mountedPaths(): Promise<Set<string>> {
+  const text = await fs.readFile('/proc/self/mountinfo', 'utf8');
+  const out = new Set<string>();
+  for (const line of text.split('\n')) {
+    const f = line.split(' ');
+    if (f.length > 4) out.add(f[4]!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))));
+  }
+  return out;
+}
+
+export async function isMounted(p: string): Promise<boolean> {
+  return (await mountedPaths()).has(p);
+}
+
+/** Mount points at or below `dir`, deepest first (the order to unmount them). */
+export async function mountsUnder(dir: string): Promise<string[]> {
+  const all = [...(await mountedPaths())].filter((m) => m === dir || m.startsWith(dir + '/'));
+  return all.sort((a, b) => b.length - a.length);
+}
+
+/** Make the sparse disk image with an ext4 file system whose root belongs to VE root. */
+export async function createDiskImage(p: VePaths, sizeBytes: number, rootId: number): Promise<void> {
+  const fh = await fs.open(p.image, 'wx', 0o600);
+  try {
+    await fh.truncate(sizeBytes);
+  } finally {
+    await fh.close();
+  }
+  // No reserved blocks: the whole limit is the VE's. Lazy init keeps creation fast on a sparse file.
+  await run('mkfs.ext4', ['-q', '-F', '-m', '0', '-E', `root_owner=${rootId}:${rootId},lazy_itable_init=1,lazy_journal_init=1`, p.image]).catch((err) => {
+    throw new VeshError(ErrorCodes.COMMAND_FAILED, `cannot make the disk image of the VE: ${(err as Error).message} (is e2fsprogs installed? run "vesh doctor")`, { cause: err });
+  });
+}
+
+export async function mountPrivate(p: VePaths, hasImage: boolean): Promise<boolean> {
+  await fs.mkdir(p.private, { recursive: true, mode: 0o700 });
+  if (!hasImage || (await isMounted(p.private))) return false;
+  // nosuid/nodev on the host view; inside the VE the overlay decides.
+  await run('mount', ['-o', 'loop,noatime,nodev', p.image, p.private]);
+  return true;
+}
+
+export async function prepareUpper(p: VePaths, rootId: number): Promise<void> {
+  for (const d of [p.upper, p.work]) {
+    await fs.mkdir(d, { recursive: true, mode: 0o755 });
+  }
+  // The upper root gives the VE's / its owner: VE root.
+  await fs.chown(p.upper, rootId, rootId);
+}
+
+export async function mountOverlay(p: VePaths, lowerdir: string): Promise<boolean> {
+  await fs.mkdir(p.rootfs, { recursive: true, mode: 0o755 });
+  if (await isMounted(p.rootfs)) return false;
+  await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lowerdir},upperdir=${p.upper},workdir=${p.work}`, p.rootfs]);
+  return true;
+}
+
+export async function unmount(target: string): Promise<void> {
+  if (!(await isMounted(target))) return;
+  const res = await run('umount', [target], { allowFailure: true });
+  if (res.code !== 0) {
+    // Busy (a host process still inside): detach lazily so the VE can be cleaned up; the kernel frees it when the last user goes.
+    await run('umount', ['-l', target]);
+  }
+}
+
+/** Unmount the overlay and the disk image of a VE, deepest first. */
+export async function unmountAll(p: VePaths): Promise<void> {
+  for (const m of await mountsUnder(p.dir)) await unmount(m);
+}
+
+/** Bytes used and total of the VE's disk (its image's file system), or null without an image. */
+export async function diskUsage(p: VePaths): Promise<{ used: number; total: number } | null> {
+  if (!(await isMounted(p.private))) return null;
+  const st = await fs.statfs(p.private);
+  return { used: (st.blocks - st.bfree) * st.bsize, total: st.blocks * st.bsize };
+}
