@@ -1,0 +1,191 @@
+import type net from 'node:net';
+import type { Connection, ServerChannel, TcpipBindInfo, TcpipRequestInfo } from 'ssh2';
+import type { Logger } from '../audit/logger.js';
+import { errorMessage } from '../errors.js';
+import type { VeAccess } from '../ve/access.js';
+import { ForwardHelperClient } from './forward-helper-client.js';
+import { isValidHost, isValidPort, listenHostFor } from './forward-protocol.js';
+import { MAX_REMOTE_FORWARDS_PER_CONNECTION } from './limits.js';
+import type { LoginContext } from './login.js';
+
+/** What forwarding needs from its connection. */
+export interface ForwardingContext {
+  conn: Connection;
+  ves: VeAccess;
+  login(): Promise<LoginContext>;
+  log: Logger;
+  /** null when allowed, else why not (account setting or key option). */
+  refusal: string | null;
+  helperPath: string;
+  /** Channel budget shared with sessions; false means "refuse, too many". */
+  reserveChannel(): boolean;
+  releaseChannel(): void;
+}
+
+interface RemoteListener {
+  id: number;
+  bindAddr: string;
+  port: number;
+}
+
+/**
+ * Port forwarding for one connection. Every socket is made inside the VE's
+ * network namespace by the forward helper: `ssh -L` connects from the VE
+ * (so `localhost` is the VE's loopback), `ssh -R` listens in the VE. Nothing
+ * ever connects or listens in the host's namespace on a user's behalf.
+ */
+export class ConnectionForwarding {
+  private helper: Promise<ForwardHelperClient> | null = null;
+  private readonly listeners = new Map<string, RemoteListener>();
+  private readonly byId = new Map<number, RemoteListener>();
+  private closed = false;
+
+  constructor(private readonly ctx: ForwardingContext) {}
+
+  /** direct-tcpip: the client's -L. */
+  onDirectTcpip(accept: () => ServerChannel, reject: () => void, info: TcpipRequestInfo): void {
+    const target = { host: info.destIP, port: info.destPort };
+    const origin = { address: String(info.srcIP).slice(0, 64), port: info.srcPort };
+    if (this.ctx.refusal) {
+      this.ctx.log.info({ event: 'forward.refused', kind: 'local', target, reason: this.ctx.refusal });
+      reject();
+      return;
+    }
+    if (!isValidHost(info.destIP) || !isValidPort(info.destPort, false)) {
+      this.ctx.log.info({ event: 'forward.refused', kind: 'local', reason: 'invalid target', target: { host: String(info.destIP).slice(0, 64), port: info.destPort } });
+      reject();
+      return;
+    }
+    if (!this.ctx.reserveChannel()) {
+      reject();
+      return;
+    }
+    void this.helperClient()
+      .then((h) => h.connect(info.destIP, info.destPort))
+      .then((socket) => {
+        if (this.closed) {
+          socket.destroy();
+          this.ctx.releaseChannel();
+          return;
+        }
+        const channel = accept();
+        this.relay(channel, socket, { kind: 'local', target, origin });
+      }, (err: unknown) => {
+        this.ctx.releaseChannel();
+        this.ctx.log.info({ event: 'forward.failed', kind: 'local', target, err: errorMessage(err) });
+        reject();
+      });
+  }
+
+  /** tcpip-forward / cancel-tcpip-forward: the client's -R. */
+  onGlobalRequest(accept: ((port?: number) => void) | undefined, reject: (() => void) | undefined, name: string, info: TcpipBindInfo): void {
+    if (name === 'tcpip-forward') void this.listen(accept, reject, info);
+    else if (name === 'cancel-tcpip-forward') this.cancel(accept, reject, info);
+    else reject?.();
+  }
+
+  private async listen(accept: ((port?: number) => void) | undefined, reject: (() => void) | undefined, info: TcpipBindInfo): Promise<void> {
+    const bind = { address: String(info.bindAddr).slice(0, 64), port: info.bindPort };
+    if (this.ctx.refusal) {
+      this.ctx.log.info({ event: 'forward.refused', kind: 'remote', bind, reason: this.ctx.refusal });
+      reject?.();
+      return;
+    }
+    const host = listenHostFor(info.bindAddr);
+    if (!isValidHost(host) || !isValidPort(info.bindPort, true) || this.listeners.size >= MAX_REMOTE_FORWARDS_PER_CONNECTION) {
+      this.ctx.log.info({ event: 'forward.refused', kind: 'remote', bind, reason: this.listeners.size >= MAX_REMOTE_FORWARDS_PER_CONNECTION ? 'too many remote forwards' : 'invalid bind address' });
+      reject?.();
+      return;
+    }
+    try {
+      const h = await this.helperClient();
+      const l = await h.listen(host, info.bindPort);
+      if (this.closed) return;
+      const rl: RemoteListener = { id: l.id, bindAddr: info.bindAddr, port: l.port };
+      this.listeners.set(`${info.bindAddr}:${l.port}`, rl);
+      this.byId.set(l.id, rl);
+      this.ctx.log.info({ event: 'forward.listen', kind: 'remote', bind: { address: bind.address, port: l.port } });
+      accept?.(l.port);
+    } catch (err) {
+      this.ctx.log.info({ event: 'forward.failed', kind: 'remote', bind, err: errorMessage(err) });
+      reject?.();
+    }
+  }
+
+  private cancel(accept: (() => void) | undefined, reject: (() => void) | undefined, info: TcpipBindInfo): void {
+    const key = `${info.bindAddr}:${info.bindPort}`;
+    const rl = this.listeners.get(key);
+    if (!rl || !this.helper) {
+      reject?.();
+      return;
+    }
+    this.listeners.delete(key);
+    this.byId.delete(rl.id);
+    void this.helper.then((h) => h.unlisten(rl.id)).catch(() => undefined);
+    this.ctx.log.info({ event: 'forward.unlisten', kind: 'remote', bind: { address: String(info.bindAddr).slice(0, 64), port: info.bindPort } });
+    accept?.();
+  }
+
+  /** A connection arrived on a -R listener inside the VE: open a forwarded-tcpip channel for it. */
+  private onAccepted(listenerId: number, socket: net.Socket, remoteAddress: string, remotePort: number): void {
+    socket.on('error', () => undefined);
+    const rl = this.byId.get(listenerId);
+    if (!rl || this.closed || !this.ctx.reserveChannel()) {
+      socket.destroy();
+      return;
+    }
+    this.ctx.conn.forwardOut(rl.bindAddr, rl.port, remoteAddress || '0.0.0.0', remotePort, (err, channel) => {
+      if (err || this.closed) {
+        this.ctx.releaseChannel();
+        socket.destroy();
+        if (err) this.ctx.log.info({ event: 'forward.failed', kind: 'remote', bind: { address: rl.bindAddr, port: rl.port }, err: errorMessage(err) });
+        return;
+      }
+      this.relay(channel as unknown as ServerChannel, socket, { kind: 'remote', bind: { address: rl.bindAddr, port: rl.port }, origin: { address: remoteAddress, port: remotePort } });
+    });
+  }
+
+  private relay(channel: ServerChannel, socket: net.Socket, what: Record<string, unknown>): void {
+    const opened = Date.now();
+    this.ctx.log.info({ event: 'forward.open', ...what });
+    let done = false;
+    const finish = () => {
+      if (done) return;
+      done = true;
+      this.ctx.releaseChannel();
+      this.ctx.log.info({ event: 'forward.close', ...what, durationMs: Date.now() - opened, bytesToVe: socket.bytesWritten, bytesFromVe: socket.bytesRead });
+    };
+    // A clean end travels through the pipes as EOF (and ssh2 closes the
+    // channel once its output is flushed); only errors cut things short.
+    channel.on('error', () => socket.destroy());
+    socket.on('error', () => channel.destroy());
+    channel.on('close', () => {
+      socket.destroy();
+      finish();
+    });
+    socket.pipe(channel);
+    channel.pipe(socket);
+    socket.resume();
+  }
+
+  private helperClient(): Promise<ForwardHelperClient> {
+    if (!this.helper) {
+      this.helper = this.ctx.login().then((login) => ForwardHelperClient.start(this.ctx.ves, login.account.ve, login.user, this.ctx.helperPath, (id, s, a, p) => this.onAccepted(id, s, a, p)));
+      this.helper.catch((err: unknown) => {
+        this.ctx.log.error({ event: 'forward.helper_failed', err: errorMessage(err) });
+        // Let a later request try again rather than remembering the failure.
+        this.helper = null;
+      });
+    }
+    return this.helper;
+  }
+
+  close(): void {
+    this.closed = true;
+    const h = this.helper;
+    this.helper = null;
+    this.listeners.clear();
+    this.byId.clear();
+    void h?.then((c) => c.stop()).catch(() => undefined);
+  }
+}

@@ -1,0 +1,52 @@
+import type { LimitsInput } from '../config/limits.js';
+
+/**
+ * What the SSH layer needs from accounts and authentication, stated as
+ * narrow structural types. The SSH side parses untrusted input and is meant
+ * to run unprivileged one day (design.md, privilege separation); these are
+ * the questions it may ask, and the shapes of the answers. The real
+ * Authenticator (src/auth/authenticator.ts) and Account
+ * (src/config/accounts.ts) satisfy them as they are.
+ */
+
+export interface SshKeyOptions {
+  /** Source patterns (from="…"); checked by the authenticator in findKey. */
+  from?: string[];
+  /** Forced command (command="…"): replaces whatever the client asked to run. */
+  command?: string;
+  noPty: boolean;
+  noPortForwarding: boolean;
+}
+
+export interface SshAuthorizedKey {
+  algo: string;
+  /** "SHA256:…" */
+  fingerprint: string;
+  comment: string;
+  options: SshKeyOptions;
+}
+
+export interface SshAccount {
+  name: string;
+  /** VE the account logs into. */
+  ve: string;
+  /** User inside the VE. */
+  user: string;
+  limits?: LimitsInput;
+  /** Whether -L/-R are allowed for this account at all. */
+  forwarding: boolean;
+}
+
+export type PasswordResult<A extends SshAccount> = { ok: true; account: A } | { ok: false };
+
+export interface SshAuthenticator<A extends SshAccount = SshAccount, K extends SshAuthorizedKey = SshAuthorizedKey> {
+  /** Checks a password; takes the same time for unknown and locked accounts. */
+  verifyPassword(user: string, password: string, source: string): Promise<PasswordResult<A>>;
+  /** The account's key matching this public key blob, honouring from= for `source`; null if none. */
+  findKey(user: string, algo: string, blob: Buffer, source: string): { account: A; key: K } | null;
+  verifySignature(key: K, data: Buffer, signature: Buffer, hashAlgo?: string): boolean;
+  /** Milliseconds this source must still wait before it may try again (0 = none). */
+  penaltyRemaining(source: string): number;
+  recordFailure(source: string): void;
+  recordSuccess(source: string): void;
+}

@@ -1,0 +1,214 @@
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
+import { Server as Ssh2Server, type ClientInfo, type Connection } from 'ssh2';
+import type { Logger } from '../audit/logger.js';
+import type { ServerConfig } from '../config/server-config.js';
+import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
+import type { VeAccess } from '../ve/access.js';
+import { SERVER_ALGORITHMS } from './algorithms.js';
+import { SshConnection } from './connection.js';
+import { defaultForwardHelperPath } from './forward-helper-client.js';
+import type { HostKey } from './host-keys.js';
+import type { SshAuthenticator } from './ports.js';
+
+export interface SshServerDeps {
+  /** listen address and the auth limits (maxAuthTries, loginGraceTimeMs, maxStartups) are read from here. */
+  config: Pick<ServerConfig, 'listen' | 'auth'>;
+  authenticator: SshAuthenticator;
+  ves: VeAccess;
+  hostKeys: HostKey[];
+  logger: Logger;
+  /** The compiled port-forward helper; defaults to dist/ssh/forward-helper.js. */
+  forwardHelperPath?: string;
+}
+
+/** Our bookkeeping for one accepted TCP connection. */
+interface Admission {
+  id: string;
+  socket: net.Socket;
+  source: string;
+  acceptedAt: number;
+  /** Still counted against MaxStartups and the grace timer. */
+  unauthenticated: boolean;
+  graceTimer: NodeJS.Timeout | null;
+  connection: SshConnection | null;
+  /** The first bytes received, kept until the SSH identification line is seen, for the log. */
+  firstBytes: Buffer | null;
+}
+
+/** "::ffff:127.0.0.1" → "127.0.0.1", so penalties and logs see one address per IPv4 client. */
+function normalizeAddress(a: string | undefined): string {
+  if (!a) return 'unknown';
+  return a.startsWith('::ffff:') && a.includes('.') ? a.slice(7) : a;
+}
+
+/**
+ * The SSH server. We accept TCP connections on our own net.Server and only
+ * then hand them to ssh2 (injectSocket), because ssh2 has no login grace
+ * timer, no cap on unauthenticated connections and no per-source penalty:
+ * those are decided here, before a single byte is parsed. Nagle is switched
+ * off on every socket (interactive echo and request/response latency).
+ */
+export class SshServer {
+  private readonly tcp: net.Server;
+  private readonly ssh: Ssh2Server;
+  private readonly log: Logger;
+  private readonly admissions = new Map<net.Socket, Admission>();
+  private unauthenticated = 0;
+  private closing = false;
+  private readonly helperPath: string;
+
+  constructor(private readonly deps: SshServerDeps) {
+    this.log = deps.logger.child({ component: 'ssh' });
+    this.helperPath = deps.forwardHelperPath ?? defaultForwardHelperPath();
+    if (deps.hostKeys.length === 0) {
+      throw new VeshError(ErrorCodes.CONFIG_INVALID, 'no host keys: the server cannot identify itself; check hostKeysDir');
+    }
+    this.ssh = new Ssh2Server({
+      hostKeys: deps.hostKeys.map((k) => k.privateKey),
+      algorithms: SERVER_ALGORITHMS,
+      ident: 'vesh',
+    });
+    // ssh2's internal server never listens (we inject sockets), but be safe.
+    this.ssh.on('error', (err: Error) => this.log.error({ event: 'ssh.server_error', err: errorMessage(err) }));
+    this.ssh.on('connection', (conn: Connection, info: ClientInfo) => this.onSshConnection(conn, info));
+    this.tcp = net.createServer({ noDelay: true }, (socket) => this.onSocket(socket));
+    this.tcp.on('error', (err) => this.log.error({ event: 'ssh.listen_error', err: errorMessage(err) }));
+  }
+
+  /** Start listening; resolves with the bound address (port 0 in the config picks a free port). */
+  listen(): Promise<{ host: string; port: number }> {
+    const { host, port } = this.deps.config.listen;
+    return new Promise((resolve, reject) => {
+      const onError = (err: NodeJS.ErrnoException) => {
+        const hint = err.code === 'EADDRINUSE' ? 'another program (or another vesh) uses it: stop it or change "listen" in vesh.yaml'
+          : err.code === 'EACCES' ? 'ports below 1024 need root' : 'check "listen" in vesh.yaml';
+        reject(new VeshError(ErrorCodes.CONFIG_INVALID, `cannot listen on ${host}:${port}: ${err.message}; ${hint}`, { cause: err }));
+      };
+      this.tcp.once('error', onError);
+      this.tcp.listen({ host, port }, () => {
+        this.tcp.removeListener('error', onError);
+        const a = this.address();
+        this.log.info({ event: 'ssh.listening', host: a.host, port: a.port });
+        resolve(a);
+      });
+    });
+  }
+
+  address(): { host: string; port: number } {
+    const a = this.tcp.address();
+    if (!a || typeof a === 'string') return { host: this.deps.config.listen.host, port: this.deps.config.listen.port };
+    return { host: a.address, port: a.port };
+  }
+
+  /** Connections now open, and how many of them have not authenticated yet. */
+  stats(): { connections: number; unauthenticated: number } {
+    return { connections: this.admissions.size, unauthenticated: this.unauthenticated };
+  }
+
+  private onSocket(socket: net.Socket): void {
+    socket.setNoDelay(true);
+    socket.on('error', (err) => this.log.debug({ event: 'ssh.socket_error', err: errorMessage(err) }));
+    const source = normalizeAddress(socket.remoteAddress);
+    const refuse = (reason: string, extra: Record<string, unknown> = {}) => {
+      this.log.warn({ event: 'ssh.connection_refused', source, port: socket.remotePort, reason, ...extra });
+      socket.destroy();
+    };
+    if (this.closing) return refuse('server shutting down');
+    const penalty = this.deps.authenticator.penaltyRemaining(source);
+    if (penalty > 0) return refuse('source penalized after failed logins', { penaltyMs: penalty });
+    const max = this.deps.config.auth.maxStartups;
+    if (this.unauthenticated >= max) return refuse('too many unauthenticated connections (maxStartups)', { maxStartups: max });
+
+    const adm: Admission = {
+      id: randomBytes(4).toString('hex'),
+      socket,
+      source,
+      acceptedAt: Date.now(),
+      unauthenticated: true,
+      graceTimer: null,
+      connection: null,
+      firstBytes: null,
+    };
+    this.unauthenticated += 1;
+    this.admissions.set(socket, adm);
+    this.log.info({ event: 'ssh.connection', conn: adm.id, source, port: socket.remotePort });
+
+    adm.graceTimer = setTimeout(() => {
+      this.log.warn({ event: 'ssh.login_grace_timeout', conn: adm.id, source, graceMs: this.deps.config.auth.loginGraceTimeMs, stage: adm.connection ? 'authentication' : 'identification/key exchange' });
+      socket.destroy();
+    }, this.deps.config.auth.loginGraceTimeMs);
+    adm.graceTimer.unref();
+
+    socket.once('close', () => {
+      this.leavePreAuth(adm);
+      this.admissions.delete(socket);
+      if (!adm.connection) {
+        // ssh2 drops a connection whose first line is not an SSH
+        // identification without telling anyone; say what we saw.
+        const first = adm.firstBytes ? JSON.stringify(adm.firstBytes.subarray(0, 64).toString('latin1')) : null;
+        this.log.info({ event: 'ssh.connection_closed', conn: adm.id, source, stage: 'before identification', bytesReceived: socket.bytesRead, firstBytes: first, durationMs: Date.now() - adm.acceptedAt });
+      }
+    });
+
+    this.ssh.injectSocket(socket);
+    // Registered after ssh2 paused the socket, so this does not start the flow
+    // early; ssh2's own listener sees the same chunk.
+    socket.once('data', (d: Buffer) => {
+      if (!adm.connection) adm.firstBytes = Buffer.from(d.subarray(0, 64));
+    });
+  }
+
+  private leavePreAuth(adm: Admission): void {
+    if (adm.graceTimer) clearTimeout(adm.graceTimer);
+    adm.graceTimer = null;
+    if (adm.unauthenticated) {
+      adm.unauthenticated = false;
+      this.unauthenticated -= 1;
+    }
+  }
+
+  private onSshConnection(conn: Connection, info: ClientInfo): void {
+    const socket = (conn as unknown as { _sock: net.Socket })._sock;
+    const adm = this.admissions.get(socket);
+    if (!adm) {
+      // Not a socket we admitted (cannot happen: we are ssh2's only source).
+      conn.on('error', () => undefined);
+      conn.end();
+      return;
+    }
+    adm.firstBytes = null;
+    const source = normalizeAddress(info.ip);
+    const log = this.log.child({ conn: adm.id });
+    log.info({ event: 'ssh.identification', source, client: String(info.header?.identRaw ?? '').slice(0, 128) });
+    adm.connection = new SshConnection(adm.id, conn, { ...info, ip: source }, socket, {
+      authenticator: this.deps.authenticator,
+      ves: this.deps.ves,
+      maxAuthTries: this.deps.config.auth.maxAuthTries,
+      helperPath: this.helperPath,
+    }, log, {
+      onAuthenticated: () => this.leavePreAuth(adm),
+    });
+  }
+
+  /**
+   * Stop: no new connections; every session is hung up and its client told
+   * how it ended; connections get a disconnect message. VEs keep running.
+   */
+  async close(timeoutMs = 5000): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    const stopped = new Promise<void>((r) => this.tcp.close(() => r()));
+    const conns = [...this.admissions.values()];
+    this.log.info({ event: 'ssh.shutdown', connections: conns.length });
+    await Promise.all(conns.map(async (a) => {
+      if (a.connection) await a.connection.shutdown(Math.max(500, timeoutMs - 1000));
+      else a.socket.destroy();
+    }));
+    // Whatever did not close after the goodbye is cut.
+    const deadline = Date.now() + 1000;
+    while (this.admissions.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    for (const a of this.admissions.values()) a.socket.destroy();
+    await stopped;
+  }
+}

@@ -1,0 +1,269 @@
+import type { PseudoTtyInfo, ServerChannel, Session, WindowChangeInfo } from 'ssh2';
+import type { Logger } from '../audit/logger.js';
+import { errorMessage, isVeshError } from '../errors.js';
+import type { VeAccess } from '../ve/access.js';
+import { acceptClientEnv, sanitizeTerm, sessionEnvironment } from './environment.js';
+import { CLIENT_SIGNALS, type ExitReport } from './exit-status.js';
+import { ENV_LIMITS, MAX_COMMAND_LENGTH, clampPtySize } from './limits.js';
+import type { LoginContext } from './login.js';
+import type { SshAuthorizedKey } from './ports.js';
+import { startPipeProcess, startPtyProcess, type SessionProcess } from './session-process.js';
+import { SFTP_SERVER_PATH, sftpServerArgv, sftpStderrHandler } from './sftp.js';
+
+/** What a session needs from its connection. */
+export interface SessionContext {
+  ves: VeAccess;
+  /** The logged-in user's VE side, ready when the VE runs (memoized per connection). */
+  login(): Promise<LoginContext>;
+  /** The key that logged in (its options restrict the session), or null for a password login. */
+  key: SshAuthorizedKey | null;
+  /** Audit logger, already bound to the connection and account. */
+  log: Logger;
+  /** Called when a VE could not be made ready, after the user was told: the connection ends. */
+  onLoginFailed(): void;
+}
+
+type StartKind = 'shell' | 'exec' | 'subsystem';
+
+interface PtyRequest {
+  term: string;
+  cols: number;
+  rows: number;
+}
+
+/**
+ * One session channel: collects env and pty requests, then runs exactly one
+ * shell, command or subsystem inside the account's VE, as the account's VE
+ * user, and relays it until it ends or the client closes the channel.
+ *
+ * Requests served: env (TERM, LANG, LC_*), pty-req, window-change, shell,
+ * exec, subsystem (sftp only), signal. ssh2 refuses everything else (x11,
+ * agent forwarding) on its own; ssh2-guards logs the unknown ones.
+ */
+export class SessionChannel {
+  private readonly env = new Map<string, string>();
+  private pty: PtyRequest | null = null;
+  private proc: SessionProcess | null = null;
+  private channel: ServerChannel | null = null;
+  private closed = false;
+  private startedAt = 0;
+  private kind: StartKind | null = null;
+  private ended = false;
+  private resolveDone!: () => void;
+  /** Resolves when the session's process has ended and the client was told (or nothing ever ran). */
+  readonly done = new Promise<void>((r) => {
+    this.resolveDone = r;
+  });
+
+  constructor(private readonly session: Session, private readonly ctx: SessionContext, private readonly onClosed: () => void) {
+    session.on('error', (err: Error) => ctx.log.debug({ event: 'ssh.session_error', err: errorMessage(err) }));
+    session.on('env', (accept, reject, info) => this.onEnv(accept, reject, info.key, info.val));
+    session.on('pty', (accept, reject, info) => this.onPty(accept, reject, info));
+    session.on('window-change', (accept, reject, info) => this.onWindowChange(accept, reject, info));
+    session.on('signal', (accept, reject, info) => this.onSignal(accept, reject, info.name));
+    session.on('shell', (accept, reject) => void this.start('shell', accept, reject));
+    session.on('exec', (accept, reject, info) => void this.start('exec', accept, reject, info.command));
+    session.on('subsystem', (accept, reject, info) => void this.start('subsystem', accept, reject, info.name));
+    session.on('close', () => this.close());
+  }
+
+  /** Hang up whatever runs in this session (client closed it, or the connection went away). */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    // A process that never started (VE still booting) will not start now.
+    if (this.proc) this.proc.hangup();
+    else this.resolveDone();
+    this.onClosed();
+  }
+
+  private onEnv(accept: (() => void) | undefined, reject: (() => void) | undefined, name: string, value: string): void {
+    if (this.kind || this.env.size >= ENV_LIMITS.maxVars || !acceptClientEnv(String(name), String(value))) {
+      this.ctx.log.debug({ event: 'ssh.env_refused', name: String(name).slice(0, 64) });
+      reject?.();
+      return;
+    }
+    this.env.set(name, value);
+    accept?.();
+  }
+
+  private onPty(accept: (() => void) | undefined, reject: (() => void) | undefined, info: PseudoTtyInfo): void {
+    if (this.kind || this.pty) {
+      reject?.();
+      return;
+    }
+    // no-pty on the key that logged in (restrict implies it) refuses terminals.
+    if (this.ctx.key?.options.noPty) {
+      this.ctx.log.info({ event: 'ssh.pty_refused', reason: 'no-pty key option' });
+      reject?.();
+      return;
+    }
+    const size = clampPtySize(info.cols, info.rows);
+    if (size.clamped) this.ctx.log.info({ event: 'ssh.pty_size_clamped', asked: { cols: info.cols, rows: info.rows }, used: size });
+    this.pty = { term: sanitizeTerm(info.term), cols: size.cols, rows: size.rows };
+    accept?.();
+  }
+
+  private onWindowChange(accept: (() => void) | undefined, reject: (() => void) | undefined, info: WindowChangeInfo): void {
+    if (!this.pty) {
+      reject?.();
+      return;
+    }
+    const size = clampPtySize(info.cols, info.rows);
+    if (size.clamped) this.ctx.log.info({ event: 'ssh.pty_size_clamped', asked: { cols: info.cols, rows: info.rows }, used: size });
+    this.pty.cols = size.cols;
+    this.pty.rows = size.rows;
+    this.proc?.resize(size.cols, size.rows);
+    accept?.();
+  }
+
+  private onSignal(accept: (() => void) | undefined, reject: (() => void) | undefined, name: string): void {
+    const sig = String(name).replace(/^SIG/, '');
+    if (!this.proc || !CLIENT_SIGNALS.has(sig)) {
+      this.ctx.log.info({ event: 'ssh.signal_refused', signal: String(name).slice(0, 16) });
+      reject?.();
+      return;
+    }
+    this.ctx.log.info({ event: 'ssh.signal', signal: sig });
+    this.proc.signal(`SIG${sig}` as NodeJS.Signals);
+    accept?.();
+  }
+
+  private async start(kind: StartKind, accept: () => ServerChannel, reject: (() => void) | undefined, detail?: string): Promise<void> {
+    if (this.kind || this.closed) {
+      reject?.();
+      return;
+    }
+    if (kind === 'subsystem' && detail !== 'sftp') {
+      this.ctx.log.info({ event: 'ssh.subsystem_refused', subsystem: String(detail).slice(0, 64) });
+      reject?.();
+      return;
+    }
+    if (kind === 'exec' && (detail === undefined || detail.length > MAX_COMMAND_LENGTH || detail.includes('\0'))) {
+      this.ctx.log.info({ event: 'ssh.exec_refused', reason: 'command empty, too long or with NUL', length: detail?.length ?? 0 });
+      reject?.();
+      return;
+    }
+    this.kind = kind;
+    const channel = accept();
+    this.channel = channel;
+    channel.on('error', (err: Error) => this.ctx.log.debug({ event: 'ssh.channel_error', err: errorMessage(err) }));
+    channel.stderr.on('error', () => undefined);
+    channel.on('close', () => this.close());
+    this.startedAt = Date.now();
+
+    let login: LoginContext;
+    try {
+      login = await this.ctx.login();
+    } catch (err) {
+      const msg = isVeshError(err) ? err.userMessage : 'The server could not prepare your environment.';
+      await this.finish({ kind: 'status', code: 1 }, `vesh: ${msg}\r\n`);
+      this.ctx.onLoginFailed();
+      return;
+    }
+    if (this.closed) return;
+
+    const forced = this.ctx.key?.options.command;
+    const shell = login.user.shell || '/bin/sh';
+    let argv: string[];
+    let original: string | undefined;
+    if (forced !== undefined) {
+      argv = [shell, '-c', forced];
+      original = kind === 'exec' ? detail : kind === 'subsystem' ? SFTP_SERVER_PATH : undefined;
+    } else if (kind === 'exec') {
+      argv = [shell, '-c', detail!];
+    } else if (kind === 'subsystem') {
+      argv = sftpServerArgv();
+    } else if (this.pty) {
+      // The message of the day is shown by the VE itself, as part of the
+      // login, unless the user asked for quiet with ~/.hushlogin; the server
+      // never reads the VE's files. Then the login shell replaces the sh.
+      argv = ['/bin/sh', '-c', '[ -e "$HOME/.hushlogin" ] || cat /etc/motd 2>/dev/null; exec "$0" -l', shell];
+    } else {
+      argv = [shell, '-l'];
+    }
+
+    const env = sessionEnvironment({ user: login.user, clientEnv: this.env, term: this.pty?.term, connection: login.connection, originalCommand: original });
+    const tty = this.pty !== null;
+    const log = this.ctx.log;
+    log.info({
+      event: 'ssh.session_start',
+      kind,
+      pty: tty,
+      ...(kind === 'exec' ? { command: detail } : {}),
+      ...(kind === 'subsystem' ? { subsystem: detail } : {}),
+      ...(forced !== undefined ? { forcedCommand: forced } : {}),
+    });
+
+    let cmd;
+    try {
+      cmd = await this.ctx.ves.processCommand(login.account.ve, { user: login.user, argv, env, cwd: login.user.home, tty });
+    } catch (err) {
+      log.error({ event: 'ssh.session_spawn_failed', err: errorMessage(err) });
+      const msg = isVeshError(err) ? err.userMessage : 'The server could not start your session.';
+      await this.finish({ kind: 'status', code: 1 }, `vesh: ${msg}\r\n`);
+      return;
+    }
+    if (this.closed) return;
+
+    const onExit = (report: ExitReport) => void this.finish(report);
+    const onError = (err: Error) => log.warn({ event: 'ssh.session_process_error', err: errorMessage(err) });
+    if (tty) {
+      const p = this.pty!;
+      this.proc = startPtyProcess(cmd, { term: p.term, cols: p.cols, rows: p.rows }, channel, onExit, onError);
+    } else if (kind === 'subsystem' && forced === undefined) {
+      this.proc = startPipeProcess(cmd, channel, (report) => {
+        if (report.kind === 'status' && report.code === 127) {
+          log.error({ event: 'sftp.server_missing', path: SFTP_SERVER_PATH }, `${SFTP_SERVER_PATH} is missing in VE ${login.account.ve}: install openssh-sftp-server in its template or inside the VE`);
+          void this.finish(report, `vesh: SFTP is not available: ${SFTP_SERVER_PATH} is not installed in your environment (apt-get install openssh-sftp-server).\r\n`);
+          return;
+        }
+        onExit(report);
+      }, onError, { onStderr: sftpStderrHandler(log) });
+    } else {
+      this.proc = startPipeProcess(cmd, channel, onExit, onError);
+    }
+  }
+
+  /**
+   * End the channel as OpenSSH does: every byte of output delivered first,
+   * then exit-status or exit-signal, then EOF and close.
+   */
+  private async finish(report: ExitReport, message?: string): Promise<void> {
+    if (this.ended) return;
+    this.ended = true;
+    const channel = this.channel;
+    const durationMs = Date.now() - this.startedAt;
+    this.ctx.log.info({ event: 'ssh.session_end', kind: this.kind, durationMs, ...(report.kind === 'status' ? { exitStatus: report.code } : { exitSignal: report.signal }) });
+    if (!channel) {
+      this.resolveDone();
+      return;
+    }
+    try {
+      if (message) channel.stderr.write(message);
+      await flushed(channel);
+      if (report.kind === 'status') channel.exit(report.code);
+      else channel.exit(report.signal, false, '');
+      channel.end();
+    } catch (err) {
+      this.ctx.log.debug({ event: 'ssh.session_finish_error', err: errorMessage(err) });
+    }
+    this.resolveDone();
+  }
+}
+
+/**
+ * Resolve once everything written so far to the channel and to its stderr
+ * has gone out (a write's callback runs after all earlier writes completed).
+ * Gives up after a while when the client stopped reading (window 0 forever).
+ */
+function flushed(channel: ServerChannel): Promise<void> {
+  const one = (w: NodeJS.WritableStream) => new Promise<void>((resolve) => {
+    if (!(w as unknown as { writable: boolean }).writable) return resolve();
+    w.write(Buffer.alloc(0), () => resolve());
+  });
+  return Promise.race([
+    Promise.all([one(channel), one(channel.stderr)]).then(() => undefined),
+    new Promise<void>((r) => setTimeout(r, 30_000).unref()),
+  ]);
+}

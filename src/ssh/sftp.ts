@@ -1,0 +1,36 @@
+import type { Logger } from '../audit/logger.js';
+import { LineSplitter, parseSftpLogLine } from './sftp-log.js';
+
+/**
+ * The SFTP subsystem is OpenSSH's own sftp-server, run inside the VE as the
+ * account's VE user with the channel as its stdin/stdout. The VE's kernel
+ * resolves every path it touches, so `..` and symlinks cannot leave the VE,
+ * and our process never reads or writes VE files. (ssh2's own 'sftp'
+ * listener is never registered: that would make this process the file
+ * server.)
+ *
+ * `-l INFO -e` makes sftp-server log each file operation to stderr; those
+ * lines become `sftp.*` audit events here.
+ */
+export const SFTP_SERVER_PATH = '/usr/lib/openssh/sftp-server';
+
+export function sftpServerArgv(): string[] {
+  return [SFTP_SERVER_PATH, '-l', 'INFO', '-e'];
+}
+
+/** A stderr consumer for one sftp-server: each complete line that is a file change becomes one audit event. */
+export function sftpStderrHandler(log: Logger): (chunk: Buffer) => void {
+  let logged = 0;
+  const splitter = new LineSplitter((line) => {
+    const ev = parseSftpLogLine(line);
+    if (!ev) return;
+    // A cap per session keeps a runaway client from turning the audit log into its disk.
+    if (++logged > 100_000) return;
+    if (ev.op === 'error') log.warn({ event: 'sftp.error', message: ev.message });
+    else {
+      const { op, ...fields } = ev;
+      log.info({ event: `sftp.${op}`, ...fields });
+    }
+  });
+  return (chunk) => splitter.push(chunk);
+}

@@ -1,0 +1,361 @@
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, promises as fs, readdirSync, statSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Writable } from 'node:stream';
+import { pino, type Logger } from 'pino';
+import { utils } from 'ssh2';
+import { SshServer } from '../../src/ssh/server.js';
+import { loadOrCreateHostKeys } from '../../src/ssh/host-keys.js';
+import type { SshAccount, SshAuthenticator, SshAuthorizedKey, PasswordResult } from '../../src/ssh/ports.js';
+import type { VeAccess, VeProcessSpec, VeUserInfo } from '../../src/ve/access.js';
+import type { HostCommand } from '../../src/runtime/types.js';
+
+/**
+ * Test harness for the SSH server: temp dirs and client keys, the real
+ * OpenSSH client with options that never touch the user's ~/.ssh, an
+ * in-process server for unit tests (with fakes) and `vesh serve` as a child
+ * process for integration tests (real VEs). Everything it makes is listed in
+ * a Cleanup and removed by `cleanup()`, which tests call from afterAll/finally.
+ */
+
+const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..');
+
+export class Cleanup {
+  private readonly steps: Array<() => Promise<void> | void> = [];
+  add(step: () => Promise<void> | void): void {
+    this.steps.push(step);
+  }
+  async run(): Promise<void> {
+    while (this.steps.length > 0) {
+      const step = this.steps.pop()!;
+      try {
+        await step();
+      } catch { /* keep cleaning */ }
+    }
+  }
+}
+
+export function tempDir(cleanup: Cleanup, prefix = 'vesh-ssh-test-'): string {
+  const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
+  cleanup.add(() => fs.rm(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+export interface ClientKey {
+  /** Private key file for `ssh -i`. */
+  file: string;
+  /** authorized_keys line (without options). */
+  publicLine: string;
+  type: string;
+  blob: Buffer;
+  fingerprint: string;
+}
+
+/** Make a client key pair with ssh-keygen (the real tool, as a user would). */
+export function makeClientKey(dir: string, type: 'ed25519' | 'ecdsa' | 'rsa' = 'ed25519', name = `id_${type}`): ClientKey {
+  const file = path.join(dir, name);
+  const args = ['-q', '-t', type, '-N', '', '-C', `test-${name}`, '-f', file];
+  if (type === 'rsa') args.push('-b', '2048');
+  execFileSync('ssh-keygen', args);
+  const publicLine = execFileSync('ssh-keygen', ['-y', '-f', file], { encoding: 'utf8' }).trim();
+  const fp = execFileSync('ssh-keygen', ['-l', '-E', 'sha256', '-f', `${file}.pub`], { encoding: 'utf8' }).split(' ')[1]!;
+  const blob = Buffer.from(publicLine.split(' ')[1]!, 'base64');
+  return { file, publicLine, type: publicLine.split(' ')[0]!, blob, fingerprint: fp };
+}
+
+/** OpenSSH client options for tests: no agent, no known_hosts, no config, no prompts. */
+export function sshBaseArgs(port: number, extra: string[] = []): string[] {
+  return [
+    '-F', '/dev/null',
+    '-o', 'StrictHostKeyChecking=no',
+    '-o', 'UserKnownHostsFile=/dev/null',
+    '-o', 'LogLevel=ERROR',
+    '-o', 'IdentityAgent=none',
+    '-o', 'ConnectTimeout=20',
+    '-o', 'KexAlgorithms=curve25519-sha256',
+    '-p', String(port),
+    ...extra,
+  ];
+}
+
+export function keyAuthArgs(key: ClientKey): string[] {
+  return ['-o', 'BatchMode=yes', '-o', 'IdentitiesOnly=yes', '-o', 'PreferredAuthentications=publickey', '-i', key.file];
+}
+
+export interface RunResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run a program to its end with a timeout (killed and reported when it hangs). */
+export function runProgram(file: string, args: string[], opts: { input?: string | Buffer; env?: Record<string, string>; timeoutMs?: number; cwd?: string } = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(file, args, { env: opts.env ?? { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: os.tmpdir() }, cwd: opts.cwd, stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (d: Buffer) => out.push(d));
+    child.stderr.on('data', (d: Buffer) => err.push(d));
+    child.stdin.on('error', () => undefined);
+    const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 60_000);
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString() });
+    });
+    child.stdin.end(opts.input ?? '');
+  });
+}
+
+/** `ssh` with a key. */
+export function sshWithKey(port: number, user: string, key: ClientKey, command: string[], opts: { extra?: string[]; input?: string | Buffer; timeoutMs?: number } = {}): Promise<RunResult> {
+  return runProgram('ssh', [...sshBaseArgs(port, opts.extra), ...keyAuthArgs(key), `${user}@127.0.0.1`, ...command], { input: opts.input, timeoutMs: opts.timeoutMs });
+}
+
+/** `ssh` with a password through sshpass (password or keyboard-interactive, as the client picks). */
+export function sshWithPassword(port: number, user: string, password: string, command: string[], opts: { extra?: string[]; method?: 'password' | 'keyboard-interactive'; input?: string; timeoutMs?: number } = {}): Promise<RunResult> {
+  const method = opts.method ?? 'password';
+  const args = ['-e', 'ssh', ...sshBaseArgs(port, opts.extra), '-o', `PreferredAuthentications=${method}`, '-o', 'PubkeyAuthentication=no', '-o', 'NumberOfPasswordPrompts=1', `${user}@127.0.0.1`, ...command];
+  return runProgram('sshpass', args, { input: opts.input, env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: os.tmpdir(), SSHPASS: password }, timeoutMs: opts.timeoutMs });
+}
+
+/** A pino logger that keeps every record in memory, for asserting on audit events. */
+export class LogCapture {
+  readonly records: Array<Record<string, unknown>> = [];
+  readonly logger: Logger;
+  constructor(level = 'debug') {
+    const records = this.records;
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        for (const line of chunk.toString().split('\n')) {
+          if (line.trim()) {
+            try {
+              records.push(JSON.parse(line) as Record<string, unknown>);
+            } catch { /* not JSON */ }
+          }
+        }
+        cb();
+      },
+    });
+    this.logger = pino({ level }, sink);
+  }
+  events(name: string): Array<Record<string, unknown>> {
+    return this.records.filter((r) => r.event === name);
+  }
+  async waitFor(pred: (r: Record<string, unknown>) => boolean, timeoutMs = 10_000): Promise<Record<string, unknown>> {
+    const end = Date.now() + timeoutMs;
+    while (Date.now() < end) {
+      const r = this.records.find(pred);
+      if (r) return r;
+      await new Promise((res) => setTimeout(res, 50));
+    }
+    throw new Error(`no log record matched within ${timeoutMs} ms; last events: ${this.records.slice(-15).map((r) => String(r.event)).join(', ')}`);
+  }
+}
+
+// ---------------------------------------------------------------- fakes for unit tests
+
+export interface FakeAccount extends SshAccount {
+  password?: string;
+  keys: Array<SshAuthorizedKey & { blob: Buffer }>;
+  locked?: boolean;
+}
+
+/** An in-memory authenticator with the real one's contract, for unit tests of the SSH layer. */
+export class FakeAuthenticator implements SshAuthenticator<FakeAccount, FakeAccount['keys'][number]> {
+  failures = new Map<string, number>();
+  penaltyAfter = Infinity;
+  constructor(public accounts: Map<string, FakeAccount>) {}
+  async verifyPassword(user: string, password: string): Promise<PasswordResult<FakeAccount>> {
+    const a = this.accounts.get(user);
+    await new Promise((r) => setTimeout(r, 5));
+    return a && !a.locked && a.password !== undefined && a.password === password ? { ok: true, account: a } : { ok: false };
+  }
+  findKey(user: string, _algo: string, blob: Buffer): { account: FakeAccount; key: FakeAccount['keys'][number] } | null {
+    const a = this.accounts.get(user);
+    if (!a || a.locked) return null;
+    const key = a.keys.find((k) => k.blob.equals(blob));
+    return key ? { account: a, key } : null;
+  }
+  verifySignature(key: FakeAccount['keys'][number], data: Buffer, signature: Buffer, hashAlgo?: string): boolean {
+    const parsed = utils.parseKey(key.blob);
+    if (parsed instanceof Error) return false;
+    const k = Array.isArray(parsed) ? parsed[0]! : parsed;
+    return k.verify(data, signature, hashAlgo as never) === true;
+  }
+  penaltyRemaining(source: string): number {
+    return (this.failures.get(source) ?? 0) >= this.penaltyAfter ? 60_000 : 0;
+  }
+  recordFailure(source: string): void {
+    this.failures.set(source, (this.failures.get(source) ?? 0) + 1);
+  }
+  recordSuccess(source: string): void {
+    this.failures.delete(source);
+  }
+}
+
+/**
+ * A VeAccess that runs everything on the host, in a scratch directory, with
+ * `env -i` so the process sees exactly the environment the server built.
+ * For unit tests of SSH parsing and relaying only: the integration tests run
+ * against the real VeManager.
+ */
+export class HostFakeVes implements VeAccess {
+  ensureCalls: string[] = [];
+  failEnsure: Error | null = null;
+  constructor(private readonly home: string) {}
+  async ensureRunning(ve: string): Promise<void> {
+    this.ensureCalls.push(ve);
+    if (this.failEnsure) throw this.failEnsure;
+  }
+  async lookupUser(_ve: string, user: string): Promise<VeUserInfo> {
+    return { name: user, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, groups: [], home: this.home, shell: '/bin/sh' };
+  }
+  async processCommand(_ve: string, spec: VeProcessSpec): Promise<HostCommand> {
+    const envArgs = Object.entries(spec.env).map(([k, v]) => `${k}=${v}`);
+    const cd = spec.cwd ? ['/bin/sh', '-c', 'cd -- "$1" || exit 1; shift; exec "$@"', 'fake-cd', spec.cwd] : [];
+    return { file: '/usr/bin/env', args: ['-i', ...envArgs, ...cd, ...spec.argv] };
+  }
+  async netCommand(_ve: string, _user: VeUserInfo, argv: string[]): Promise<HostCommand> {
+    return { file: argv[0]!, args: argv.slice(1) };
+  }
+}
+
+export interface InProcessServer {
+  port: number;
+  server: SshServer;
+  logs: LogCapture;
+  hostKeysDir: string;
+}
+
+/** Start the SSH server in this process on 127.0.0.1 with a random port. */
+export async function startInProcessServer(cleanup: Cleanup, opts: {
+  authenticator: SshAuthenticator;
+  ves: VeAccess;
+  auth?: Partial<{ maxAuthTries: number; loginGraceTimeMs: number; maxStartups: number }>;
+}): Promise<InProcessServer> {
+  ensureBuilt();
+  const dir = tempDir(cleanup);
+  const logs = new LogCapture();
+  const hostKeysDir = path.join(dir, 'keys');
+  const hostKeys = await loadOrCreateHostKeys(hostKeysDir, logs.logger);
+  const server = new SshServer({
+    config: {
+      listen: { host: '127.0.0.1', port: 0 },
+      auth: {
+        maxAuthTries: opts.auth?.maxAuthTries ?? 6,
+        loginGraceTimeMs: opts.auth?.loginGraceTimeMs ?? 30_000,
+        maxStartups: opts.auth?.maxStartups ?? 100,
+        penalties: { failuresBeforePenalty: 5, penaltyMs: 30_000, maxPenaltyMs: 600_000 },
+      },
+    },
+    authenticator: opts.authenticator,
+    ves: opts.ves,
+    hostKeys,
+    logger: logs.logger,
+  });
+  const { port } = await server.listen();
+  cleanup.add(() => server.close(2000));
+  return { port, server, logs, hostKeysDir };
+}
+
+// ---------------------------------------------------------------- vesh serve as a child process
+
+/**
+ * Build dist/ when any source file is newer than its compiled output: the
+ * forward helper and `vesh serve` run as separate Node processes from dist.
+ */
+export function ensureBuilt(): void {
+  const newest = (dir: string, ext: string): number => {
+    let t = 0;
+    for (const e of readdirSync(dir, { withFileTypes: true })) {
+      const p = path.join(dir, e.name);
+      if (e.isDirectory()) t = Math.max(t, newest(p, ext));
+      else if (e.name.endsWith(ext)) t = Math.max(t, statSync(p).mtimeMs);
+    }
+    return t;
+  };
+  let built = 0;
+  try {
+    built = statSync(path.join(REPO, 'dist', 'ssh', 'server.js')).mtimeMs;
+  } catch { /* not built */ }
+  if (newest(path.join(REPO, 'src'), '.ts') > built) {
+    execFileSync(process.execPath, [path.join(REPO, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', path.join(REPO, 'tsconfig.json')], { stdio: 'inherit' });
+  }
+}
+
+export interface ServeProcess {
+  port: number;
+  child: ChildProcess;
+  /** Every JSON log line `vesh serve` printed so far. */
+  logs: Array<Record<string, unknown>>;
+  /** Everything it printed that is not a JSON log line (the start-up banner). */
+  text: () => string;
+  waitForLog(pred: (r: Record<string, unknown>) => boolean, timeoutMs?: number): Promise<Record<string, unknown>>;
+  /** SIGTERM and wait for exit; resolves with the exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+/** Start `vesh serve --config FILE` (listen must say port 0 or a free port) and wait until it listens. */
+export async function startVeshServe(cleanup: Cleanup, configFile: string, timeoutMs = 120_000): Promise<ServeProcess> {
+  ensureBuilt();
+  const child = spawn(process.execPath, [path.join(REPO, 'bin', 'vesh.js'), '--config', configFile, 'serve'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', HOME: os.tmpdir(), LANG: 'C.UTF-8' },
+  });
+  const logs: Array<Record<string, unknown>> = [];
+  let text = '';
+  let pending = '';
+  const onData = (d: Buffer) => {
+    pending += d.toString();
+    const lines = pending.split('\n');
+    pending = lines.pop() ?? '';
+    for (const l of lines) {
+      if (l.startsWith('{')) {
+        try {
+          logs.push(JSON.parse(l) as Record<string, unknown>);
+          continue;
+        } catch { /* fall through */ }
+      }
+      text += `${l}\n`;
+    }
+  };
+  child.stdout!.on('data', onData);
+  child.stderr!.on('data', onData);
+  let exited: number | null | undefined;
+  const exit = new Promise<number | null>((r) => child.on('exit', (code) => {
+    exited = code;
+    r(code);
+  }));
+  const stop = async (signal: NodeJS.Signals = 'SIGTERM') => {
+    if (exited !== undefined) return exited;
+    child.kill(signal);
+    const t = setTimeout(() => child.kill('SIGKILL'), 15_000);
+    const code = await exit;
+    clearTimeout(t);
+    return code;
+  };
+  cleanup.add(() => stop().then(() => undefined));
+
+  const waitForLog = async (pred: (r: Record<string, unknown>) => boolean, ms = 15_000) => {
+    const end = Date.now() + ms;
+    while (Date.now() < end) {
+      const r = logs.find(pred);
+      if (r) return r;
+      if (exited !== undefined) break;
+      await new Promise((res) => setTimeout(res, 50));
+    }
+    throw new Error(`vesh serve: no log record matched (exited: ${exited}); output:\n${text.slice(-2000)}\nlast events: ${logs.slice(-20).map((r) => `${String(r.event)} ${String(r.msg ?? '')} ${String(r.err ?? '')}`).join('\n')}`);
+  };
+  const listening = await waitForLog((r) => r.event === 'ssh.listening', timeoutMs);
+  return { port: Number(listening.port), child, logs, text: () => text, waitForLog, stop };
+}
+
+/** Write an accounts.yaml (text as given) atomically, so the watcher never sees half a file. */
+export function writeAccounts(file: string, yaml: string): void {
+  const tmp = `${file}.tmp-${process.pid}`;
+  writeFileSync(tmp, yaml);
+  execFileSync('mv', ['-f', tmp, file]);
+}
