@@ -1,0 +1,126 @@
+import { describe, expect, it } from 'vitest';
+import { acceptClientEnv, sanitizeTerm, sessionEnvironment } from '../../src/ssh/environment.js';
+import { exitReport } from '../../src/ssh/exit-status.js';
+import { listenHostFor, parseFromHelper, parseToHelper } from '../../src/ssh/forward-protocol.js';
+import { clampPtySize } from '../../src/ssh/limits.js';
+import { LineSplitter, parseSftpLogLine, unvis } from '../../src/ssh/sftp-log.js';
+import { sshFingerprint } from '../../src/ssh/host-keys.js';
+
+describe('sftp-server log lines → audit events', () => {
+  it('recognises the file-changing operations', () => {
+    expect(parseSftpLogLine('open "/root/b.txt" flags WRITE,CREATE,TRUNCATE mode 0644')).toEqual({ op: 'write', path: '/root/b.txt', flags: 'WRITE,CREATE,TRUNCATE' });
+    expect(parseSftpLogLine('open "/root/a.txt" flags READ mode 0666')).toBeNull();
+    expect(parseSftpLogLine('close "/root/b.txt" bytes read 0 written 3')).toEqual({ op: 'close', path: '/root/b.txt', bytesRead: 0, bytesWritten: 3 });
+    expect(parseSftpLogLine('close "/root/a.txt" bytes read 3 written 0')).toBeNull();
+    expect(parseSftpLogLine('posix-rename old "/root/b.txt" new "/root/c.txt"')).toEqual({ op: 'rename', from: '/root/b.txt', to: '/root/c.txt' });
+    expect(parseSftpLogLine('rename old "/a" new "/b"')).toEqual({ op: 'rename', from: '/a', to: '/b' });
+    expect(parseSftpLogLine('remove name "/root/c.txt"')).toEqual({ op: 'remove', path: '/root/c.txt' });
+    expect(parseSftpLogLine('rmdir name "/root/d"')).toEqual({ op: 'rmdir', path: '/root/d' });
+    expect(parseSftpLogLine('mkdir name "/root/d" mode 0777')).toEqual({ op: 'mkdir', path: '/root/d' });
+    expect(parseSftpLogLine('symlink old "a.txt" new "/root/l"')).toEqual({ op: 'symlink', target: 'a.txt', path: '/root/l' });
+    expect(parseSftpLogLine('set "/root/a.txt" mode 0600')).toEqual({ op: 'setstat', path: '/root/a.txt', change: 'mode 0600' });
+    expect(parseSftpLogLine('session opened for local user root from [127.0.0.1]')).toBeNull();
+  });
+
+  it('undoes strnvis so a file name with a newline cannot forge a second event', () => {
+    expect(unvis('a\\012remove name "/etc/passwd"')).toBe('a\nremove name "/etc/passwd"');
+    expect(unvis('back\\\\slash')).toBe('back\\slash');
+    expect(unvis('caf\\303\\251')).toBe('café');
+    expect(parseSftpLogLine('remove name "/root/x\\012remove name \\"/etc\\""')).toEqual({ op: 'remove', path: '/root/x\nremove name \\"/etc\\"' });
+  });
+
+  it('splits lines across chunks, including a split multi-byte character', () => {
+    const lines: string[] = [];
+    const s = new LineSplitter((l) => lines.push(l));
+    const bytes = Buffer.from('one\ncafé\nthr');
+    s.push(bytes.subarray(0, 8));
+    s.push(bytes.subarray(8));
+    s.push('ee');
+    s.end();
+    expect(lines).toEqual(['one', 'café', 'three']);
+  });
+});
+
+describe('exit status vs exit signal', () => {
+  it('passes plain exit codes through', () => {
+    expect(exitReport(0, null)).toEqual({ kind: 'status', code: 0 });
+    expect(exitReport(3, null)).toEqual({ kind: 'status', code: 3 });
+    expect(exitReport(127, null)).toEqual({ kind: 'status', code: 127 });
+    expect(exitReport(128, null)).toEqual({ kind: 'status', code: 128 });
+  });
+  it("reads runc's 128+N as death by signal N", () => {
+    expect(exitReport(137, null)).toEqual({ kind: 'signal', signal: 'KILL' });
+    expect(exitReport(143, null)).toEqual({ kind: 'signal', signal: 'TERM' });
+    expect(exitReport(129, null)).toEqual({ kind: 'signal', signal: 'HUP' });
+    expect(exitReport(139, null)).toEqual({ kind: 'signal', signal: 'SEGV' });
+    // 128+SIGCHLD is not a death signal: stays a status.
+    expect(exitReport(145, null)).toEqual({ kind: 'status', code: 145 });
+    expect(exitReport(255, null)).toEqual({ kind: 'status', code: 255 });
+  });
+  it('reports a signal that killed the relay itself', () => {
+    expect(exitReport(null, 'SIGKILL')).toEqual({ kind: 'signal', signal: 'KILL' });
+    expect(exitReport(0, 9)).toEqual({ kind: 'signal', signal: 'KILL' });
+  });
+});
+
+describe('terminal sizes', () => {
+  it('clamps absurd sizes and never yields 0', () => {
+    expect(clampPtySize(80, 24)).toEqual({ cols: 80, rows: 24, clamped: false });
+    expect(clampPtySize(0, 0)).toEqual({ cols: 80, rows: 24, clamped: true });
+    expect(clampPtySize(100000, 4294967295)).toEqual({ cols: 1000, rows: 1000, clamped: true });
+    expect(clampPtySize(NaN, -5)).toEqual({ cols: 80, rows: 24, clamped: true });
+  });
+});
+
+describe('session environment', () => {
+  const user = { name: 'root', uid: 0, gid: 0, groups: [0], home: '/root', shell: '/bin/bash' };
+  const connection = { clientIp: '10.0.0.1', clientPort: 5555, serverIp: '10.0.0.2', serverPort: 2222 };
+  it('accepts TERM, LANG and LC_* only, without control characters', () => {
+    expect(acceptClientEnv('LANG', 'en_US.UTF-8')).toBe(true);
+    expect(acceptClientEnv('LC_ALL', 'C')).toBe(true);
+    expect(acceptClientEnv('TERM', 'xterm')).toBe(true);
+    expect(acceptClientEnv('LD_PRELOAD', '/x.so')).toBe(false);
+    expect(acceptClientEnv('PATH', '/evil')).toBe(false);
+    expect(acceptClientEnv('LANG', 'a\nb')).toBe(false);
+    expect(acceptClientEnv('LC_X', 'x'.repeat(5000))).toBe(false);
+  });
+  it('takes HOME/USER/SHELL from the VE user and lets login values win over client ones', () => {
+    const env = sessionEnvironment({ user, clientEnv: new Map([['LANG', 'C.UTF-8']]), term: 'xterm-256color', connection });
+    expect(env).toMatchObject({ HOME: '/root', USER: 'root', LOGNAME: 'root', SHELL: '/bin/bash', LANG: 'C.UTF-8', TERM: 'xterm-256color', SSH_CONNECTION: '10.0.0.1 5555 10.0.0.2 2222' });
+    expect(env.PATH).toContain('/usr/sbin');
+    expect(sessionEnvironment({ user: { ...user, uid: 1000, name: 'bob' }, clientEnv: new Map(), connection }).PATH).not.toContain('sbin');
+  });
+  it('sanitizes TERM', () => {
+    expect(sanitizeTerm('xterm-256color')).toBe('xterm-256color');
+    expect(sanitizeTerm('x;rm -rf /')).toBe('xterm');
+    expect(sanitizeTerm(undefined)).toBe('xterm');
+  });
+});
+
+describe('forward helper messages', () => {
+  it('accepts well-formed requests and nothing else', () => {
+    expect(parseToHelper({ t: 'connect', id: 1, host: 'localhost', port: 80 })).toEqual({ t: 'connect', id: 1, host: 'localhost', port: 80 });
+    expect(parseToHelper({ t: 'listen', id: 2, host: '0.0.0.0', port: 0 })).toEqual({ t: 'listen', id: 2, host: '0.0.0.0', port: 0 });
+    expect(parseToHelper({ t: 'connect', id: 1, host: 'localhost', port: 0 })).toBeNull();
+    expect(parseToHelper({ t: 'connect', id: 1, host: 'a b', port: 80 })).toBeNull();
+    expect(parseToHelper({ t: 'connect', id: -1, host: 'x', port: 80 })).toBeNull();
+    expect(parseToHelper({ t: 'exec', id: 1 })).toBeNull();
+    expect(parseFromHelper({ t: 'listening', id: 3, port: 8080 })).toEqual({ t: 'listening', id: 3, port: 8080 });
+    expect(parseFromHelper({ t: 'listening', id: 3, port: 99999 })).toBeNull();
+    expect(parseFromHelper('junk')).toBeNull();
+  });
+  it('maps client bind addresses to VE addresses', () => {
+    expect(listenHostFor('')).toBe('0.0.0.0');
+    expect(listenHostFor('*')).toBe('0.0.0.0');
+    expect(listenHostFor('localhost')).toBe('127.0.0.1');
+    expect(listenHostFor('10.1.2.3')).toBe('10.1.2.3');
+  });
+});
+
+describe('fingerprints', () => {
+  it("match OpenSSH's SHA256 format", () => {
+    // ssh-keygen -lf of this ed25519 public key prints this fingerprint.
+    const blob = Buffer.from('AAAAC3NzaC1lZDI1NTE5AAAAIAwafqQHIv7Lzq7IBLXCYT6bQZ04dgb/6hnWw7AOp7TR', 'base64');
+    expect(sshFingerprint(blob)).toBe('SHA256:VNK81ppoStr0817IbMODpiTZZOgTtPvGSAHXYHC+2Bk');
+  });
+});
