@@ -3,6 +3,7 @@ import { mkdtempSync, promises as fs, readdirSync, statSync, writeFileSync } fro
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
+import { spawn as ptySpawn, type IPty } from 'node-pty';
 import { pino, type Logger } from 'pino';
 import { utils } from 'ssh2';
 import { SshServer } from '../../src/ssh/server.js';
@@ -358,4 +359,55 @@ export function writeAccounts(file: string, yaml: string): void {
   const tmp = `${file}.tmp-${process.pid}`;
   writeFileSync(tmp, yaml);
   execFileSync('mv', ['-f', tmp, file]);
+}
+
+// ---------------------------------------------------------------- a terminal for the client
+
+/**
+ * The OpenSSH client running in a real terminal (node-pty), as a person would
+ * run it: what the remote side prints lands in a screen buffer tests wait on,
+ * and resizing this terminal makes ssh send window-change.
+ */
+export class ClientTerminal {
+  private buf = '';
+  private exited: number | null = null;
+  readonly proc: IPty;
+  constructor(args: string[], env: Record<string, string> = {}) {
+    this.proc = ptySpawn('ssh', args, { name: 'xterm', cols: 80, rows: 24, env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: os.tmpdir(), TERM: 'xterm', ...env } });
+    this.proc.onData((d) => {
+      this.buf += d;
+      if (this.buf.length > 1_000_000) this.buf = this.buf.slice(-500_000);
+    });
+    this.proc.onExit(({ exitCode }) => {
+      this.exited = exitCode;
+    });
+  }
+  write(s: string): void {
+    this.proc.write(s);
+  }
+  /** Wait until output since the last match matches `re`; returns the match and moves past it. */
+  async expect(re: RegExp, timeoutMs = 30_000): Promise<RegExpExecArray> {
+    const end = Date.now() + timeoutMs;
+    while (Date.now() < end) {
+      const m = re.exec(this.buf);
+      if (m) {
+        this.buf = this.buf.slice(m.index + m[0].length);
+        return m;
+      }
+      if (this.exited !== null && !re.exec(this.buf)) break;
+      await new Promise((r) => setTimeout(r, 30));
+    }
+    throw new Error(`terminal: timed out waiting for ${re}; exited=${this.exited}; screen tail: ${JSON.stringify(this.buf.slice(-600))}`);
+  }
+  async waitExit(timeoutMs = 20_000): Promise<number> {
+    const end = Date.now() + timeoutMs;
+    while (this.exited === null && Date.now() < end) await new Promise((r) => setTimeout(r, 30));
+    if (this.exited === null) throw new Error('terminal: ssh did not exit');
+    return this.exited;
+  }
+  kill(): void {
+    try {
+      this.proc.kill('SIGKILL');
+    } catch { /* gone */ }
+  }
 }
