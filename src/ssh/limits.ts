@@ -37,6 +37,9 @@ export const ENV_LIMITS = { maxVars: 32, maxNameLength: 64, maxValueLength: 1024
 /** Longest exec command line we run (OpenSSH has no limit below the packet size; 32 KiB suits rsync/git). */
 export const MAX_COMMAND_LENGTH = 32 * 1024;
 
+/** Pending writes (channel packets, ≤32 KiB each) into a terminal before we stop reading the client. */
+export const PTY_INPUT_QUEUE_MAX = 64;
+
 /** How long a hung-up process may take to exit before its runc relay is killed. */
 export const HANGUP_GRACE_MS = 5_000;
 

@@ -3,7 +3,7 @@ import * as pty from 'node-pty';
 import type { ServerChannel } from 'ssh2';
 import type { HostCommand } from '../runtime/types.js';
 import { exitReport, type ExitReport } from './exit-status.js';
-import { HANGUP_GRACE_MS, clampPtySize } from './limits.js';
+import { HANGUP_GRACE_MS, PTY_INPUT_QUEUE_MAX, clampPtySize } from './limits.js';
 
 /**
  * The host-side process of a session: `runc exec` (from VeAccess), which
@@ -75,11 +75,29 @@ export function startPtyProcess(
       channel.once('drain', () => term.resume());
     }
   });
+  // node-pty queues writes the terminal cannot take yet without limit; a
+  // client pasting into a program that does not read would grow our memory.
+  // Stop reading the channel (so its SSH window closes) while the queue is
+  // long. The queue is node-pty internal; without it we only lose this guard.
+  const queue = (term as unknown as { _writeStream?: { _writeQueue?: unknown[] } })._writeStream;
+  let polling: NodeJS.Timeout | null = null;
   channel.on('data', (d: Buffer) => {
-    if (!exited) term.write(d);
+    if (exited) return;
+    term.write(d);
+    if (!polling && (queue?._writeQueue?.length ?? 0) > PTY_INPUT_QUEUE_MAX) {
+      channel.pause();
+      polling = setInterval(() => {
+        if (exited || (queue?._writeQueue?.length ?? 0) <= PTY_INPUT_QUEUE_MAX / 2) {
+          clearInterval(polling!);
+          polling = null;
+          channel.resume();
+        }
+      }, 20);
+    }
   });
   term.onExit(({ exitCode, signal }) => {
     exited = true;
+    if (polling) clearInterval(polling);
     onExit(exitReport(exitCode, signal ?? null));
   });
 
