@@ -145,26 +145,61 @@ export class ConnectionForwarding {
     });
   }
 
+  /**
+   * Relay a forwarded TCP connection and its channel, with half-close both
+   * ways: many clients send EOF first and then wait for the answer (`nc`,
+   * request/response tools). Node would end a socket's writing side when its
+   * reading side ends, and ssh2 closes a server channel when its writing side
+   * ends; both are avoided here — EOF travels as EOF, and the channel closes
+   * only when both directions are done.
+   */
   private relay(channel: ServerChannel, socket: net.Socket, what: Record<string, unknown>): void {
     const opened = Date.now();
     this.ctx.log.info({ event: 'forward.open', ...what });
+    socket.allowHalfOpen = true;
     let done = false;
+    let socketEnded = false;
+    let channelEnded = false;
     const finish = () => {
       if (done) return;
       done = true;
       this.ctx.releaseChannel();
       this.ctx.log.info({ event: 'forward.close', ...what, durationMs: Date.now() - opened, bytesToVe: socket.bytesWritten, bytesFromVe: socket.bytesRead });
     };
-    // A clean end travels through the pipes as EOF (and ssh2 closes the
-    // channel once its output is flushed); only errors cut things short.
+    const closeWhenBothEnded = () => {
+      if (socketEnded && channelEnded) {
+        channel.close();
+        socket.end();
+      }
+    };
     channel.on('error', () => socket.destroy());
-    socket.on('error', () => channel.destroy());
+    socket.on('error', () => {
+      channel.close();
+      socket.destroy();
+    });
+    // VE → client: data, then EOF once every byte went out.
+    socket.pipe(channel, { end: false });
+    socket.on('end', () => {
+      channel.write(Buffer.alloc(0), () => {
+        channel.eof();
+        socketEnded = true;
+        closeWhenBothEnded();
+      });
+    });
+    // client → VE: data, then a half-close of the socket on the client's EOF.
+    channel.pipe(socket);
+    channel.on('end', () => {
+      channelEnded = true;
+      closeWhenBothEnded();
+    });
+    socket.on('close', () => {
+      // Reset or closed by the VE side without a clean end: close the channel too.
+      if (!socketEnded) channel.close();
+    });
     channel.on('close', () => {
       socket.destroy();
       finish();
     });
-    socket.pipe(channel);
-    channel.pipe(socket);
     socket.resume();
   }
 

@@ -1,9 +1,12 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { utils } from 'ssh2';
+import ssh2 from 'ssh2';
 import type { Logger } from '../audit/logger.js';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
+
+// ssh2 is CommonJS without static named exports: Node's ESM loader only offers its default export.
+const { utils } = ssh2;
 
 /** One host key as the server uses it. */
 export interface HostKey {

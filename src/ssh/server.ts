@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import net from 'node:net';
-import { Server as Ssh2Server, type ClientInfo, type Connection } from 'ssh2';
+import ssh2, { type ClientInfo, type Connection } from 'ssh2';
 import type { Logger } from '../audit/logger.js';
 import type { ServerConfig } from '../config/server-config.js';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
@@ -10,6 +10,9 @@ import { SshConnection } from './connection.js';
 import { defaultForwardHelperPath } from './forward-helper-client.js';
 import type { HostKey } from './host-keys.js';
 import type { SshAuthenticator } from './ports.js';
+
+// ssh2 is CommonJS without static named exports: Node's ESM loader only offers its default export.
+const Ssh2Server = ssh2.Server;
 
 export interface SshServerDeps {
   /** listen address and the auth limits (maxAuthTries, loginGraceTimeMs, maxStartups) are read from here. */
@@ -51,7 +54,7 @@ function normalizeAddress(a: string | undefined): string {
  */
 export class SshServer {
   private readonly tcp: net.Server;
-  private readonly ssh: Ssh2Server;
+  private readonly ssh: InstanceType<typeof ssh2.Server>;
   private readonly log: Logger;
   private readonly admissions = new Map<net.Socket, Admission>();
   private unauthenticated = 0;
