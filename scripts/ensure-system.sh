@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Installs the Debian packages vesh needs, only those that are missing, and
+# says so. Sourced by scripts/start.sh and scripts/test.sh.
+#   ensure_system runtime   # what `vesh serve` needs
+#   ensure_system test      # plus what the test suite drives (OpenSSH client/server, sshpass, …)
+set -euo pipefail
+
+# command -> Debian package
+declare -A VESH_RUNTIME_PKGS=(
+  [runc]=runc
+  [ip]=iproute2
+  [bridge]=iproute2
+  [nft]=nftables
+  [mmdebstrap]=mmdebstrap
+  [busybox]=busybox-static
+  [mkfs.ext4]=e2fsprogs
+  [e2fsck]=e2fsprogs
+  [losetup]=mount
+  [nsenter]=util-linux
+  [catatonit]=catatonit
+  [ssh-keygen]=openssh-client
+)
+declare -A VESH_TEST_PKGS=(
+  [ssh]=openssh-client
+  [sftp]=openssh-client
+  [scp]=openssh-client
+  [sshd]=openssh-server
+  [sshpass]=sshpass
+  [rsync]=rsync
+  [git]=git
+  [tmux]=tmux
+)
+
+ensure_system() {
+  local want="${1:-runtime}"
+  if [ "$(id -u)" != 0 ]; then
+    echo "vesh: must run as root (it creates namespaces, cgroups, mounts and network devices); try: sudo $0" >&2
+    exit 1
+  fi
+  local -a missing=()
+  local cmd
+  for cmd in "${!VESH_RUNTIME_PKGS[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] || missing+=("${VESH_RUNTIME_PKGS[$cmd]}")
+  done
+  if [ "$want" = test ]; then
+    for cmd in "${!VESH_TEST_PKGS[@]}"; do
+      command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${VESH_TEST_PKGS[$cmd]}")
+    done
+  fi
+  if [ "${#missing[@]}" -eq 0 ]; then
+    return 0
+  fi
+  local pkgs
+  pkgs="$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')"
+  echo "vesh: installing missing Debian packages: ${pkgs}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  # shellcheck disable=SC2086
+  if ! apt-get install -y -q --no-install-recommends $pkgs >/tmp/vesh-apt.log 2>&1; then
+    echo "vesh: apt-get install failed; refreshing package lists and trying again" >&2
+    apt-get update -q >>/tmp/vesh-apt.log 2>&1 || true
+    # shellcheck disable=SC2086
+    if ! apt-get install -y -q --no-install-recommends $pkgs >>/tmp/vesh-apt.log 2>&1; then
+      echo "vesh: could not install ${pkgs}(see /tmp/vesh-apt.log); install them by hand: apt-get install ${pkgs}" >&2
+      exit 1
+    fi
+  fi
+  # Debian starts sshd after installing openssh-server; tests run their own sshd on their own port.
+  if [ "$want" = test ] && command -v systemctl >/dev/null 2>&1; then :; fi
+  echo "vesh: installed ${pkgs}" >&2
+}
+
+ensure_node_modules() {
+  local root="$1"
+  if [ ! -d "$root/node_modules" ] || [ "$root/package-lock.json" -nt "$root/node_modules/.package-lock.json" ]; then
+    echo "vesh: installing npm dependencies (npm ci)" >&2
+    (cd "$root" && npm ci --no-audit --no-fund --loglevel=error --ignore-scripts)
+  fi
+  echo "vesh: compiling TypeScript" >&2
+  (cd "$root" && ./node_modules/.bin/tsc -p tsconfig.json)
+}
