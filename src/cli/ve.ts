@@ -1,4 +1,173 @@
+import { spawn } from 'node:child_process';
 import type { Command } from 'commander';
+import type { LimitsInput } from '../config/limits.js';
+import { limitsInputSchema } from '../config/schema.js';
+import { formatSize } from '../config/units.js';
+import { ErrorCodes, VeshError } from '../errors.js';
+import { createVeManager, type VeManager } from '../ve/index.js';
+import type { VeStatus } from '../ve/manager.js';
+import { buildContext, type GlobalOptions } from './context.js';
+import { printTable } from './table.js';
 
-/** Registers the `vesh ve` verbs (being written). */
-export function register(_program: Command): void {}
+interface LimitOptions {
+  memory?: string;
+  pids?: string;
+  cpus?: string;
+  disk?: string;
+}
+
+function manager(program: Command): VeManager {
+  const { config, logger } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
+  return createVeManager(config, logger);
+}
+
+/** --memory/--pids/--cpus/--disk → limits, with the same parser and messages as the config files. */
+function limitsFrom(o: LimitOptions): LimitsInput {
+  const raw = Object.fromEntries(Object.entries({ memory: o.memory, pids: o.pids, cpus: o.cpus, disk: o.disk }).filter(([, v]) => v !== undefined));
+  const res = limitsInputSchema.safeParse(raw);
+  if (!res.success) {
+    const issue = res.error.issues[0]!;
+    throw new VeshError(ErrorCodes.INVALID_LIMIT, `--${String(issue.path[0])}: ${issue.message}`);
+  }
+  return res.data;
+}
+
+function fmtMem(s: VeStatus): string {
+  if (s.memoryBytes === null) return '-';
+  return `${formatSize(s.memoryBytes)}/${s.limits.memory > 0 ? formatSize(s.limits.memory) : 'unlimited'}`;
+}
+
+/** Exit status of a child as a shell reports it: 128+N when killed by signal N. */
+function exitCodeOf(code: number | null, signal: NodeJS.Signals | null): number {
+  if (code !== null) return code;
+  const n = signal ? (({ SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGKILL: 9, SIGTERM: 15, SIGPIPE: 13 } as Record<string, number>)[signal] ?? 1) : 1;
+  return 128 + n;
+}
+
+/** Run a host command that enters the VE with our own stdio, and pass its exit status through. */
+function runAttached(file: string, args: string[]): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(file, args, { stdio: 'inherit' });
+    // The terminal's Ctrl-C goes to the process in the VE (through runc's
+    // terminal); we only wait for it.
+    const ignore = () => undefined;
+    process.on('SIGINT', ignore);
+    process.on('SIGQUIT', ignore);
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      process.off('SIGINT', ignore);
+      process.off('SIGQUIT', ignore);
+      resolve(exitCodeOf(code, signal));
+    });
+  });
+}
+
+/** Registers `vesh ve …`: the VE lifecycle verbs, in the manner of vzctl/vzlist. */
+export function register(program: Command): void {
+  const ve = program.command('ve').description('create, run and inspect virtual environments');
+
+  const addLimitOptions = (c: Command) => c
+    .option('--memory <size>', 'memory limit, e.g. 512M (0 = unlimited)')
+    .option('--pids <n>', 'process limit')
+    .option('--cpus <n>', 'CPU limit in cores, e.g. 0.5')
+    .option('--disk <size>', 'size of the VE\'s private disk, e.g. 2G (0 = no separate disk)');
+
+  addLimitOptions(ve.command('create <name>').description('create a VE (stopped) from a template')
+    .option('--template <name>', 'template to build it on (default: defaults.template)')
+    .option('--onboot', 'start it whenever vesh serve starts'))
+    .action(async (name: string, o: LimitOptions & { template?: string; onboot?: boolean }) => {
+      const rec = await manager(program).create(name, { template: o.template, limits: limitsFrom(o), onBoot: o.onboot });
+      console.log(`created VE ${rec.name} (template ${rec.template}, address ${rec.address})`);
+    });
+
+  ve.command('start <name>').description('start a VE').action(async (name: string) => {
+    await manager(program).start(name);
+    console.log(`started VE ${name}`);
+  });
+
+  ve.command('stop <name>').description('stop a VE: its init shuts down cleanly, or is killed after runtime.stopTimeout')
+    .option('--kill', 'kill at once instead of a clean shutdown')
+    .action(async (name: string, o: { kill?: boolean }) => {
+      await manager(program).stop(name, { kill: o.kill });
+      console.log(`stopped VE ${name}`);
+    });
+
+  ve.command('restart <name>').description('stop and start a VE').action(async (name: string) => {
+    await manager(program).restart(name);
+    console.log(`restarted VE ${name}`);
+  });
+
+  ve.command('destroy <name>').description('remove a VE and everything it owns (its files too)')
+    .option('--force', 'stop it first if it runs')
+    .action(async (name: string, o: { force?: boolean }) => {
+      await manager(program).destroy(name, { force: o.force });
+      console.log(`destroyed VE ${name}`);
+    });
+
+  ve.command('set <name>').description('change a VE\'s settings')
+    .option('--onboot <yes|no>', 'start it whenever vesh serve starts')
+    .action(async (name: string, o: { onboot?: string }) => {
+      if (o.onboot === undefined) throw new VeshError(ErrorCodes.INVALID_ARGUMENT, 'nothing to set: give --onboot yes|no');
+      if (!/^(yes|no|true|false|on|off)$/.test(o.onboot)) throw new VeshError(ErrorCodes.INVALID_ARGUMENT, `--onboot must be yes or no, not "${o.onboot}"`);
+      await manager(program).setOnBoot(name, /^(yes|true|on)$/.test(o.onboot));
+      console.log(`VE ${name}: onboot ${o.onboot}`);
+    });
+
+  ve.command('list').description('list VEs').option('--json', 'machine-readable output').action(async (o: { json?: boolean }) => {
+    const all = await manager(program).list();
+    if (o.json) {
+      console.log(JSON.stringify(all, null, 2));
+      return;
+    }
+    printTable(['NAME', 'STATE', 'ADDRESS', 'TEMPLATE', 'MEMORY', 'PROCS', 'ONBOOT'], all.map((s) => [
+      s.name, s.state, s.address, s.template, fmtMem(s), s.processes === null ? '-' : `${s.processes}/${s.limits.pids || '-'}`, s.onBoot ? 'yes' : 'no',
+    ]));
+  });
+
+  ve.command('status <name>').description('show one VE').option('--json', 'machine-readable output').action(async (name: string, o: { json?: boolean }) => {
+    const s = await manager(program).status(name);
+    if (o.json) {
+      console.log(JSON.stringify(s, null, 2));
+      return;
+    }
+    const rows: Array<[string, string]> = [
+      ['name', s.name], ['state', s.state], ['address', s.address], ['template', s.template], ['init pid', s.pid === null ? '-' : String(s.pid)],
+      ['memory', fmtMem(s)], ['processes', s.processes === null ? '-' : `${s.processes}/${s.limits.pids || 'unlimited'}`],
+      ['cpus', s.limits.cpus > 0 ? String(s.limits.cpus) : 'unlimited'],
+      ['disk', s.disk ? `${formatSize(s.disk.used)}/${formatSize(s.disk.total)}` : s.limits.disk > 0 ? formatSize(s.limits.disk) : 'no limit'],
+      ['onboot', s.onBoot ? 'yes' : 'no'], ['created', s.createdAt],
+    ];
+    for (const [k, v] of rows) console.log(`${k.padEnd(10)} ${v}`);
+  });
+
+  ve.command('exec <name> <command...>').description('run a command as root in a running VE; its exit status is passed through')
+    .usage('<name> -- <command...>')
+    .action(async (name: string, argv: string[]) => {
+      const tty = Boolean(process.stdin.isTTY && process.stdout.isTTY);
+      const cmd = await manager(program).execCommand(name, {
+        argv, uid: 0, gid: 0, tty, cwd: '/',
+        env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', HOME: '/root', ...(tty && process.env.TERM ? { TERM: process.env.TERM } : {}) },
+      });
+      process.exitCode = await runAttached(cmd.file, cmd.args);
+    });
+
+  ve.command('enter <name>').description('interactive root shell in a VE (like vzctl enter); starts it if stopped')
+    .action(async (name: string) => {
+      const m = manager(program);
+      if (!(await m.exists(name))) await m.status(name);
+      await m.ensureRunning(name, { reason: 'enter' });
+      const root = await m.lookupUser(name, 'root');
+      const tty = Boolean(process.stdin.isTTY);
+      const cmd = await m.processCommand(name, {
+        user: root,
+        argv: [root.shell, '-l'],
+        cwd: root.home,
+        tty,
+        env: {
+          PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', HOME: root.home, USER: 'root', LOGNAME: 'root', SHELL: root.shell,
+          TERM: process.env.TERM ?? 'xterm', ...(process.env.LANG ? { LANG: process.env.LANG } : {}),
+        },
+      });
+      process.exitCode = await runAttached(cmd.file, cmd.args);
+    });
+}

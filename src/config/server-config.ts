@@ -31,8 +31,8 @@ function splitListen(listen: string): { host: string; port: number } {
   let host = listen.slice(0, idx);
   if (host.startsWith('[') && host.endsWith(']')) host = host.slice(1, -1);
   const port = Number(listen.slice(idx + 1));
-  if (!Number.isInteger(port) || port < 1 || port > 65535) {
-    throw new VeshError(ErrorCodes.CONFIG_INVALID, `listen port ${port} is out of range: use 1-65535`);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new VeshError(ErrorCodes.CONFIG_INVALID, `listen port ${port} is out of range: use 1-65535 (0 picks a free port, for tests)`);
   }
   return { host, port };
 }

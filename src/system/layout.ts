@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import { createHash } from 'node:crypto';
 import path from 'node:path';
+import { ErrorCodes, VeshError } from '../errors.js';
 
 /**
  * Where everything lives. One dataDir holds templates, VEs and state; the
@@ -45,11 +46,30 @@ export function makeLayout(dataDir: string): Layout {
  * VE's rootfs, so every directory above a VE must let that uid pass.
  */
 export async function prepareDataDir(layout: Layout): Promise<void> {
-  
+  await assertAncestorsSearchable(layout.dataDir);
   for (const d of [layout.dataDir, layout.vesDir]) {
     await fs.mkdir(d, { recursive: true, mode: 0o711 });
     const st = await fs.stat(d);
     if ((st.mode & 0o011) !== 0o011) await fs.chmod(d, (st.mode & 0o7777) | 0o011);
   }
   await fs.mkdir(layout.locksDir, { recursive: true, mode: 0o700 });
+}
+
+/**
+ * Every directory above dataDir must be searchable by others: the VE's init
+ * (an unprivileged host uid) walks through them to its root filesystem.
+ * A private temp dir (mode 0700) above dataDir would fail every start with a
+ * bare "permission denied" from the runtime; say what to fix instead.
+ */
+async function assertAncestorsSearchable(dataDir: string): Promise<void> {
+  let dir = path.dirname(dataDir);
+  for (;;) {
+    const st = await fs.stat(dir).catch(() => null);
+    if (st && (st.mode & 0o001) === 0) {
+      throw new VeshError(ErrorCodes.CONFIG_INVALID, `${dir} (above dataDir ${dataDir}) is not searchable by other users (mode ${(st.mode & 0o777).toString(8)}): VE inits run as unprivileged host users and must pass through it; run "chmod o+x ${dir}" or choose another dataDir`);
+    }
+    const up = path.dirname(dir);
+    if (up === dir) return;
+    dir = up;
+  }
 }

@@ -1,4 +1,4 @@
-import { promises as fs } from 'node:fs';
+import { constants as fsConstants, promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from '../audit/logger.js';
 import { resolveLimits, type Limits, type LimitsInput } from '../config/limits.js';
@@ -202,8 +202,6 @@ export class VeManager implements VeAccess {
         if (limits.disk > 0) await createDiskImage(p, limits.disk, root);
         await mountPrivate(p, limits.disk > 0);
         await prepareUpper(p, root);
-        await fs.mkdir(p.ctl, { mode: 0o755 });
-        await fs.chown(p.ctl, root, root);
         await mountOverlay(p, template.rootfs);
         await this.writeIdentityFiles(p, rec);
         await unmountAll(p);
@@ -261,7 +259,6 @@ export class VeManager implements VeAccess {
       await mountPrivate(p, rec.limits.disk > 0);
       await prepareUpper(p, this.cfg.runtime.idmapBase);
       await mountOverlay(p, template.rootfs);
-      await fs.mkdir(p.ctl, { recursive: true, mode: 0o755 });
       await fs.rm(path.join(p.ctl, SHUTDOWN_MARKER), { force: true });
       const oci = buildOciConfig({
         name,
@@ -572,7 +569,10 @@ export class VeManager implements VeAccess {
         if (st) this.watched.set(name, st.pid);
         return;
       }
-      const marker = (await fs.readFile(path.join(this.paths(name).ctl, SHUTDOWN_MARKER), 'utf8').catch(() => '')).trim().slice(0, 16);
+      const marker = (await readShutdownMarker(path.join(this.paths(name).ctl, SHUTDOWN_MARKER)))
+        // busybox's own reboot applet (which its sh prefers to /sbin/reboot) signals init
+        // directly; busybox init says on its console which way it went down.
+        || ((await readTail(this.paths(name).console, 4096)).includes('Requesting system reboot') ? 'reboot' : '');
       await this.cleanupLocked(rec);
       if (marker === 'reboot') {
         this.log.info({ event: 've.reboot', ve: name });
@@ -581,6 +581,44 @@ export class VeManager implements VeAccess {
         this.log.info({ event: 've.stopped', ve: name, reason: marker || 'init exited' });
       }
     });
+  }
+}
+
+/**
+ * The VE's shutdown marker is written by VE root, so it is untrusted: never
+ * follow a symlink planted there (it could name a host file), never block on
+ * a FIFO, read a few bytes at most.
+ */
+async function readShutdownMarker(file: string): Promise<string> {
+  let fh: fs.FileHandle | null = null;
+  try {
+    fh = await fs.open(file, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
+    if (!(await fh.stat()).isFile()) return '';
+    const buf = Buffer.alloc(16);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    return buf.subarray(0, bytesRead).toString('utf8').trim();
+  } catch {
+    return '';
+  } finally {
+    await fh?.close();
+  }
+}
+
+/** Last bytes of a file the VE writes (its console), read without following symlinks. */
+async function readTail(file: string, bytes: number): Promise<string> {
+  let fh: fs.FileHandle | null = null;
+  try {
+    fh = await fs.open(file, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
+    const st = await fh.stat();
+    if (!st.isFile()) return '';
+    const len = Math.min(bytes, st.size);
+    const buf = Buffer.alloc(len);
+    const { bytesRead } = await fh.read(buf, 0, len, st.size - len);
+    return buf.subarray(0, bytesRead).toString('utf8');
+  } catch {
+    return '';
+  } finally {
+    await fh?.close();
   }
 }
 

@@ -33,8 +33,10 @@ export function vePaths(dir: string): VePaths {
     upper: path.join(priv, 'upper'),
     work: path.join(priv, 'work'),
     rootfs: path.join(dir, 'rootfs'),
-    ctl: path.join(dir, 'ctl'),
-    console: path.join(dir, 'console.log'),
+    // Both are written by the VE (its init's output, its shutdown marker), so
+    // both live on the VE's own disk, inside its limit, never on the host's.
+    ctl: path.join(priv, 'ctl'),
+    console: path.join(priv, 'console.log'),
     runtimeLog: path.join(dir, 'runtime.log'),
     pidFile: path.join(dir, 'init.pid'),
     record: path.join(dir, 've.json'),
@@ -81,7 +83,8 @@ export async function createDiskImage(p: VePaths, sizeBytes: number, rootId: num
 }
 
 export async function mountPrivate(p: VePaths, hasImage: boolean): Promise<boolean> {
-  await fs.mkdir(p.private, { recursive: true, mode: 0o700 });
+  // 0711: the VE's init (an unprivileged host uid) passes through to ctl/.
+  await fs.mkdir(p.private, { recursive: true, mode: 0o711 });
   if (!hasImage || (await isMounted(p.private))) return false;
   // e2fsck -p: 0 clean, 1 errors fixed, 2 fixed and reboot advised (not ours); 4 and up need a person.
   const fsck = await run('e2fsck', ['-p', p.image], { allowFailure: true });
@@ -98,6 +101,8 @@ export async function prepareUpper(p: VePaths, rootId: number): Promise<void> {
   }
   // The upper root gives the VE's / its owner: VE root.
   await fs.chown(p.upper, rootId, rootId);
+  await fs.mkdir(p.ctl, { recursive: true, mode: 0o755 });
+  await fs.chown(p.ctl, rootId, rootId);
 }
 
 export async function mountOverlay(p: VePaths, lowerdir: string): Promise<boolean> {

@@ -1,0 +1,181 @@
+import { promises as fs } from 'node:fs';
+import type { Logger } from '../audit/logger.js';
+import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
+import { run } from '../system/exec.js';
+import type { Layout } from '../system/layout.js';
+import { withRevert } from '../system/revert.js';
+import { intToIp, offsetIn, parseSubnet, type Subnet } from './ipv4.js';
+import { hostRuleset, tableName } from './firewall.js';
+import type { VeNetIdentity } from './types.js';
+
+export interface VeNetworkOptions {
+  bridge: string;
+  subnet: string;
+  outbound: boolean;
+  layout: Layout;
+  logger: Logger;
+}
+
+/**
+ * The host side of VE networking: one bridge (the VEs' gateway holds its
+ * first address), one veth per running VE with its fixed address, and this
+ * instance's nftables tables. What VE root may do in its own network
+ * namespace is its business; what leaves it is checked here, on the host:
+ *  - bridge ports are isolated, so VEs cannot reach each other;
+ *  - a VE may send only from its own address (IPv4 and ARP), no IPv6;
+ *  - VE traffic to the host itself is dropped unless it answers a
+ *    connection the host opened (host services on 0.0.0.0 stay private);
+ *  - VE traffic out of the host is forwarded (and masqueraded) only when
+ *    network.outbound is on.
+ */
+export class VeNetwork {
+  readonly bridge: string;
+  readonly subnet: Subnet;
+  private readonly outbound: boolean;
+  private readonly instanceId: string;
+  private readonly log: Logger;
+  private hostReady = false;
+
+  constructor(opts: VeNetworkOptions) {
+    this.bridge = opts.bridge;
+    this.subnet = parseSubnet(opts.subnet);
+    this.outbound = opts.outbound;
+    this.instanceId = opts.layout.instanceId;
+    this.log = opts.logger.child({ component: 'net' });
+  }
+
+  private get table(): string {
+    return tableName(this.instanceId);
+  }
+
+  /** Bridge, gateway address and firewall tables; made when missing, kept when present. */
+  async ensureHost(): Promise<void> {
+    if (this.hostReady) return;
+    try {
+      const exists = await fs.stat(`/sys/class/net/${this.bridge}`).then(() => true, () => false);
+      if (!exists) {
+        await ipBatch([
+          `link add ${this.bridge} type bridge`,
+          `addr add ${this.subnet.gateway}/${this.subnet.prefix} dev ${this.bridge}`,
+          `link set ${this.bridge} up`,
+        ]);
+        this.log.info({ event: 'net.bridge_created', bridge: this.bridge, gateway: this.subnet.gateway, subnet: this.subnet.cidr });
+      } else {
+        const addrs = await run('ip', ['-4', '-o', 'addr', 'show', 'dev', this.bridge]);
+        if (!addrs.stdout.includes(` ${this.subnet.gateway}/${this.subnet.prefix} `)) {
+          await run('ip', ['addr', 'add', `${this.subnet.gateway}/${this.subnet.prefix}`, 'dev', this.bridge]);
+        }
+        await run('ip', ['link', 'set', this.bridge, 'up']);
+      }
+      const tables = await run('nft', ['list', 'tables']);
+      if (!tables.stdout.includes(`table bridge ${this.table}\n`) || !tables.stdout.includes(`table inet ${this.table}\n`)) {
+        await run('nft', ['delete', 'table', 'inet', this.table], { allowFailure: true });
+        await run('nft', ['-f', '-'], { input: hostRuleset({ table: this.table, bridge: this.bridge, subnet: this.subnet.cidr, vethPrefix: this.vethPrefix(), outbound: this.outbound }) });
+      }
+      if (this.outbound) await fs.writeFile('/proc/sys/net/ipv4/ip_forward', '1');
+      this.hostReady = true;
+    } catch (err) {
+      throw new VeshError(ErrorCodes.NETWORK_FAILED, `cannot set up the VE bridge ${this.bridge} (${this.subnet.cidr}): ${errorMessage(err)}; check "vesh doctor"`, { cause: err });
+    }
+  }
+
+  /** Lowest free address of the subnet (the first one is the gateway's). */
+  allocateAddress(used: string[]): string {
+    const taken = new Set(used.map((a) => offsetIn(this.subnet, a)));
+    for (let off = 2; off < this.subnet.size - 1; off++) {
+      if (!taken.has(off)) return intToIp(this.subnet.network + off);
+    }
+    throw new VeshError(ErrorCodes.ADDRESS_EXHAUSTED, `no free address left in ${this.subnet.cidr}: destroy unused VEs or configure a larger network.subnet`);
+  }
+
+  private vethPrefix(): string {
+    return `v${this.instanceId}`;
+  }
+
+  /** Host-side veth name: unique per instance and address, at most 15 characters. */
+  vethNameFor(address: string): string {
+    const off = offsetIn(this.subnet, address);
+    if (off < 0) throw new VeshError(ErrorCodes.NETWORK_FAILED, `address ${address} is outside ${this.subnet.cidr}`);
+    return `${this.vethPrefix()}${off.toString(16)}`;
+  }
+
+  /**
+   * Give the VE whose init is `initPid` its eth0: a veth pair whose VE end
+   * is made straight inside the VE's own network namespace (made by the
+   * runtime in the VE's user namespace, so VE root is root there), the host
+   * end on the bridge, isolated, allowed only the VE's address.
+   */
+  async attach(id: VeNetIdentity, initPid: number): Promise<void> {
+    if (offsetIn(this.subnet, id.address) < 0) {
+      throw new VeshError(ErrorCodes.NETWORK_FAILED, `VE "${id.name}" has address ${id.address}, outside network.subnet ${this.subnet.cidr}: the subnet was changed; destroy and re-create the VE or set the subnet back`);
+    }
+    await withRevert(async (r) => {
+      r.add('delete veth', () => this.removeVeth(id));
+      await ipBatch([
+        `link add ${id.hostVeth} type veth peer name eth0 netns ${initPid}`,
+        `link set ${id.hostVeth} master ${this.bridge}`,
+        `link set dev ${id.hostVeth} type bridge_slave isolated on learning on`,
+        `link set ${id.hostVeth} up`,
+      ]);
+      await run('nft', ['add', 'element', 'bridge', this.table, 'allowed', `{ "${id.hostVeth}" . ${id.address} }`]);
+      await run('nsenter', [`--target=${initPid}`, '--net', '--', 'ip', '-batch', '-'], {
+        input: [
+          'link set lo up',
+          `addr add ${id.address}/${this.subnet.prefix} dev eth0`,
+          'link set eth0 up',
+          `route add default via ${this.subnet.gateway}`,
+        ].join('\n'),
+      });
+    }).catch((err) => {
+      throw new VeshError(ErrorCodes.NETWORK_FAILED, `cannot connect VE "${id.name}" to ${this.bridge}: ${errorMessage(err)}`, { cause: err });
+    });
+  }
+
+  /** Undo attach. The kernel deletes the veth with the VE's namespace; this catches the rest. */
+  async detach(id: VeNetIdentity): Promise<void> {
+    await this.removeVeth(id);
+  }
+
+  private async removeVeth(id: VeNetIdentity): Promise<void> {
+    await run('nft', ['delete', 'element', 'bridge', this.table, 'allowed', `{ "${id.hostVeth}" . ${id.address} }`], { allowFailure: true });
+    if (await fs.stat(`/sys/class/net/${id.hostVeth}`).then(() => true, () => false)) {
+      await run('ip', ['link', 'del', id.hostVeth], { allowFailure: true });
+    }
+  }
+
+  hostsFile(name: string, address: string): string {
+    return [
+      '127.0.0.1\tlocalhost',
+      '::1\tlocalhost ip6-localhost ip6-loopback',
+      'ff02::1\tip6-allnodes',
+      'ff02::2\tip6-allrouters',
+      `${address}\t${name}`,
+      '',
+    ].join('\n');
+  }
+
+  /** The host's own name servers when VEs may go out; none (fail fast) when they may not. */
+  async resolvConf(): Promise<string> {
+    if (!this.outbound) {
+      return '# This VE has no outbound network (network.outbound is off in vesh.yaml), so no name server.\n';
+    }
+    const host = await fs.readFile('/etc/resolv.conf', 'utf8').catch(() => '');
+    const servers = host.split('\n').map((l) => /^nameserver\s+(\S+)/.exec(l.trim())?.[1]).filter((s): s is string => !!s && !s.startsWith('127.') && s !== '::1');
+    if (servers.length === 0) return '# The host uses a local resolver VEs cannot reach; add a name server here.\n';
+    return `${servers.map((s) => `nameserver ${s}`).join('\n')}\n`;
+  }
+
+  /** Remove this instance's bridge and tables (VEs must be stopped). Used by tests and `vesh doctor --cleanup`. */
+  async teardownHost(): Promise<void> {
+    await run('nft', ['delete', 'table', 'inet', this.table], { allowFailure: true });
+    await run('nft', ['delete', 'table', 'bridge', this.table], { allowFailure: true });
+    if (await fs.stat(`/sys/class/net/${this.bridge}`).then(() => true, () => false)) {
+      await run('ip', ['link', 'del', this.bridge], { allowFailure: true });
+    }
+    this.hostReady = false;
+  }
+}
+
+function ipBatch(lines: string[]): Promise<unknown> {
+  return run('ip', ['-batch', '-'], { input: `${lines.join('\n')}\n` });
+}
