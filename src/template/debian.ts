@@ -10,17 +10,17 @@ import type { BuildProgress } from './types.js';
 export const DEBIAN_RELEASE = 'bookworm';
 
 /** Bump when the package list or the VE configuration below changes (test caches key on it). */
-export const DEBIAN_RECIPE_VERSION = 1;
+export const DEBIAN_RECIPE_VERSION = 2;
 
 /**
  * What the contract needs on top of minbase: a shell, ps/top, ip, ping,
  * mount & co., sftp-server for file transfer, ssh/rsync/git for work,
- * a pager, editors, tmux, and sysvinit as PID 1 (a real init that reaps,
+ * a pager, editors, tmux and screen, and sysvinit as PID 1 (a real init that reaps,
  * runs enabled services and turns reboot/poweroff into VE restart/stop).
  */
 export const DEBIAN_PACKAGES = [
   'bash', 'procps', 'iproute2', 'iputils-ping', 'util-linux', 'openssh-sftp-server', 'openssh-client',
-  'rsync', 'git', 'less', 'vim-tiny', 'nano', 'tmux', 'sysvinit-core', 'init-system-helpers', 'ca-certificates',
+  'rsync', 'git', 'less', 'vim-tiny', 'nano', 'tmux', 'screen', 'sysvinit-core', 'init-system-helpers', 'ca-certificates',
 ];
 
 /** mmdebstrap's "I: …" lines, in the order they come, with where we are then. */
