@@ -1,0 +1,144 @@
+/**
+ * VE density and start latency: start N VEs on the busybox template through
+ * vesh (overlay + disk image + veth + firewall + cgroups), and N equivalent
+ * bundles with raw `runc run -d` (same OCI config: namespaces, seccomp,
+ * cgroup limits, overlay rootfs; no disk image, no veth), in the same run.
+ * Prints start latency p50/p95 and the MemAvailable drop per VE of each.
+ *
+ *   npx vite-node bench/ve-density.ts -- [--count 100] [--json]
+ *
+ * Not a test: these machines are shared and noisy; read the figures side by side.
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { silentLogger } from '../src/audit/logger.js';
+import { parseServerConfig } from '../src/config/server-config.js';
+import { buildOciConfig } from '../src/runtime/oci-bundle.js';
+import { makeLayout } from '../src/system/layout.js';
+import { createTemplateStore, createVeManager, createVeNetwork } from '../src/ve/index.js';
+
+const { values: args } = parseArgs({
+  options: { count: { type: 'string', default: '100' }, json: { type: 'boolean', default: false }, 'settle-ms': { type: 'string', default: '3000' } },
+  allowPositionals: true,
+});
+const N = Number(args.count);
+const settleMs = Number(args['settle-ms']);
+
+function memAvailableKiB(): number {
+  const m = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
+  return Number(m![1]);
+}
+
+function percentile(xs: number[], p: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function settleAndMeasure(): Promise<number> {
+  await sleep(settleMs);
+  // Average a few reads: MemAvailable moves with unrelated activity.
+  let sum = 0;
+  for (let i = 0; i < 5; i++) { sum += memAvailableKiB(); await sleep(200); }
+  return sum / 5;
+}
+
+async function main(): Promise<void> {
+  const dir = mkdtempSync('/var/tmp/vesh-bench-');
+  const tag = randomBytes(2).toString('hex');
+  const subnet = `10.${200 + Math.floor(Math.random() * 40)}.0.0/16`;
+  const yaml = [
+    `dataDir: ${dir}/data`,
+    `defaults: { template: busybox, limits: { memory: 64M, pids: 64, cpus: 0.5, disk: 64M } }`,
+    `network: { bridge: vb${tag}, subnet: ${subnet}, outbound: false }`,
+  ].join('\n');
+  const configFile = path.join(dir, 'vesh.yaml');
+  writeFileSync(configFile, yaml);
+  const config = parseServerConfig(configFile, yaml);
+  const layout = makeLayout(config.dataDir);
+  const logger = silentLogger();
+  const ves = createVeManager(config, logger);
+  const store = createTemplateStore(config, layout, logger);
+  const template = await store.build('busybox', {});
+  const rawRoot = path.join('/run/vesh-bench', tag);
+  const rawDir = path.join(dir, 'raw');
+  const rawIds: string[] = [];
+
+  try {
+    // ---- raw runc
+    await fs.mkdir(rawDir, { recursive: true, mode: 0o711 });
+    await fs.chmod(dir, 0o711);
+    const rawBefore = await settleAndMeasure();
+    const rawTimes: number[] = [];
+    for (let i = 0; i < N; i++) {
+      const id = `raw${i}`;
+      const b = path.join(rawDir, id);
+      for (const d of ['upper', 'work', 'rootfs']) await fs.mkdir(path.join(b, d), { recursive: true, mode: 0o711 });
+      await fs.mkdir(path.join(b, 'ctl'));
+      await fs.chown(path.join(b, 'upper'), config.runtime.idmapBase, config.runtime.idmapBase);
+      const t0 = performance.now();
+      execFileSync('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${template.rootfs},upperdir=${b}/upper,workdir=${b}/work`, `${b}/rootfs`]);
+      const oci = buildOciConfig({
+        name: id, hostname: id, rootfs: `${b}/rootfs`, init: template.init, limits: config.defaults.limits,
+        cgroupsPath: `/vesh-bench-${tag}/${id}`, idmap: { base: config.runtime.idmapBase, size: config.runtime.idmapSize }, ctlDir: `${b}/ctl`,
+      });
+      writeFileSync(path.join(b, 'config.json'), JSON.stringify(oci));
+      const res = spawnSync('runc', ['--root', rawRoot, 'run', '-d', '--bundle', b, id], { stdio: ['ignore', 'ignore', 'pipe'] });
+      if (res.status !== 0) throw new Error(`raw runc run ${id} failed: ${res.stderr}`);
+      rawTimes.push(performance.now() - t0);
+      rawIds.push(id);
+    }
+    const rawAfter = await settleAndMeasure();
+    for (const id of rawIds.splice(0)) {
+      spawnSync('runc', ['--root', rawRoot, 'delete', '--force', id]);
+      spawnSync('umount', [path.join(rawDir, id, 'rootfs')]);
+    }
+
+    // ---- vesh
+    for (let i = 0; i < N; i++) await ves.create(`ve${i}`);
+    const veshBefore = await settleAndMeasure();
+    const veshTimes: number[] = [];
+    for (let i = 0; i < N; i++) {
+      const t0 = performance.now();
+      await ves.start(`ve${i}`);
+      veshTimes.push(performance.now() - t0);
+    }
+    const veshAfter = await settleAndMeasure();
+    const running = (await ves.list()).filter((v) => v.state === 'running').length;
+
+    const result = {
+      count: N,
+      runningAtOnce: running,
+      vesh: { p50ms: percentile(veshTimes, 50), p95ms: percentile(veshTimes, 95), memPerVeMiB: (veshBefore - veshAfter) / N / 1024 },
+      rawRunc: { p50ms: percentile(rawTimes, 50), p95ms: percentile(rawTimes, 95), memPerVeMiB: (rawBefore - rawAfter) / N / 1024 },
+    };
+    if (args.json) {
+      console.log(JSON.stringify(result, null, 2));
+    } else {
+      const f = (x: number) => x.toFixed(2);
+      console.log(`VE density, ${N} VEs on the busybox template (${new Date().toISOString()})`);
+      console.log(`                 start p50   start p95   MemAvailable drop per VE`);
+      console.log(`vesh             ${f(result.vesh.p50ms).padStart(7)} ms  ${f(result.vesh.p95ms).padStart(7)} ms  ${f(result.vesh.memPerVeMiB)} MiB`);
+      console.log(`raw runc run -d  ${f(result.rawRunc.p50ms).padStart(7)} ms  ${f(result.rawRunc.p95ms).padStart(7)} ms  ${f(result.rawRunc.memPerVeMiB)} MiB`);
+      console.log(`vesh/raw memory ratio: ${(result.vesh.memPerVeMiB / result.rawRunc.memPerVeMiB).toFixed(2)}; running at once: ${running}`);
+    }
+  } finally {
+    for (const id of rawIds) {
+      spawnSync('runc', ['--root', rawRoot, 'delete', '--force', id]);
+      spawnSync('umount', ['-l', path.join(rawDir, id, 'rootfs')]);
+    }
+    for (const c of ['unified', 'memory', 'pids', 'cpu', 'cpuacct', 'cpuset', 'blkio', 'devices', 'freezer', 'systemd']) {
+      spawnSync('rmdir', [`/sys/fs/cgroup/${c}/vesh-bench-${tag}`]);
+    }
+    await fs.rm(rawRoot, { recursive: true, force: true });
+    for (const v of await ves.list().catch(() => [])) await ves.destroy(v.name, { force: true }).catch(() => undefined);
+    await createVeNetwork(config, layout, logger).teardownHost().catch(() => undefined);
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
