@@ -11,7 +11,7 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { silentLogger } from '../src/audit/logger.js';
@@ -87,8 +87,11 @@ async function main(): Promise<void> {
         cgroupsPath: `/vesh-bench-${tag}/${id}`, idmap: { base: config.runtime.idmapBase, size: config.runtime.idmapSize }, ctlDir: `${b}/ctl`,
       });
       writeFileSync(path.join(b, 'config.json'), JSON.stringify(oci));
-      const res = spawnSync('runc', ['--root', rawRoot, 'run', '-d', '--bundle', b, id], { stdio: ['ignore', 'ignore', 'pipe'] });
-      if (res.status !== 0) throw new Error(`raw runc run ${id} failed: ${res.stderr}`);
+      // The container's init inherits runc's stdio: a pipe would never reach EOF, so a file.
+      const log = openSync(path.join(b, 'console.log'), 'w');
+      const res = spawnSync('runc', ['--root', rawRoot, 'run', '-d', '--bundle', b, id], { stdio: ['ignore', log, log] });
+      closeSync(log);
+      if (res.status !== 0) throw new Error(`raw runc run ${id} failed: ${readFileSync(path.join(b, 'console.log'), 'utf8')}`);
       rawTimes.push(performance.now() - t0);
       rawIds.push(id);
     }

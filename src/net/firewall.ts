@@ -15,7 +15,8 @@ export interface RulesetOptions {
 /**
  * Two tables per instance. `bridge` checks frames as they enter the bridge
  * from a VE's veth: only the VE's own IPv4 address (set `allowed`, one
- * element per running VE), no IPv6. `inet` keeps VEs off the host's own
+ * element per running VE), no IPv6, and nothing from one VE's port to
+ * another's (port isolation in one static rule, no per-port setting). `inet` keeps VEs off the host's own
  * services and, unless outbound is on, off every other network.
  */
 export function hostRuleset(o: RulesetOptions): string {
@@ -28,6 +29,10 @@ table bridge ${o.table} {
     iifname ${ves} ether type ip6 drop
     iifname ${ves} ether type ip iifname . ip saddr != @allowed drop
     iifname ${ves} ether type arp iifname . arp saddr ip != @allowed drop
+  }
+  chain forward {
+    type filter hook forward priority -200; policy accept;
+    iifname ${ves} oifname ${ves} drop
   }
 }
 table inet ${o.table} {

@@ -6,6 +6,7 @@ import type { Layout } from '../system/layout.js';
 import { withRevert } from '../system/revert.js';
 import { intToIp, offsetIn, parseSubnet, type Subnet } from './ipv4.js';
 import { hostRuleset, tableName } from './firewall.js';
+import type { OciHook } from '../runtime/oci-bundle.js';
 import type { VeNetIdentity } from './types.js';
 
 export interface VeNetworkOptions {
@@ -21,7 +22,7 @@ export interface VeNetworkOptions {
  * first address), one veth per running VE with its fixed address, and this
  * instance's nftables tables. What VE root may do in its own network
  * namespace is its business; what leaves it is checked here, on the host:
- *  - bridge ports are isolated, so VEs cannot reach each other;
+ *  - frames from one VE's port to another's are dropped, so VEs cannot reach each other;
  *  - a VE may send only from its own address (IPv4 and ARP), no IPv6;
  *  - VE traffic to the host itself is dropped unless it answers a
  *    connection the host opened (host services on 0.0.0.0 stay private);
@@ -99,36 +100,39 @@ export class VeNetwork {
     return `${this.vethPrefix()}${off.toString(16)}`;
   }
 
+  /** Let the VE's port send from its address (the anti-spoofing set); needs no VE yet. */
+  async allow(id: VeNetIdentity): Promise<void> {
+    await run('nft', ['add', 'element', 'bridge', this.table, 'allowed', `{ "${id.hostVeth}" . ${id.address} }`]);
+  }
+
   /**
-   * Give the VE whose init is `initPid` its eth0: a veth pair whose VE end
-   * is made straight inside the VE's own network namespace (made by the
-   * runtime in the VE's user namespace, so VE root is root there), the host
-   * end on the bridge, isolated, allowed only the VE's address.
+   * Give the VE its eth0, as an OCI createRuntime hook: the runtime runs it
+   * once the VE's network namespace exists (made by the runtime inside the
+   * VE's user namespace, so VE root is root there) and before the VE's init
+   * starts, so the VE boots with its network up, and `runc run` replaces
+   * create + start (one engine process fewer). One shell makes the pair
+   * (host end on the bridge and up, VE end straight inside the VE's
+   * namespace) and configures the VE end from inside. The init's pid comes
+   * from the state JSON on the hook's stdin.
    */
-  async attach(id: VeNetIdentity, initPid: number): Promise<void> {
+  attachHook(id: VeNetIdentity): OciHook {
     if (offsetIn(this.subnet, id.address) < 0) {
       throw new VeshError(ErrorCodes.NETWORK_FAILED, `VE "${id.name}" has address ${id.address}, outside network.subnet ${this.subnet.cidr}: the subnet was changed; destroy and re-create the VE or set the subnet back`);
     }
-    await withRevert(async (r) => {
-      r.add('delete veth', () => this.removeVeth(id));
-      await ipBatch([
-        `link add ${id.hostVeth} type veth peer name eth0 netns ${initPid}`,
-        `link set ${id.hostVeth} master ${this.bridge}`,
-        `link set dev ${id.hostVeth} type bridge_slave isolated on learning on`,
-        `link set ${id.hostVeth} up`,
-      ]);
-      await run('nft', ['add', 'element', 'bridge', this.table, 'allowed', `{ "${id.hostVeth}" . ${id.address} }`]);
-      await run('nsenter', [`--target=${initPid}`, '--net', '--', 'ip', '-batch', '-'], {
-        input: [
-          'link set lo up',
-          `addr add ${id.address}/${this.subnet.prefix} dev eth0`,
-          'link set eth0 up',
-          `route add default via ${this.subnet.gateway}`,
-        ].join('\n'),
-      });
-    }).catch((err) => {
-      throw new VeshError(ErrorCodes.NETWORK_FAILED, `cannot connect VE "${id.name}" to ${this.bridge}: ${errorMessage(err)}`, { cause: err });
-    });
+    const script = [
+      'IFS= read -r state || [ -n "$state" ] || exit 1',
+      // No quotes in the pattern: dash mishandles quoted patterns in ${var#…} ("pid" then any one character, then ":").
+      'pid=${state#*pid?:}; pid=${pid%%[!0-9]*}',
+      '[ -n "$pid" ] || { echo "vesh network hook: no pid in the runtime state" >&2; exit 1; }',
+      'ip link add "$1" master "$2" up type veth peer name eth0 netns "$pid" || exit 1',
+      'printf "%s\n" "link set lo up" "addr add $3/$4 dev eth0" "link set eth0 up" "route add default via $5" | nsenter --target="$pid" --net -- ip -batch - || { ip link del "$1"; exit 1; }',
+    ].join('\n');
+    return {
+      path: '/bin/sh',
+      args: ['sh', '-c', script, 'vesh-net-hook', id.hostVeth, this.bridge, id.address, String(this.subnet.prefix), this.subnet.gateway],
+      env: ['PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'],
+      timeout: 10,
+    };
   }
 
   /** Undo attach. The kernel deletes the veth with the VE's namespace; this catches the rest. */

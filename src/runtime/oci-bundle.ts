@@ -13,6 +13,16 @@ export interface VeBundleSpec {
   idmap: { base: number; size: number };
   /** Host directory bind-mounted at /run/vesh (writable by VE root). */
   ctlDir: string;
+  /** OCI createRuntime hooks: host programs run once the VE's namespaces exist, before its init runs. */
+  createRuntimeHooks?: OciHook[];
+}
+
+/** An OCI hook (runtime-spec config.md#posix-platform-hooks); its stdin is the container's state JSON. */
+export interface OciHook {
+  path: string;
+  args: string[];
+  env?: string[];
+  timeout?: number;
 }
 
 /**
@@ -54,6 +64,7 @@ export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
   const period = 100_000;
   return {
     ociVersion: '1.0.2-dev',
+    ...(spec.createRuntimeHooks?.length ? { hooks: { createRuntime: spec.createRuntimeHooks } } : {}),
     process: {
       terminal: false,
       user: { uid: 0, gid: 0 },

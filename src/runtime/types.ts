@@ -46,6 +46,8 @@ export interface ContainerRuntime {
    * has not started. The init's stdout/stderr go to `consoleFile` (truncated).
    */
   create(id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string }): Promise<void>;
+  /** create and start in one step (one engine process instead of two); hooks in the bundle run between them. */
+  run(id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string }): Promise<void>;
   /** Start the init of a created container. */
   start(id: string): Promise<void>;
   /** State of one container, or null when the engine does not know it. */

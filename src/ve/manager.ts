@@ -5,7 +5,7 @@ import { resolveLimits, type Limits, type LimitsInput } from '../config/limits.j
 import type { ServerConfig } from '../config/server-config.js';
 import { ErrorCodes, VeshError, errorMessage, isVeshError } from '../errors.js';
 import { cgroupDirs, detectCgroupLayout, readCgroupStats, removeCgroupDirs, type CgroupLayout } from '../runtime/cgroups.js';
-import { buildOciConfig } from '../runtime/oci-bundle.js';
+import { buildOciConfig, type OciHook } from '../runtime/oci-bundle.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from '../runtime/types.js';
 import type { VeNetIdentity } from '../net/types.js';
 import type { TemplateInfo } from '../template/types.js';
@@ -32,7 +32,10 @@ export interface NetworkPlane {
   ensureHost(): Promise<void>;
   allocateAddress(used: string[]): string;
   vethNameFor(address: string): string;
-  attach(id: VeNetIdentity, initPid: number): Promise<void>;
+  /** Anti-spoofing entry for the VE's port. */
+  allow(id: VeNetIdentity): Promise<void>;
+  /** attach as an OCI createRuntime hook, run by the engine before the VE's init starts. */
+  attachHook(id: VeNetIdentity): OciHook;
   detach(id: VeNetIdentity): Promise<void>;
   hostsFile(name: string, address: string): string;
   resolvConf(): Promise<string>;
@@ -244,6 +247,7 @@ export class VeManager implements VeAccess {
   }
 
   private async startLocked(name: string): Promise<void> {
+    const t = stepTimer();
     const rec = await this.record(name);
     const p = this.paths(name);
     const before = await this.runtime.state(name);
@@ -253,12 +257,15 @@ export class VeManager implements VeAccess {
     }
     if (needsCleanup(before)) await this.cleanupLocked(rec);
     const template = await this.templates.get(rec.template);
+    t('state');
     const started = Date.now();
     await withRevert(async (r) => {
       r.add('unmount VE file systems', () => unmountAll(p));
       await mountPrivate(p, rec.limits.disk > 0);
+      t('disk');
       await prepareUpper(p, this.cfg.runtime.idmapBase);
       await mountOverlay(p, template.rootfs);
+      t('overlay');
       await fs.rm(path.join(p.ctl, SHUTDOWN_MARKER), { force: true });
       const oci = buildOciConfig({
         name,
@@ -269,26 +276,36 @@ export class VeManager implements VeAccess {
         cgroupsPath: this.cgroupsPath(name),
         idmap: { base: this.cfg.runtime.idmapBase, size: this.cfg.runtime.idmapSize },
         ctlDir: p.ctl,
+        createRuntimeHooks: [this.network.attachHook(this.netId(rec))],
       });
       await writeJsonAtomic(path.join(p.dir, 'config.json'), oci);
+      t('bundle');
       await this.network.ensureHost();
+      t('host_net');
       await fs.rm(p.pidFile, { force: true });
       r.add('delete container', async () => {
         await this.runtime.delete(name, true);
         await removeCgroupDirs(cgroupDirs(this.cgroupsPath(name), this.cgroupLayout));
       });
-      await this.runtime.create(name, { bundleDir: p.dir, pidFile: p.pidFile, consoleFile: p.console });
-      const pid = Number((await fs.readFile(p.pidFile, 'utf8')).trim());
       r.add('detach network', () => this.network.detach(this.netId(rec)));
-      await this.network.attach(this.netId(rec), pid);
-      await this.runtime.start(name);
+      // The engine makes the namespaces, runs the network hook (veth, address,
+      // route) and only then the VE's init; the anti-spoofing entry goes in
+      // meanwhile (it needs no VE).
+      const settled = await Promise.allSettled([
+        this.network.allow(this.netId(rec)),
+        this.runtime.run(name, { bundleDir: p.dir, pidFile: p.pidFile, consoleFile: p.console }),
+      ]);
+      const failed = settled.find((x): x is PromiseRejectedResult => x.status === 'rejected');
+      if (failed) throw failed.reason;
+      t('run');
+      const pid = Number((await fs.readFile(p.pidFile, 'utf8')).trim());
       this.watched.set(name, pid);
     }, (failures) => this.log.error({ event: 've.start.undo_failed', ve: name, failures: failures.map((f) => `${f.what}: ${errorMessage(f.error)}`) })).catch((err) => {
       this.log.error({ event: 've.start_failed', ve: name, err: errorMessage(err) });
       if (isVeshError(err) && err.code !== ErrorCodes.RUNTIME_FAILED && err.code !== ErrorCodes.COMMAND_FAILED) throw err;
       throw new VeshError(ErrorCodes.VE_START_FAILED, `VE "${name}" failed to start: ${errorMessage(err)}`, { cause: err, userMessage: 'Your environment failed to start; the administrator has been told why.' });
     });
-    this.log.info({ event: 've.started', ve: name, ms: Date.now() - started });
+    this.log.info({ event: 've.started', ve: name, ms: Date.now() - started, steps: t.steps });
   }
 
   // ---------------------------------------------------------------- stop
@@ -620,6 +637,18 @@ async function readTail(file: string, bytes: number): Promise<string> {
   } finally {
     await fh?.close();
   }
+}
+
+/** Milliseconds spent in each named step since the previous one, for the start log event. */
+function stepTimer(): ((step: string) => void) & { steps: Record<string, number> } {
+  let last = performance.now();
+  const steps: Record<string, number> = {};
+  const mark = (step: string) => {
+    const now = performance.now();
+    steps[step] = Math.round((now - last) * 10) / 10;
+    last = now;
+  };
+  return Object.assign(mark, { steps });
 }
 
 async function isAlive(pid: number): Promise<boolean> {

@@ -1,0 +1,264 @@
+/**
+ * vesh beside OpenSSH's sshd (Debian) and a bare ssh2 server, in one run,
+ * with the same OpenSSH client, key and key exchange (curve25519-sha256):
+ *   - login + `true` latency p50/p95, warm VE (running) and cold VE (stopped: boot on demand);
+ *   - logins per second with 8 clients in parallel;
+ *   - SFTP upload and download of one file (1 GiB by default) in MB/s.
+ * sshd runs with its own port, config and host key; the bare ssh2 server
+ * spawns `true` on the host (no VE): the floor for any ssh2-based server.
+ *
+ *   npx vite-node bench/ssh-vs-sshd.ts -- [--logins 30] [--parallel-logins 80] [--sftp-mib 1024] [--json]
+ *
+ * Not a test: shared, noisy machines; read the figures side by side.
+ */
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { chmodSync, mkdirSync, mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import ssh2 from 'ssh2';
+import { sharedTemplate } from '../test/helpers/templates.js';
+
+const { values: args } = parseArgs({
+  options: {
+    logins: { type: 'string', default: '30' },
+    'parallel-logins': { type: 'string', default: '80' },
+    'sftp-mib': { type: 'string', default: '1024' },
+    json: { type: 'boolean', default: false },
+  },
+  allowPositionals: true,
+});
+const LOGINS = Number(args.logins);
+const PAR_LOGINS = Number(args['parallel-logins']);
+const SFTP_MIB = Number(args['sftp-mib']);
+const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+
+const pct = (xs: number[], p: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
+};
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as net.AddressInfo;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function waitForPort(port: number, timeoutMs = 60_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    const ok = await new Promise<boolean>((r) => {
+      const c = net.connect(port, '127.0.0.1', () => { c.destroy(); r(true); });
+      c.on('error', () => r(false));
+    });
+    if (ok) return;
+    await sleep(100);
+  }
+  throw new Error(`nothing listens on 127.0.0.1:${port}`);
+}
+
+interface Target { name: string; port: number; user: string; remoteDir: string }
+
+function sshArgs(dir: string, t: Target): string[] {
+  return [
+    '-p', String(t.port), '-i', path.join(dir, 'id_ed25519'), '-o', 'BatchMode=yes', '-o', 'StrictHostKeyChecking=no',
+    '-o', `UserKnownHostsFile=/dev/null`, '-o', 'LogLevel=ERROR', '-o', 'KexAlgorithms=curve25519-sha256',
+    '-o', 'ControlMaster=no', '-o', 'ControlPath=none', '-F', '/dev/null',
+  ];
+}
+
+function loginOnce(dir: string, t: Target): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const c = spawn('ssh', [...sshArgs(dir, t), `${t.user}@127.0.0.1`, 'true'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    c.stderr.on('data', (d) => { err += d; });
+    c.on('close', (code) => (code === 0 ? resolve(performance.now() - t0) : reject(new Error(`${t.name}: ssh exited ${code}: ${err}`))));
+  });
+}
+
+async function loginLatency(dir: string, t: Target, n: number, before?: () => void): Promise<number[]> {
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    before?.();
+    out.push(await loginOnce(dir, t));
+  }
+  return out;
+}
+
+async function loginsPerSecond(dir: string, t: Target, total: number, parallel = 8): Promise<number> {
+  let next = 0;
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: parallel }, async () => {
+    while (next < total) {
+      next++;
+      await loginOnce(dir, t);
+    }
+  }));
+  return total / ((performance.now() - t0) / 1000);
+}
+
+function sftpTransfer(dir: string, t: Target, batch: string): number {
+  const file = path.join(dir, 'batch');
+  writeFileSync(file, batch);
+  const t0 = performance.now();
+  const sshOpts = sshArgs(dir, t).filter((a) => a !== '-p' && a !== String(t.port)).filter((a, i, all) => !(a === '-i' || all[i - 1] === '-i'));
+  const res = spawnSync('sftp', ['-P', String(t.port), '-i', path.join(dir, 'id_ed25519'), ...sshOpts, '-b', file, `${t.user}@127.0.0.1`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  if (res.status !== 0) throw new Error(`${t.name}: sftp failed: ${res.stderr}`);
+  return performance.now() - t0;
+}
+
+/** A bare ssh2 server: any login with our key, `exec` spawns the command on the host. */
+function startBareSsh2(dir: string, port: number): Promise<net.Server> {
+  const hostKey = readFileSync(path.join(dir, 'bare_host_key'));
+  const server = new ssh2.Server({ hostKeys: [hostKey], algorithms: { kex: ['curve25519-sha256', 'curve25519-sha256@libssh.org'] } }, (client) => {
+    client.on('error', () => undefined);
+    client.on('authentication', (ctx) => (ctx.method === 'publickey' ? ctx.accept() : ctx.reject(['publickey'])));
+    client.on('session', (accept) => {
+      const session = accept();
+      session.on('exec', (acc, _rej, info) => {
+        const ch = acc();
+        const p = spawn('/bin/sh', ['-c', info.command], { stdio: ['pipe', 'pipe', 'pipe'] });
+        p.stdout.pipe(ch, { end: false });
+        p.stderr.pipe(ch.stderr);
+        ch.pipe(p.stdin);
+        p.on('close', (code) => { ch.exit(code ?? 1); ch.end(); });
+      });
+      session.on('subsystem', (acc, rej, info) => {
+        if (info.name !== 'sftp') return rej();
+        const ch = acc();
+        const p = spawn('/usr/lib/openssh/sftp-server', [], { stdio: ['pipe', 'pipe', 'inherit'] });
+        p.stdout.pipe(ch);
+        ch.pipe(p.stdin);
+        p.on('close', () => ch.end());
+      });
+    });
+  });
+  // Sockets accepted here with Nagle off and handed over, as vesh does: the same footing.
+  const tcp = net.createServer((sock) => {
+    sock.setNoDelay(true);
+    server.injectSocket(sock);
+  });
+  return new Promise((r) => tcp.listen(port, '127.0.0.1', () => r(tcp)));
+}
+
+async function main(): Promise<void> {
+  const dir = mkdtempSync('/var/tmp/vesh-bench-ssh-');
+  chmodSync(dir, 0o711);
+  const children: ChildProcess[] = [];
+  let bare: net.Server | null = null;
+  const vesh = (...a: string[]) => execFileSync(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), ...a], { encoding: 'utf8' });
+  try {
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', path.join(dir, 'id_ed25519')]);
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', path.join(dir, 'sshd_host_key')]);
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-m', 'PEM', '-f', path.join(dir, 'bare_host_key')]);
+    const pub = readFileSync(path.join(dir, 'id_ed25519.pub'), 'utf8').trim();
+
+    // ---- vesh serve, Debian template (the shared cache the tests use), disk big enough for the SFTP file
+    const [pVesh, pSshd, pBare] = [await freePort(), await freePort(), await freePort()];
+    const data = path.join(dir, 'data');
+    mkdirSync(path.join(data, 'templates'), { recursive: true });
+    await fs.symlink((await sharedTemplate('debian')).dir, path.join(data, 'templates', 'debian'));
+    writeFileSync(path.join(dir, 'vesh.yaml'), [
+      `listen: "127.0.0.1:${pVesh}"`, `dataDir: ${data}`, `hostKeysDir: ${dir}/keys`, `accountsFile: ${dir}/accounts.yaml`,
+      `defaults: { template: debian, limits: { memory: 1G, pids: 512, cpus: 2, disk: ${Math.ceil((SFTP_MIB * 2.2) / 1024) + 1}G } }`,
+      `network: { bridge: vbs${process.pid % 10000}, subnet: 10.239.${process.pid % 250}.0/24, outbound: false }`,
+      `logging: { level: warn, pretty: false }`,
+    ].join('\n'));
+    writeFileSync(path.join(dir, 'accounts.yaml'), `warm:\n  keys:\n    - ${pub}\ncold:\n  keys:\n    - ${pub}\n`);
+    const serve = spawn(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
+    children.push(serve);
+    await waitForPort(pVesh);
+
+    // ---- OpenSSH sshd, its own port, config and host key
+    mkdirSync('/run/sshd', { recursive: true, mode: 0o755 });
+    mkdirSync(path.join(dir, 'sshd-home'), { mode: 0o700 });
+    writeFileSync(path.join(dir, 'authorized_keys'), `${pub}\n`, { mode: 0o600 });
+    writeFileSync(path.join(dir, 'sshd_config'), [
+      `Port ${pSshd}`, 'ListenAddress 127.0.0.1', `HostKey ${dir}/sshd_host_key`, `PidFile ${dir}/sshd.pid`,
+      `AuthorizedKeysFile ${dir}/authorized_keys`, 'StrictModes no', 'UsePAM no', 'PermitRootLogin prohibit-password',
+      'PasswordAuthentication no', 'KbdInteractiveAuthentication no', 'KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org',
+      'Subsystem sftp /usr/lib/openssh/sftp-server', 'MaxStartups 100', 'PrintMotd no', 'UseDNS no', '',
+    ].join('\n'));
+    const sshd = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', path.join(dir, 'sshd_config')], { stdio: ['ignore', 'ignore', 'ignore'] });
+    children.push(sshd);
+    await waitForPort(pSshd);
+
+    bare = await startBareSsh2(dir, pBare);
+
+    const targets: Record<string, Target> = {
+      vesh: { name: 'vesh', port: pVesh, user: 'warm', remoteDir: '/root' },
+      sshd: { name: 'OpenSSH sshd', port: pSshd, user: 'root', remoteDir: path.join(dir, 'sshd-home') },
+      bare: { name: 'bare ssh2 (host)', port: pBare, user: 'root', remoteDir: path.join(dir, 'sshd-home') },
+    };
+    // Warm up: the VE's first login creates and boots it.
+    for (const t of Object.values(targets)) await loginOnce(dir, t);
+
+    const warm: Record<string, number[]> = {};
+    for (const [k, t] of Object.entries(targets)) warm[k] = await loginLatency(dir, t, LOGINS);
+
+    // Cold: the VE is stopped before every login, which boots it on demand.
+    await loginOnce(dir, { ...targets.vesh!, user: 'cold' });
+    const cold = await loginLatency(dir, { ...targets.vesh!, user: 'cold' }, Math.max(5, Math.floor(LOGINS / 3)), () => vesh('ve', 'stop', '--kill', 'cold'));
+
+    const lps: Record<string, number> = {};
+    for (const [k, t] of Object.entries(targets)) lps[k] = await loginsPerSecond(dir, t, PAR_LOGINS);
+
+    const src = path.join(dir, 'payload');
+    execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SFTP_MIB}`, 'status=none']);
+    const sftp: Record<string, { upMBs: number; downMBs: number }> = {};
+    for (const k of ['vesh', 'sshd', 'bare'] as const) {
+      const t = targets[k]!;
+      const remote = `${t.remoteDir}/payload`;
+      const up = sftpTransfer(dir, t, `put ${src} ${remote}\n`);
+      const down = sftpTransfer(dir, t, `get ${remote} ${dir}/down\nrm ${remote}\n`);
+      await fs.rm(path.join(dir, 'down'), { force: true });
+      const mb = (SFTP_MIB * 1024 * 1024) / 1e6;
+      sftp[k] = { upMBs: mb / (up / 1000), downMBs: mb / (down / 1000) };
+    }
+
+    const result = {
+      date: new Date().toISOString(),
+      loginMs: Object.fromEntries(Object.entries(warm).map(([k, v]) => [k, { p50: pct(v, 50), p95: pct(v, 95) }])),
+      coldLoginMs: { p50: pct(cold, 50), p95: pct(cold, 95) },
+      loginsPerSecond8: lps,
+      sftpMiB: SFTP_MIB,
+      sftp,
+    };
+    if (args.json) {
+      console.log(JSON.stringify(result, null, 2));
+      return;
+    }
+    const f = (x: number) => x.toFixed(0).padStart(6);
+    const f1 = (x: number) => x.toFixed(1).padStart(6);
+    console.log(`SSH: vesh vs OpenSSH sshd vs bare ssh2, OpenSSH client, curve25519 (${result.date})`);
+    console.log('                         login p50  login p95  logins/s(8)  sftp up MB/s  sftp down MB/s');
+    for (const [k, label] of [['vesh', 'vesh (warm VE)'], ['sshd', 'OpenSSH sshd'], ['bare', 'bare ssh2 on host']] as const) {
+      console.log(`${label.padEnd(24)} ${f(result.loginMs[k]!.p50)} ms  ${f(result.loginMs[k]!.p95)} ms  ${f1(lps[k]!)}      ${f1(sftp[k]!.upMBs)}        ${f1(sftp[k]!.downMBs)}`);
+    }
+    console.log(`${'vesh (cold VE)'.padEnd(24)} ${f(cold.length ? result.coldLoginMs.p50 : 0)} ms  ${f(result.coldLoginMs.p95)} ms`);
+    console.log(`ratios: warm/bare ${(result.loginMs.vesh!.p50 / result.loginMs.bare!.p50).toFixed(2)} (target ≤ 1.3), cold/sshd-warm ${(result.coldLoginMs.p50 / result.loginMs.sshd!.p50).toFixed(2)} (target ≤ 0.75), sftp up ${(sftp.vesh!.upMBs / sftp.sshd!.upMBs).toFixed(2)} down ${(sftp.vesh!.downMBs / sftp.sshd!.downMBs).toFixed(2)} (target ≥ 0.9)`);
+  } finally {
+    bare?.close();
+    for (const c of children) c.kill('SIGTERM');
+    await sleep(1000);
+    // vesh serve leaves VEs running by design: destroy what the bench made.
+    for (const ve of ['warm', 'cold']) {
+      spawnSync(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), 've', 'destroy', '--force', ve], { stdio: 'ignore' });
+    }
+    const cfgText = readFileSync(path.join(dir, 'vesh.yaml'), 'utf8');
+    const bridge = /bridge: (\S+),/.exec(cfgText)?.[1];
+    if (bridge) spawnSync('ip', ['link', 'del', bridge], { stdio: 'ignore' });
+    const { makeLayout } = await import('../src/system/layout.js');
+    const id = makeLayout(path.join(dir, 'data')).instanceId;
+    spawnSync('nft', ['delete', 'table', 'inet', `vesh_${id}`], { stdio: 'ignore' });
+    spawnSync('nft', ['delete', 'table', 'bridge', `vesh_${id}`], { stdio: 'ignore' });
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
