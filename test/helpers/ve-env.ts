@@ -77,6 +77,8 @@ export async function makeVeTestEnv(opts: { template?: 'busybox' | 'debian'; ext
       try { execFileSync('umount', ['-l', m]); } catch { /* already gone */ }
     }
     await fs.rm(dir, { recursive: true, force: true });
+    // The engine's state root (/run/vesh/ID) of this instance.
+    await fs.rm(path.dirname(layout.runtimeRoot), { recursive: true, force: true });
   };
   return { dir, configFile, config, layout, logger, ves, cli, cleanup };
 }
