@@ -4,6 +4,7 @@ import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeVeTestEnv, type VeTestEnv } from '../helpers/ve-env.js';
+import { createVeManager, createVeNetwork } from '../../src/ve/index.js';
 
 /** Run a shell command inside a VE as root and return its output (throws on non-zero exit). */
 async function sh(env: VeTestEnv, ve: string, script: string, opts: { allowFailure?: boolean; timeoutMs?: number } = {}) {
@@ -179,6 +180,18 @@ describe('VE lifecycle, isolation and limits (busybox template, real runc)', () 
     } finally {
       env.ves.stopMonitor();
     }
+  });
+
+  it('starts the VEs marked onboot when vesh serve starts after a host reboot', async () => {
+    env.cli(['ve', 'set', 'beta', '--onboot', 'yes']);
+    await env.ves.stop('alpha', { kill: true });
+    // What a host reboot leaves: no containers, mounts, bridge or firewall tables.
+    await createVeNetwork(env.config, env.layout, env.logger).teardownHost();
+    const booted = createVeManager(env.config, env.logger);
+    expect(await booted.bootOnStart()).toEqual({ started: ['beta'], failed: [] });
+    expect((await booted.status('beta')).state).toBe('running');
+    expect((await booted.status('alpha')).state).toBe('stopped');
+    expect((await sh(env, 'beta', 'hostname')).stdout.trim()).toBe('beta');
   });
 });
 
