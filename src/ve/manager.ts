@@ -512,9 +512,19 @@ export class VeManager implements VeAccess {
     // The helper joins the VE's user and network namespaces only: as the VE
     // user (an unprivileged host uid) it can bind and connect in the VE's
     // network and nowhere else, while running a host program.
+    // It also joins the VE's cgroups first, so what it uses (memory, pids)
+    // counts against the VE's limits like everything else a session starts.
+    const procs: string[] = [];
+    for (const dir of cgroupDirs(this.cgroupsPath(ve), this.cgroupLayout)) {
+      if (await fs.stat(path.join(dir, 'cgroup.procs')).then(() => true, () => false)) procs.push(path.join(dir, 'cgroup.procs'));
+    }
     return {
-      file: 'nsenter',
-      args: ['--target', String(st.pid), '--user', '--net', '--setuid', String(user.uid), '--setgid', String(user.gid), '--', ...argv],
+      file: '/bin/sh',
+      args: [
+        '-c', 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 1; shift; n=$((n-1)); done; exec "$@"', 'vesh-join',
+        String(procs.length), ...procs,
+        'nsenter', '--target', String(st.pid), '--user', '--net', '--setuid', String(user.uid), '--setgid', String(user.gid), '--', ...argv,
+      ],
     };
   }
 
