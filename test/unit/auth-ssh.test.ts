@@ -1,0 +1,144 @@
+import { mkdirSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import argon2 from 'argon2';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Authenticator } from '../../src/auth/authenticator.js';
+import { AccountsStore } from '../../src/config/accounts-store.js';
+import {
+  Cleanup, HostFakeVes, LogCapture, makeClientKey, sshWithKey, sshWithPassword, startInProcessServer, tempDir, writeAccounts,
+  type ClientKey, type InProcessServer,
+} from '../helpers/ssh-harness.js';
+
+/**
+ * The real AccountsStore and Authenticator behind the SSH server, against
+ * the OpenSSH client: the shapes the SSH layer relies on (ports.ts), key
+ * types and signature algorithms as OpenSSH sends them, from= with the
+ * address the server sees, and hot reload. VEs are host fakes here.
+ */
+
+const CHEAP = { memoryCost: 1024, timeCost: 1, parallelism: 1 };
+
+async function waitFor(cond: () => Promise<boolean> | boolean, what: string, timeoutMs = 15_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+describe('Authenticator behind the SSH server (OpenSSH client)', () => {
+  const cleanup = new Cleanup();
+  let srv: InProcessServer;
+  let store: AccountsStore;
+  let file: string;
+  let ed: ClientKey;
+  let ecdsa: ClientKey;
+  let rsa: ClientKey;
+  let elsewhere: ClientKey;
+  let later: ClientKey;
+  let base: string;
+
+  beforeAll(async () => {
+    const dir = tempDir(cleanup, 'vesh-auth-ssh-');
+    const home = path.join(dir, 'home');
+    mkdirSync(home);
+    ed = makeClientKey(dir, 'ed25519');
+    ecdsa = makeClientKey(dir, 'ecdsa');
+    rsa = makeClientKey(dir, 'rsa');
+    elsewhere = makeClientKey(dir, 'ed25519', 'elsewhere');
+    later = makeClientKey(dir, 'ed25519', 'later');
+    const hash = await argon2.hash('correct horse', { type: argon2.argon2id, ...CHEAP });
+    file = path.join(dir, 'accounts.yaml');
+    base = [
+      '# test accounts',
+      'alice:',
+      `  password: "${hash}"`,
+      '  keys:',
+      `    - ${ed.publicLine}`,
+      `    - ${ecdsa.publicLine}`,
+      `    - from="127.0.0.0/8,!10.0.0.1" ${rsa.publicLine}`,
+      `    - from="10.0.0.0/8" ${elsewhere.publicLine}`,
+      'carol:',
+      `  password: "${hash}"`,
+      '  locked: true',
+      '  keys:',
+      `    - ${ed.publicLine}`,
+      '',
+    ].join('\n');
+    writeFileSync(file, base);
+    const logs = new LogCapture();
+    store = new AccountsStore(file, logs.logger, { debounceMs: 20 });
+    await store.load();
+    store.watch();
+    cleanup.add(() => store.close());
+    const authenticator = new Authenticator(store, { penalties: { failuresBeforePenalty: 100, penaltyMs: 60_000, maxPenaltyMs: 600_000 } }, logs.logger, { dummyHashCost: CHEAP });
+    srv = await startInProcessServer(cleanup, { authenticator, ves: new HostFakeVes(home), auth: { maxAuthTries: 3, loginGraceTimeMs: 20_000, maxStartups: 10 } });
+  });
+
+  afterAll(() => cleanup.run());
+
+  it('logs in with ed25519, ecdsa and rsa (rsa-sha2) keys', async () => {
+    for (const k of [ed, ecdsa, rsa]) {
+      const r = await sshWithKey(srv.port, 'alice', k, ['echo', 'in']);
+      expect(r.stdout, k.type).toBe('in\n');
+      expect(r.code).toBe(0);
+    }
+    const ok = srv.logs.records.filter((e) => e.event === 'ssh.auth' && e.result === 'success' && e.method === 'publickey');
+    expect(ok.map((e) => e.fingerprint)).toEqual(expect.arrayContaining([ed.fingerprint, ecdsa.fingerprint, rsa.fingerprint]));
+  });
+
+  it('refuses a key whose from= does not match the address', async () => {
+    const r = await sshWithKey(srv.port, 'alice', elsewhere, ['true']);
+    expect(r.code).toBe(255);
+    expect(r.stderr).toMatch(/Permission denied/);
+  });
+
+  it('logs in with the right password (password and keyboard-interactive), not a wrong one', async () => {
+    expect((await sshWithPassword(srv.port, 'alice', 'correct horse', ['echo', 'pw'])).stdout).toBe('pw\n');
+    expect((await sshWithPassword(srv.port, 'alice', 'correct horse', ['echo', 'kbd'], { method: 'keyboard-interactive' })).stdout).toBe('kbd\n');
+    const bad = await sshWithPassword(srv.port, 'alice', 'wrong', ['true']);
+    expect(bad.code).not.toBe(0);
+    expect((await sshWithPassword(srv.port, 'nobody', 'correct horse', ['true'])).code).not.toBe(0);
+  });
+
+  it('refuses a locked account with its right password and key', async () => {
+    expect((await sshWithPassword(srv.port, 'carol', 'correct horse', ['true'])).code).not.toBe(0);
+    expect((await sshWithKey(srv.port, 'carol', ed, ['true'])).code).toBe(255);
+  });
+
+  it('applies an edit of accounts.yaml without restart', async () => {
+    writeAccounts(file, `${base}dave:\n  ve: alice\n  keys:\n    - ${later.publicLine}\n`);
+    await waitFor(() => store.get('dave') !== undefined, 'the reload');
+    const r = await sshWithKey(srv.port, 'dave', later, ['echo', 'dave']);
+    expect(r.stdout).toBe('dave\n');
+  });
+});
+
+describe('per-source penalties at the SSH server', () => {
+  const cleanup = new Cleanup();
+  let srv: InProcessServer;
+
+  beforeAll(async () => {
+    const dir = tempDir(cleanup, 'vesh-auth-penalty-');
+    const home = path.join(dir, 'home');
+    mkdirSync(home);
+    const file = path.join(dir, 'accounts.yaml');
+    writeFileSync(file, `alice:\n  password: "${await argon2.hash('right', { type: argon2.argon2id, ...CHEAP })}"\n`);
+    const logs = new LogCapture();
+    const store = new AccountsStore(file, logs.logger);
+    await store.load();
+    const authenticator = new Authenticator(store, { penalties: { failuresBeforePenalty: 2, penaltyMs: 600_000, maxPenaltyMs: 600_000 } }, logs.logger, { dummyHashCost: CHEAP });
+    srv = await startInProcessServer(cleanup, { authenticator, ves: new HostFakeVes(home) });
+  });
+
+  afterAll(() => cleanup.run());
+
+  it('turns a source away after repeated failures, even with the right password', async () => {
+    expect((await sshWithPassword(srv.port, 'alice', 'right', ['echo', 'ok'])).stdout).toBe('ok\n');
+    expect((await sshWithPassword(srv.port, 'alice', 'wrong', ['true'])).code).not.toBe(0);
+    expect((await sshWithPassword(srv.port, 'alice', 'wrong', ['true'])).code).not.toBe(0);
+    const r = await sshWithPassword(srv.port, 'alice', 'right', ['echo', 'ok']);
+    expect(r.code).not.toBe(0);
+    expect(r.stdout).toBe('');
+  });
+});

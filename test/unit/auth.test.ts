@@ -1,0 +1,295 @@
+import argon2 from 'argon2';
+import { pino, type Logger } from 'pino';
+import ssh2 from 'ssh2';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { Authenticator, hashPassword } from '../../src/auth/authenticator.js';
+import { MAX_PASSWORD_BYTES, Semaphore, type PasswordHashCost } from '../../src/auth/passwords.js';
+import { SourcePenalties } from '../../src/auth/penalties.js';
+import { parseAuthorizedKeyLine, type Account } from '../../src/config/accounts.js';
+import type { AccountSource } from '../../src/config/accounts-store.js';
+
+const { utils } = ssh2;
+
+/** Cheap hashes keep the tests quick; the cost of a hash does not change what verify answers. */
+const CHEAP: PasswordHashCost = { memoryCost: 1024, timeCost: 1, parallelism: 1 };
+const cheapHash = (pw: string) => argon2.hash(pw, { type: argon2.argon2id, ...CHEAP });
+
+function captureLogger(): { logger: Logger; records: Array<Record<string, unknown>> } {
+  const records: Array<Record<string, unknown>> = [];
+  const logger = pino({ level: 'debug' }, { write: (line: string) => void records.push(JSON.parse(line) as Record<string, unknown>) });
+  return { logger, records };
+}
+
+class MapSource implements AccountSource {
+  constructor(public accounts = new Map<string, Account>()) {}
+  get(name: string): Account | undefined {
+    return this.accounts.get(name);
+  }
+  set(a: Partial<Account> & { name: string }): Account {
+    const account: Account = { ve: a.name, user: 'root', locked: false, keys: [], forwarding: true, ...a };
+    this.accounts.set(a.name, account);
+    return account;
+  }
+}
+
+const PENALTIES = { penalties: { failuresBeforePenalty: 3, penaltyMs: 1_000, maxPenaltyMs: 5_000 } };
+
+function makeAuth(source: AccountSource, opts: { now?: () => number; logger?: Logger } = {}): Authenticator {
+  return new Authenticator(source, PENALTIES, opts.logger ?? captureLogger().logger, { dummyHashCost: CHEAP, now: opts.now });
+}
+
+afterEach(() => {
+  vi.restoreAllMocks();
+});
+
+describe('passwords', () => {
+  it('accepts the right password and refuses a wrong one', async () => {
+    const src = new MapSource();
+    const alice = src.set({ name: 'alice', password: await cheapHash('correct horse') });
+    const auth = makeAuth(src);
+    await expect(auth.verifyPassword('alice', 'correct horse', '192.0.2.1')).resolves.toEqual({ ok: true, account: alice });
+    await expect(auth.verifyPassword('alice', 'correct hors', '192.0.2.1')).resolves.toEqual({ ok: false });
+    await expect(auth.verifyPassword('alice', '', '192.0.2.1')).resolves.toEqual({ ok: false });
+  });
+
+  it('verifies hashes made with other parameters and argon2 variants', async () => {
+    const src = new MapSource();
+    src.set({ name: 'owasp', password: await argon2.hash('pw', { type: argon2.argon2id, memoryCost: 19456, timeCost: 2, parallelism: 1 }) });
+    src.set({ name: 'old', password: await argon2.hash('pw', { type: argon2.argon2i, ...CHEAP }) });
+    const auth = makeAuth(src);
+    expect((await auth.verifyPassword('owasp', 'pw', '192.0.2.1')).ok).toBe(true);
+    expect((await auth.verifyPassword('old', 'pw', '192.0.2.1')).ok).toBe(true);
+  });
+
+  it('refuses unknown, locked and password-less accounts, spending one verify of the dummy hash each', async () => {
+    const src = new MapSource();
+    const hash = await cheapHash('pw');
+    src.set({ name: 'locked', password: hash, locked: true });
+    src.set({ name: 'keyonly' });
+    const auth = makeAuth(src);
+    const verify = vi.spyOn(argon2, 'verify');
+    for (const user of ['nobody', 'locked', 'keyonly']) {
+      verify.mockClear();
+      await expect(auth.verifyPassword(user, 'pw', '192.0.2.1')).resolves.toEqual({ ok: false });
+      expect(verify).toHaveBeenCalledTimes(1);
+      expect(verify.mock.calls[0]![0]).not.toBe(hash);
+      expect(verify.mock.calls[0]![0]).toMatch(/^\$argon2id\$v=19\$m=1024,/);
+    }
+  });
+
+  it('refuses a password over 1024 bytes without checking it, after a dummy verify', async () => {
+    const long = 'é'.repeat(513); // 1026 bytes
+    const src = new MapSource();
+    src.set({ name: 'alice', password: await cheapHash(long) });
+    const auth = makeAuth(src);
+    const verify = vi.spyOn(argon2, 'verify');
+    await expect(auth.verifyPassword('alice', long, '192.0.2.1')).resolves.toEqual({ ok: false });
+    expect(verify).toHaveBeenCalledTimes(1);
+    expect(verify.mock.calls[0]![0]).not.toBe(src.get('alice')!.password);
+    // Exactly at the limit is still checked.
+    const edge = 'a'.repeat(MAX_PASSWORD_BYTES);
+    src.set({ name: 'bob', password: await cheapHash(edge) });
+    expect((await auth.verifyPassword('bob', edge, '192.0.2.1')).ok).toBe(true);
+  });
+
+  it('applies a lock that arrives while the check runs', async () => {
+    const src = new MapSource();
+    src.set({ name: 'alice', password: await cheapHash('pw') });
+    const auth = makeAuth(src);
+    const real = argon2.verify;
+    vi.spyOn(argon2, 'verify').mockImplementation(async (hash, pw) => {
+      const ok = await real(hash, pw);
+      src.set({ ...src.get('alice')!, locked: true });
+      return ok;
+    });
+    await expect(auth.verifyPassword('alice', 'pw', '192.0.2.1')).resolves.toEqual({ ok: false });
+  });
+
+  it('runs at most two argon2 operations at once', async () => {
+    const src = new MapSource();
+    src.set({ name: 'alice', password: await cheapHash('pw') });
+    const auth = makeAuth(src);
+    const real = argon2.verify;
+    let inFlight = 0;
+    let most = 0;
+    vi.spyOn(argon2, 'verify').mockImplementation(async (hash, pw) => {
+      inFlight++;
+      most = Math.max(most, inFlight);
+      try {
+        return await real(hash, pw);
+      } finally {
+        inFlight--;
+      }
+    });
+    const results = await Promise.all(Array.from({ length: 8 }, (_, i) => auth.verifyPassword(i % 2 ? 'alice' : 'nobody', 'pw', '192.0.2.1')));
+    expect(results.map((r) => r.ok)).toEqual([false, true, false, true, false, true, false, true]);
+    expect(most).toBe(2);
+  });
+
+  it('never logs a password', async () => {
+    const { logger, records } = captureLogger();
+    const src = new MapSource();
+    src.set({ name: 'alice', password: 'not-a-valid-hash' });
+    const auth = makeAuth(src, { logger });
+    await expect(auth.verifyPassword('alice', 'sekrit-value', '192.0.2.1')).resolves.toEqual({ ok: false });
+    expect(records.some((r) => r.event === 'auth.bad_hash')).toBe(true);
+    expect(JSON.stringify(records)).not.toContain('sekrit-value');
+  });
+
+  it('hashPassword makes argon2id at m=65536,t=3,p=4 and refuses empty or oversized passwords', async () => {
+    const h = await hashPassword('example');
+    expect(h).toMatch(/^\$argon2id\$v=19\$/);
+    expect(h).toContain('m=65536');
+    expect(h).toContain('t=3');
+    expect(h).toContain('p=4');
+    expect(await argon2.verify(h, 'example')).toBe(true);
+    await expect(hashPassword('')).rejects.toThrow(/empty/);
+    await expect(hashPassword('x'.repeat(1025))).rejects.toThrow(/longer than 1024 bytes/);
+  });
+});
+
+describe('public keys', () => {
+  const ed = utils.generateKeyPairSync('ed25519');
+  const rsa = utils.generateKeyPairSync('rsa', { bits: 2048 });
+  const other = utils.generateKeyPairSync('ed25519');
+  const blobOf = (pub: string) => Buffer.from(pub.split(' ')[1]!, 'base64');
+
+  function setup(lines: string[], extra: Partial<Account> = {}) {
+    const src = new MapSource();
+    const alice = src.set({ name: 'alice', keys: lines.map(parseAuthorizedKeyLine), ...extra });
+    return { src, alice, auth: makeAuth(src) };
+  }
+
+  it('finds the key by type and blob', () => {
+    const { auth, alice } = setup([`${other.public}`, `no-pty ${ed.public}`]);
+    const found = auth.findKey('alice', 'ssh-ed25519', blobOf(ed.public), '192.0.2.1');
+    expect(found?.account).toBe(alice);
+    expect(found?.key.options.noPty).toBe(true);
+    expect(auth.findKey('alice', 'ssh-rsa', blobOf(ed.public), '192.0.2.1')).toBeNull();
+    expect(auth.findKey('bob', 'ssh-ed25519', blobOf(ed.public), '192.0.2.1')).toBeNull();
+    expect(auth.findKey('alice', 'ssh-ed25519', blobOf(utils.generateKeyPairSync('ed25519').public), '192.0.2.1')).toBeNull();
+  });
+
+  it('finds nothing for a locked account', () => {
+    const { auth } = setup([ed.public], { locked: true });
+    expect(auth.findKey('alice', 'ssh-ed25519', blobOf(ed.public), '192.0.2.1')).toBeNull();
+  });
+
+  it('honours from=, with negation and CIDR, and logs the refusal', () => {
+    const { logger, records } = captureLogger();
+    const src = new MapSource();
+    src.set({ name: 'alice', keys: [parseAuthorizedKeyLine(`from="10.0.0.0/8,!10.6.6.6" ${ed.public}`)] });
+    const auth = new Authenticator(src, PENALTIES, logger, { dummyHashCost: CHEAP });
+    const blob = blobOf(ed.public);
+    expect(auth.findKey('alice', 'ssh-ed25519', blob, '10.1.2.3')).not.toBeNull();
+    expect(auth.findKey('alice', 'ssh-ed25519', blob, '::ffff:10.1.2.3')).not.toBeNull();
+    expect(auth.findKey('alice', 'ssh-ed25519', blob, '10.6.6.6')).toBeNull();
+    expect(auth.findKey('alice', 'ssh-ed25519', blob, '192.0.2.1')).toBeNull();
+    expect(records.filter((r) => r.event === 'auth.key_source_refused')).toHaveLength(2);
+  });
+
+  it('verifies signatures with the key, and refuses SHA-1 RSA signatures', () => {
+    const { auth } = setup([ed.public, rsa.public]);
+    const data = Buffer.from('session id and userauth request');
+    const edKey = auth.findKey('alice', 'ssh-ed25519', blobOf(ed.public), '192.0.2.1')!.key;
+    const edPriv = utils.parseKey(ed.private) as ssh2.ParsedKey;
+    expect(auth.verifySignature(edKey, data, edPriv.sign(data))).toBe(true);
+    expect(auth.verifySignature(edKey, Buffer.from('other data'), edPriv.sign(data))).toBe(false);
+
+    // Clients sign with rsa-sha2-512; ssh2 reports the key as ssh-rsa, but take either name.
+    const rsaKey = auth.findKey('alice', 'rsa-sha2-512', blobOf(rsa.public), '192.0.2.1')!.key;
+    const rsaPriv = utils.parseKey(rsa.private) as ssh2.ParsedKey;
+    expect(auth.verifySignature(rsaKey, data, rsaPriv.sign(data, 'sha512'), 'sha512')).toBe(true);
+    expect(auth.verifySignature(rsaKey, data, rsaPriv.sign(data, 'sha1'))).toBe(false);
+    expect(auth.verifySignature(rsaKey, data, Buffer.alloc(256), 'sha256')).toBe(false);
+  });
+});
+
+describe('per-source penalties', () => {
+  const cfg = { failuresBeforePenalty: 3, penaltyMs: 1_000, maxPenaltyMs: 5_000 };
+
+  it('starts after N failures, doubles up to the maximum, and clears on success', () => {
+    let now = 1_000_000;
+    const p = new SourcePenalties(cfg, { now: () => now });
+    expect(p.recordFailure('192.0.2.1')).toBe(0);
+    expect(p.recordFailure('192.0.2.1')).toBe(0);
+    expect(p.remaining('192.0.2.1')).toBe(0);
+    expect(p.recordFailure('192.0.2.1')).toBe(1_000);
+    expect(p.remaining('192.0.2.1')).toBe(1_000);
+    now += 400;
+    expect(p.remaining('192.0.2.1')).toBe(600);
+    expect(p.recordFailure('192.0.2.1')).toBe(2_000);
+    expect(p.recordFailure('192.0.2.1')).toBe(4_000);
+    expect(p.recordFailure('192.0.2.1')).toBe(5_000);
+    expect(p.recordFailure('192.0.2.1')).toBe(5_000);
+    expect(p.remaining('192.0.2.1')).toBe(5_000);
+    // Other sources are not affected.
+    expect(p.remaining('192.0.2.2')).toBe(0);
+    now += 5_000;
+    expect(p.remaining('192.0.2.1')).toBe(0);
+    p.recordSuccess('192.0.2.1');
+    expect(p.recordFailure('192.0.2.1')).toBe(0);
+    expect(p.recordFailure('192.0.2.1')).toBe(0);
+    expect(p.recordFailure('192.0.2.1')).toBe(1_000);
+  });
+
+  it('counts an IPv4-mapped IPv6 source as its IPv4 address', () => {
+    const p = new SourcePenalties(cfg, { now: () => 0 });
+    p.recordFailure('::ffff:192.0.2.9');
+    p.recordFailure('192.0.2.9');
+    p.recordFailure('::FFFF:192.0.2.9');
+    expect(p.remaining('192.0.2.9')).toBe(1_000);
+    expect(p.size).toBe(1);
+  });
+
+  it('forgets a source that stayed quiet long after its penalty', () => {
+    let now = 0;
+    const p = new SourcePenalties(cfg, { now: () => now });
+    for (let i = 0; i < 3; i++) p.recordFailure('192.0.2.1');
+    now += 60 * 60_000;
+    expect(p.remaining('192.0.2.1')).toBe(0);
+    expect(p.size).toBe(0);
+    expect(p.recordFailure('192.0.2.1')).toBe(0);
+  });
+
+  it('keeps a bounded table, forgetting the source that failed longest ago', () => {
+    const p = new SourcePenalties({ ...cfg, failuresBeforePenalty: 1 }, { maxSources: 3, now: () => 0 });
+    for (const s of ['10.0.0.1', '10.0.0.2', '10.0.0.3', '10.0.0.4']) p.recordFailure(s);
+    expect(p.size).toBe(3);
+    expect(p.remaining('10.0.0.1')).toBe(0);
+    expect(p.remaining('10.0.0.4')).toBe(1_000);
+    // A new failure moves a source to the young end.
+    p.recordFailure('10.0.0.2');
+    p.recordFailure('10.0.0.5');
+    expect(p.remaining('10.0.0.2')).toBeGreaterThan(0);
+    expect(p.remaining('10.0.0.3')).toBe(0);
+  });
+
+  it('is what the Authenticator reports, and it logs a penalty when one starts', () => {
+    let now = 0;
+    const { logger, records } = captureLogger();
+    const auth = new Authenticator(new MapSource(), PENALTIES, logger, { dummyHashCost: CHEAP, now: () => now });
+    for (let i = 0; i < 3; i++) auth.recordFailure('198.51.100.7');
+    expect(auth.penaltyRemaining('198.51.100.7')).toBe(1_000);
+    expect(records.filter((r) => r.event === 'auth.penalty')).toHaveLength(1);
+    now += 250;
+    expect(auth.penaltyRemaining('198.51.100.7')).toBe(750);
+    auth.recordSuccess('198.51.100.7');
+    expect(auth.penaltyRemaining('198.51.100.7')).toBe(0);
+  });
+});
+
+describe('Semaphore', () => {
+  it('queues past the limit and turns work away past the queue limit', async () => {
+    const sem = new Semaphore(1, 1);
+    let release!: () => void;
+    const first = sem.run(() => new Promise<string>((r) => (release = () => r('first'))));
+    const second = sem.run(async () => 'second');
+    await expect(sem.run(async () => 'third')).resolves.toBeNull();
+    expect(sem.pending).toBe(1);
+    release();
+    await expect(first).resolves.toEqual({ value: 'first' });
+    await expect(second).resolves.toEqual({ value: 'second' });
+    expect(sem.running).toBe(0);
+  });
+});
