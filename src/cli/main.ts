@@ -11,7 +11,7 @@ import * as doctor from './doctor.js';
  * Each object's verbs live in their own file (cli/ve.ts, cli/user.ts, …) and
  * register themselves here; verbs are thin: parse, call, print.
  */
-const registrars: Array<(program: Command) => void> = [serve.register, ve.register, template.register, user.register, doctor.register];
+const registrars: Array<(program: Command) => void> = [serve.register, ve.register, template.register, user.register, user.registerHashPassword, doctor.register];
 
 export function buildProgram(): Command {
   const program = new Command();
