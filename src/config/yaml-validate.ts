@@ -1,4 +1,4 @@
-import { LineCounter, parseDocument, isNode, type Document } from 'yaml';
+import { LineCounter, parseDocument, isMap, isNode, isScalar, type Document } from 'yaml';
 import type { z } from 'zod';
 import { ErrorCodes, VeshError, type ErrorCode } from '../errors.js';
 
@@ -23,6 +23,17 @@ function lineOf(doc: Document, lc: LineCounter, path: readonly PropertyKey[]): n
   return 1;
 }
 
+/** Line of the key `key` in the mapping at `path`. */
+function lineOfKey(doc: Document, lc: LineCounter, path: readonly PropertyKey[], key: string): number {
+  const map = path.length ? doc.getIn(path as unknown[], true) : doc.contents;
+  if (isMap(map)) {
+    for (const pair of map.items) {
+      if (isScalar(pair.key) && String(pair.key.value) === key && pair.key.range) return lc.linePos(pair.key.range[0]).line;
+    }
+  }
+  return lineOf(doc, lc, path);
+}
+
 /**
  * Parse YAML text and validate it against a zod schema. Throws a VeshError whose
  * message lists every problem as "file:line: path: message".
@@ -38,7 +49,8 @@ export function parseYamlWithSchema<S extends z.ZodType>(
   if (doc.errors.length > 0) {
     const problems = doc.errors.map((e) => ({
       file,
-      line: e.linePos?.[0]?.line ?? 1,
+      // prettyErrors off leaves linePos unset; the offset is always there.
+      line: lc.linePos(e.pos[0]).line,
       path: '',
       message: `YAML syntax: ${e.message.split('\n')[0]}`,
     }));
@@ -47,12 +59,18 @@ export function parseYamlWithSchema<S extends z.ZodType>(
   const raw = doc.toJS() ?? {};
   const result = schema.safeParse(raw);
   if (!result.success) {
-    const problems = result.error.issues.map((issue) => ({
-      file,
-      line: lineOf(doc, lc, issue.path),
-      path: issue.path.map(String).join('.'),
-      message: issue.message,
-    }));
+    const problems = result.error.issues.flatMap((issue) => {
+      // An unknown key is reported where that key is written, one line per key.
+      if (issue.code === 'unrecognized_keys') {
+        return issue.keys.map((key) => ({
+          file,
+          line: lineOfKey(doc, lc, issue.path, key),
+          path: [...issue.path, key].map(String).join('.'),
+          message: `unknown setting "${key}"`,
+        }));
+      }
+      return [{ file, line: lineOf(doc, lc, issue.path), path: issue.path.map(String).join('.'), message: issue.message }];
+    });
     throw new VeshError(code, formatProblems(problems), { details: { problems } });
   }
   return { value: result.data, doc };

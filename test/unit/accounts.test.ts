@@ -68,7 +68,7 @@ describe('accounts.yaml', () => {
     expect(problems).toEqual(expect.arrayContaining([
       expect.stringMatching(/^3: alice\.password: password must be an argon2 hash/),
       expect.stringMatching(/^6: alice\.keys\.1: bad key: ssh-ed25519: the key data is not base64/),
-      expect.stringMatching(/^8: bob: Unrecognized key: "pasword"/),
+      expect.stringMatching(/^8: bob\.pasword: unknown setting "pasword"/),
       expect.stringMatching(/^9: Carol: account names must be SSH user names/),
       expect.stringMatching(/^13: dave_1\.limits\.memory: invalid memory limit "12XB"/),
       expect.stringMatching(/^14: e_f: "e_f" is not a valid VE name/),
