@@ -1,4 +1,96 @@
 import type { Command } from 'commander';
+import { Authenticator } from '../auth/authenticator.js';
+import { AccountsStore } from '../config/accounts-store.js';
+import { errorMessage } from '../errors.js';
+import { loadOrCreateHostKeys } from '../ssh/host-keys.js';
+import { SshServer } from '../ssh/server.js';
+import { createVeManager } from '../ve/index.js';
+import { buildContext, type GlobalOptions } from './context.js';
 
-/** Registers the `vesh serve` verbs (being written). */
-export function register(_program: Command): void {}
+/** How long shutdown waits for sessions to hang up and their clients to be told. */
+const SHUTDOWN_TIMEOUT_MS = 5_000;
+
+/** Registers `vesh serve`. */
+export function register(program: Command): void {
+  program
+    .command('serve')
+    .description('run the SSH server: every account gets a root shell in its own VE')
+    .action(async () => {
+      await serve(program.opts<GlobalOptions>());
+      // Everything we started is closed by now; a handle some library left
+      // open must not keep a stopped server's process around.
+      process.exit(0);
+    });
+}
+
+/**
+ * Load the configuration, the accounts (watched, and reloaded on SIGHUP), the
+ * host keys (made on first start) and the VE manager, then serve until
+ * SIGTERM or SIGINT. Stopping closes every session cleanly and leaves the
+ * VEs running: the next `vesh serve` finds them again.
+ */
+export async function serve(opts: GlobalOptions): Promise<void> {
+  const { config, logger } = buildContext(opts);
+  const log = logger.child({ component: 'serve' });
+
+  const accounts = new AccountsStore(config.accountsFile, logger);
+  await accounts.load();
+  accounts.watch();
+  const authenticator = new Authenticator(accounts, config.auth, logger);
+  const ves = createVeManager(config, logger);
+  const hostKeys = await loadOrCreateHostKeys(config.hostKeysDir, logger);
+
+  const server = new SshServer({ config, authenticator, ves, hostKeys, logger });
+  const addr = await server.listen();
+
+  // A person starting the server reads these; scripts read the log events.
+  const lines = [`vesh: listening on ${addr.host.includes(':') ? `[${addr.host}]` : addr.host}:${addr.port}`];
+  for (const k of hostKeys) lines.push(`vesh: host key ${k.type} ${k.fingerprint}${k.created ? ' (new)' : ''}`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+
+  // Boot on-boot VEs in the background: logins are served meanwhile (a login
+  // to a VE still booting waits for that same start).
+  void ves.bootOnStart().then(
+    (r) => log.info({ event: 'serve.boot_done', started: r.started, failed: r.failed }),
+    (err: unknown) => log.error({ event: 'serve.boot_failed', err: errorMessage(err) }),
+  );
+  await ves.startMonitor();
+
+  const onHup = () => {
+    log.info({ event: 'serve.sighup' }, 'SIGHUP: reloading accounts');
+    void Promise.resolve()
+      .then(() => accounts.reload())
+      .catch((err: unknown) => log.error({ event: 'serve.reload_failed', err: errorMessage(err) }));
+  };
+  process.on('SIGHUP', onHup);
+
+  // A bug in one connection's handling must not end every user's session:
+  // log it loudly, with the stack, and keep serving.
+  process.on('uncaughtException', (err) => log.fatal({ event: 'serve.uncaught_exception', err: errorMessage(err), stack: err.stack }, 'uncaught exception (bug): please report it'));
+  process.on('unhandledRejection', (err) => log.error({ event: 'serve.unhandled_rejection', err: errorMessage(err) }));
+
+  await new Promise<void>((resolve) => {
+    let stopping = false;
+    const stop = (signal: NodeJS.Signals) => {
+      if (stopping) return;
+      stopping = true;
+      log.info({ event: 'serve.stopping', signal }, `${signal}: closing sessions; VEs keep running`);
+      void (async () => {
+        try {
+          await server.close(SHUTDOWN_TIMEOUT_MS);
+        } catch (err) {
+          log.error({ event: 'serve.close_failed', err: errorMessage(err) });
+        }
+        ves.stopMonitor();
+        await Promise.resolve(accounts.close()).catch(() => undefined);
+        process.removeListener('SIGHUP', onHup);
+        log.info({ event: 'serve.stopped' });
+        resolve();
+      })();
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+  // The pino destination may buffer; let it flush before the CLI returns.
+  await new Promise<void>((r) => logger.flush(() => r()));
+}

@@ -1,0 +1,130 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import net from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { makeVeTestEnv, type VeTestEnv } from '../helpers/ve-env.js';
+import {
+  Cleanup, keyAuthArgs, makeClientKey, sshBaseArgs, sshWithKey, startVeshServe, tempDir, writeAccounts,
+  type ClientKey, type ServeProcess,
+} from '../helpers/ssh-harness.js';
+
+/** Read what a TCP server says on connect (or the connect error's code). */
+function readFrom(port: number, host = '127.0.0.1'): Promise<string> {
+  return new Promise((resolve) => {
+    const s = net.connect(port, host);
+    let out = '';
+    s.setTimeout(10_000, () => s.destroy());
+    s.on('data', (d: Buffer) => { out += d.toString(); });
+    s.on('error', (err: NodeJS.ErrnoException) => resolve(`ERR:${err.code}`));
+    s.on('close', () => resolve(out));
+    s.end();
+  });
+}
+
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  const p = (s.address() as net.AddressInfo).port;
+  await new Promise((r) => s.close(r));
+  return p;
+}
+
+/** A TCP server inside the VE (perl-base is in every Debian system) that greets each client. */
+const veServer = (port: number, greeting: string) =>
+  `setsid perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalAddr=>"127.0.0.1",LocalPort=>${port},Listen=>5,ReuseAddr=>1) or die "listen: $!"; while($c=$s->accept){print $c "${greeting}\\n"; close $c}' >/dev/null 2>&1 </dev/null & sleep 0.5; echo started`;
+
+/** A TCP client inside the VE, printing what it reads. */
+const veClient = (port: number) => `perl -MIO::Socket::INET -e '$c=IO::Socket::INET->new("127.0.0.1:${port}") or die "connect: $!\\n"; print <$c>'`;
+
+/**
+ * Port forwarding with real VEs: -L connects from inside the VE's network
+ * namespace (its loopback, not the host's), -R listens inside it, and both
+ * can be switched off per account and per key.
+ */
+describe('vesh serve: port forwarding stays inside the VE', () => {
+  const cleanup = new Cleanup();
+  let env: VeTestEnv;
+  let serve: ServeProcess;
+  let key: ClientKey;
+  let restrictedKey: ClientKey;
+  let noFwdKey: ClientKey;
+  let hostServer: net.Server;
+  let port: number;
+
+  const sshN = (k: ClientKey, user: string, fwd: string[]): ChildProcess => {
+    const child = spawn('ssh', [...sshBaseArgs(serve.port), ...keyAuthArgs(k), '-N', '-o', 'ExitOnForwardFailure=yes', ...fwd, `${user}@127.0.0.1`], { stdio: ['ignore', 'ignore', 'pipe'] });
+    cleanup.add(() => {
+      child.kill('SIGKILL');
+    });
+    return child;
+  };
+
+  beforeAll(async () => {
+    env = await makeVeTestEnv({ template: 'debian' });
+    cleanup.add(() => env.cleanup());
+    const dir = tempDir(cleanup);
+    key = makeClientKey(dir, 'ed25519', 'alice');
+    restrictedKey = makeClientKey(dir, 'ed25519', 'restricted');
+    noFwdKey = makeClientKey(dir, 'ed25519', 'nofwd');
+    writeAccounts(env.config.accountsFile, [
+      'alice:',
+      '  keys:',
+      `    - ${key.publicLine}`,
+      `    - no-port-forwarding ${restrictedKey.publicLine}`,
+      'closed:',
+      '  ve: alice',
+      '  forwarding: false',
+      '  keys:',
+      `    - ${noFwdKey.publicLine}`,
+      '',
+    ].join('\n'));
+    serve = await startVeshServe(cleanup, env.configFile);
+    // The same port on the host's loopback, answering differently.
+    port = await freePort();
+    hostServer = net.createServer((s) => s.end('from-host\n'));
+    await new Promise<void>((r) => hostServer.listen(port, '127.0.0.1', () => r()));
+    cleanup.add(() => new Promise<void>((r) => hostServer.close(() => r())));
+    const started = await sshWithKey(serve.port, 'alice', key, [veServer(port, 'from-ve')], { timeoutMs: 120_000 });
+    expect(started.stdout).toContain('started');
+  });
+
+  afterAll(() => cleanup.run());
+
+  it('-L localhost:P reaches the VE loopback server, not the host one on the same port', async () => {
+    const local = await freePort();
+    const child = sshN(key, 'alice', ['-L', `${local}:localhost:${port}`]);
+    let got = '';
+    for (let i = 0; i < 60 && got !== 'from-ve\n'; i++) {
+      await new Promise((r) => setTimeout(r, 250));
+      got = await readFrom(local);
+    }
+    expect(got).toBe('from-ve\n');
+    expect(await readFrom(port)).toBe('from-host\n');
+    child.kill();
+    await serve.waitForLog((e) => e.event === 'forward.open' && e.kind === 'local' && (e.target as { port: number }).port === port);
+    await serve.waitForLog((e) => e.event === 'forward.close' && e.kind === 'local');
+  });
+
+  it('-R listens inside the VE and relays back to the client side', async () => {
+    const target = net.createServer((s) => s.end('from-client-side\n'));
+    await new Promise<void>((r) => target.listen(0, '127.0.0.1', () => r()));
+    cleanup.add(() => new Promise<void>((r) => target.close(() => r())));
+    const tport = (target.address() as net.AddressInfo).port;
+    const remote = await freePort();
+    const child = sshN(key, 'alice', ['-R', `${remote}:127.0.0.1:${tport}`]);
+    await serve.waitForLog((e) => e.event === 'forward.listen' && (e.bind as { port: number }).port === remote, 60_000);
+    const r = await sshWithKey(serve.port, 'alice', key, [veClient(remote)]);
+    expect(r.stdout).toBe('from-client-side\n');
+    // Nothing listens on the host for it.
+    expect(await readFrom(remote)).toMatch(/^ERR:ECONNREFUSED/);
+    child.kill();
+  });
+
+  it('refuses forwarding for a no-port-forwarding key and for an account with forwarding off', async () => {
+    for (const [k, user, reason] of [[restrictedKey, 'alice', 'no-port-forwarding key option'], [noFwdKey, 'closed', 'forwarding is off for this account']] as const) {
+      const child = sshN(k, user, ['-R', `${await freePort()}:127.0.0.1:9`]);
+      const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+      expect(code).toBe(255);
+      await serve.waitForLog((e) => e.event === 'forward.refused' && e.reason === reason);
+    }
+  });
+});
