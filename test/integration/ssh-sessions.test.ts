@@ -40,6 +40,9 @@ describe('vesh serve: logins and sessions in real VEs', () => {
       'bob:',
       '  keys:',
       `    - ${bobKey.publicLine} bob@test`,
+      'erin:',
+      '  keys:',
+      `    - ${aliceKey.publicLine} erin@test`,
       'carol:',
       `  password: "${hash}"`,
       '  ve: alice',
@@ -68,6 +71,14 @@ describe('vesh serve: logins and sessions in real VEs', () => {
     expect(r.stdout.split('\n').slice(0, 3)).toEqual(['alice', '0', '1']);
     expect(r.code).toBe(0);
     expect((await env.ves.status('alice')).state).toBe('running');
+  });
+
+  it('makes one VE for concurrent first logins of one account', async () => {
+    const runs = await Promise.all([1, 2, 3, 4].map((i) => ssh(aliceKey, 'erin', [`echo login-${i}`])));
+    runs.forEach((r, i) => expect(r.stdout).toBe(`login-${i + 1}\n`));
+    const created = serve.logs.filter((e) => e.event === 've.created' && e.ve === 'erin');
+    expect(created).toHaveLength(1);
+    expect(serve.logs.filter((e) => e.event === 've.started' && e.ve === 'erin')).toHaveLength(1);
   });
 
   it('keeps stdout and stderr apart and passes exit codes and signals', async () => {
@@ -109,6 +120,7 @@ describe('vesh serve: logins and sessions in real VEs', () => {
     const term = new ClientTerminal([...sshBaseArgs(serve.port), ...keyAuthArgs(aliceKey), '-tt', 'alice@127.0.0.1']);
     cleanup.add(() => term.kill());
     try {
+      await term.expect(/Welcome to your vesh VE/);
       await term.expect(/root@alice:~# /);
       term.write('t=$(tty); echo "TTY=$t"; test -c "$t" && echo TTY-EXISTS; echo "TERM=$TERM"; stty size\r');
       await term.expect(/TTY=\/dev\/pts\/\d+/);
