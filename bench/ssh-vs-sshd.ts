@@ -17,6 +17,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import ssh2 from 'ssh2';
+import { makeLayout } from '../src/system/layout.js';
 import { sharedTemplate } from '../test/helpers/templates.js';
 
 const { values: args } = parseArgs({
@@ -102,14 +103,18 @@ async function loginsPerSecond(dir: string, t: Target, total: number, parallel =
   return total / ((performance.now() - t0) / 1000);
 }
 
-function sftpTransfer(dir: string, t: Target, batch: string): number {
+/** Async on purpose: the bare ssh2 server runs in this process and must keep serving meanwhile. */
+function sftpTransfer(dir: string, t: Target, batch: string): Promise<number> {
   const file = path.join(dir, 'batch');
   writeFileSync(file, batch);
-  const t0 = performance.now();
-  const sshOpts = sshArgs(dir, t).filter((a) => a !== '-p' && a !== String(t.port)).filter((a, i, all) => !(a === '-i' || all[i - 1] === '-i'));
-  const res = spawnSync('sftp', ['-P', String(t.port), '-i', path.join(dir, 'id_ed25519'), ...sshOpts, '-b', file, `${t.user}@127.0.0.1`], { stdio: ['ignore', 'ignore', 'pipe'] });
-  if (res.status !== 0) throw new Error(`${t.name}: sftp failed: ${res.stderr}`);
-  return performance.now() - t0;
+  const opts = sshArgs(dir, t).slice(4); // without -p PORT -i KEY: sftp spells the port -P
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const c = spawn('sftp', ['-P', String(t.port), '-i', path.join(dir, 'id_ed25519'), ...opts, '-b', file, `${t.user}@127.0.0.1`], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    c.stderr.on('data', (d) => { err += d; });
+    c.on('close', (code) => (code === 0 ? resolve(performance.now() - t0) : reject(new Error(`${t.name}: sftp exited ${code}: ${err}`))));
+  });
 }
 
 /** A bare ssh2 server: any login with our key, `exec` spawns the command on the host. */
@@ -152,6 +157,32 @@ async function main(): Promise<void> {
   const children: ChildProcess[] = [];
   let bare: net.Server | null = null;
   const vesh = (...a: string[]) => execFileSync(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), ...a], { encoding: 'utf8' });
+  // Ctrl-C or a timeout still removes the VEs, bridge and files this run made.
+  const onSignal = () => {
+    void cleanupAll().finally(() => process.exit(130));
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  let cleaned = false;
+  const cleanupAll = async () => {
+    if (cleaned) return;
+    cleaned = true;
+    bare?.close();
+    for (const c of children) c.kill('SIGTERM');
+    await sleep(1000);
+    // vesh serve leaves VEs running by design: destroy what the bench made.
+    for (const ve of ['warm', 'cold']) {
+      spawnSync(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), 've', 'destroy', '--force', ve], { stdio: 'ignore' });
+    }
+    const cfgText = readFileSync(path.join(dir, 'vesh.yaml'), 'utf8');
+    const bridge = /bridge: (\S+),/.exec(cfgText)?.[1];
+    if (bridge) spawnSync('ip', ['link', 'del', bridge], { stdio: 'ignore' });
+    const id = makeLayout(path.join(dir, 'data')).instanceId;
+    spawnSync('nft', ['delete', 'table', 'inet', `vesh_${id}`], { stdio: 'ignore' });
+    spawnSync('nft', ['delete', 'table', 'bridge', `vesh_${id}`], { stdio: 'ignore' });
+    await fs.rm(`/run/vesh/${id}`, { recursive: true, force: true });
+    await fs.rm(dir, { recursive: true, force: true });
+  };
   try {
     execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', path.join(dir, 'id_ed25519')]);
     execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', path.join(dir, 'sshd_host_key')]);
@@ -214,8 +245,8 @@ async function main(): Promise<void> {
     for (const k of ['vesh', 'sshd', 'bare'] as const) {
       const t = targets[k]!;
       const remote = `${t.remoteDir}/payload`;
-      const up = sftpTransfer(dir, t, `put ${src} ${remote}\n`);
-      const down = sftpTransfer(dir, t, `get ${remote} ${dir}/down\nrm ${remote}\n`);
+      const up = await sftpTransfer(dir, t, `put ${src} ${remote}\n`);
+      const down = await sftpTransfer(dir, t, `get ${remote} ${dir}/down\nrm ${remote}\n`);
       await fs.rm(path.join(dir, 'down'), { force: true });
       const mb = (SFTP_MIB * 1024 * 1024) / 1e6;
       sftp[k] = { upMBs: mb / (up / 1000), downMBs: mb / (down / 1000) };
@@ -243,21 +274,7 @@ async function main(): Promise<void> {
     console.log(`${'vesh (cold VE)'.padEnd(24)} ${f(cold.length ? result.coldLoginMs.p50 : 0)} ms  ${f(result.coldLoginMs.p95)} ms`);
     console.log(`ratios: warm/bare ${(result.loginMs.vesh!.p50 / result.loginMs.bare!.p50).toFixed(2)} (target ≤ 1.3), cold/sshd-warm ${(result.coldLoginMs.p50 / result.loginMs.sshd!.p50).toFixed(2)} (target ≤ 0.75), sftp up ${(sftp.vesh!.upMBs / sftp.sshd!.upMBs).toFixed(2)} down ${(sftp.vesh!.downMBs / sftp.sshd!.downMBs).toFixed(2)} (target ≥ 0.9)`);
   } finally {
-    bare?.close();
-    for (const c of children) c.kill('SIGTERM');
-    await sleep(1000);
-    // vesh serve leaves VEs running by design: destroy what the bench made.
-    for (const ve of ['warm', 'cold']) {
-      spawnSync(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), 've', 'destroy', '--force', ve], { stdio: 'ignore' });
-    }
-    const cfgText = readFileSync(path.join(dir, 'vesh.yaml'), 'utf8');
-    const bridge = /bridge: (\S+),/.exec(cfgText)?.[1];
-    if (bridge) spawnSync('ip', ['link', 'del', bridge], { stdio: 'ignore' });
-    const { makeLayout } = await import('../src/system/layout.js');
-    const id = makeLayout(path.join(dir, 'data')).instanceId;
-    spawnSync('nft', ['delete', 'table', 'inet', `vesh_${id}`], { stdio: 'ignore' });
-    spawnSync('nft', ['delete', 'table', 'bridge', `vesh_${id}`], { stdio: 'ignore' });
-    await fs.rm(dir, { recursive: true, force: true });
+    await cleanupAll();
   }
 }
 

@@ -90,6 +90,9 @@ export class VeManager implements VeAccess {
   private readonly inflight = new Map<string, Promise<void>>();
   /** VEs the monitor watches: name → init pid. */
   private readonly watched = new Map<string, number>();
+  /** Start time (/proc/PID/stat field 22) of each watched init: a reused pid is not the VE's init. */
+  private readonly initStart = new Map<string, string>();
+  private readonly userDbCache = new Map<string, { key: string; passwd: string; group: string }>();
   private monitorTimer: NodeJS.Timeout | null = null;
   private monitorBusy = false;
 
@@ -299,7 +302,7 @@ export class VeManager implements VeAccess {
       if (failed) throw failed.reason;
       t('run');
       const pid = Number((await fs.readFile(p.pidFile, 'utf8')).trim());
-      this.watched.set(name, pid);
+      await this.watch(name, pid);
     }, (failures) => this.log.error({ event: 've.start.undo_failed', ve: name, failures: failures.map((f) => `${f.what}: ${errorMessage(f.error)}`) })).catch((err) => {
       this.log.error({ event: 've.start_failed', ve: name, err: errorMessage(err) });
       if (isVeshError(err) && err.code !== ErrorCodes.RUNTIME_FAILED && err.code !== ErrorCodes.COMMAND_FAILED) throw err;
@@ -437,7 +440,7 @@ export class VeManager implements VeAccess {
   /** Host command running `spec` inside a running VE; throws VE_STATE if it is not running. */
   async execCommand(name: string, spec: ExecSpec): Promise<HostCommand> {
     await this.record(name);
-    const state = veStateOf(await this.runtime.state(name));
+    const state = (await this.knownRunning(name)) ? 'running' : veStateOf(await this.runtime.state(name));
     if (state !== 'running') {
       throw new VeshError(ErrorCodes.VE_STATE, `VE "${name}" is ${state}: start it with "vesh ve start ${name}"`);
     }
@@ -450,6 +453,9 @@ export class VeManager implements VeAccess {
     // file lock covers other processes (the CLI).
     const pending = this.inflight.get(ve);
     if (pending) return pending;
+    // A warm login must not pay for an engine process: a VE this process
+    // started or saw running, whose init is still the same process, runs.
+    if (await this.knownRunning(ve)) return;
     const p = (async () => {
       if (!(await this.exists(ve))) {
         try {
@@ -475,16 +481,62 @@ export class VeManager implements VeAccess {
   }
 
   async lookupUser(ve: string, user: string): Promise<VeUserInfo> {
-    // The VE's kernel view resolves /etc/passwd: a symlink planted there
-    // cannot make us read a host file, as it would through the host path.
-    const passwd = parsePasswd(await this.readInside(ve, ['cat', '/etc/passwd']));
-    const entry = passwd.find((e) => e.name === user);
+    const { passwd, group } = await this.userDatabase(ve);
+    const entry = parsePasswd(passwd).find((e) => e.name === user);
     if (!entry) {
       throw new VeshError(ErrorCodes.ACCOUNT_NOT_FOUND, `user "${user}" does not exist inside VE "${ve}": add it there (adduser) or change the account's "user"`, { userMessage: `User ${user} does not exist in your environment.` });
     }
-    const groups = parseGroup(await this.readInside(ve, ['cat', '/etc/group']).catch(() => ''));
-    const extra = groups.filter((g) => g.members.includes(user) && g.gid !== entry.gid).map((g) => g.gid);
+    const extra = parseGroup(group).filter((g) => g.members.includes(user) && g.gid !== entry.gid).map((g) => g.gid);
     return { name: entry.name, uid: entry.uid, gid: entry.gid, groups: [entry.gid, ...extra], home: entry.home || '/', shell: entry.shell || '/bin/sh' };
+  }
+
+  /**
+   * The VE's /etc/passwd and /etc/group, read inside the VE (its kernel view
+   * resolves the paths: a symlink planted there cannot make us read a host
+   * file, as it could through the host path). Kept while an lstat of both
+   * through the host path shows the same files unchanged (device, inode,
+   * size, mtime, ctime); a mismatch of any kind, a swapped directory
+   * included, means reading them again inside. Stat data only decides
+   * whether to re-read; no content is ever taken from the host path.
+   */
+  private async userDatabase(ve: string): Promise<{ passwd: string; group: string }> {
+    const key = await this.userDatabaseKey(ve);
+    const cached = this.userDbCache.get(ve);
+    if (cached && key && cached.key === key) return cached;
+    const out = await this.readInside(ve, ['/bin/sh', '-c', 'cat /etc/passwd; echo "$1"; cat /etc/group 2>/dev/null; true', 'vesh-userdb', USERDB_SEPARATOR]);
+    const i = out.indexOf(`${USERDB_SEPARATOR}\n`);
+    const db = { key: key ?? '', passwd: i >= 0 ? out.slice(0, i) : out, group: i >= 0 ? out.slice(i + USERDB_SEPARATOR.length + 1) : '' };
+    if (key) this.userDbCache.set(ve, db);
+    return db;
+  }
+
+  private async userDatabaseKey(ve: string): Promise<string | null> {
+    const etc = path.join(this.paths(ve).rootfs, 'etc');
+    try {
+      const parts: string[] = [];
+      for (const f of ['passwd', 'group']) {
+        const st = await fs.lstat(path.join(etc, f), { bigint: true });
+        parts.push(`${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}:${st.mode}`);
+      }
+      return parts.join('/');
+    } catch {
+      return null;
+    }
+  }
+
+  /** True when the VE's init, as this process last saw it start or run, is still that same process. */
+  private async knownRunning(ve: string): Promise<boolean> {
+    const pid = this.watched.get(ve);
+    const start = this.initStart.get(ve);
+    if (!pid || pid <= 0 || !start) return false;
+    return (await processStartTime(pid)) === start;
+  }
+
+  private async watch(ve: string, pid: number): Promise<void> {
+    this.watched.set(ve, pid);
+    const start = pid > 0 ? await processStartTime(pid) : null;
+    if (start) this.initStart.set(ve, start);
+    else this.initStart.delete(ve);
   }
 
   async processCommand(ve: string, spec: VeProcessSpec): Promise<HostCommand> {
@@ -561,7 +613,7 @@ export class VeManager implements VeAccess {
    */
   async startMonitor(intervalMs = 1000): Promise<void> {
     for (const c of await this.runtime.list()) {
-      if (c.status === 'running' && c.pid > 0) this.watched.set(c.id, c.pid);
+      if (c.status === 'running' && c.pid > 0) await this.watch(c.id, c.pid);
       else if (c.status === 'stopped') this.watched.set(c.id, -1);
     }
     this.monitorTimer = setInterval(() => void this.monitorTick(), intervalMs);
@@ -593,7 +645,7 @@ export class VeManager implements VeAccess {
       if (!rec) return;
       const st = await this.runtime.state(name);
       if (veStateOf(st) === 'running') {
-        if (st) this.watched.set(name, st.pid);
+        if (st) await this.watch(name, st.pid);
         return;
       }
       const marker = (await readShutdownMarker(path.join(this.paths(name).ctl, SHUTDOWN_MARKER)))
@@ -659,6 +711,19 @@ function stepTimer(): ((step: string) => void) & { steps: Record<string, number>
     last = now;
   };
   return Object.assign(mark, { steps });
+}
+
+const USERDB_SEPARATOR = '--vesh-userdb-separator--';
+
+/** Field 22 of /proc/PID/stat (start time in clock ticks since boot), or null if there is no such process. */
+async function processStartTime(pid: number): Promise<string | null> {
+  try {
+    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return fields[0] === 'Z' ? null : (fields[19] ?? null);
+  } catch {
+    return null;
+  }
 }
 
 async function isAlive(pid: number): Promise<boolean> {
