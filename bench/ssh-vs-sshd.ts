@@ -232,6 +232,15 @@ async function main(): Promise<void> {
     const warm: Record<string, number[]> = {};
     for (const [k, t] of Object.entries(targets)) warm[k] = await loginLatency(dir, t, LOGINS);
 
+    // The floor under any vesh session: one `runc exec` into the running VE (what every session costs over a host spawn).
+    const runcRoot = `/run/vesh/${makeLayout(data).instanceId}/runc`;
+    const execFloor: number[] = [];
+    for (let i = 0; i < LOGINS; i++) {
+      const t0 = performance.now();
+      spawnSync('runc', ['--root', runcRoot, 'exec', 'warm', 'true'], { stdio: 'ignore' });
+      execFloor.push(performance.now() - t0);
+    }
+
     // Cold: the VE is stopped before every login, which boots it on demand.
     await loginOnce(dir, { ...targets.vesh!, user: 'cold' });
     const cold = await loginLatency(dir, { ...targets.vesh!, user: 'cold' }, Math.max(5, Math.floor(LOGINS / 3)), () => vesh('ve', 'stop', '--kill', 'cold'));
@@ -256,6 +265,7 @@ async function main(): Promise<void> {
       date: new Date().toISOString(),
       loginMs: Object.fromEntries(Object.entries(warm).map(([k, v]) => [k, { p50: pct(v, 50), p95: pct(v, 95) }])),
       coldLoginMs: { p50: pct(cold, 50), p95: pct(cold, 95) },
+      runcExecTrueMs: { p50: pct(execFloor, 50), p95: pct(execFloor, 95) },
       loginsPerSecond8: lps,
       sftpMiB: SFTP_MIB,
       sftp,
@@ -272,6 +282,7 @@ async function main(): Promise<void> {
       console.log(`${label.padEnd(24)} ${f(result.loginMs[k]!.p50)} ms  ${f(result.loginMs[k]!.p95)} ms  ${f1(lps[k]!)}      ${f1(sftp[k]!.upMBs)}        ${f1(sftp[k]!.downMBs)}`);
     }
     console.log(`${'vesh (cold VE)'.padEnd(24)} ${f(cold.length ? result.coldLoginMs.p50 : 0)} ms  ${f(result.coldLoginMs.p95)} ms`);
+    console.log(`${'runc exec true (floor)'.padEnd(24)} ${f(result.runcExecTrueMs.p50)} ms  ${f(result.runcExecTrueMs.p95)} ms`);
     console.log(`ratios: warm/bare ${(result.loginMs.vesh!.p50 / result.loginMs.bare!.p50).toFixed(2)} (target ≤ 1.3), cold/sshd-warm ${(result.coldLoginMs.p50 / result.loginMs.sshd!.p50).toFixed(2)} (target ≤ 0.75), sftp up ${(sftp.vesh!.upMBs / sftp.sshd!.upMBs).toFixed(2)} down ${(sftp.vesh!.downMBs / sftp.sshd!.downMBs).toFixed(2)} (target ≥ 0.9)`);
   } finally {
     await cleanupAll();
