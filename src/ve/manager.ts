@@ -11,6 +11,7 @@ import type { VeNetIdentity } from '../net/types.js';
 import type { TemplateInfo } from '../template/types.js';
 import { run } from '../system/exec.js';
 import { prepareDataDir, type Layout } from '../system/layout.js';
+import { raiseKeyQuotas } from '../system/host-tuning.js';
 import { withRevert } from '../system/revert.js';
 import type { VeAccess, VeProcessSpec, VeUserInfo } from './access.js';
 import { withLock } from './lock.js';
@@ -125,7 +126,7 @@ export class VeManager implements VeAccess {
 
   private preparing: Promise<void> | null = null;
   private prepared(): Promise<void> {
-    this.preparing ??= prepareDataDir(this.layout);
+    this.preparing ??= prepareDataDir(this.layout).then(() => raiseKeyQuotas(this.log));
     return this.preparing;
   }
 
