@@ -229,6 +229,11 @@ describe('bad input leaves nothing half-made', () => {
     const again = env.cli(['ve', 'start', 'dup'], { allowFailure: true });
     expect(again.code).not.toBe(0);
     expect(again.stderr).toMatch(/already running/);
+    // A template a VE is built on cannot be removed.
+    const rm = env.cli(['template', 'remove', 'busybox'], { allowFailure: true });
+    expect(rm.code).not.toBe(0);
+    expect(rm.stderr).toMatch(/template "busybox" is used by 1 VE\(s\) \(dup\)/);
+    expect(JSON.parse(env.cli(['template', 'list', '--json']).stdout).map((t: { name: string }) => t.name)).toEqual(['busybox']);
     expect(env.cli(['ve', 'destroy', 'dup'], { allowFailure: true }).stderr).toMatch(/--force/);
     env.cli(['ve', 'destroy', 'dup', '--force']);
     expect(existsSync(env.layout.veDir('dup'))).toBe(false);
