@@ -62,14 +62,20 @@ export async function prepareDataDir(layout: Layout): Promise<void> {
  * bare "permission denied" from the runtime; say what to fix instead.
  */
 async function assertAncestorsSearchable(dataDir: string): Promise<void> {
-  let dir = path.dirname(dataDir);
+  const blocked = await firstUnsearchableAncestor(dataDir);
+  if (blocked) {
+    throw new VeshError(ErrorCodes.CONFIG_INVALID, `${blocked.dir} (above dataDir ${dataDir}) is not searchable by other users (mode ${blocked.mode.toString(8)}): VE inits run as unprivileged host users and must pass through it; run "chmod o+x ${blocked.dir}" or choose another dataDir`);
+  }
+}
+
+/** The first directory above `dataDir` that others may not pass through, if any. */
+export async function firstUnsearchableAncestor(dataDir: string): Promise<{ dir: string; mode: number } | null> {
+  let dir = path.dirname(path.resolve(dataDir));
   for (;;) {
     const st = await fs.stat(dir).catch(() => null);
-    if (st && (st.mode & 0o001) === 0) {
-      throw new VeshError(ErrorCodes.CONFIG_INVALID, `${dir} (above dataDir ${dataDir}) is not searchable by other users (mode ${(st.mode & 0o777).toString(8)}): VE inits run as unprivileged host users and must pass through it; run "chmod o+x ${dir}" or choose another dataDir`);
-    }
+    if (st && (st.mode & 0o001) === 0) return { dir, mode: st.mode & 0o777 };
     const up = path.dirname(dir);
-    if (up === dir) return;
+    if (up === dir) return null;
     dir = up;
   }
 }
