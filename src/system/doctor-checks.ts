@@ -1,10 +1,20 @@
 import { randomBytes } from 'node:crypto';
-import { promises as fs } from 'node:fs';
+import { constants as fsc, promises as fs, readFileSync } from 'node:fs';
 import path from 'node:path';
+import { ErrorCodes, errorMessage, isVeshError } from '../errors.js';
 import type { ServerConfig } from '../config/server-config.js';
-import { detectCgroupLayout } from '../runtime/cgroups.js';
-import { run } from './exec.js';
+import { detectCgroupLayout, type CgroupLayout } from '../runtime/cgroups.js';
+import { run, safeEnv } from './exec.js';
 import { firstUnsearchableAncestor, type Layout } from './layout.js';
+
+/**
+ * `vesh doctor`: can this host run VEs, and what to do if not. Each check is
+ * a named async function; it answers ok, warn (vesh works, but something an
+ * admin will want is missing) or fail (VEs cannot start), with the exact
+ * command or setting that fixes it. A check removes whatever it made (a
+ * scratch overlay, a bridge, a veth pair) even when it fails half way, and
+ * never leaves the host changed: doctor may run next to a live server.
+ */
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
 
@@ -21,160 +31,327 @@ export interface CheckContext {
   layout: Layout;
 }
 
-type Check = (ctx: CheckContext) => Promise<CheckResult | CheckResult[]>;
+export type Check = (ctx: CheckContext) => Promise<CheckResult | CheckResult[]>;
 
 const ok = (name: string, detail: string): CheckResult => ({ name, status: 'ok', detail });
 const fail = (name: string, detail: string, fix: string): CheckResult => ({ name, status: 'fail', detail, fix });
 const warn = (name: string, detail: string, fix: string): CheckResult => ({ name, status: 'warn', detail, fix });
 
-async function has(cmd: string): Promise<boolean> {
-  const r = await run('sh', ['-c', 'command -v "$1"', 'has', cmd], { allowFailure: true });
-  return r.code === 0;
+/** A hung helper must not hang doctor; every check is normally done in well under a second. */
+const COMMAND_TIMEOUT_MS = 5000;
+
+interface Outcome { code: number; stdout: string; stderr: string; missing: boolean }
+
+/** Run a helper and never throw: a missing program is `missing`, a kill by the timeout a non-zero code. */
+async function attempt(cmd: string, args: string[]): Promise<Outcome> {
+  try {
+    const r = await run(cmd, args, { allowFailure: true, timeoutMs: COMMAND_TIMEOUT_MS });
+    const stderr = r.signal ? `${r.stderr}\n${cmd} killed by ${r.signal} (no answer within ${COMMAND_TIMEOUT_MS / 1000} s)` : r.stderr;
+    return { code: r.code, stdout: r.stdout, stderr, missing: false };
+  } catch (err) {
+    const missing = isVeshError(err) && err.code === ErrorCodes.COMMAND_MISSING;
+    return { code: -1, stdout: '', stderr: missing ? `${cmd}: not found` : errorMessage(err), missing };
+  }
 }
+
+/** A helper's complaint in one line (without mount's "dmesg(1) may have more information" hint), or its exit code. */
+function why(r: Outcome): string {
+  const lines = r.stderr.split('\n').map((l) => l.trim()).filter((l) => l && !/^dmesg\(1\) may have more information/.test(l));
+  return lines.join(' ') || `exit ${r.code}`;
+}
+
+/** A "not permitted" from a helper run by a non-root doctor says nothing about the kernel: the fix is to be root. */
+function fixFor(r: Outcome, kernelFix: string): string {
+  return process.getuid?.() !== 0 && /not permitted|permission denied|must be superuser/i.test(r.stderr) ? 'run vesh doctor as root' : kernelFix;
+}
+
+/** Is `cmd` an executable on the PATH helpers run with (see safeEnv)? */
+async function onPath(cmd: string): Promise<boolean> {
+  for (const dir of (safeEnv().PATH ?? '').split(':')) {
+    if (await fs.access(path.join(dir, cmd), fsc.X_OK).then(() => true, () => false)) return true;
+  }
+  return false;
+}
+
+const exists = (p: string): Promise<boolean> => fs.stat(p).then(() => true, () => false);
+
+// ------------------------------------------------------------------ pure helpers (unit-tested)
+
+/** `runc --version` → [major, minor, patch], or null when the answer is not runc's. */
+export function parseRuncVersion(stdout: string): [number, number, number] | null {
+  const m = /^runc version (\d+)\.(\d+)\.(\d+)/m.exec(stdout);
+  return m ? [Number(m[1]), Number(m[2]), Number(m[3])] : null;
+}
+
+/** runc 1.1 is the oldest this code and its OCI bundles are tried with. */
+export function runcIsNewEnough([maj, min]: [number, number, number]): boolean {
+  return maj > 1 || (maj === 1 && min >= 1);
+}
+
+/** Names in an /etc/passwd or /etc/group text whose numeric id (third field) lies in [lo, hi]. */
+export function idsInRange(text: string, lo: number, hi: number): string[] {
+  const out: string[] = [];
+  for (const line of text.split('\n')) {
+    const f = line.split(':');
+    if (f.length < 3 || line.startsWith('#') || !/^\d+$/.test(f[2]!)) continue;
+    const id = Number(f[2]);
+    if (id >= lo && id <= hi) out.push(`${f[0]} (${id})`);
+  }
+  return out;
+}
+
+/** `a, b, c, d, e and 7 more`: a list kept to one readable line. */
+export function listSome(items: string[], max = 5): string {
+  return items.length <= max ? items.join(', ') : `${items.slice(0, max).join(', ')} and ${items.length - max} more`;
+}
+
+/** Which of `wanted` cgroup controllers this host offers, from /proc/self/mounts and (v2) the root's cgroup.controllers. */
+export function presentControllers(layout: CgroupLayout, mountsText: string, v2Controllers: string, wanted: string[]): string[] {
+  const have = new Set<string>();
+  if (layout === 'v2') {
+    for (const c of v2Controllers.split(/\s+/)) if (c) have.add(c);
+  } else {
+    for (const f of mountsText.split('\n').map((l) => l.split(' '))) {
+      if (f[2] !== 'cgroup') continue;
+      for (const opt of (f[3] ?? '').split(',')) have.add(opt);
+    }
+  }
+  return wanted.filter((c) => have.has(c));
+}
+
+/**
+ * Whether an ELF file asks for a program interpreter (PT_INTERP), i.e. is
+ * dynamically linked and would not run in a VE without the host's libc.
+ * null when the bytes are not an ELF header this understands.
+ */
+export function elfIsDynamic(buf: Buffer): boolean | null {
+  if (buf.length < 64 || buf.readUInt32BE(0) !== 0x7f454c46) return null;
+  const is64 = buf[4] === 2;
+  const le = buf[5] === 1;
+  const u16 = (o: number) => (le ? buf.readUInt16LE(o) : buf.readUInt16BE(o));
+  const u32 = (o: number) => (le ? buf.readUInt32LE(o) : buf.readUInt32BE(o));
+  const phoff = is64 ? Number(le ? buf.readBigUInt64LE(32) : buf.readBigUInt64BE(32)) : u32(28);
+  const phentsize = u16(is64 ? 54 : 42);
+  const phnum = u16(is64 ? 56 : 44);
+  if (phentsize === 0 || phoff + phentsize * phnum > buf.length) return null;
+  for (let i = 0; i < phnum; i++) if (u32(phoff + i * phentsize) === 3 /* PT_INTERP */) return true;
+  return false;
+}
+
+// ------------------------------------------------------------------ the checks
 
 const checkRoot: Check = async () => (process.getuid?.() === 0
   ? ok('root', 'running as root')
-  : fail('root', `running as uid ${process.getuid?.()}`, 'run vesh as root (it makes namespaces, cgroups, mounts and network devices)'));
+  : fail('root', `running as uid ${process.getuid?.()}: VEs need namespaces, cgroups, mounts and network devices`, 'run vesh as root (sudo vesh doctor)'));
 
-/** Each namespace kind, tried one at a time so that a missing one is named. */
+const checkUserNsEnabled: Check = async () => {
+  const raw = await fs.readFile('/proc/sys/user/max_user_namespaces', 'utf8').catch(() => null);
+  if (raw === null) return fail('user namespaces enabled', 'this kernel has no user namespaces (/proc/sys/user/max_user_namespaces is missing)', 'a kernel built with CONFIG_USER_NS=y');
+  const max = Number(raw.trim());
+  if (!(max > 0)) return fail('user namespaces enabled', `user.max_user_namespaces is ${raw.trim()}`, 'sysctl -w user.max_user_namespaces=15000 (and put "user.max_user_namespaces = 15000" in /etc/sysctl.d/90-vesh.conf)');
+  return ok('user namespaces enabled', `user.max_user_namespaces = ${max}`);
+};
+
+/**
+ * Each namespace kind, one at a time so that a missing one is named. The
+ * others are made inside a fresh user namespace, as runc makes a VE's.
+ */
 const checkNamespaces: Check = async () => {
-  const kinds: Array<[string, string[]]> = [
-    ['user', ['--user', '--map-root-user']], ['pid', ['--pid', '--fork']], ['mount', ['--mount']], ['uts', ['--uts']],
-    ['ipc', ['--ipc']], ['net', ['--net']], ['cgroup', ['--cgroup']],
+  const kinds: Array<[string, string[], string]> = [
+    ['pid', ['--pid', '--fork'], 'PID_NS'], ['mount', ['--mount'], 'NAMESPACES'], ['uts', ['--uts'], 'UTS_NS'],
+    ['ipc', ['--ipc'], 'IPC_NS'], ['net', ['--net'], 'NET_NS'], ['cgroup', ['--cgroup'], 'CGROUP_NS'],
   ];
+  const userFlags = ['--user', '--map-root-user'];
   const out: CheckResult[] = [];
-  const max = Number((await fs.readFile('/proc/sys/user/max_user_namespaces', 'utf8').catch(() => '0')).trim());
-  for (const [kind, flags] of kinds) {
-    const r = await run('unshare', [...flags, 'true'], { allowFailure: true }).catch((e: Error) => ({ code: -1, stderr: e.message }));
-    if (r.code === 0) out.push(ok(`${kind} namespace`, 'usable'));
-    else {
-      const fix = kind === 'user' && max === 0 ? 'sysctl -w user.max_user_namespaces=15000' : `a kernel with CONFIG_${kind.toUpperCase()}_NS (and util-linux's unshare: apt-get install util-linux)`;
-      out.push(fail(`${kind} namespace`, r.stderr.trim().split('\n').pop() || `unshare exited ${r.code}`, fix));
-    }
+  const user = await attempt('unshare', [...userFlags, 'true']);
+  if (user.missing) return fail('namespaces', 'unshare is not installed', 'apt-get install util-linux');
+  out.push(user.code === 0 ? ok('user namespace', 'usable') : fail('user namespace', why(user), fixFor(user, 'sysctl -w user.max_user_namespaces=15000; a kernel with CONFIG_USER_NS=y')));
+  for (const [kind, flags, option] of kinds) {
+    const inside = user.code === 0 ? userFlags : [];
+    const r = await attempt('unshare', [...inside, ...flags, 'true']);
+    out.push(r.code === 0
+      ? ok(`${kind} namespace`, inside.length ? 'usable inside a user namespace' : 'usable (tried without a user namespace)')
+      : fail(`${kind} namespace`, why(r), fixFor(r, `a kernel built with CONFIG_${option}=y`)));
   }
   return out;
 };
 
+/** A tiny overlay mounted in a scratch directory under /var/tmp and unmounted again. */
 const checkOverlay: Check = async () => {
-  const dir = await fs.mkdtemp(path.join('/var/tmp', 'vesh-doctor-'));
-  const [lower, upper, work, merged] = ['lower', 'upper', 'work', 'merged'].map((d) => path.join(dir, d));
+  const dir = await fs.mkdtemp(path.join('/var/tmp', 'vesh-doctor-overlay-'));
+  const [lower, upper, work, merged] = ['lower', 'upper', 'work', 'merged'].map((d) => path.join(dir, d)) as [string, string, string, string];
+  let mounted = false;
   try {
-    for (const d of [lower!, upper!, work!, merged!]) await fs.mkdir(d);
-    const r = await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lower},upperdir=${upper},workdir=${work}`, merged!], { allowFailure: true });
-    if (r.code !== 0) return fail('overlayfs', r.stderr.trim(), 'modprobe overlay (a kernel with CONFIG_OVERLAY_FS)');
-    await run('umount', [merged!], { allowFailure: true });
-    return ok('overlayfs', 'mounts');
+    for (const d of [lower, upper, work, merged]) await fs.mkdir(d);
+    await fs.writeFile(path.join(lower, 'probe'), 'lower\n');
+    const r = await attempt('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lower},upperdir=${upper},workdir=${work}`, merged]);
+    if (r.code !== 0) {
+      const known = (await fs.readFile('/proc/filesystems', 'utf8').catch(() => '')).split('\n').some((l) => l.trim().endsWith('overlay'));
+      return fail('overlayfs', `${why(r)}${known ? '' : ' (overlay is not in /proc/filesystems)'}`, fixFor(r, 'modprobe overlay (a kernel with CONFIG_OVERLAY_FS)'));
+    }
+    mounted = true;
+    const seen = await fs.readFile(path.join(merged, 'probe'), 'utf8').catch(() => '');
+    if (seen !== 'lower\n') return fail('overlayfs', 'an overlay mounted but did not show its lower layer', 'modprobe overlay (a kernel with CONFIG_OVERLAY_FS)');
+    return ok('overlayfs', 'mounted and unmounted an overlay');
   } finally {
-    await fs.rm(dir, { recursive: true, force: true });
+    // Never recurse into a directory that is still a mount: that would delete through it.
+    if (mounted && (await attempt('umount', [merged])).code !== 0) await attempt('umount', ['-l', merged]);
+    await fs.rm(dir, { recursive: true, force: true }).catch(() => undefined);
   }
 };
 
 const checkCgroups: Check = async () => {
   const layout = detectCgroupLayout();
-  const base = '/sys/fs/cgroup';
-  const missing: string[] = [];
-  for (const c of ['memory', 'pids', 'cpu']) {
-    const present = layout === 'v2'
-      ? (await fs.readFile(path.join(base, 'cgroup.controllers'), 'utf8').catch(() => '')).split(/\s+/).includes(c)
-      : await fs.stat(path.join(base, c)).then(() => true, () => false);
-    if (!present) missing.push(c);
+  const wanted = ['memory', 'pids', 'cpu'];
+  const mounts = readFileSync('/proc/self/mounts', 'utf8');
+  const v2 = layout === 'v2' ? await fs.readFile('/sys/fs/cgroup/cgroup.controllers', 'utf8').catch(() => '') : '';
+  const present = presentControllers(layout, mounts, v2, wanted);
+  const missing = wanted.filter((c) => !present.includes(c));
+  if (missing.length) {
+    const fix = layout === 'v2'
+      ? `boot with ${missing.includes('memory') ? '"cgroup_enable=memory" ' : ''}the ${missing.join(', ')} controller(s) enabled (kernel command line); they must appear in /sys/fs/cgroup/cgroup.controllers`
+      : `mount the ${missing.join(', ')} hierarchies under /sys/fs/cgroup (systemd does; otherwise apt-get install cgroupfs-mount)${missing.includes('memory') ? ', and boot with "cgroup_enable=memory"' : ''}`;
+    return fail('cgroups', `layout ${layout}; controllers missing: ${missing.join(', ')}`, fix);
   }
-  if (missing.length) return fail('cgroups', `layout ${layout}; controllers missing: ${missing.join(', ')}`, 'enable the memory, pids and cpu cgroup controllers (kernel command line or your init system)');
   return ok('cgroups', `layout ${layout}; memory, pids and cpu controllers present`);
 };
 
 const checkRuntime: Check = async ({ config }) => {
   const bin = config.runtime.binary;
-  const r = await run(bin, ['--version'], { allowFailure: true }).catch(() => null);
-  if (!r || r.code !== 0) return fail('runtime', `"${bin}" cannot be run`, 'apt-get install runc (or set runtime.binary in vesh.yaml)');
-  const v = /runc version (\d+)\.(\d+)\.(\d+)/.exec(r.stdout);
-  if (!v) return warn('runtime', `"${bin}" answers, but not as runc: ${r.stdout.split('\n')[0]}`, 'use runc 1.1 or later');
-  const [maj, min] = [Number(v[1]), Number(v[2])];
-  if (maj < 1 || (maj === 1 && min < 1)) return fail('runtime', `runc ${v[1]}.${v[2]}.${v[3]} is too old`, 'apt-get install runc (1.1 or later)');
-  return ok('runtime', `runc ${v[1]}.${v[2]}.${v[3]}`);
+  const r = await attempt(bin, ['--version']);
+  if (r.code !== 0) {
+    return fail('runtime', `runc binary "${bin}" ${r.missing ? 'is not installed' : `cannot be run: ${why(r)}`}`, `apt-get install runc (or set runtime.binary in vesh.yaml to where runc is)`);
+  }
+  const v = parseRuncVersion(r.stdout);
+  if (!v) return fail('runtime', `"${bin}" answers, but not as runc: ${r.stdout.split('\n')[0]}`, 'apt-get install runc and set runtime.binary to it (runc 1.1 or later)');
+  if (!runcIsNewEnough(v)) return fail('runtime', `runc ${v.join('.')} at ${bin} is too old (1.1 or later needed)`, 'apt-get install runc');
+  return ok('runtime', `runc ${v.join('.')} (${bin})`);
 };
 
-/** A bridge and a veth pair made and deleted again, under random names. */
+/** A bridge and a veth pair with one end on it, under random names, deleted again. */
 const checkBridgeVeth: Check = async () => {
   const tag = randomBytes(3).toString('hex');
   const br = `vdb${tag}`;
   const veth = `vdv${tag}`;
+  const peer = `vdp${tag}`;
   try {
-    const b = await run('ip', ['link', 'add', br, 'type', 'bridge'], { allowFailure: true }).catch((e: Error) => ({ code: -1, stderr: e.message }));
-    if (b.code !== 0) return fail('bridge', b.stderr.trim(), 'modprobe bridge; apt-get install iproute2');
-    const v = await run('ip', ['link', 'add', veth, 'master', br, 'type', 'veth', 'peer', 'name', `${veth}p`], { allowFailure: true });
-    if (v.code !== 0) return fail('veth', v.stderr.trim(), 'modprobe veth');
-    return ok('bridge and veth', 'made and removed a bridge and a veth pair');
+    const b = await attempt('ip', ['link', 'add', br, 'type', 'bridge']);
+    if (b.missing) return fail('bridge and veth', 'ip is not installed', 'apt-get install iproute2');
+    if (b.code !== 0) return fail('bridge and veth', `cannot make a bridge: ${why(b)}`, fixFor(b, 'modprobe bridge'));
+    const v = await attempt('ip', ['link', 'add', veth, 'type', 'veth', 'peer', 'name', peer]);
+    if (v.code !== 0) return fail('bridge and veth', `cannot make a veth pair: ${why(v)}`, fixFor(v, 'modprobe veth'));
+    const m = await attempt('ip', ['link', 'set', veth, 'master', br]);
+    if (m.code !== 0) return fail('bridge and veth', `cannot put a veth end on a bridge: ${why(m)}`, fixFor(m, 'modprobe bridge'));
+    return ok('bridge and veth', 'made a bridge and a veth pair on it, and removed them');
   } finally {
-    await run('ip', ['link', 'del', veth], { allowFailure: true }).catch(() => undefined);
-    await run('ip', ['link', 'del', br], { allowFailure: true }).catch(() => undefined);
+    // Deleting one end of a veth pair deletes the other.
+    await attempt('ip', ['link', 'del', veth]);
+    await attempt('ip', ['link', 'del', br]);
   }
 };
 
 const checkNftables: Check = async () => {
-  const r = await run('nft', ['list', 'tables'], { allowFailure: true }).catch(() => null);
-  if (!r || r.code !== 0) return fail('nftables', r ? r.stderr.trim() : 'nft is not installed', 'apt-get install nftables (the kernel needs nf_tables)');
-  return ok('nftables', 'usable');
+  const r = await attempt('nft', ['list', 'tables']);
+  if (r.missing) return fail('nftables', 'nft is not installed', 'apt-get install nftables');
+  if (r.code !== 0) return fail('nftables', `nft list tables: ${why(r)}`, fixFor(r, 'modprobe nf_tables (a kernel with CONFIG_NF_TABLES)'));
+  return ok('nftables', 'nft list tables works');
 };
 
 const checkDiskTools: Check = async () => {
-  const missing: string[] = [];
-  for (const c of ['mkfs.ext4', 'e2fsck', 'losetup', 'nsenter']) if (!(await has(c))) missing.push(c);
-  if (missing.length) return fail('disk tools', `missing: ${missing.join(', ')}`, 'apt-get install e2fsprogs mount util-linux');
-  const loop = await run('losetup', ['-f'], { allowFailure: true });
-  if (loop.code !== 0) return fail('loop devices', loop.stderr.trim(), 'modprobe loop');
-  return ok('disk tools', 'mkfs.ext4, e2fsck, losetup, nsenter; loop devices available');
+  const out: CheckResult[] = [];
+  const tools: Array<[string, string]> = [['mkfs.ext4', 'e2fsprogs'], ['e2fsck', 'e2fsprogs'], ['losetup', 'mount'], ['mount', 'mount'], ['nsenter', 'util-linux']];
+  const missing: Array<[string, string]> = [];
+  for (const t of tools) if (!(await onPath(t[0]))) missing.push(t);
+  out.push(missing.length
+    ? fail('disk tools', `missing: ${missing.map((t) => t[0]).join(', ')}`, `apt-get install ${[...new Set(missing.map((t) => t[1]))].join(' ')}`)
+    : ok('disk tools', 'mkfs.ext4, e2fsck, losetup, mount, nsenter present'));
+  if (!missing.some((t) => t[0] === 'losetup')) {
+    // `losetup -f` only names a free device (creating the node through /dev/loop-control if needed); it attaches nothing.
+    const loop = await attempt('losetup', ['-f']);
+    out.push(loop.code === 0 ? ok('loop devices', `next free: ${loop.stdout.trim()}`) : fail('loop devices', why(loop), fixFor(loop, 'modprobe loop')));
+  }
+  return out;
 };
 
 const checkTemplateTools: Check = async () => {
   const out: CheckResult[] = [];
-  out.push((await has('mmdebstrap')) ? ok('mmdebstrap', 'present (Debian template)') : warn('mmdebstrap', 'missing: "vesh template build debian" needs it', 'apt-get install mmdebstrap'));
-  const bb = await fs.stat('/bin/busybox').then(() => true, () => false);
-  out.push(bb ? ok('busybox', 'present (busybox template)') : warn('busybox', 'missing: "vesh template build busybox" needs it', 'apt-get install busybox-static'));
+  out.push((await onPath('mmdebstrap'))
+    ? ok('mmdebstrap', 'present (builds the debian template)')
+    : warn('mmdebstrap', 'missing: "vesh template build debian" needs it', 'apt-get install mmdebstrap'));
+  const bb = '/bin/busybox';
+  const head = await fs.open(bb, 'r').then(async (fh) => {
+    try {
+      const buf = Buffer.alloc(4096);
+      const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+      return buf.subarray(0, bytesRead);
+    } finally {
+      await fh.close();
+    }
+  }, () => null);
+  const dynamic = head ? elfIsDynamic(head) : null;
+  if (!head) out.push(warn('busybox', `${bb} is missing: "vesh template build busybox" needs it`, 'apt-get install busybox-static'));
+  else if (dynamic) out.push(warn('busybox', `${bb} is dynamically linked and would not run in a VE`, 'apt-get install busybox-static'));
+  else out.push(ok('busybox', `${bb} is static (builds the busybox template)`));
   return out;
 };
 
 const checkDataDir: Check = async ({ layout }) => {
   const blocked = await firstUnsearchableAncestor(layout.dataDir);
-  if (blocked) return fail('dataDir', `${blocked.dir} (above dataDir ${layout.dataDir}) is not searchable by other users`, `chmod o+x ${blocked.dir}, or choose another dataDir`);
-  return ok('dataDir', `${layout.dataDir}: every directory above it can be passed by VE inits`);
+  if (blocked) return fail('dataDir', `${blocked.dir} (above dataDir ${layout.dataDir}, mode ${blocked.mode.toString(8)}) is not searchable by other users, and VE inits run as unprivileged host uids`, `chmod o+x ${blocked.dir} (or set dataDir elsewhere)`);
+  return ok('dataDir', `${layout.dataDir}: every directory above it lets VE inits pass`);
 };
 
 const checkIdmap: Check = async ({ config }) => {
   const lo = config.runtime.idmapBase;
   const hi = lo + config.runtime.idmapSize - 1;
-  const passwd = await fs.readFile('/etc/passwd', 'utf8').catch(() => '');
-  const clash = passwd.split('\n').map((l) => l.split(':')).filter((f) => f.length >= 3 && Number(f[2]) >= lo && Number(f[2]) <= hi).map((f) => f[0]);
-  if (clash.length) return warn('id range', `host users ${clash.join(', ')} have uids in the VE range ${lo}-${hi}`, 'set runtime.idmapBase to a free range (templates must then be rebuilt)');
-  return ok('id range', `VE root is host uid ${lo} (range ${lo}-${hi}), used by no host user`);
+  const users = idsInRange(await fs.readFile('/etc/passwd', 'utf8').catch(() => ''), lo, hi);
+  const groups = idsInRange(await fs.readFile('/etc/group', 'utf8').catch(() => ''), lo, hi);
+  if (users.length || groups.length) {
+    const who = [users.length ? `users ${listSome(users)}` : '', groups.length ? `groups ${listSome(groups)}` : ''].filter(Boolean).join('; ');
+    return warn('id range', `host ${who} have ids in the VE range ${lo}-${hi}: they would own VE files`, 'set runtime.idmapBase in vesh.yaml to a range no host user or group uses (then rebuild templates)');
+  }
+  return ok('id range', `VE ids map to host ${lo}-${hi}, used by no host user or group`);
 };
 
 const checkTemplates: Check = async ({ config, layout }) => {
   const want = config.defaults.template;
-  const file = path.join(layout.templateDir(want), 'template.json');
-  if (await fs.stat(file).then(() => true, () => false)) return ok('templates', `default template "${want}" present`);
-  return warn('templates', `default template "${want}" is not built yet: first logins would fail`, `vesh template build ${want === 'busybox' ? 'busybox' : 'debian'}`);
+  if (await exists(path.join(layout.templateDir(want), 'template.json'))) return ok('templates', `default template "${want}" present`);
+  const fix = want === 'debian' || want === 'busybox' ? `vesh template build ${want}` : `vesh template build debian --name ${want} (or vesh template import ${want} FILE.tar)`;
+  return warn('templates', `default template "${want}" is not built yet: logins to new VEs would fail`, fix);
 };
 
+/**
+ * Can `vesh serve` write its host keys? Tried without creating the directory
+ * (doctor leaves the host as it found it): a probe file in it when it exists,
+ * else a probe directory in its nearest existing ancestor.
+ */
 const checkHostKeys: Check = async ({ config }) => {
-  const dir = config.hostKeysDir;
+  const dir = path.resolve(config.hostKeysDir);
+  let at = dir;
+  let st = await fs.stat(at).catch(() => null);
+  while (!st && path.dirname(at) !== at) {
+    at = path.dirname(at);
+    st = await fs.stat(at).catch(() => null);
+  }
+  if (!st?.isDirectory()) return fail('host keys', `${at} is not a directory`, 'set hostKeysDir in vesh.yaml to a directory path');
+  const probe = path.join(at, `.vesh-doctor-${randomBytes(4).toString('hex')}`);
   try {
-    await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-    const probe = path.join(dir, `.doctor-${process.pid}`);
-    await fs.writeFile(probe, '');
-    await fs.rm(probe);
-    return ok('host keys', `${dir} is writable`);
+    await fs.mkdir(probe, { mode: 0o700 });
+    const where = at === dir ? `${dir} is writable` : `${dir} does not exist yet; vesh serve can create it in ${at}`;
+    return ok('host keys', where);
   } catch (err) {
-    return fail('host keys', `${dir}: ${(err as Error).message}`, `make ${dir} a writable directory, or set hostKeysDir`);
+    return fail('host keys', `cannot write in ${at}: ${(err as Error).message}`, `mkdir -p -m 0700 ${dir} on a writable file system (or set hostKeysDir in vesh.yaml)`);
+  } finally {
+    await fs.rmdir(probe).catch(() => undefined);
   }
 };
 
 export const CHECKS: Check[] = [
-  checkRoot, checkNamespaces, checkOverlay, checkCgroups, checkRuntime, checkBridgeVeth, checkNftables,
+  checkRoot, checkUserNsEnabled, checkNamespaces, checkOverlay, checkCgroups, checkRuntime, checkBridgeVeth, checkNftables,
   checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys,
 ];
 
-/** Run every check; one that throws is reported as failed, never aborts the rest. */
+/** Run every check in turn; one that throws is reported as failed and never stops the rest. */
 export async function runChecks(ctx: CheckContext, checks: Check[] = CHECKS): Promise<CheckResult[]> {
   const out: CheckResult[] = [];
   for (const check of checks) {
@@ -182,12 +359,14 @@ export async function runChecks(ctx: CheckContext, checks: Check[] = CHECKS): Pr
       const r = await check(ctx);
       out.push(...(Array.isArray(r) ? r : [r]));
     } catch (err) {
-      out.push(fail(check.name.replace(/^check/, '').toLowerCase() || 'check', (err as Error).message, 'see the message'));
+      const name = check.name.replace(/^check/, '').replace(/([a-z])([A-Z])/g, '$1 $2').toLowerCase() || 'check';
+      out.push(fail(name, `the check itself broke: ${(err as Error).message}`, 'report this; the message above says what went wrong'));
     }
   }
   return out;
 }
 
+/** `ok   <what>: <detail>`, `warn <what>: <problem> — fix: <…>`, `FAIL <what>: <problem> — fix: <…>`. */
 export function formatCheck(r: CheckResult): string {
   const tag = { ok: 'ok  ', warn: 'warn', fail: 'FAIL' }[r.status];
   return `${tag} ${r.name}: ${r.detail}${r.fix && r.status !== 'ok' ? ` — fix: ${r.fix}` : ''}`;
@@ -197,4 +376,3 @@ export function formatCheck(r: CheckResult): string {
 export function doctorExitCode(results: CheckResult[]): number {
   return results.some((r) => r.status === 'fail') ? 1 : 0;
 }
-
