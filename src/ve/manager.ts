@@ -389,7 +389,10 @@ export class VeManager implements VeAccess {
 
   /** When an instance has no VE left, drop its parent cgroups too so nothing lingers. */
   private async removeEmptyParents(): Promise<void> {
-    if ((await this.names()).length > 0) return;
+    // A directory listing, not names(): that reads every VE's record, and
+    // destroying N VEs one after another would read N² of them.
+    const entries = await fs.readdir(this.layout.vesDir).catch(() => [] as string[]);
+    if (entries.some((e) => !e.startsWith('.'))) return;
     await removeCgroupDirs(cgroupDirs(this.layout.cgroupParent, this.cgroupLayout));
   }
 

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { chmodSync, mkdtempSync, promises as fs, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger, silentLogger, type Logger } from '../../src/audit/logger.js';
@@ -97,4 +97,25 @@ async function useTemplate(layout: Layout, config: ServerConfig, logger: Logger,
   const cached = await sharedTemplate('debian');
   await fs.mkdir(layout.templatesDir, { recursive: true });
   await fs.symlink(cached.dir, layout.templateDir('debian'));
+}
+
+/** Run a shell script inside a VE as its root and return its output (throws on a non-zero exit unless allowFailure). */
+export async function shInVe(env: VeTestEnv, ve: string, script: string, opts: { allowFailure?: boolean; timeoutMs?: number; shell?: string } = {}) {
+  const cmd = await env.ves.execCommand(ve, {
+    argv: [opts.shell ?? '/bin/sh', '-c', script], uid: 0, gid: 0, tty: false,
+    env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', HOME: '/root' },
+  });
+  const res = spawnSync(cmd.file, cmd.args, { encoding: 'utf8', timeout: opts.timeoutMs ?? 60_000 });
+  if (res.status !== 0 && !opts.allowFailure) throw new Error(`"${script}" in ${ve} exited ${res.status}: ${res.stderr}`);
+  return { code: res.status ?? -1, stdout: res.stdout, stderr: res.stderr };
+}
+
+/** Poll `cond` every 100 ms until it holds; throw naming `what` after the timeout. */
+export async function waitFor(what: string, cond: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    if (await cond()) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`timed out waiting for ${what}`);
 }

@@ -2,7 +2,7 @@ import { spawnSync } from 'node:child_process';
 import path from 'node:path';
 import * as pty from 'node-pty';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeVeTestEnv, type VeTestEnv } from '../helpers/ve-env.js';
+import { makeVeTestEnv, shInVe, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
 
 /**
  * A VE on the Debian template behaves like a Debian machine: sysvinit is
@@ -10,21 +10,7 @@ import { makeVeTestEnv, type VeTestEnv } from '../helpers/ve-env.js';
  * tmux and screen work, reboot restarts the VE and poweroff stops it, and
  * `vesh ve enter` gives a root shell on a terminal of the VE's own.
  */
-async function sh(env: VeTestEnv, ve: string, script: string, opts: { allowFailure?: boolean } = {}) {
-  const cmd = await env.ves.execCommand(ve, { argv: ['/bin/bash', '-c', script], uid: 0, gid: 0, tty: false, env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', HOME: '/root' } });
-  const res = spawnSync(cmd.file, cmd.args, { encoding: 'utf8', timeout: 60_000 });
-  if (res.status !== 0 && !opts.allowFailure) throw new Error(`"${script}" in ${ve} exited ${res.status}: ${res.stderr}`);
-  return { code: res.status ?? -1, stdout: res.stdout, stderr: res.stderr };
-}
-
-async function waitFor(what: string, cond: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    if (await cond()) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
+const sh = (env: VeTestEnv, ve: string, script: string, opts: { allowFailure?: boolean } = {}) => shInVe(env, ve, script, { ...opts, shell: '/bin/bash' });
 
 const HELLO_SERVICE = `#!/bin/sh
 ### BEGIN INIT INFO

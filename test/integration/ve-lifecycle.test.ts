@@ -3,25 +3,10 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeVeTestEnv, type VeTestEnv } from '../helpers/ve-env.js';
+import { makeVeTestEnv, shInVe, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
 import { createVeManager, createVeNetwork } from '../../src/ve/index.js';
 
-/** Run a shell command inside a VE as root and return its output (throws on non-zero exit). */
-async function sh(env: VeTestEnv, ve: string, script: string, opts: { allowFailure?: boolean; timeoutMs?: number } = {}) {
-  const cmd = await env.ves.execCommand(ve, { argv: ['/bin/sh', '-c', script], uid: 0, gid: 0, tty: false });
-  const res = spawnSync(cmd.file, cmd.args, { encoding: 'utf8', timeout: opts.timeoutMs ?? 60_000 });
-  if (res.status !== 0 && !opts.allowFailure) throw new Error(`"${script}" in ${ve} exited ${res.status}: ${res.stderr}`);
-  return { code: res.status ?? -1, stdout: res.stdout, stderr: res.stderr };
-}
-
-async function waitFor(what: string, cond: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    if (await cond()) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
+const sh = shInVe;
 
 describe('VE lifecycle, isolation and limits (busybox template, real runc)', () => {
   let env: VeTestEnv;
