@@ -73,7 +73,9 @@ ensure_node_modules() {
   local root="$1"
   if [ ! -d "$root/node_modules" ] || [ "$root/package-lock.json" -nt "$root/node_modules/.package-lock.json" ]; then
     echo "vesh: installing npm dependencies (npm ci)" >&2
-    (cd "$root" && npm ci --no-audit --no-fund --loglevel=error --ignore-scripts)
+    # Install scripts stay on: ssh2 builds its native crypto binding (chacha20-poly1305,
+    # OpenSSH's default cipher, is several times slower in its pure-JS fallback).
+    (cd "$root" && npm ci --no-audit --no-fund --loglevel=error)
   fi
   echo "vesh: compiling TypeScript" >&2
   (cd "$root" && ./node_modules/.bin/tsc -p tsconfig.json)

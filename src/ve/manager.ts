@@ -20,7 +20,7 @@ import { parseGroup, parsePasswd } from './passwd.js';
 import { readRecord, writeJsonAtomic, type VeRecord } from './record.js';
 import { canDestroy, canStart, canStop, needsCleanup, veStateOf, type VeState } from './state.js';
 import {
-  createDiskImage, diskUsage, mountOverlay, mountPrivate, mountsUnder, prepareUpper, unmountAll, vePaths, type VePaths,
+  createDiskImage, diskUsage, mountOverlay, mountPrivate, mountsUnder, useDirectIo, prepareUpper, unmountAll, vePaths, type VePaths,
 } from './storage.js';
 
 /** What the VE layer needs of the template module. */
@@ -310,6 +310,7 @@ export class VeManager implements VeAccess {
       throw new VeshError(ErrorCodes.VE_START_FAILED, `VE "${name}" failed to start: ${errorMessage(err)}`, { cause: err, userMessage: 'Your environment failed to start; the administrator has been told why.' });
     });
     this.log.info({ event: 've.started', ve: name, ms: Date.now() - started, steps: t.steps });
+    if (rec.limits.disk > 0) void useDirectIo(p);
   }
 
   // ---------------------------------------------------------------- stop

@@ -152,3 +152,15 @@ export async function isCleanExt4(image: string): Promise<boolean> {
     await fh.close();
   }
 }
+
+/**
+ * Switch the loop device of a VE's disk image to direct I/O, so the image's
+ * blocks are not cached a second time in the host's page cache (the VE's own
+ * ext4 caches them already). Measured here: 1 GiB written into a VE in 6.8 s
+ * with the double cache, 3.3 s without. The switch freezes the device for
+ * ~70 ms, so callers run it after the VE has started, off the start's path.
+ * Not fatal: cached I/O works, only slower.
+ */
+export async function useDirectIo(p: VePaths): Promise<void> {
+  await run('sh', ['-c', 'dev=$(losetup -n -O NAME -j "$1") && [ -n "$dev" ] && losetup --direct-io=on "$dev"', 'vesh-dio', p.image], { allowFailure: true });
+}
