@@ -1,4 +1,4 @@
-import { promises as fs } from 'node:fs';
+import { promises as fs, readFileSync } from 'node:fs';
 import type { Logger } from '../audit/logger.js';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import { run } from '../system/exec.js';
@@ -124,15 +124,27 @@ export class VeNetwork {
       // No quotes in the pattern: dash mishandles quoted patterns in ${var#…} ("pid" then any one character, then ":").
       'pid=${state#*pid?:}; pid=${pid%%[!0-9]*}',
       '[ -n "$pid" ] || { echo "vesh network hook: no pid in the runtime state" >&2; exit 1; }',
-      'ip link add "$1" master "$2" up type veth peer name eth0 netns "$pid" || exit 1',
-      'printf "%s\n" "link set lo up" "addr add $3/$4 dev eth0" "link set eth0 up" "route add default via $5" | nsenter --target="$pid" --net -- ip -batch - || { ip link del "$1"; exit 1; }',
+      // One ip, inside the VE's namespace, does it all: the pair (host end put in the
+      // runtime's own namespace, that of our parent runc, on the bridge given by its
+      // index, and up), then the VE end's address and route. One process fewer than
+      // making the pair from the host side first (~10 ms per start here).
+      'printf "%s\\n" "link add $1 netns $PPID master if$2 up type veth peer name eth0" "link set lo up" "addr add $3/$4 dev eth0" "link set eth0 up" "route add default via $5" | nsenter --target="$pid" --net -- ip -batch - || { ip link del "$1" 2>/dev/null; exit 1; }',
     ].join('\n');
     return {
       path: '/bin/sh',
-      args: ['sh', '-c', script, 'vesh-net-hook', id.hostVeth, this.bridge, id.address, String(this.subnet.prefix), this.subnet.gateway],
+      args: ['sh', '-c', script, 'vesh-net-hook', id.hostVeth, String(this.bridgeIndex()), id.address, String(this.subnet.prefix), this.subnet.gateway],
       env: ['PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'],
       timeout: 10,
     };
+  }
+
+  /** ifindex of the bridge (made by ensureHost, which must come first). */
+  private bridgeIndex(): number {
+    try {
+      return Number(readFileSync(`/sys/class/net/${this.bridge}/ifindex`, 'utf8').trim());
+    } catch {
+      throw new VeshError(ErrorCodes.NETWORK_FAILED, `the VE bridge ${this.bridge} does not exist: it is made when a VE starts; check "vesh doctor"`);
+    }
   }
 
   /** Undo attach. The kernel deletes the veth with the VE's namespace; this catches the rest. */

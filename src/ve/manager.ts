@@ -271,6 +271,8 @@ export class VeManager implements VeAccess {
       await mountOverlay(p, template.rootfs);
       t('overlay');
       await fs.rm(path.join(p.ctl, SHUTDOWN_MARKER), { force: true });
+      await this.network.ensureHost();
+      t('host_net');
       const oci = buildOciConfig({
         name,
         hostname: name,
@@ -284,8 +286,6 @@ export class VeManager implements VeAccess {
       });
       await writeJsonAtomic(path.join(p.dir, 'config.json'), oci);
       t('bundle');
-      await this.network.ensureHost();
-      t('host_net');
       await fs.rm(p.pidFile, { force: true });
       r.add('delete container', async () => {
         await this.runtime.delete(name, true);
