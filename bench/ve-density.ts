@@ -143,6 +143,7 @@ async function main(): Promise<void> {
     await fs.rm(rawRoot, { recursive: true, force: true });
     for (const v of await ves.list().catch(() => [])) await ves.destroy(v.name, { force: true }).catch(() => undefined);
     await createVeNetwork(config, layout, logger).teardownHost().catch(() => undefined);
+    await fs.rm(path.dirname(layout.runtimeRoot), { recursive: true, force: true });
     await fs.rm(dir, { recursive: true, force: true }).catch((err: Error) => console.error(`could not remove ${dir}: ${err.message}`));
   }
 }
