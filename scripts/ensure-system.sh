@@ -17,7 +17,6 @@ declare -A VESH_RUNTIME_PKGS=(
   [e2fsck]=e2fsprogs
   [losetup]=mount
   [nsenter]=util-linux
-  [catatonit]=catatonit
   [ssh-keygen]=openssh-client
 )
 declare -A VESH_TEST_PKGS=(
