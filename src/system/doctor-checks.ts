@@ -5,6 +5,7 @@ import { ErrorCodes, errorMessage, isVeshError } from '../errors.js';
 import type { ServerConfig } from '../config/server-config.js';
 import { detectCgroupLayout, type CgroupLayout } from '../runtime/cgroups.js';
 import { run, safeEnv } from './exec.js';
+import { binaryLinkage } from './elf.js';
 import { firstUnsearchableAncestor, type Layout } from './layout.js';
 
 /**
@@ -119,24 +120,6 @@ export function presentControllers(layout: CgroupLayout, mountsText: string, v2C
   return wanted.filter((c) => have.has(c));
 }
 
-/**
- * Whether an ELF file asks for a program interpreter (PT_INTERP), i.e. is
- * dynamically linked and would not run in a VE without the host's libc.
- * null when the bytes are not an ELF header this understands.
- */
-export function elfIsDynamic(buf: Buffer): boolean | null {
-  if (buf.length < 64 || buf.readUInt32BE(0) !== 0x7f454c46) return null;
-  const is64 = buf[4] === 2;
-  const le = buf[5] === 1;
-  const u16 = (o: number) => (le ? buf.readUInt16LE(o) : buf.readUInt16BE(o));
-  const u32 = (o: number) => (le ? buf.readUInt32LE(o) : buf.readUInt32BE(o));
-  const phoff = is64 ? Number(le ? buf.readBigUInt64LE(32) : buf.readBigUInt64BE(32)) : u32(28);
-  const phentsize = u16(is64 ? 54 : 42);
-  const phnum = u16(is64 ? 56 : 44);
-  if (phentsize === 0 || phoff + phentsize * phnum > buf.length) return null;
-  for (let i = 0; i < phnum; i++) if (u32(phoff + i * phentsize) === 3 /* PT_INTERP */) return true;
-  return false;
-}
 
 // ------------------------------------------------------------------ the checks
 
@@ -279,18 +262,9 @@ const checkTemplateTools: Check = async () => {
     ? ok('mmdebstrap', 'present (builds the debian template)')
     : warn('mmdebstrap', 'missing: "vesh template build debian" needs it', 'apt-get install mmdebstrap'));
   const bb = '/bin/busybox';
-  const head = await fs.open(bb, 'r').then(async (fh) => {
-    try {
-      const buf = Buffer.alloc(4096);
-      const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
-      return buf.subarray(0, bytesRead);
-    } finally {
-      await fh.close();
-    }
-  }, () => null);
-  const dynamic = head ? elfIsDynamic(head) : null;
-  if (!head) out.push(warn('busybox', `${bb} is missing: "vesh template build busybox" needs it`, 'apt-get install busybox-static'));
-  else if (dynamic) out.push(warn('busybox', `${bb} is dynamically linked and would not run in a VE`, 'apt-get install busybox-static'));
+  const linkage = await binaryLinkage(bb);
+  if (linkage === 'missing') out.push(warn('busybox', `${bb} is missing: "vesh template build busybox" needs it`, 'apt-get install busybox-static'));
+  else if (linkage === 'dynamic') out.push(warn('busybox', `${bb} is dynamically linked and would not run in a VE`, 'apt-get install busybox-static'));
   else out.push(ok('busybox', `${bb} is static (builds the busybox template)`));
   return out;
 };

@@ -1,6 +1,7 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { ErrorCodes, VeshError } from '../errors.js';
+import { binaryLinkage } from '../system/elf.js';
 import { run } from '../system/exec.js';
 import { BUSYBOX_INITTAB, BUSYBOX_RCK, BUSYBOX_RCS, MOTD, busyboxShutdownScript } from './init-files.js';
 
@@ -22,12 +23,11 @@ const BUSYBOX_BINARY = '/bin/busybox';
  * second; the test suite and the density benchmark use it.
  */
 export async function buildBusyboxRootfs(rootfs: string): Promise<void> {
-  const bin = await fs.stat(BUSYBOX_BINARY).catch(() => null);
-  if (!bin) {
+  const linkage = await binaryLinkage(BUSYBOX_BINARY);
+  if (linkage === 'missing') {
     throw new VeshError(ErrorCodes.COMMAND_MISSING, `${BUSYBOX_BINARY} is missing: install it with "apt-get install busybox-static"`);
   }
-  const file = await run('file', ['-b', BUSYBOX_BINARY], { allowFailure: true }).catch(() => null);
-  if (file && file.code === 0 && /dynamically linked/.test(file.stdout)) {
+  if (linkage === 'dynamic') {
     throw new VeshError(ErrorCodes.COMMAND_MISSING, `${BUSYBOX_BINARY} is dynamically linked and would not run in a VE: install "busybox-static" instead of "busybox"`);
   }
   for (const d of ['bin', 'sbin', 'usr/bin', 'usr/sbin', 'etc/init.d', 'root', 'home', 'tmp', 'var/log', 'var/run', 'proc', 'sys', 'dev', 'run']) {

@@ -1,8 +1,9 @@
 import { describe, expect, it } from 'vitest';
 import {
-  doctorExitCode, elfIsDynamic, formatCheck, idsInRange, listSome, parseRuncVersion, presentControllers, runChecks, runcIsNewEnough,
+  doctorExitCode, formatCheck, idsInRange, listSome, parseRuncVersion, presentControllers, runChecks, runcIsNewEnough,
   type CheckResult,
 } from '../../src/system/doctor-checks.js';
+import { elfIsDynamic } from '../../src/system/elf.js';
 
 describe('vesh doctor: printing and exit status', () => {
   it('prints ok lines without a fix and warn/FAIL lines with theirs', () => {
