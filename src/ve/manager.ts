@@ -634,8 +634,9 @@ export class VeManager implements VeAccess {
     if (this.monitorBusy) return;
     this.monitorBusy = true;
     try {
-      for (const [name, pid] of [...this.watched]) {
-        if (pid > 0 && (await isAlive(pid))) continue;
+      for (const name of [...this.watched.keys()]) {
+        // Otherwise the init is gone, or its pid now names another process: it has exited either way.
+        if (await this.knownRunning(name)) continue;
         this.watched.delete(name);
         await this.handleInitExit(name).catch((err) => this.log.error({ event: 've.monitor_failed', ve: name, err: errorMessage(err) }));
       }
@@ -653,10 +654,10 @@ export class VeManager implements VeAccess {
         if (st) await this.watch(name, st.pid);
         return;
       }
-      const marker = (await readShutdownMarker(path.join(this.paths(name).ctl, SHUTDOWN_MARKER)))
+      const marker = (await readVeWrittenFile(path.join(this.paths(name).ctl, SHUTDOWN_MARKER), 16, 'start')).trim()
         // busybox's own reboot applet (which its sh prefers to /sbin/reboot) signals init
         // directly; busybox init says on its console which way it went down.
-        || ((await readTail(this.paths(name).console, 4096)).includes('Requesting system reboot') ? 'reboot' : '');
+        || ((await readVeWrittenFile(this.paths(name).console, 4096, 'end')).includes('Requesting system reboot') ? 'reboot' : '');
       await this.cleanupLocked(rec);
       if (marker === 'reboot') {
         this.log.info({ event: 've.reboot', ve: name });
@@ -669,35 +670,20 @@ export class VeManager implements VeAccess {
 }
 
 /**
- * The VE's shutdown marker is written by VE root, so it is untrusted: never
- * follow a symlink planted there (it could name a host file), never block on
- * a FIFO, read a few bytes at most.
+ * Up to `maxBytes` of a file the VE writes (its shutdown marker, its init's
+ * console), from its start or its end. VE root controls these files, so
+ * never follow a symlink planted there (it could name a host file), never
+ * block on a FIFO; anything odd reads as empty.
  */
-async function readShutdownMarker(file: string): Promise<string> {
-  let fh: fs.FileHandle | null = null;
-  try {
-    fh = await fs.open(file, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
-    if (!(await fh.stat()).isFile()) return '';
-    const buf = Buffer.alloc(16);
-    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
-    return buf.subarray(0, bytesRead).toString('utf8').trim();
-  } catch {
-    return '';
-  } finally {
-    await fh?.close();
-  }
-}
-
-/** Last bytes of a file the VE writes (its console), read without following symlinks. */
-async function readTail(file: string, bytes: number): Promise<string> {
+async function readVeWrittenFile(file: string, maxBytes: number, from: 'start' | 'end'): Promise<string> {
   let fh: fs.FileHandle | null = null;
   try {
     fh = await fs.open(file, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
     const st = await fh.stat();
     if (!st.isFile()) return '';
-    const len = Math.min(bytes, st.size);
+    const len = Math.min(maxBytes, st.size);
     const buf = Buffer.alloc(len);
-    const { bytesRead } = await fh.read(buf, 0, len, st.size - len);
+    const { bytesRead } = await fh.read(buf, 0, len, from === 'end' ? st.size - len : 0);
     return buf.subarray(0, bytesRead).toString('utf8');
   } catch {
     return '';
@@ -720,7 +706,11 @@ function stepTimer(): ((step: string) => void) & { steps: Record<string, number>
 
 const USERDB_SEPARATOR = '--vesh-userdb-separator--';
 
-/** Field 22 of /proc/PID/stat (start time in clock ticks since boot), or null if there is no such process. */
+/**
+ * Field 22 of /proc/PID/stat (start time in clock ticks since boot), or null
+ * if there is no such process or it has exited (a zombie whose parent has not
+ * reaped it yet).
+ */
 async function processStartTime(pid: number): Promise<string | null> {
   try {
     const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
@@ -728,16 +718,6 @@ async function processStartTime(pid: number): Promise<string | null> {
     return fields[0] === 'Z' ? null : (fields[19] ?? null);
   } catch {
     return null;
-  }
-}
-
-async function isAlive(pid: number): Promise<boolean> {
-  try {
-    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
-    // A zombie has exited; its parent just has not reaped it yet.
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return false;
   }
 }
 
