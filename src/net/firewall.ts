@@ -3,6 +3,14 @@ export function tableName(instanceId: string): string {
   return `vesh_${instanceId}`;
 }
 
+/** The bridge table's set of (port, address) pairs a VE may send from. */
+export const ALLOWED_SET = 'allowed';
+
+/** One element of ALLOWED_SET, in nft syntax: the VE's host-side veth and its address. */
+export function allowedElement(hostVeth: string, address: string): string {
+  return `{ "${hostVeth}" . ${address} }`;
+}
+
 export interface RulesetOptions {
   table: string;
   bridge: string;
@@ -23,12 +31,12 @@ export function hostRuleset(o: RulesetOptions): string {
   const ves = `"${o.vethPrefix}*"`;
   return `
 table bridge ${o.table} {
-  set allowed { type ifname . ipv4_addr; }
+  set ${ALLOWED_SET} { type ifname . ipv4_addr; }
   chain prerouting {
     type filter hook prerouting priority -200; policy accept;
     iifname ${ves} ether type ip6 drop
-    iifname ${ves} ether type ip iifname . ip saddr != @allowed drop
-    iifname ${ves} ether type arp iifname . arp saddr ip != @allowed drop
+    iifname ${ves} ether type ip iifname . ip saddr != @${ALLOWED_SET} drop
+    iifname ${ves} ether type arp iifname . arp saddr ip != @${ALLOWED_SET} drop
   }
   chain forward {
     type filter hook forward priority -200; policy accept;

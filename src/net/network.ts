@@ -3,9 +3,8 @@ import type { Logger } from '../audit/logger.js';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import { run } from '../system/exec.js';
 import type { Layout } from '../system/layout.js';
-import { withRevert } from '../system/revert.js';
 import { intToIp, offsetIn, parseSubnet, type Subnet } from './ipv4.js';
-import { hostRuleset, tableName } from './firewall.js';
+import { ALLOWED_SET, allowedElement, hostRuleset, tableName } from './firewall.js';
 import type { OciHook } from '../runtime/oci-bundle.js';
 import type { VeNetIdentity } from './types.js';
 
@@ -102,7 +101,7 @@ export class VeNetwork {
 
   /** Let the VE's port send from its address (the anti-spoofing set); needs no VE yet. */
   async allow(id: VeNetIdentity): Promise<void> {
-    await run('nft', ['add', 'element', 'bridge', this.table, 'allowed', `{ "${id.hostVeth}" . ${id.address} }`]);
+    await run('nft', ['add', 'element', 'bridge', this.table, ALLOWED_SET, allowedElement(id.hostVeth, id.address)]);
   }
 
   /**
@@ -153,7 +152,7 @@ export class VeNetwork {
   }
 
   private async removeVeth(id: VeNetIdentity): Promise<void> {
-    await run('nft', ['delete', 'element', 'bridge', this.table, 'allowed', `{ "${id.hostVeth}" . ${id.address} }`], { allowFailure: true });
+    await run('nft', ['delete', 'element', 'bridge', this.table, ALLOWED_SET, allowedElement(id.hostVeth, id.address)], { allowFailure: true });
     if (await fs.stat(`/sys/class/net/${id.hostVeth}`).then(() => true, () => false)) {
       await run('ip', ['link', 'del', id.hostVeth], { allowFailure: true });
     }
