@@ -12,12 +12,14 @@
  * Not a test: shared, noisy machines; read the figures side by side.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, mkdirSync, mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import ssh2 from 'ssh2';
+import { loadServerConfig } from '../src/config/server-config.js';
 import { makeLayout } from '../src/system/layout.js';
+import { removeInstance } from '../test/helpers/ve-env.js';
 import { sharedTemplate } from '../test/helpers/templates.js';
 
 const { values: args } = parseArgs({
@@ -170,17 +172,9 @@ async function main(): Promise<void> {
     bare?.close();
     for (const c of children) c.kill('SIGTERM');
     await sleep(1000);
-    // vesh serve leaves VEs running by design: destroy what the bench made.
-    for (const ve of ['warm', 'cold']) {
-      spawnSync(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), 've', 'destroy', '--force', ve], { stdio: 'ignore' });
-    }
-    const cfgText = readFileSync(path.join(dir, 'vesh.yaml'), 'utf8');
-    const bridge = /bridge: (\S+),/.exec(cfgText)?.[1];
-    if (bridge) spawnSync('ip', ['link', 'del', bridge], { stdio: 'ignore' });
-    const id = makeLayout(path.join(dir, 'data')).instanceId;
-    spawnSync('nft', ['delete', 'table', 'inet', `vesh_${id}`], { stdio: 'ignore' });
-    spawnSync('nft', ['delete', 'table', 'bridge', `vesh_${id}`], { stdio: 'ignore' });
-    await fs.rm(`/run/vesh/${id}`, { recursive: true, force: true });
+    // vesh serve leaves VEs running by design: remove what the bench's instance made.
+    const configFile = path.join(dir, 'vesh.yaml');
+    if (existsSync(configFile)) await removeInstance(loadServerConfig(configFile));
     await fs.rm(dir, { recursive: true, force: true });
   };
   try {
@@ -233,7 +227,7 @@ async function main(): Promise<void> {
     for (const [k, t] of Object.entries(targets)) warm[k] = await loginLatency(dir, t, LOGINS);
 
     // The floor under any vesh session: one `runc exec` into the running VE (what every session costs over a host spawn).
-    const runcRoot = `/run/vesh/${makeLayout(data).instanceId}/runc`;
+    const runcRoot = makeLayout(data).runtimeRoot;
     const execFloor: number[] = [];
     for (let i = 0; i < LOGINS; i++) {
       const t0 = performance.now();

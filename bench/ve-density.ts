@@ -19,7 +19,9 @@ import { parseServerConfig } from '../src/config/server-config.js';
 import { buildOciConfig } from '../src/runtime/oci-bundle.js';
 import { raiseKeyQuotas } from '../src/system/host-tuning.js';
 import { makeLayout } from '../src/system/layout.js';
-import { createTemplateStore, createVeManager, createVeNetwork } from '../src/ve/index.js';
+import { cgroupDirs, removeCgroupDirs } from '../src/runtime/cgroups.js';
+import { createTemplateStore, createVeManager } from '../src/ve/index.js';
+import { removeInstance } from '../test/helpers/ve-env.js';
 
 const { values: args } = parseArgs({
   options: { count: { type: 'string', default: '100' }, json: { type: 'boolean', default: false }, 'settle-ms': { type: 'string', default: '3000' } },
@@ -137,13 +139,9 @@ async function main(): Promise<void> {
       spawnSync('runc', ['--root', rawRoot, 'delete', '--force', id]);
       spawnSync('umount', ['-l', path.join(rawDir, id, 'rootfs')]);
     }
-    for (const c of ['unified', 'memory', 'pids', 'cpu', 'cpuacct', 'cpuset', 'blkio', 'devices', 'freezer', 'systemd']) {
-      spawnSync('rmdir', [`/sys/fs/cgroup/${c}/vesh-bench-${tag}`]);
-    }
+    await removeCgroupDirs(cgroupDirs(`/vesh-bench-${tag}`));
     await fs.rm(rawRoot, { recursive: true, force: true });
-    for (const v of await ves.list().catch(() => [])) await ves.destroy(v.name, { force: true }).catch(() => undefined);
-    await createVeNetwork(config, layout, logger).teardownHost().catch(() => undefined);
-    await fs.rm(path.dirname(layout.runtimeRoot), { recursive: true, force: true });
+    await removeInstance(config, logger);
     await fs.rm(dir, { recursive: true, force: true }).catch((err: Error) => console.error(`could not remove ${dir}: ${err.message}`));
   }
 }

@@ -67,20 +67,30 @@ export async function makeVeTestEnv(opts: { template?: 'busybox' | 'debian'; ext
   };
 
   const cleanup = async () => {
-    for (const s of await ves.list().catch(() => [])) {
-      await ves.destroy(s.name, { force: true }).catch(() => undefined);
-    }
-    await createVeNetwork(config, layout, logger).teardownHost().catch(() => undefined);
+    await removeInstance(config, logger);
     // Anything still mounted below the test dir (a test that failed mid-way) goes before the files do.
     const mounts = (await fs.readFile('/proc/self/mountinfo', 'utf8')).split('\n').map((l) => l.split(' ')[4]).filter((m): m is string => !!m && m.startsWith(dir + '/'));
     for (const m of mounts.sort((a, b) => b.length - a.length)) {
       try { execFileSync('umount', ['-l', m]); } catch { /* already gone */ }
     }
     await fs.rm(dir, { recursive: true, force: true });
-    // The engine's state root (/run/vesh/ID) of this instance.
-    await fs.rm(path.dirname(layout.runtimeRoot), { recursive: true, force: true });
   };
   return { dir, configFile, config, layout, logger, ves, cli, cleanup };
+}
+
+/**
+ * Remove everything a vesh instance made outside its data dir: its VEs
+ * (destroyed, running or not), its bridge and firewall tables, and its
+ * engine state root (/run/vesh/ID). Used by tests and benchmarks.
+ */
+export async function removeInstance(config: ServerConfig, logger: Logger = silentLogger()): Promise<void> {
+  const layout = makeLayout(config.dataDir);
+  const ves = createVeManager(config, logger);
+  for (const s of await ves.list().catch(() => [])) {
+    await ves.destroy(s.name, { force: true }).catch(() => undefined);
+  }
+  await createVeNetwork(config, layout, logger).teardownHost().catch(() => undefined);
+  await fs.rm(path.dirname(layout.runtimeRoot), { recursive: true, force: true });
 }
 
 /**
