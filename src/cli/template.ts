@@ -37,6 +37,16 @@ function progressReporter(title: string): { onProgress: (p: BuildProgress) => vo
   };
 }
 
+/** Run long work with a progress display, stopped once whether the work succeeds or fails. */
+async function withProgress<T>(title: string, work: (onProgress: (p: BuildProgress) => void) => Promise<T>): Promise<T> {
+  const p = progressReporter(title);
+  try {
+    return await work(p.onProgress);
+  } finally {
+    p.stop();
+  }
+}
+
 /** Registers `vesh template …`. */
 export function register(program: Command): void {
   const template = program.command('template').description('build, import and list VE templates (the shared read-only file systems)');
@@ -48,27 +58,15 @@ export function register(program: Command): void {
         throw new VeshError(ErrorCodes.INVALID_ARGUMENT, `unknown template kind "${kind}": build "debian" or "busybox", or import a root filesystem with "vesh template import NAME FILE.tar"`);
       }
       const { config, layout, logger } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
-      const p = progressReporter(`template ${o.name ?? kind}`);
-      try {
-        const t = await createTemplateStore(config, layout, logger).build(kind, { name: o.name, onProgress: p.onProgress });
-        p.stop();
-        console.log(`built template ${t.name} (${formatSize(t.sizeBytes)})`);
-      } finally {
-        p.stop();
-      }
+      const t = await withProgress(`template ${o.name ?? kind}`, (onProgress) => createTemplateStore(config, layout, logger).build(kind, { name: o.name, onProgress }));
+      console.log(`built template ${t.name} (${formatSize(t.sizeBytes)})`);
     });
 
   template.command('import <name> <file>').description('import a root filesystem from a tar archive')
     .action(async (name: string, file: string) => {
       const { config, layout, logger } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
-      const p = progressReporter(`template ${name}`);
-      try {
-        const t = await createTemplateStore(config, layout, logger).importTar(name, file, { onProgress: p.onProgress });
-        p.stop();
-        console.log(`imported template ${t.name} (${formatSize(t.sizeBytes)})`);
-      } finally {
-        p.stop();
-      }
+      const t = await withProgress(`template ${name}`, (onProgress) => createTemplateStore(config, layout, logger).importTar(name, file, { onProgress }));
+      console.log(`imported template ${t.name} (${formatSize(t.sizeBytes)})`);
     });
 
   template.command('list').description('list templates').option('--json', 'machine-readable output').action(async (o: { json?: boolean }) => {
