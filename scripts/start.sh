@@ -35,10 +35,12 @@ if ! "${VESH[@]}" --config "$CONFIG" user list --json | grep -q '"name": *"demo"
   echo "vesh: added the demo account \"demo\"" >&2
 fi
 
-TEMPLATE="$(node --input-type=module -e '
+# The default template and the port, from the config as vesh reads it.
+read -r TEMPLATE PORT < <(node --input-type=module -e '
   const { loadServerConfig } = await import(process.argv[1]);
-  process.stdout.write(loadServerConfig(process.argv[2]).defaults.template);
-' "$ROOT/dist/config/server-config.js" "$CONFIG" 2>/dev/null || echo debian)"
+  const c = loadServerConfig(process.argv[2]);
+  process.stdout.write(`${c.defaults.template} ${c.listen.port}\n`);
+' "$ROOT/dist/config/server-config.js" "$CONFIG" 2>/dev/null || echo debian 2222)
 if ! "${VESH[@]}" --config "$CONFIG" template list --json | grep -q "\"name\": *\"$TEMPLATE\""; then
   case "$TEMPLATE" in
     debian|busybox)
@@ -50,10 +52,6 @@ if ! "${VESH[@]}" --config "$CONFIG" template list --json | grep -q "\"name\": *
   esac
 fi
 
-PORT="$(node --input-type=module -e '
-  const { loadServerConfig } = await import(process.argv[1]);
-  process.stdout.write(String(loadServerConfig(process.argv[2]).listen.port));
-' "$ROOT/dist/config/server-config.js" "$CONFIG" 2>/dev/null || echo 2222)"
 if [ -f keys/demo-password ]; then
   echo "vesh: log in with:  ssh -p $PORT demo@localhost   (password: $(cat keys/demo-password))" >&2
 fi
