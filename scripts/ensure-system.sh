@@ -18,6 +18,7 @@ declare -A VESH_RUNTIME_PKGS=(
   [losetup]=mount
   [nsenter]=util-linux
   [ssh-keygen]=openssh-client
+  [gcc]=gcc
 )
 declare -A VESH_TEST_PKGS=(
   [ssh]=openssh-client
@@ -41,6 +42,8 @@ ensure_system() {
   for cmd in "${!VESH_RUNTIME_PKGS[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] || missing+=("${VESH_RUNTIME_PKGS[$cmd]}")
   done
+  # The session helper is linked statically (scripts/build-native.sh): it needs libc.a.
+  [ -e "/usr/lib/$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)/libc.a" ] || missing+=(libc6-dev)
   if [ "$want" = test ]; then
     for cmd in "${!VESH_TEST_PKGS[@]}"; do
       command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${VESH_TEST_PKGS[$cmd]}")
@@ -76,6 +79,6 @@ ensure_node_modules() {
     # OpenSSH's default cipher, is several times slower in its pure-JS fallback).
     (cd "$root" && npm ci --no-audit --no-fund --loglevel=error)
   fi
-  echo "vesh: compiling TypeScript" >&2
-  (cd "$root" && ./node_modules/.bin/tsc -p tsconfig.json)
+  echo "vesh: compiling TypeScript and the session helper" >&2
+  (cd "$root" && ./node_modules/.bin/tsc -p tsconfig.json && sh scripts/build-native.sh)
 }

@@ -1,0 +1,691 @@
+/*
+ * vesh-session: start session processes inside a running VE without paying
+ * for one `runc exec` per session.
+ *
+ * Three modes of one static binary:
+ *
+ *   vesh-session listen SOCKET COMMAND...   (host)
+ *       Bind a SOCK_SEQPACKET socket at SOCKET (mode 0600) and exec COMMAND
+ *       with the listening socket as fd 3 and this binary (opened read-only)
+ *       as fd 4. COMMAND is `runc exec -d --preserve-fds 2 VE /proc/self/fd/4
+ *       agent`: runc puts the agent into the VE's namespaces, cgroups,
+ *       capabilities and seccomp filter, exactly as any `runc exec` process.
+ *
+ *   vesh-session agent                      (inside the VE, started by runc)
+ *       Accept requests on fd 3 and fork one child per request. A child
+ *       inherits everything the agent got from runc (namespaces, cgroups,
+ *       seccomp filter, no_new_privs, rlimits), so this program does no
+ *       namespace, cgroup or seccomp setup of its own: it only forks, takes a
+ *       terminal from the VE's devpts when asked, drops to the session user
+ *       (setgroups/setgid/setuid, which clears capabilities for a non-root
+ *       user, as login does) and execs.
+ *
+ *   vesh-session attach SOCKET TTY UID GID GROUPS CWD NENV ENV... NARGV ARGV... [FALLBACK...]   (host)
+ *       Ask the agent at SOCKET for a process; behave like `runc exec` in the
+ *       foreground: stdio passes through (without a terminal our own fds 0-2
+ *       are handed to the process; with one, the VE terminal is copied to and
+ *       from ours, in raw mode, and window-size changes follow ours), signals
+ *       are forwarded, and we exit with the process's status, or 128+N when
+ *       signal N killed it. When no agent answers, exec FALLBACK (runc exec).
+ *
+ * Only the host can reach SOCKET: it lives in a root-only host directory that
+ * is not in the VE's mount namespace, and the agent holds only the listening
+ * descriptor. So the agent trusts what a connection asks for.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#ifndef TIOCGPTPEER
+#define TIOCGPTPEER _IO('T', 0x41)
+#endif
+
+#define MAGIC 0x76657368u /* "vesh" */
+#define REQ_MAX (60 * 1024)
+#define MAX_GROUPS 256
+#define MAX_CONNS 1024
+#define TTY_GID 5
+#define AGENT_NAME "vesh-agent"
+
+enum { MSG_STARTED = 1, MSG_EXIT = 2, MSG_ERROR = 3, MSG_SIGNAL = 4 };
+
+struct req_head {
+  uint32_t magic;
+  uint32_t tty;
+  uint32_t uid, gid;
+  uint16_t rows, cols;
+  uint32_t ngroups, nenv, nargv;
+  /* then ngroups uint32, then cwd\0 env\0... argv\0... */
+};
+
+struct msg {
+  uint32_t type;
+  int32_t value; /* pid, wait status, errno or signal number */
+  char text[200];
+};
+
+static void restore_tty(void);
+
+static void die(const char *what) {
+  restore_tty();
+  fprintf(stderr, "vesh-session: %s: %s\n", what, strerror(errno));
+  exit(255);
+}
+
+static int send_msg(int fd, uint32_t type, int32_t value, const char *text, int pass_fd) {
+  struct msg m;
+  memset(&m, 0, sizeof m);
+  m.type = type;
+  m.value = value;
+  if (text) snprintf(m.text, sizeof m.text, "%s", text);
+  struct iovec iov = { &m, sizeof m };
+  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
+  struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+  if (pass_fd >= 0) {
+    mh.msg_control = u.buf;
+    mh.msg_controllen = sizeof u.buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+  }
+  ssize_t n;
+  do n = sendmsg(fd, &mh, MSG_NOSIGNAL); while (n < 0 && errno == EINTR);
+  return n == (ssize_t)sizeof m ? 0 : -1;
+}
+
+/* Receive one message; up to `maxfds` passed descriptors land in fds (the rest, if any, are closed). */
+static ssize_t recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated) {
+  union { char buf[CMSG_SPACE(sizeof(int) * 4)]; struct cmsghdr align; } u;
+  struct iovec iov = { buf, len };
+  struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf };
+  ssize_t n;
+  do n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC); while (n < 0 && errno == EINTR);
+  *nfds = 0;
+  if (truncated) *truncated = (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0;
+  if (n < 0) return n;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+    for (int i = 0; i < count; i++) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      if (*nfds < maxfds) fds[(*nfds)++] = fd;
+      else close(fd);
+    }
+  }
+  return n;
+}
+
+/* ------------------------------------------------------------------ listen */
+
+static int cmd_listen(int argc, char **argv) {
+  if (argc < 4) {
+    fprintf(stderr, "usage: vesh-session listen SOCKET COMMAND...\n");
+    return 2;
+  }
+  const char *path = argv[2];
+  struct sockaddr_un sa = { .sun_family = AF_UNIX };
+  if (strlen(path) >= sizeof sa.sun_path) {
+    fprintf(stderr, "vesh-session: socket path too long: %s\n", path);
+    return 2;
+  }
+  strcpy(sa.sun_path, path);
+  int s = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+  if (s < 0) die("socket");
+  if (unlink(path) < 0 && errno != ENOENT) die("unlink old socket");
+  mode_t old = umask(077);
+  if (bind(s, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
+  umask(old);
+  if (listen(s, 64) < 0) die("listen");
+  int self = open("/proc/self/exe", O_RDONLY);
+  if (self < 0) die("open /proc/self/exe");
+  if (s != 3) {
+    if (dup2(s, 3) < 0) die("dup2");
+    close(s);
+  }
+  if (self != 4) {
+    if (dup2(self, 4) < 0) die("dup2");
+    close(self);
+  }
+  execvp(argv[3], argv + 3);
+  die(argv[3]);
+  return 255;
+}
+
+/* ------------------------------------------------------------------- agent */
+
+struct conn {
+  int fd;
+  pid_t pid; /* 0 until a process was started */
+};
+
+static struct conn conns[MAX_CONNS];
+static int nconns;
+
+static void drop_conn(int i) {
+  close(conns[i].fd);
+  conns[i] = conns[--nconns];
+}
+
+/* In the forked child: become the session process or die with a message on its stderr. */
+static void child_exec(const struct req_head *h, const uint32_t *groups, const char *cwd, char **envv, char **argvv,
+                       int master, const int *stdio_fds) {
+  sigset_t none;
+  sigemptyset(&none);
+  for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
+  sigprocmask(SIG_SETMASK, &none, NULL);
+  if (setsid() < 0) _exit(126);
+  if (h->tty) {
+    int slave = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY);
+    if (slave < 0) {
+      char *name = ptsname(master);
+      slave = name ? open(name, O_RDWR | O_NOCTTY) : -1;
+    }
+    if (slave < 0) _exit(126);
+    if (ioctl(slave, TIOCSCTTY, 0) < 0) _exit(126);
+    /* As login does: the terminal belongs to the session user, group tty. */
+    if (fchown(slave, h->uid, TTY_GID) < 0 && fchown(slave, h->uid, (gid_t)-1) < 0) { /* keep going */ }
+    fchmod(slave, 0620);
+    for (int i = 0; i < 3; i++)
+      if (dup2(slave, i) < 0) _exit(126);
+    if (slave > 2) close(slave);
+    close(master);
+  } else {
+    for (int i = 0; i < 3; i++)
+      if (dup2(stdio_fds[i], i) < 0) _exit(126);
+  }
+  gid_t gl[MAX_GROUPS];
+  for (uint32_t i = 0; i < h->ngroups; i++) gl[i] = groups[i];
+  if (setgroups(h->ngroups, gl) < 0 || setresgid(h->gid, h->gid, h->gid) < 0 || setresuid(h->uid, h->uid, h->uid) < 0) {
+    dprintf(2, "vesh: cannot become uid %u gid %u: %s\r\n", h->uid, h->gid, strerror(errno));
+    _exit(126);
+  }
+  /* A missing home is not fatal, as with sshd: start in / instead. */
+  if (!cwd[0] || chdir(cwd) < 0) {
+    if (chdir("/") < 0) { /* nothing better */ }
+  }
+  close_range(3, ~0U, 0);
+  const char *file = argvv[0];
+  if (!strchr(file, '/')) {
+    const char *p = NULL;
+    for (char **e = envv; *e; e++)
+      if (!strncmp(*e, "PATH=", 5)) p = *e + 5;
+    if (!p) p = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    char buf[PATH_MAX];
+    for (const char *s = p; ; ) {
+      const char *colon = strchr(s, ':');
+      size_t len = colon ? (size_t)(colon - s) : strlen(s);
+      if (len && len + strlen(file) + 2 < sizeof buf) {
+        memcpy(buf, s, len);
+        buf[len] = '/';
+        strcpy(buf + len + 1, file);
+        execve(buf, argvv, envv);
+      }
+      if (!colon) break;
+      s = colon + 1;
+    }
+    errno = ENOENT;
+  } else {
+    execve(file, argvv, envv);
+  }
+  int err = errno;
+  dprintf(2, "vesh: %s: %s\r\n", file, strerror(err));
+  _exit(err == ENOENT ? 127 : 126);
+}
+
+/* Parse and run one request; returns the started pid, or -1 after telling the client why not. */
+static pid_t start_request(int conn, char *buf, ssize_t n, int truncated, int *fds, int nfds) {
+  struct req_head h;
+  if (truncated || n < (ssize_t)sizeof h) {
+    send_msg(conn, MSG_ERROR, EMSGSIZE, "request too large or malformed", -1);
+    return -1;
+  }
+  memcpy(&h, buf, sizeof h);
+  if (h.magic != MAGIC || h.ngroups > MAX_GROUPS || h.nargv < 1 || h.nargv > 65536 || h.nenv > 65536 ||
+      (!h.tty && nfds != 3)) {
+    send_msg(conn, MSG_ERROR, EINVAL, "malformed request", -1);
+    return -1;
+  }
+  size_t off = sizeof h;
+  uint32_t groups[MAX_GROUPS];
+  if (off + h.ngroups * 4 > (size_t)n) goto bad;
+  memcpy(groups, buf + off, h.ngroups * 4);
+  off += h.ngroups * 4;
+  /* The strings: cwd, env..., argv...; each NUL-terminated within the message. */
+  size_t nstr = 1 + h.nenv + h.nargv;
+  char **strs = calloc(nstr + 2, sizeof(char *));
+  if (!strs) {
+    send_msg(conn, MSG_ERROR, ENOMEM, "out of memory", -1);
+    return -1;
+  }
+  for (size_t i = 0; i < nstr; i++) {
+    char *end = memchr(buf + off, 0, (size_t)n - off);
+    if (off >= (size_t)n || !end) {
+      free(strs);
+      goto bad;
+    }
+    strs[i] = buf + off;
+    off = (size_t)(end - buf) + 1;
+  }
+  /* Lay out as cwd, env..., NULL, argv..., NULL. */
+  char **envv = calloc(h.nenv + 1, sizeof(char *));
+  char **argvv = calloc(h.nargv + 1, sizeof(char *));
+  if (!envv || !argvv) {
+    free(strs); free(envv); free(argvv);
+    send_msg(conn, MSG_ERROR, ENOMEM, "out of memory", -1);
+    return -1;
+  }
+  for (uint32_t i = 0; i < h.nenv; i++) envv[i] = strs[1 + i];
+  for (uint32_t i = 0; i < h.nargv; i++) argvv[i] = strs[1 + h.nenv + i];
+
+  int master = -1;
+  if (h.tty) {
+    master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0 || unlockpt(master) < 0) {
+      int e = errno;
+      if (master >= 0) close(master);
+      free(strs); free(envv); free(argvv);
+      send_msg(conn, MSG_ERROR, e, "cannot open a terminal in the VE (/dev/ptmx)", -1);
+      return -1;
+    }
+    struct winsize ws = { .ws_row = h.rows ? h.rows : 24, .ws_col = h.cols ? h.cols : 80 };
+    ioctl(master, TIOCSWINSZ, &ws);
+  }
+  pid_t pid = fork();
+  if (pid == 0) child_exec(&h, groups, strs[0], envv, argvv, master, fds);
+  int e = errno;
+  free(strs); free(envv); free(argvv);
+  if (pid < 0) {
+    if (master >= 0) close(master);
+    send_msg(conn, MSG_ERROR, e, "fork failed in the VE (process limit?)", -1);
+    return -1;
+  }
+  send_msg(conn, MSG_STARTED, pid, NULL, master);
+  if (master >= 0) close(master);
+  return pid;
+bad:
+  send_msg(conn, MSG_ERROR, EINVAL, "malformed request", -1);
+  return -1;
+}
+
+static int cmd_agent(char **argv, char **envp) {
+  int lfd = 3;
+  /* runc started us as /proc/self/fd/4; take a name VE root recognises in ps. */
+  if (strcmp(argv[0], AGENT_NAME)) {
+    char *args[] = { AGENT_NAME, "agent", NULL };
+    execve("/proc/self/fd/4", args, envp);
+  }
+  struct stat st;
+  if (fstat(lfd, &st) < 0 || !S_ISSOCK(st.st_mode)) {
+    fprintf(stderr, "vesh-session agent: fd 3 is not the listening socket\n");
+    return 2;
+  }
+  close(4); /* our own binary, passed for exec only */
+  prctl(PR_SET_NAME, AGENT_NAME); /* comm, which exec set to "4" */
+  fcntl(lfd, F_SETFD, FD_CLOEXEC);
+  fcntl(lfd, F_SETFL, O_NONBLOCK);
+  int devnull = open("/dev/null", O_RDWR);
+  if (devnull >= 0) {
+    for (int i = 0; i < 3; i++) dup2(devnull, i);
+    if (devnull > 2) close(devnull);
+  }
+  signal(SIGPIPE, SIG_IGN);
+  sigset_t mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGCHLD);
+  sigprocmask(SIG_BLOCK, &mask, NULL);
+  int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (sfd < 0) die("signalfd");
+
+  static char buf[REQ_MAX + 1];
+  struct pollfd pfd[MAX_CONNS + 2];
+  for (;;) {
+    pfd[0] = (struct pollfd){ .fd = lfd, .events = nconns < MAX_CONNS ? POLLIN : 0 };
+    pfd[1] = (struct pollfd){ .fd = sfd, .events = POLLIN };
+    for (int i = 0; i < nconns; i++) pfd[2 + i] = (struct pollfd){ .fd = conns[i].fd, .events = POLLIN };
+    int nready = poll(pfd, (nfds_t)(2 + nconns), -1);
+    if (nready < 0) {
+      if (errno == EINTR) continue;
+      die("poll");
+    }
+    if (pfd[1].revents & POLLIN) {
+      struct signalfd_siginfo si;
+      while (read(sfd, &si, sizeof si) == sizeof si) { }
+      int status;
+      pid_t pid;
+      while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        for (int i = 0; i < nconns; i++) {
+          if (conns[i].pid == pid) {
+            send_msg(conns[i].fd, MSG_EXIT, status, NULL, -1);
+            drop_conn(i);
+            break;
+          }
+        }
+      }
+    }
+    /* Walk connections from the end: drop_conn moves the last one into the hole. */
+    int polled = nconns;
+    for (int i = polled - 1; i >= 0; i--) {
+      short re = pfd[2 + i].revents;
+      if (!re || pfd[2 + i].fd != conns[i].fd) continue;
+      int fds[3], nfds = 0, trunc = 0;
+      ssize_t n = recv_with_fds(conns[i].fd, buf, REQ_MAX, fds, 3, &nfds, &trunc);
+      if (n <= 0) {
+        /* The host side went away: the process, if any, goes on (it has its own stdio). */
+        for (int k = 0; k < nfds; k++) close(fds[k]);
+        if (n == 0 || (errno != EAGAIN && errno != EINTR)) drop_conn(i);
+        continue;
+      }
+      if (conns[i].pid == 0) {
+        pid_t pid = start_request(conns[i].fd, buf, n, trunc, fds, nfds);
+        for (int k = 0; k < nfds; k++) close(fds[k]);
+        if (pid < 0) drop_conn(i);
+        else conns[i].pid = pid;
+      } else {
+        for (int k = 0; k < nfds; k++) close(fds[k]);
+        struct msg m;
+        if (n >= (ssize_t)sizeof m) {
+          memcpy(&m, buf, sizeof m);
+          if (m.type == MSG_SIGNAL && m.value > 0 && m.value < NSIG && m.value != SIGKILL && m.value != SIGSTOP) kill(conns[i].pid, m.value);
+          else if (m.type == MSG_SIGNAL && (m.value == SIGKILL || m.value == SIGSTOP)) kill(conns[i].pid, m.value);
+        }
+      }
+    }
+    if (pfd[0].revents & POLLIN) {
+      for (;;) {
+        int c = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (c < 0) break;
+        if (nconns >= MAX_CONNS) {
+          close(c);
+          break;
+        }
+        conns[nconns++] = (struct conn){ .fd = c, .pid = 0 };
+      }
+    }
+  }
+}
+
+/* ------------------------------------------------------------------ attach */
+
+static struct termios saved_tio;
+static int tio_saved;
+
+static void restore_tty(void) {
+  if (tio_saved) tcsetattr(0, TCSADRAIN, &saved_tio);
+}
+
+static int exit_code_of(int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return 255;
+}
+
+static void fallback_or_die(char **fallback, const char *why) {
+  restore_tty();
+  if (fallback && fallback[0]) {
+    execvp(fallback[0], fallback);
+    fprintf(stderr, "vesh-session: %s, and the fallback %s failed: %s\n", why, fallback[0], strerror(errno));
+  } else {
+    fprintf(stderr, "vesh-session: %s\n", why);
+  }
+  exit(255);
+}
+
+/* Copy buffer for one direction of the terminal relay. */
+struct pipebuf {
+  char data[65536];
+  size_t len;
+};
+
+static int fill(int fd, struct pipebuf *b) {
+  ssize_t n = read(fd, b->data + b->len, sizeof b->data - b->len);
+  if (n > 0) b->len += (size_t)n;
+  return (int)n;
+}
+
+static int flush(int fd, struct pipebuf *b) {
+  ssize_t n = write(fd, b->data, b->len);
+  if (n > 0) {
+    memmove(b->data, b->data + n, b->len - (size_t)n);
+    b->len -= (size_t)n;
+  }
+  return (int)n;
+}
+
+static void write_all_blocking(int fd, struct pipebuf *b) {
+  int fl = fcntl(fd, F_GETFL);
+  fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+  while (b->len) {
+    if (flush(fd, b) < 0 && errno != EINTR) break;
+  }
+}
+
+static int cmd_attach(int argc, char **argv) {
+  /* attach SOCKET TTY UID GID GROUPS CWD NENV ENV... NARGV ARGV... [FALLBACK...] */
+  if (argc < 10) {
+    fprintf(stderr, "vesh-session attach: too few arguments\n");
+    return 255;
+  }
+  int ai = 2;
+  const char *sock = argv[ai++];
+  int tty = atoi(argv[ai++]);
+  uint32_t uid = (uint32_t)strtoul(argv[ai++], NULL, 10);
+  uint32_t gid = (uint32_t)strtoul(argv[ai++], NULL, 10);
+  const char *groups_csv = argv[ai++];
+  const char *cwd = argv[ai++];
+  int nenv = atoi(argv[ai++]);
+  if (nenv < 0 || ai + nenv >= argc) return fprintf(stderr, "vesh-session attach: bad env count\n"), 255;
+  char **env = argv + ai;
+  ai += nenv;
+  int nargv = atoi(argv[ai++]);
+  if (nargv < 1 || ai + nargv > argc) return fprintf(stderr, "vesh-session attach: bad argv count\n"), 255;
+  char **pargv = argv + ai;
+  ai += nargv;
+  char **fallback = ai < argc ? argv + ai : NULL;
+
+  /* Build the request. */
+  static char req[REQ_MAX];
+  struct req_head h = { .magic = MAGIC, .tty = tty ? 1 : 0, .uid = uid, .gid = gid, .nenv = (uint32_t)nenv, .nargv = (uint32_t)nargv };
+  uint32_t groups[MAX_GROUPS];
+  if (strcmp(groups_csv, "-")) {
+    for (const char *p = groups_csv; *p; ) {
+      if (h.ngroups >= MAX_GROUPS) break;
+      groups[h.ngroups++] = (uint32_t)strtoul(p, (char **)&p, 10);
+      if (*p == ',') p++;
+      else if (*p) break;
+    }
+  }
+  struct winsize ws;
+  if (tty && ioctl(0, TIOCGWINSZ, &ws) == 0) {
+    h.rows = ws.ws_row;
+    h.cols = ws.ws_col;
+  }
+  /* Raw mode before anything else, so keys typed early are not echoed by our own terminal. */
+  if (tty && isatty(0) && tcgetattr(0, &saved_tio) == 0) {
+    struct termios raw = saved_tio;
+    cfmakeraw(&raw);
+    tio_saved = 1;
+    tcsetattr(0, TCSADRAIN, &raw);
+  }
+  size_t off = sizeof h;
+  memcpy(req + off, groups, h.ngroups * 4);
+  off += h.ngroups * 4;
+  const char *cwd_s = strcmp(cwd, "-") ? cwd : "";
+  size_t need = off + strlen(cwd_s) + 1;
+  for (int i = 0; i < nenv; i++) need += strlen(env[i]) + 1;
+  for (int i = 0; i < nargv; i++) need += strlen(pargv[i]) + 1;
+  if (need > REQ_MAX) fallback_or_die(fallback, "request too large for the session agent");
+  memcpy(req, &h, sizeof h);
+  off += (size_t)sprintf(req + off, "%s", cwd_s) + 1;
+  for (int i = 0; i < nenv; i++) off += (size_t)sprintf(req + off, "%s", env[i]) + 1;
+  for (int i = 0; i < nargv; i++) off += (size_t)sprintf(req + off, "%s", pargv[i]) + 1;
+
+  int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (s < 0) die("socket");
+  struct sockaddr_un sa = { .sun_family = AF_UNIX };
+  snprintf(sa.sun_path, sizeof sa.sun_path, "%s", sock);
+  if (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
+    close(s);
+    fallback_or_die(fallback, "no session agent answers");
+  }
+
+  /* Signals: forwarded ones and SIGWINCH come through a signalfd, so none is lost between here and the loop. */
+  static const int forwarded[] = { SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGABRT, SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU };
+  sigset_t mask;
+  sigemptyset(&mask);
+  for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaddset(&mask, forwarded[i]);
+  sigaddset(&mask, SIGWINCH);
+  sigprocmask(SIG_BLOCK, &mask, NULL);
+  signal(SIGPIPE, SIG_IGN);
+  int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (sfd < 0) die("signalfd");
+
+  struct iovec iov = { req, off };
+  union { char buf[CMSG_SPACE(sizeof(int) * 3)]; struct cmsghdr align; } u;
+  struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+  if (!tty) {
+    int fds[3] = { 0, 1, 2 };
+    mh.msg_control = u.buf;
+    mh.msg_controllen = sizeof u.buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof fds);
+    memcpy(CMSG_DATA(c), fds, sizeof fds);
+  }
+  if (sendmsg(s, &mh, MSG_NOSIGNAL) < 0) {
+    if (errno == EMSGSIZE) fallback_or_die(fallback, "request too large for the session agent");
+    fallback_or_die(fallback, "the session agent did not take the request");
+  }
+
+  struct msg m;
+  int got[1], ngot = 0;
+  ssize_t n = recv_with_fds(s, &m, sizeof m, got, 1, &ngot, NULL);
+  if (n != (ssize_t)sizeof m) fallback_or_die(fallback, "the session agent went away");
+  if (m.type == MSG_ERROR) {
+    m.text[sizeof m.text - 1] = 0;
+    restore_tty();
+    fprintf(stderr, "vesh: %s: %s\r\n", m.text, strerror(m.value));
+    return 255;
+  }
+  if (m.type != MSG_STARTED) fallback_or_die(fallback, "unexpected answer from the session agent");
+  int master = tty ? (ngot ? got[0] : -1) : -1;
+  if (tty && master < 0) {
+    restore_tty();
+    fprintf(stderr, "vesh: the session agent sent no terminal\n");
+    return 255;
+  }
+
+  if (!tty) {
+    /* The process has our stdio now; holding copies would only delay its EOFs. */
+    int devnull = open("/dev/null", O_RDWR);
+    for (int i = 0; i < 3 && devnull >= 0; i++) dup2(devnull, i);
+    if (devnull > 2) close(devnull);
+  }
+
+  static struct pipebuf in, out; /* in: our stdin -> VE terminal; out: VE terminal -> our stdout */
+  int in_eof = 0, master_eof = 0;
+  if (tty) {
+    fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
+    fcntl(1, F_SETFL, fcntl(1, F_GETFL) | O_NONBLOCK);
+    fcntl(master, F_SETFL, fcntl(master, F_GETFL) | O_NONBLOCK);
+  }
+  for (;;) {
+    struct pollfd p[5];
+    int np = 0;
+    p[np++] = (struct pollfd){ .fd = s, .events = POLLIN };
+    p[np++] = (struct pollfd){ .fd = sfd, .events = POLLIN };
+    int i_stdin = -1, i_master = -1, i_stdout = -1;
+    if (tty) {
+      if (!in_eof && in.len < sizeof in.data) { i_stdin = np; p[np++] = (struct pollfd){ .fd = 0, .events = POLLIN }; }
+      short me = 0;
+      if (!master_eof && out.len < sizeof out.data) me |= POLLIN;
+      if (in.len) me |= POLLOUT;
+      if (me) { i_master = np; p[np++] = (struct pollfd){ .fd = master, .events = me }; }
+      if (out.len) { i_stdout = np; p[np++] = (struct pollfd){ .fd = 1, .events = POLLOUT }; }
+    }
+    if (poll(p, (nfds_t)np, -1) < 0) {
+      if (errno == EINTR) continue;
+      die("poll");
+    }
+    if (p[1].revents & POLLIN) {
+      struct signalfd_siginfo si;
+      while (read(sfd, &si, sizeof si) == sizeof si) {
+        if ((int)si.ssi_signo == SIGWINCH) {
+          if (tty && ioctl(0, TIOCGWINSZ, &ws) == 0) ioctl(master, TIOCSWINSZ, &ws);
+        } else {
+          send_msg(s, MSG_SIGNAL, (int32_t)si.ssi_signo, NULL, -1);
+        }
+      }
+    }
+    if (i_stdin >= 0 && (p[i_stdin].revents & (POLLIN | POLLHUP | POLLERR))) {
+      int r = fill(0, &in);
+      if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) in_eof = 1;
+    }
+    if (i_master >= 0) {
+      if (p[i_master].revents & POLLOUT) {
+        if (flush(master, &in) < 0 && errno != EAGAIN && errno != EINTR) in.len = 0;
+      }
+      if (p[i_master].revents & (POLLIN | POLLHUP | POLLERR)) {
+        int r = fill(master, &out);
+        /* EIO: nobody holds the VE side open any more. */
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) master_eof = 1;
+      }
+    }
+    if (i_stdout >= 0 && (p[i_stdout].revents & (POLLOUT | POLLERR | POLLHUP))) {
+      if (flush(1, &out) < 0 && errno != EAGAIN && errno != EINTR) out.len = 0;
+    }
+    if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+      n = recv(s, &m, sizeof m, 0);
+      if (n == (ssize_t)sizeof m && m.type == MSG_EXIT) {
+        if (tty) {
+          /* The process is gone: what it wrote is in the terminal already; pass it on. */
+          while (!master_eof) {
+            if (out.len == sizeof out.data) write_all_blocking(1, &out);
+            int r = fill(master, &out);
+            if (r <= 0 && !(r < 0 && errno == EINTR)) break;
+          }
+          write_all_blocking(1, &out);
+          restore_tty();
+        }
+        return exit_code_of(m.value);
+      }
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+        if (tty) {
+          write_all_blocking(1, &out);
+          restore_tty();
+        }
+        fprintf(stderr, "vesh: the session agent in the VE went away\n");
+        return 255;
+      }
+    }
+  }
+}
+
+int main(int argc, char **argv, char **envp) {
+  if (argc >= 2 && !strcmp(argv[1], "listen")) return cmd_listen(argc, argv);
+  if (argc >= 2 && !strcmp(argv[1], "agent")) return cmd_agent(argv, envp);
+  if (argc >= 2 && !strcmp(argv[1], "attach")) return cmd_attach(argc, argv);
+  fprintf(stderr, "usage: vesh-session listen SOCKET COMMAND... | agent | attach SOCKET ...\n");
+  return 2;
+}
