@@ -58,6 +58,17 @@ function hostNofileHardLimit(): number {
   return 4096;
 }
 
+/**
+ * The environment every process started in a VE begins with (the init's, and
+ * under what a session sets). container= tells init scripts they run in a
+ * container, as LXC and systemd-nspawn set it.
+ */
+export const VE_PROCESS_ENV: Readonly<Record<string, string>> = {
+  PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
+  container: 'vesh',
+  TERM: 'linux',
+};
+
 export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
   const caps = VE_CAPABILITIES;
   const nofileHard = Math.min(hostNofileHardLimit(), 65_536);
@@ -69,8 +80,7 @@ export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
       terminal: false,
       user: { uid: 0, gid: 0 },
       args: spec.init,
-      // container= tells init scripts they run in a container (as LXC and systemd-nspawn set it).
-      env: ['PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', 'container=vesh', 'TERM=linux'],
+      env: Object.entries(VE_PROCESS_ENV).map(([k, v]) => `${k}=${v}`),
       cwd: '/',
       capabilities: { bounding: caps, effective: caps, permitted: caps, inheritable: [], ambient: [] },
       rlimits: [{ type: 'RLIMIT_NOFILE', hard: nofileHard, soft: Math.min(1024, nofileHard) }],

@@ -114,6 +114,9 @@ export class RuncRuntime implements ContainerRuntime {
     const args = [...this.base(), 'exec', `--tty=${spec.tty}`, '--user', `${spec.uid}:${spec.gid}`];
     for (const g of spec.additionalGids ?? []) args.push('--additional-gids', String(g));
     if (spec.cwd) args.push('--cwd', spec.cwd);
+    if (spec.detach) args.push('--detach');
+    if (spec.preserveFds) args.push('--preserve-fds', String(spec.preserveFds));
+    if (spec.pidFile) args.push('--pid-file', spec.pidFile);
     for (const [k, v] of Object.entries(spec.env ?? {})) args.push('--env', `${k}=${v}`);
     args.push(id, ...spec.argv);
     return { file: this.binary, args };

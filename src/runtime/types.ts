@@ -29,6 +29,12 @@ export interface ExecSpec {
   env?: Record<string, string>;
   /** Allocate a terminal from the container's own devpts. */
   tty: boolean;
+  /** Return once the process runs, leaving it in the background (no relay). */
+  detach?: boolean;
+  /** Pass the caller's fds 3..3+N-1 on to the process. */
+  preserveFds?: number;
+  /** Write the process's host pid here (with detach). */
+  pidFile?: string;
 }
 
 /** A host command line that, when spawned, runs the process inside the container. */

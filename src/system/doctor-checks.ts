@@ -7,6 +7,7 @@ import { detectCgroupLayout, type CgroupLayout } from '../runtime/cgroups.js';
 import { run, safeEnv } from './exec.js';
 import { binaryLinkage } from './elf.js';
 import { firstUnsearchableAncestor, type Layout } from './layout.js';
+import { sessionHelperPath } from './session-helper.js';
 
 /**
  * `vesh doctor`: can this host run VEs, and what to do if not. Each check is
@@ -320,9 +321,22 @@ const checkHostKeys: Check = async ({ config }) => {
   }
 };
 
+/**
+ * The session helper starts sessions inside VEs without a `runc exec` each
+ * (session-agents.ts). Without it vesh still works, every session slower.
+ * Its agent runs inside VEs that may hold no C library: it must be static.
+ */
+const checkSessionHelper: Check = async () => {
+  const file = sessionHelperPath();
+  const kind = await binaryLinkage(file);
+  if (kind === 'missing') return warn('session helper', `${file} is not built: every session pays for a runc exec`, 'npm run build (needs gcc and libc6-dev)');
+  if (kind !== 'static') return warn('session helper', `${file} is ${kind === 'dynamic' ? 'dynamically linked' : 'not an ELF binary we can read'}: its agent cannot run in VEs without a C library`, 'npm run build (scripts/build-native.sh links it statically)');
+  return ok('session helper', `${file} (static)`);
+};
+
 export const CHECKS: Check[] = [
   checkRoot, checkUserNsEnabled, checkNamespaces, checkOverlay, checkCgroups, checkRuntime, checkBridgeVeth, checkNftables,
-  checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys,
+  checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys, checkSessionHelper,
 ];
 
 /** Run every check in turn; one that throws is reported as failed and never stops the rest. */

@@ -16,6 +16,8 @@ export interface Layout {
   locksDir: string;
   /** runc --root: tmpfs, so engine state disappears with a host reboot as containers do. */
   runtimeRoot: string;
+  /** Sockets and pid files of the VEs' session agents: root-only, on the host, never inside a VE. */
+  agentsDir: string;
   /** Parent cgroup path of every VE of this instance. */
   cgroupParent: string;
   templateDir(name: string): string;
@@ -33,6 +35,7 @@ export function makeLayout(dataDir: string): Layout {
     vesDir: path.join(abs, 'ves'),
     locksDir: path.join(abs, 'locks'),
     runtimeRoot: path.join('/run/vesh', instanceId, 'runc'),
+    agentsDir: path.join('/run/vesh', instanceId, 'agents'),
     cgroupParent: `/vesh-${instanceId}`,
     templateDir: (name) => path.join(abs, 'templates', name),
     templateRootfs: (name) => path.join(abs, 'templates', name, 'rootfs'),

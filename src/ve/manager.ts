@@ -5,18 +5,20 @@ import { resolveLimits, type Limits, type LimitsInput } from '../config/limits.j
 import type { ServerConfig } from '../config/server-config.js';
 import { ErrorCodes, VeshError, errorMessage, isVeshError } from '../errors.js';
 import { cgroupDirs, detectCgroupLayout, readCgroupStats, removeCgroupDirs, type CgroupLayout } from '../runtime/cgroups.js';
-import { buildOciConfig, type OciHook } from '../runtime/oci-bundle.js';
+import { VE_PROCESS_ENV, buildOciConfig, type OciHook } from '../runtime/oci-bundle.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from '../runtime/types.js';
 import type { VeNetIdentity } from '../net/types.js';
 import type { TemplateInfo } from '../template/types.js';
 import { run } from '../system/exec.js';
 import { prepareDataDir, type Layout } from '../system/layout.js';
 import { raiseKeyQuotas } from '../system/host-tuning.js';
+import { processStartTime } from '../system/proc.js';
 import { withRevert } from '../system/revert.js';
 import type { VeAccess, VeProcessSpec, VeUserInfo } from './access.js';
 import { withLock } from './lock.js';
 import { assertVeName } from './names.js';
 import { parseGroup, parsePasswd } from './passwd.js';
+import { SessionAgents } from './session-agents.js';
 import { readRecord, writeJsonAtomic, type VeRecord } from './record.js';
 import { canDestroy, canStart, canStop, needsCleanup, veStateOf, type VeState } from './state.js';
 import {
@@ -49,6 +51,8 @@ export interface VeManagerDeps {
   runtime: ContainerRuntime;
   templates: TemplateSource;
   network: NetworkPlane;
+  /** The session helper binary; default: the built one (session-agents.ts); null: always runc exec. */
+  sessionHelper?: string | null;
 }
 
 export interface VeStatus {
@@ -94,6 +98,7 @@ export class VeManager implements VeAccess {
   /** Start time (/proc/PID/stat field 22) of each watched init: a reused pid is not the VE's init. */
   private readonly initStart = new Map<string, string>();
   private readonly userDbCache = new Map<string, { key: string; passwd: string; group: string }>();
+  private readonly agents: SessionAgents;
   private monitorTimer: NodeJS.Timeout | null = null;
   private monitorBusy = false;
 
@@ -105,6 +110,13 @@ export class VeManager implements VeAccess {
     this.templates = deps.templates;
     this.network = deps.network;
     this.cgroupLayout = detectCgroupLayout();
+    this.agents = new SessionAgents({
+      runtime: this.runtime,
+      dir: this.layout.agentsDir,
+      log: this.log,
+      currentInit: (ve) => this.knownInit(ve),
+      helper: deps.sessionHelper,
+    });
   }
 
   private paths(name: string): VePaths {
@@ -356,6 +368,7 @@ export class VeManager implements VeAccess {
     await unmountAll(p);
     await fs.rm(p.pidFile, { force: true });
     this.watched.delete(rec.name);
+    await this.agents.forget(rec.name);
   }
 
   async restart(name: string): Promise<void> {
@@ -531,10 +544,15 @@ export class VeManager implements VeAccess {
 
   /** True when the VE's init, as this process last saw it start or run, is still that same process. */
   private async knownRunning(ve: string): Promise<boolean> {
+    return (await this.knownInit(ve)) !== null;
+  }
+
+  /** "pid:start time" of the VE's init when knownRunning, else null. */
+  private async knownInit(ve: string): Promise<string | null> {
     const pid = this.watched.get(ve);
     const start = this.initStart.get(ve);
-    if (!pid || pid <= 0 || !start) return false;
-    return (await processStartTime(pid)) === start;
+    if (!pid || pid <= 0 || !start) return null;
+    return (await processStartTime(pid)) === start ? `${pid}:${start}` : null;
   }
 
   private async watch(ve: string, pid: number): Promise<void> {
@@ -545,20 +563,39 @@ export class VeManager implements VeAccess {
   }
 
   async processCommand(ve: string, spec: VeProcessSpec): Promise<HostCommand> {
+    const additionalGids = spec.user.groups.filter((g) => g !== spec.user.gid);
     // runc refuses to start a process whose cwd is missing; a login must still
     // work when the user removed their home, so change directory inside, as
     // sshd does, falling back to /.
-    const argv = spec.cwd
-      ? ['/bin/sh', '-c', 'cd -- "$1" 2>/dev/null || cd /; shift; exec "$@"', 'vesh-cd', spec.cwd, ...spec.argv]
-      : spec.argv;
-    return this.execCommand(ve, {
-      argv,
+    const viaRunc: ExecSpec = {
+      argv: spec.cwd
+        ? ['/bin/sh', '-c', 'cd -- "$1" 2>/dev/null || cd /; shift; exec "$@"', 'vesh-cd', spec.cwd, ...spec.argv]
+        : spec.argv,
       uid: spec.user.uid,
       gid: spec.user.gid,
-      additionalGids: spec.user.groups.filter((g) => g !== spec.user.gid),
+      additionalGids,
       env: spec.env,
       tty: spec.tty,
-    });
+    };
+    // A VE whose init we know runs: through its session agent (see
+    // session-agents.ts), with `runc exec` as the fallback.
+    const init = await this.knownInit(ve);
+    if (!init) return this.execCommand(ve, viaRunc);
+    return this.agents.command(ve, init, {
+      argv: spec.argv,
+      uid: spec.user.uid,
+      gid: spec.user.gid,
+      groups: [spec.user.gid, ...additionalGids],
+      cwd: spec.cwd,
+      // What runc exec would give: the VE's process environment under the session's.
+      env: { ...VE_PROCESS_ENV, ...spec.env },
+      tty: spec.tty,
+    }, this.runtime.execCommand(ve, viaRunc));
+  }
+
+  /** Wait until session agents being started are up (tests and benchmarks). */
+  async sessionAgentsSettled(): Promise<void> {
+    await this.agents.settled();
   }
 
   async netCommand(ve: string, user: VeUserInfo, argv: string[]): Promise<HostCommand> {
@@ -705,21 +742,6 @@ function stepTimer(): ((step: string) => void) & { steps: Record<string, number>
 }
 
 const USERDB_SEPARATOR = '--vesh-userdb-separator--';
-
-/**
- * Field 22 of /proc/PID/stat (start time in clock ticks since boot), or null
- * if there is no such process or it has exited (a zombie whose parent has not
- * reaped it yet).
- */
-async function processStartTime(pid: number): Promise<string | null> {
-  try {
-    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return fields[0] === 'Z' ? null : (fields[19] ?? null);
-  } catch {
-    return null;
-  }
-}
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));

@@ -3,7 +3,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { vePaths } from '../../src/ve/storage.js';
-import { makeVeTestEnv, type VeTestEnv } from '../helpers/ve-env.js';
+import { makeVeTestEnv, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
 import {
   Cleanup, keyAuthArgs, makeClientKey, runProgram, sshBaseArgs, sshWithKey, startVeshServe, tempDir, writeAccounts,
   type ClientKey, type ServeProcess,
@@ -142,14 +142,19 @@ describe('vesh serve: file transfer reads and writes only the VE', () => {
     await ssh(['echo precious > /root/precious.txt']);
     const before = (await ssh(['sha256sum /root/precious.txt'])).stdout;
     const big = path.join(work, 'big.bin');
-    writeFileSync(big, randomBytes(64 * 1024 * 1024));
+    writeFileSync(big, randomBytes(16 * 1024 * 1024));
     const f = path.join(work, 'cut-batch');
     writeFileSync(f, 'put big.bin /root/big.bin\n');
     const { spawn } = await import('node:child_process');
-    const child = spawn('sftp', [...sshBaseArgs(serve.port).map((a) => (a === '-p' ? '-P' : a)), ...keyAuthArgs(key), '-b', f, 'alice@127.0.0.1'], { cwd: work, stdio: 'ignore' });
-    await new Promise((r) => setTimeout(r, 700));
+    // -l: 16 Mbit/s, so the 16 MiB upload takes ~8 s and is surely cut off midway.
+    const child = spawn('sftp', [...sshBaseArgs(serve.port).map((a) => (a === '-p' ? '-P' : a)), ...keyAuthArgs(key), '-l', '16000', '-b', f, 'alice@127.0.0.1'], { cwd: work, stdio: 'ignore' });
+    const closed = new Promise((r) => child.on('close', r));
+    await waitFor('the upload to begin', async () => Number((await ssh(['stat -c %s /root/big.bin 2>/dev/null || echo 0'])).stdout.trim()) > 0, 60_000);
     child.kill('SIGKILL');
-    await new Promise((r) => child.on('close', r));
+    await closed;
+    const size = Number((await ssh(['stat -c %s /root/big.bin'])).stdout.trim());
+    expect(size).toBeGreaterThan(0);
+    expect(size).toBeLessThan(16 * 1024 * 1024);
     expect((await ssh(['sha256sum /root/precious.txt'])).stdout).toBe(before);
     const digest = createHash('sha256').update('precious\n').digest('hex');
     expect(before.startsWith(digest)).toBe(true);

@@ -1,7 +1,7 @@
 import argon2 from 'argon2';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeVeTestEnv, type VeTestEnv } from '../helpers/ve-env.js';
+import { makeVeTestEnv, shInVe, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
 import {
   Cleanup, ClientTerminal, keyAuthArgs, makeClientKey, sshBaseArgs, sshWithKey, sshWithPassword, startVeshServe, tempDir, writeAccounts,
   type ClientKey, type ServeProcess,
@@ -43,6 +43,11 @@ describe('vesh serve: logins and sessions in real VEs', () => {
       'erin:',
       '  keys:',
       `    - ${aliceKey.publicLine} erin@test`,
+      'frank:',
+      '  ve: alice',
+      '  user: frank',
+      '  keys:',
+      `    - ${aliceKey.publicLine} frank@test`,
       'carol:',
       `  password: "${hash}"`,
       '  ve: alice',
@@ -71,6 +76,42 @@ describe('vesh serve: logins and sessions in real VEs', () => {
     expect(r.stdout.split('\n').slice(0, 3)).toEqual(['alice', '0', '1']);
     expect(r.code).toBe(0);
     expect((await env.ves.status('alice')).state).toBe('running');
+  });
+
+  it('runs later sessions through the VE session agent, with the VE cgroups, seccomp filter and capabilities', async () => {
+    // The first login went through runc exec and started the agent in the background.
+    const parentOf = async () => (await ssh(aliceKey, 'alice', ['cat /proc/$PPID/comm'])).stdout.trim();
+    await waitFor('sessions started by vesh-agent', async () => (await parentOf()) === 'vesh-agent', 30_000);
+    // Same cgroups, seccomp mode and capabilities as the VE's init.
+    const show = 'for p in self 1; do sort /proc/$p/cgroup | md5sum; grep -E "^(Seccomp|CapEff|CapBnd|NoNewPrivs):" /proc/$p/status; done';
+    const r = await ssh(aliceKey, 'alice', [show]);
+    const lines = r.stdout.trim().split('\n');
+    expect(lines).toHaveLength(10);
+    expect(lines.slice(0, 5)).toEqual(lines.slice(5));
+    expect(lines).toContain('Seccomp:\t2');
+    // VE root killing the agent: the next login still works (runc exec), and a new agent comes up.
+    await shInVe(env, 'alice', 'pkill -x vesh-agent');
+    const after = await ssh(aliceKey, 'alice', ['echo still-in']);
+    expect(after.stdout).toBe('still-in\n');
+    expect(after.code).toBe(0);
+    await waitFor('a new vesh-agent', async () => (await parentOf()) === 'vesh-agent', 30_000);
+  });
+
+  it('runs a non-root account as its user inside the VE: home, no capabilities, its own terminal', async () => {
+    await shInVe(env, 'alice', 'id frank >/dev/null 2>&1 || useradd -m -s /bin/bash frank');
+    const r = await ssh(aliceKey, 'frank', ['id -un; id -u; pwd; echo "$HOME $USER $SHELL"; grep CapEff /proc/self/status; touch /etc/frank-was-here 2>&1 | grep -c "Permission denied"']);
+    expect(r.stdout.split('\n').slice(0, 6)).toEqual(['frank', '1000', '/home/frank', '/home/frank frank /bin/bash', 'CapEff:\t0000000000000000', '1']);
+    const term = new ClientTerminal([...sshBaseArgs(serve.port), ...keyAuthArgs(aliceKey), '-tt', 'frank@127.0.0.1']);
+    cleanup.add(() => term.kill());
+    try {
+      await term.expect(/frank@alice:~\$ /);
+      term.write('stat -c "OWNER=%U MODE=%a" $(tty)\r');
+      await term.expect(/OWNER=frank MODE=620/);
+      term.write('exit\r');
+      expect(await term.waitExit()).toBe(0);
+    } finally {
+      term.kill();
+    }
   });
 
   it('makes one VE for concurrent first logins of one account', async () => {

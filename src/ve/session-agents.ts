@@ -1,0 +1,153 @@
+import { existsSync, promises as fs } from 'node:fs';
+import path from 'node:path';
+import type { Logger } from '../audit/logger.js';
+import { errorMessage } from '../errors.js';
+import type { ContainerRuntime, HostCommand } from '../runtime/types.js';
+import { run } from '../system/exec.js';
+import { processStartTime } from '../system/proc.js';
+import { sessionHelperPath } from '../system/session-helper.js';
+
+/**
+ * Session agents: one small resident process per VE in use that starts
+ * session processes, so that a login does not pay for a `runc exec`
+ * (~65 ms here, two Go process starts and a copy of the runc binary) but
+ * for a fork inside the VE (~1 ms) and one tiny host process.
+ *
+ * The agent (src/native/vesh-session.c) is itself started by `runc exec`,
+ * so it has exactly what every `runc exec` process has: the VE's namespaces,
+ * cgroups, capabilities, seccomp filter and rlimits. What it forks inherits
+ * all of that; it does no namespace, cgroup or seccomp work of its own. A
+ * session process gets a terminal from the VE's devpts (opened by the agent
+ * inside the VE) and drops to the session user with setgroups/setgid/setuid,
+ * which clears a non-root user's capabilities as login does.
+ *
+ * The host reaches an agent through a socket in a root-only directory of the
+ * host (never in the VE's mount namespace); the agent holds only the
+ * listening descriptor, so VE users cannot ask it for anything.
+ *
+ * An agent is started in the background the first time a session is asked
+ * for a VE whose init we know (that session still goes through `runc exec`),
+ * and again whenever it is gone (VE restarted, or VE root killed it). Every
+ * attach carries the `runc exec` command line as its fallback for the case
+ * that the agent died since we last looked. VEs nobody logs into have no
+ * agent, so idle density is unchanged.
+ */
+
+const AGENT_START_DELAY_MS = 1000;
+
+/** A process to start through an agent (uid/gid inside the VE; env complete). */
+export interface AgentProcessSpec {
+  argv: string[];
+  uid: number;
+  gid: number;
+  groups: number[];
+  cwd?: string;
+  env: Record<string, string>;
+  tty: boolean;
+}
+
+interface AgentRecord {
+  /** The VE init (pid:start time) this agent was started under. */
+  init: string;
+  pid: number;
+  start: string;
+}
+
+export class SessionAgents {
+  private readonly agents = new Map<string, AgentRecord>();
+  private readonly launching = new Map<string, Promise<void>>();
+  private readonly helper: string | null;
+
+  constructor(
+    private readonly deps: {
+      runtime: ContainerRuntime;
+      dir: string;
+      log: Logger;
+      /** "pid:start" of the VE's init as the VE manager knows it now, or null. */
+      currentInit: (ve: string) => Promise<string | null>;
+      helper?: string | null;
+    },
+  ) {
+    const helper = deps.helper === undefined ? sessionHelperPath() : deps.helper;
+    this.helper = helper && existsSync(helper) ? helper : null;
+    if (helper && !this.helper) {
+      deps.log.warn({ event: 've.session_agent_unavailable', helper }, `${helper} is missing (run "npm run build"): every session uses runc exec`);
+    }
+  }
+
+  private socketPath(ve: string): string {
+    return path.join(this.deps.dir, `${ve}.sock`);
+  }
+
+  /**
+   * The host command for `spec` in VE `ve`, whose init is `init` (pid:start):
+   * through the VE's agent when one runs under this init, else `fallback`
+   * (while an agent is started for next time).
+   */
+  async command(ve: string, init: string, spec: AgentProcessSpec, fallback: HostCommand): Promise<HostCommand> {
+    if (!this.helper) return fallback;
+    const agent = this.agents.get(ve);
+    if (agent && agent.init === init && (await processStartTime(agent.pid)) === agent.start) {
+      const env = Object.entries(spec.env).map(([k, v]) => `${k}=${v}`);
+      return {
+        file: this.helper,
+        args: [
+          'attach', this.socketPath(ve), spec.tty ? '1' : '0', String(spec.uid), String(spec.gid),
+          spec.groups.length ? spec.groups.join(',') : '-', spec.cwd || '-',
+          String(env.length), ...env, String(spec.argv.length), ...spec.argv,
+          fallback.file, ...fallback.args,
+        ],
+      };
+    }
+    if (!this.launching.has(ve)) {
+      // A second later, not now: the login that asked for it is starting its
+      // own `runc exec` (on a VE just booted, maybe), and on two cores the
+      // agent's start would slow that login down instead of the next one.
+      const p = new Promise((r) => setTimeout(r, AGENT_START_DELAY_MS))
+        .then(() => this.launch(ve, init))
+        .catch((err) => this.deps.log.warn({ event: 've.session_agent_failed', ve, err: errorMessage(err) }))
+        .finally(() => this.launching.delete(ve));
+      this.launching.set(ve, p);
+    }
+    return fallback;
+  }
+
+  /** Wait for agent starts under way (tests, benchmarks and shutdown). */
+  async settled(): Promise<void> {
+    await Promise.all([...this.launching.values()]);
+  }
+
+  private async launch(ve: string, init: string): Promise<void> {
+    // The VE stopped or restarted meanwhile: the next session asks again.
+    if ((await this.deps.currentInit(ve)) !== init) return;
+    await fs.mkdir(this.deps.dir, { recursive: true, mode: 0o700 });
+    const pidFile = path.join(this.deps.dir, `${ve}.pid`);
+    await fs.rm(pidFile, { force: true });
+    const cmd = this.deps.runtime.execCommand(ve, {
+      // runc opens the path inside the VE: /proc/self/fd/4 is this binary,
+      // passed by `listen`, so nothing of ours has to be in the VE's files.
+      argv: ['/proc/self/fd/4', 'agent'],
+      uid: 0,
+      gid: 0,
+      tty: false,
+      detach: true,
+      preserveFds: 2,
+      pidFile,
+    });
+    const started = performance.now();
+    await run(this.helper!, ['listen', this.socketPath(ve), cmd.file, ...cmd.args], { timeoutMs: 30_000 });
+    const pid = Number((await fs.readFile(pidFile, 'utf8')).trim());
+    const start = pid > 0 ? await processStartTime(pid) : null;
+    if (!start) throw new Error(`the session agent of VE "${ve}" exited at once`);
+    this.agents.set(ve, { init, pid, start });
+    this.deps.log.debug({ event: 've.session_agent_started', ve, pid, ms: Math.round(performance.now() - started) });
+  }
+
+  /** The VE stopped or is gone: its agent went with it; remove what we kept for it. */
+  async forget(ve: string): Promise<void> {
+    await this.launching.get(ve);
+    this.agents.delete(ve);
+    await fs.rm(this.socketPath(ve), { force: true });
+    await fs.rm(path.join(this.deps.dir, `${ve}.pid`), { force: true });
+  }
+}
