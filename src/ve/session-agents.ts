@@ -34,6 +34,8 @@ import { sessionHelperPath } from '../system/session-helper.js';
  */
 
 const AGENT_START_DELAY_MS = 1000;
+/** The agent's process name (AGENT_NAME in vesh-session.c). */
+const AGENT_NAME = 'vesh-agent';
 
 /** A process to start through an agent (uid/gid inside the VE; env complete). */
 export interface AgentProcessSpec {
@@ -122,6 +124,14 @@ export class SessionAgents {
     if ((await this.deps.currentInit(ve)) !== init) return;
     await fs.mkdir(this.deps.dir, { recursive: true, mode: 0o700 });
     const pidFile = path.join(this.deps.dir, `${ve}.pid`);
+    // An agent a previous `vesh serve` started in this VE: use it rather than
+    // leave it behind with nobody connecting to it.
+    const previous = await this.adoptable(ve, init, pidFile);
+    if (previous) {
+      this.agents.set(ve, previous);
+      this.deps.log.debug({ event: 've.session_agent_adopted', ve, pid: previous.pid });
+      return;
+    }
     await fs.rm(pidFile, { force: true });
     const cmd = this.deps.runtime.execCommand(ve, {
       // runc opens the path inside the VE: /proc/self/fd/4 is this binary,
@@ -141,6 +151,31 @@ export class SessionAgents {
     if (!start) throw new Error(`the session agent of VE "${ve}" exited at once`);
     this.agents.set(ve, { init, pid, start });
     this.deps.log.debug({ event: 've.session_agent_started', ve, pid, ms: Math.round(performance.now() - started) });
+  }
+
+  /**
+   * The agent named in the pid file, if it still runs in this VE (its pid
+   * namespace is the init's) and its socket is there. Only host root writes
+   * the pid file and the socket; the checks make sure the pid was not reused.
+   */
+  private async adoptable(ve: string, init: string, pidFile: string): Promise<AgentRecord | null> {
+    const pid = Number((await fs.readFile(pidFile, 'utf8').catch(() => '')).trim());
+    if (!Number.isInteger(pid) || pid <= 0) return null;
+    const initPid = init.split(':')[0];
+    const [comm, ns, initNs, start, sock] = await Promise.all([
+      fs.readFile(`/proc/${pid}/comm`, 'utf8').catch(() => ''),
+      fs.readlink(`/proc/${pid}/ns/pid`).catch(() => 'none'),
+      fs.readlink(`/proc/${initPid}/ns/pid`).catch(() => 'init'),
+      processStartTime(pid),
+      fs.lstat(this.socketPath(ve)).catch(() => null),
+    ]);
+    if (comm.trim() !== AGENT_NAME || ns !== initNs || !start) return null;
+    if (!sock?.isSocket()) {
+      // Ours, in this VE, but nobody can reach it any more.
+      try { process.kill(pid, 'SIGKILL'); } catch { /* gone meanwhile */ }
+      return null;
+    }
+    return { init, pid, start };
   }
 
   /** The VE stopped or is gone: its agent went with it; remove what we kept for it. */

@@ -244,6 +244,8 @@ describe('vesh serve: logins and sessions in real VEs', () => {
   });
 
   it('on SIGTERM closes sessions cleanly and leaves the VEs running', async () => {
+    const agentBefore = (await ssh(aliceKey, 'alice', ['[ "$(cat /proc/$PPID/comm)" = vesh-agent ] && echo $PPID'])).stdout.trim();
+    expect(agentBefore).toMatch(/^\d+$/);
     const term = new ClientTerminal([...sshBaseArgs(serve.port), ...keyAuthArgs(aliceKey), '-tt', 'alice@127.0.0.1']);
     cleanup.add(() => term.kill());
     await term.expect(/root@alice:~# /);
@@ -256,6 +258,10 @@ describe('vesh serve: logins and sessions in real VEs', () => {
     serve = await startVeshServe(cleanup, env.configFile);
     const r = await ssh(aliceKey, 'alice', ['cat /root/secret.txt']);
     expect(r.stdout).toBe('alice-private\n');
+    // The new server takes over the VE's session agent instead of starting a second one.
+    await waitFor('sessions by the agent again', async () => (await ssh(aliceKey, 'alice', ['cat /proc/$PPID/comm'])).stdout.trim() === 'vesh-agent', 30_000);
+    const agents = await ssh(aliceKey, 'alice', ['echo $PPID; pgrep -c -x vesh-agent']);
+    expect(agents.stdout).toBe(`${agentBefore}\n1\n`);
     void path;
   });
 });
