@@ -141,6 +141,7 @@ async function main(): Promise<void> {
     }
     await removeCgroupDirs(cgroupDirs(`/vesh-bench-${tag}`));
     await fs.rm(rawRoot, { recursive: true, force: true });
+    await fs.rmdir(path.dirname(rawRoot)).catch(() => undefined); // only when no other run uses it
     await removeInstance(config, logger);
     await fs.rm(dir, { recursive: true, force: true }).catch((err: Error) => console.error(`could not remove ${dir}: ${err.message}`));
   }
