@@ -91,6 +91,8 @@ export async function removeInstance(config: ServerConfig, logger: Logger = sile
   }
   await createVeNetwork(config, layout, logger).teardownHost().catch(() => undefined);
   await fs.rm(path.dirname(layout.runtimeRoot), { recursive: true, force: true });
+  // /run/vesh itself, once no instance is left in it.
+  await fs.rmdir(path.dirname(path.dirname(layout.runtimeRoot))).catch(() => undefined);
 }
 
 /**
