@@ -51,8 +51,6 @@ export interface VeManagerDeps {
   runtime: ContainerRuntime;
   templates: TemplateSource;
   network: NetworkPlane;
-  /** The session helper binary; default: the built one (session-agents.ts); null: always runc exec. */
-  sessionHelper?: string | null;
 }
 
 export interface VeStatus {
@@ -115,7 +113,6 @@ export class VeManager implements VeAccess {
       dir: this.layout.agentsDir,
       log: this.log,
       currentInit: (ve) => this.knownInit(ve),
-      helper: deps.sessionHelper,
     });
   }
 
@@ -591,11 +588,6 @@ export class VeManager implements VeAccess {
       env: { ...VE_PROCESS_ENV, ...spec.env },
       tty: spec.tty,
     }, this.runtime.execCommand(ve, viaRunc));
-  }
-
-  /** Wait until session agents being started are up (tests and benchmarks). */
-  async sessionAgentsSettled(): Promise<void> {
-    await this.agents.settled();
   }
 
   async netCommand(ve: string, user: VeUserInfo, argv: string[]): Promise<HostCommand> {

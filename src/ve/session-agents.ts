@@ -1,4 +1,5 @@
 import { existsSync, promises as fs } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import path from 'node:path';
 import type { Logger } from '../audit/logger.js';
 import { errorMessage } from '../errors.js';
@@ -55,10 +56,17 @@ interface AgentRecord {
   start: string;
 }
 
+interface Launch {
+  /** Cancels the start while it still waits out AGENT_START_DELAY_MS. */
+  cancel: AbortController;
+  done: Promise<void>;
+}
+
 export class SessionAgents {
   private readonly agents = new Map<string, AgentRecord>();
-  private readonly launching = new Map<string, Promise<void>>();
-  private readonly helper: string | null;
+  private readonly launching = new Map<string, Launch>();
+  /** The helper binary, or null when it is not built; looked for at the first session, not in every CLI start. */
+  private helper: string | null | undefined;
 
   constructor(
     private readonly deps: {
@@ -67,18 +75,26 @@ export class SessionAgents {
       log: Logger;
       /** "pid:start" of the VE's init as the VE manager knows it now, or null. */
       currentInit: (ve: string) => Promise<string | null>;
-      helper?: string | null;
     },
-  ) {
-    const helper = deps.helper === undefined ? sessionHelperPath() : deps.helper;
-    this.helper = helper && existsSync(helper) ? helper : null;
-    if (helper && !this.helper) {
-      deps.log.warn({ event: 've.session_agent_unavailable', helper }, `${helper} is missing (run "npm run build"): every session uses runc exec`);
+  ) {}
+
+  private helperBinary(): string | null {
+    if (this.helper === undefined) {
+      const file = sessionHelperPath();
+      this.helper = existsSync(file) ? file : null;
+      if (!this.helper) {
+        this.deps.log.warn({ event: 've.session_agent_unavailable', helper: file }, `${file} is missing (run "npm run build"): every session uses runc exec`);
+      }
     }
+    return this.helper;
   }
 
   private socketPath(ve: string): string {
     return path.join(this.deps.dir, `${ve}.sock`);
+  }
+
+  private pidPath(ve: string): string {
+    return path.join(this.deps.dir, `${ve}.pid`);
   }
 
   /**
@@ -87,12 +103,13 @@ export class SessionAgents {
    * (while an agent is started for next time).
    */
   async command(ve: string, init: string, spec: AgentProcessSpec, fallback: HostCommand): Promise<HostCommand> {
-    if (!this.helper) return fallback;
+    const helper = this.helperBinary();
+    if (!helper) return fallback;
     const agent = this.agents.get(ve);
     if (agent && agent.init === init && (await processStartTime(agent.pid)) === agent.start) {
       const env = Object.entries(spec.env).map(([k, v]) => `${k}=${v}`);
       return {
-        file: this.helper,
+        file: helper,
         args: [
           'attach', this.socketPath(ve), spec.tty ? '1' : '0', String(spec.uid), String(spec.gid),
           spec.groups.length ? spec.groups.join(',') : '-', spec.cwd || '-',
@@ -105,25 +122,23 @@ export class SessionAgents {
       // A second later, not now: the login that asked for it is starting its
       // own `runc exec` (on a VE just booted, maybe), and on two cores the
       // agent's start would slow that login down instead of the next one.
-      const p = new Promise((r) => setTimeout(r, AGENT_START_DELAY_MS))
-        .then(() => this.launch(ve, init))
+      const cancel = new AbortController();
+      const done = sleep(AGENT_START_DELAY_MS, undefined, { signal: cancel.signal })
+        .then(() => this.launch(ve, init, helper), (err) => {
+          if (!cancel.signal.aborted) throw err;
+        })
         .catch((err) => this.deps.log.warn({ event: 've.session_agent_failed', ve, err: errorMessage(err) }))
         .finally(() => this.launching.delete(ve));
-      this.launching.set(ve, p);
+      this.launching.set(ve, { cancel, done });
     }
     return fallback;
   }
 
-  /** Wait for agent starts under way (tests, benchmarks and shutdown). */
-  async settled(): Promise<void> {
-    await Promise.all([...this.launching.values()]);
-  }
-
-  private async launch(ve: string, init: string): Promise<void> {
+  private async launch(ve: string, init: string, helper: string): Promise<void> {
     // The VE stopped or restarted meanwhile: the next session asks again.
     if ((await this.deps.currentInit(ve)) !== init) return;
     await fs.mkdir(this.deps.dir, { recursive: true, mode: 0o700 });
-    const pidFile = path.join(this.deps.dir, `${ve}.pid`);
+    const pidFile = this.pidPath(ve);
     // An agent a previous `vesh serve` started in this VE: use it rather than
     // leave it behind with nobody connecting to it.
     const previous = await this.adoptable(ve, init, pidFile);
@@ -145,7 +160,7 @@ export class SessionAgents {
       pidFile,
     });
     const started = performance.now();
-    await run(this.helper!, ['listen', this.socketPath(ve), cmd.file, ...cmd.args], { timeoutMs: 30_000 });
+    await run(helper, ['listen', this.socketPath(ve), cmd.file, ...cmd.args], { timeoutMs: 30_000 });
     const pid = Number((await fs.readFile(pidFile, 'utf8')).trim());
     const start = pid > 0 ? await processStartTime(pid) : null;
     if (!start) throw new Error(`the session agent of VE "${ve}" exited at once`);
@@ -180,9 +195,13 @@ export class SessionAgents {
 
   /** The VE stopped or is gone: its agent went with it; remove what we kept for it. */
   async forget(ve: string): Promise<void> {
-    await this.launching.get(ve);
+    // A start still waiting is called off; one under way is waited for, so it
+    // leaves no socket behind.
+    const launch = this.launching.get(ve);
+    launch?.cancel.abort();
+    await launch?.done;
     this.agents.delete(ve);
     await fs.rm(this.socketPath(ve), { force: true });
-    await fs.rm(path.join(this.deps.dir, `${ve}.pid`), { force: true });
+    await fs.rm(this.pidPath(ve), { force: true });
   }
 }
