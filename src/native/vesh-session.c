@@ -253,6 +253,15 @@ static void child_exec(const struct req_head *h, const uint32_t *groups, const c
   _exit(err == ENOENT ? 127 : 126);
 }
 
+/* The NUL-terminated string at *off in a message of n bytes (advancing *off past it), or NULL if none ends there. */
+static char *next_str(char *buf, size_t n, size_t *off) {
+  char *end = *off < n ? memchr(buf + *off, 0, n - *off) : NULL;
+  if (!end) return NULL;
+  char *str = buf + *off;
+  *off = (size_t)(end - buf) + 1;
+  return str;
+}
+
 /* Parse and run one request; returns the started pid, or -1 after telling the client why not. */
 static pid_t start_request(int conn, char *buf, ssize_t n, int truncated, int *fds, int nfds) {
   struct req_head h;
@@ -271,32 +280,21 @@ static pid_t start_request(int conn, char *buf, ssize_t n, int truncated, int *f
   if (off + h.ngroups * 4 > (size_t)n) goto bad;
   memcpy(groups, buf + off, h.ngroups * 4);
   off += h.ngroups * 4;
-  /* The strings: cwd, env..., argv...; each NUL-terminated within the message. */
-  size_t nstr = 1 + h.nenv + h.nargv;
-  char **strs = calloc(nstr + 2, sizeof(char *));
-  if (!strs) {
+  /* The strings cwd, env..., argv..., each NUL-terminated within the message,
+     laid out as cwd, env..., NULL, argv..., NULL: envv and argvv point into it. */
+  char **slots = calloc(1 + h.nenv + 1 + h.nargv + 1, sizeof(char *));
+  if (!slots) {
     send_msg(conn, MSG_ERROR, ENOMEM, "out of memory", -1);
     return -1;
   }
-  for (size_t i = 0; i < nstr; i++) {
-    char *end = memchr(buf + off, 0, (size_t)n - off);
-    if (off >= (size_t)n || !end) {
-      free(strs);
-      goto bad;
-    }
-    strs[i] = buf + off;
-    off = (size_t)(end - buf) + 1;
+  char **envv = slots + 1, **argvv = slots + 1 + h.nenv + 1;
+  int ok = (slots[0] = next_str(buf, (size_t)n, &off)) != NULL;
+  for (uint32_t i = 0; ok && i < h.nenv; i++) ok = (envv[i] = next_str(buf, (size_t)n, &off)) != NULL;
+  for (uint32_t i = 0; ok && i < h.nargv; i++) ok = (argvv[i] = next_str(buf, (size_t)n, &off)) != NULL;
+  if (!ok) {
+    free(slots);
+    goto bad;
   }
-  /* Lay out as cwd, env..., NULL, argv..., NULL. */
-  char **envv = calloc(h.nenv + 1, sizeof(char *));
-  char **argvv = calloc(h.nargv + 1, sizeof(char *));
-  if (!envv || !argvv) {
-    free(strs); free(envv); free(argvv);
-    send_msg(conn, MSG_ERROR, ENOMEM, "out of memory", -1);
-    return -1;
-  }
-  for (uint32_t i = 0; i < h.nenv; i++) envv[i] = strs[1 + i];
-  for (uint32_t i = 0; i < h.nargv; i++) argvv[i] = strs[1 + h.nenv + i];
 
   int master = -1;
   if (h.tty) {
@@ -304,7 +302,7 @@ static pid_t start_request(int conn, char *buf, ssize_t n, int truncated, int *f
     if (master < 0 || unlockpt(master) < 0) {
       int e = errno;
       if (master >= 0) close(master);
-      free(strs); free(envv); free(argvv);
+      free(slots);
       send_msg(conn, MSG_ERROR, e, "cannot open a terminal in the VE (/dev/ptmx)", -1);
       return -1;
     }
@@ -312,9 +310,9 @@ static pid_t start_request(int conn, char *buf, ssize_t n, int truncated, int *f
     ioctl(master, TIOCSWINSZ, &ws);
   }
   pid_t pid = fork();
-  if (pid == 0) child_exec(&h, groups, strs[0], envv, argvv, master, fds);
+  if (pid == 0) child_exec(&h, groups, slots[0], envv, argvv, master, fds);
   int e = errno;
-  free(strs); free(envv); free(argvv);
+  free(slots);
   if (pid < 0) {
     if (master >= 0) close(master);
     send_msg(conn, MSG_ERROR, e, "fork failed in the VE (process limit?)", -1);
@@ -392,24 +390,20 @@ static int cmd_agent(char **argv, char **envp) {
       ssize_t n = recv_with_fds(conns[i].fd, buf, REQ_MAX, fds, 3, &nfds, &trunc);
       if (n <= 0) {
         /* The host side went away: the process, if any, goes on (it has its own stdio). */
-        for (int k = 0; k < nfds; k++) close(fds[k]);
         if (n == 0 || (errno != EAGAIN && errno != EINTR)) drop_conn(i);
-        continue;
-      }
-      if (conns[i].pid == 0) {
+      } else if (conns[i].pid == 0) {
         pid_t pid = start_request(conns[i].fd, buf, n, trunc, fds, nfds);
-        for (int k = 0; k < nfds; k++) close(fds[k]);
         if (pid < 0) drop_conn(i);
         else conns[i].pid = pid;
       } else {
-        for (int k = 0; k < nfds; k++) close(fds[k]);
         struct msg m;
         if (n >= (ssize_t)sizeof m) {
           memcpy(&m, buf, sizeof m);
-          if (m.type == MSG_SIGNAL && m.value > 0 && m.value < NSIG && m.value != SIGKILL && m.value != SIGSTOP) kill(conns[i].pid, m.value);
-          else if (m.type == MSG_SIGNAL && (m.value == SIGKILL || m.value == SIGSTOP)) kill(conns[i].pid, m.value);
+          if (m.type == MSG_SIGNAL && m.value > 0 && m.value < NSIG) kill(conns[i].pid, m.value);
         }
       }
+      /* The child has its copies of the passed descriptors by now. */
+      for (int k = 0; k < nfds; k++) close(fds[k]);
     }
     if (pfd[0].revents & POLLIN) {
       for (;;) {
@@ -480,6 +474,15 @@ static void write_all_blocking(int fd, struct pipebuf *b) {
   }
 }
 
+/* Append s and its NUL to a request being built; 0 when it does not fit in REQ_MAX. */
+static int append_str(char *req, size_t *off, const char *s) {
+  size_t len = strlen(s) + 1;
+  if (*off + len > REQ_MAX) return 0;
+  memcpy(req + *off, s, len);
+  *off += len;
+  return 1;
+}
+
 static int cmd_attach(int argc, char **argv) {
   /* attach SOCKET TTY UID GID GROUPS CWD NENV ENV... NARGV ARGV... [FALLBACK...] */
   if (argc < 10) {
@@ -530,15 +533,11 @@ static int cmd_attach(int argc, char **argv) {
   size_t off = sizeof h;
   memcpy(req + off, groups, h.ngroups * 4);
   off += h.ngroups * 4;
-  const char *cwd_s = strcmp(cwd, "-") ? cwd : "";
-  size_t need = off + strlen(cwd_s) + 1;
-  for (int i = 0; i < nenv; i++) need += strlen(env[i]) + 1;
-  for (int i = 0; i < nargv; i++) need += strlen(pargv[i]) + 1;
-  if (need > REQ_MAX) fallback_or_die(fallback, "request too large for the session agent");
   memcpy(req, &h, sizeof h);
-  off += (size_t)sprintf(req + off, "%s", cwd_s) + 1;
-  for (int i = 0; i < nenv; i++) off += (size_t)sprintf(req + off, "%s", env[i]) + 1;
-  for (int i = 0; i < nargv; i++) off += (size_t)sprintf(req + off, "%s", pargv[i]) + 1;
+  int fits = append_str(req, &off, strcmp(cwd, "-") ? cwd : "");
+  for (int i = 0; i < nenv; i++) fits = fits && append_str(req, &off, env[i]);
+  for (int i = 0; i < nargv; i++) fits = fits && append_str(req, &off, pargv[i]);
+  if (!fits) fallback_or_die(fallback, "request too large for the session agent");
 
   int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
   if (s < 0) die("socket");
