@@ -1,17 +1,22 @@
 #!/bin/sh
-# Builds dist/vesh-session (src/native/vesh-session.c), the session helper:
-# the agent runs inside VEs, which may hold no C library at all (the busybox
-# template), so it is linked statically. Needs gcc and libc6-dev (libc.a);
-# scripts/ensure-system.sh installs them when missing.
+# Builds the native helpers into dist/, from src/native/:
+#   vesh-session  the session helper; its agent runs inside VEs, which may
+#                 hold no C library at all (the busybox template);
+#   vesh-setup    the host-side steps of a VE start (loop + mounts, the
+#                 network hook) in one process each instead of several.
+# Both are linked statically (one build rule, no dependence on the host's
+# libc at run time). Needs gcc and libc6-dev (libc.a); scripts/ensure-system.sh
+# installs them when missing.
 set -eu
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-SRC="$ROOT/src/native/vesh-session.c"
-OUT="$ROOT/dist/vesh-session"
 if ! command -v gcc >/dev/null 2>&1; then
-  echo "vesh: gcc is missing, needed to build the session helper: apt-get install gcc libc6-dev" >&2
+  echo "vesh: gcc is missing, needed to build the native helpers: apt-get install gcc libc6-dev" >&2
   exit 1
 fi
 mkdir -p "$ROOT/dist"
-# Build to a temporary name and rename: a running server never sees half a binary.
-gcc -O2 -static -Wall -Wextra -Werror -o "$OUT.tmp" "$SRC"
-mv -f "$OUT.tmp" "$OUT"
+for name in vesh-session vesh-setup; do
+  OUT="$ROOT/dist/$name"
+  # Build to a temporary name and rename: a running server never sees half a binary.
+  gcc -O2 -static -Wall -Wextra -Werror -o "$OUT.tmp" "$ROOT/src/native/$name.c"
+  mv -f "$OUT.tmp" "$OUT"
+done

@@ -7,7 +7,7 @@ import { detectCgroupLayout, type CgroupLayout } from '../runtime/cgroups.js';
 import { run, safeEnv } from './exec.js';
 import { binaryLinkage } from './elf.js';
 import { firstUnsearchableAncestor, type Layout } from './layout.js';
-import { sessionHelperPath } from './session-helper.js';
+import { sessionHelperPath, setupHelperPath } from './native-helpers.js';
 
 /**
  * `vesh doctor`: can this host run VEs, and what to do if not. Each check is
@@ -334,9 +334,18 @@ const checkSessionHelper: Check = async () => {
   return ok('session helper', `${file} (static)`);
 };
 
+/** The setup helper mounts a VE's file systems and is its network hook: no VE starts without it. */
+const checkSetupHelper: Check = async () => {
+  const file = setupHelperPath();
+  const kind = await binaryLinkage(file);
+  if (kind === 'missing') return fail('setup helper', `${file} is not built: no VE can start`, 'npm run build (needs gcc and libc6-dev)');
+  if (kind === 'unknown') return fail('setup helper', `${file} is not an ELF binary we can read`, 'npm run build');
+  return ok('setup helper', file);
+};
+
 export const CHECKS: Check[] = [
   checkRoot, checkUserNsEnabled, checkNamespaces, checkOverlay, checkCgroups, checkRuntime, checkBridgeVeth, checkNftables,
-  checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys, checkSessionHelper,
+  checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys, checkSetupHelper, checkSessionHelper,
 ];
 
 /** Run every check in turn; one that throws is reported as failed and never stops the rest. */

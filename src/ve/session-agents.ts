@@ -6,7 +6,7 @@ import { errorMessage } from '../errors.js';
 import type { ContainerRuntime, HostCommand } from '../runtime/types.js';
 import { run } from '../system/exec.js';
 import { processStartTime } from '../system/proc.js';
-import { sessionHelperPath } from '../system/session-helper.js';
+import { sessionHelperPath } from '../system/native-helpers.js';
 
 /**
  * Session agents: one small resident process per VE in use that starts
