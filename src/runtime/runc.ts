@@ -44,31 +44,36 @@ export class RuncRuntime implements ContainerRuntime {
     await this.launch('create', id, opts);
   }
 
-  async run(id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string }): Promise<void> {
+  async run(id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string; prepare?: HostCommand }): Promise<void> {
     await this.launch('run', id, opts);
   }
 
-  private async launch(verb: 'create' | 'run', id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string }): Promise<void> {
+  private async launch(verb: 'create' | 'run', id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string; prepare?: HostCommand }): Promise<void> {
+    const missing = () => new VeshError(ErrorCodes.RUNTIME_MISSING, `the runtime binary "${this.binary}" was not found: install it with "apt-get install runc" (or set runtime.binary in vesh.yaml)`);
+    const engine = [this.binary, ...this.base(), verb, ...(verb === 'run' ? ['--detach'] : []), '--bundle', opts.bundleDir, '--pid-file', opts.pidFile, id];
     // The init inherits runc's stdio. Pipes would keep us waiting for an EOF
     // that comes only when the VE stops, so its stdio is the console file.
-    const fh = await fs.open(opts.consoleFile, 'w', 0o600);
+    // With a prepare step, that step opens it (it may be on a disk the step
+    // mounts) and makes it the engine's stdio; its own errors come on stderr.
+    const fh = opts.prepare ? null : await fs.open(opts.consoleFile, 'w', 0o600);
     try {
-      const res = await new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve, reject) => {
-        const child = spawn(this.binary, [...this.base(), verb, ...(verb === 'run' ? ['--detach'] : []), '--bundle', opts.bundleDir, '--pid-file', opts.pidFile, id], {
-          stdio: ['ignore', fh.fd, fh.fd],
-          env: safeEnv(),
-        });
-        child.on('error', (e: NodeJS.ErrnoException) => reject(e.code === 'ENOENT'
-          ? new VeshError(ErrorCodes.RUNTIME_MISSING, `the runtime binary "${this.binary}" was not found: install it with "apt-get install runc" (or set runtime.binary in vesh.yaml)`)
-          : e));
-        child.on('close', (code, signal) => resolve({ code, signal }));
+      const res = await new Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>((resolve, reject) => {
+        const [file, ...args] = opts.prepare ? [opts.prepare.file, ...opts.prepare.args, '--console', opts.consoleFile, '--', ...engine] : engine;
+        const child = spawn(file!, args, { stdio: fh ? ['ignore', fh.fd, fh.fd] : ['ignore', 'ignore', 'pipe'], env: safeEnv() });
+        const err: Buffer[] = [];
+        child.stderr?.on('data', (d: Buffer) => err.push(d));
+        child.on('error', (e: NodeJS.ErrnoException) => reject(e.code === 'ENOENT' && !opts.prepare ? missing() : e));
+        child.on('close', (code, signal) => resolve({ code, signal, stderr: Buffer.concat(err).toString('utf8') }));
       });
+      if (res.code === 127 && opts.prepare) throw missing();
+      // The prepare step's own failure (the engine never ran): its line, as it is.
+      if (res.code !== 0 && res.stderr.trim()) throw new VeshError(ErrorCodes.COMMAND_FAILED, res.stderr.trim().split('\n').pop()!);
       if (res.code !== 0) {
         const text = await fs.readFile(opts.consoleFile, 'utf8').catch(() => '');
         throw new VeshError(ErrorCodes.RUNTIME_FAILED, `runc ${verb} ${id} failed: ${lastRuncLine(text) || `exit ${res.code ?? res.signal}`}`);
       }
     } finally {
-      await fh.close();
+      await fh?.close();
     }
   }
 
@@ -133,5 +138,9 @@ function lastRuncLine(stderr: string): string {
   const lines = stderr.trim().split('\n').filter(Boolean);
   const last = lines[lines.length - 1] ?? '';
   const m = /msg="((?:[^"\\]|\\.)*)"/.exec(last);
-  return (m ? m[1]!.replace(/\\"/g, '"') : last).trim();
+  const msg = (m ? m[1]!.replace(/\\"/g, '"') : last).trim();
+  // A failed hook: what it said is the news, not runc's wrapping of it.
+  const hook = /error running hook[^]*?stderr: ([^]*)$/.exec(msg);
+  const said = hook?.[1]?.replace(/\\n/g, '\n').trim().split('\n').pop();
+  return said ? `a start hook failed: ${said}` : msg;
 }

@@ -52,8 +52,14 @@ export interface ContainerRuntime {
    * has not started. The init's stdout/stderr go to `consoleFile` (truncated).
    */
   create(id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string }): Promise<void>;
-  /** create and start in one step (one engine process instead of two); hooks in the bundle run between them. */
-  run(id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string }): Promise<void>;
+  /**
+   * create and start in one step (one engine process instead of two); hooks
+   * in the bundle run between them. `prepare`, when given, is spawned in the
+   * engine's place with the engine's command line appended after `--`: it
+   * does its work (mounting the VE's file systems) and execs that line, so
+   * the two cost one process start. It exits 127 when the engine is missing.
+   */
+  run(id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string; prepare?: HostCommand }): Promise<void>;
   /** Start the init of a created container. */
   start(id: string): Promise<void>;
   /** State of one container, or null when the engine does not know it. */

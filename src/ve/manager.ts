@@ -22,7 +22,7 @@ import { SessionAgents } from './session-agents.js';
 import { readRecord, writeJsonAtomic, type VeRecord } from './record.js';
 import { canDestroy, canStart, canStop, needsCleanup, veStateOf, type VeState } from './state.js';
 import {
-  createDiskImage, diskUsage, mountOverlay, mountPrivate, mountsUnder, useDirectIo, prepareUpper, unmountAll, vePaths, type VePaths,
+  createDiskImage, diskUsage, mountVeFileSystems, mountsUnder, veMountCommand, unmountAll, vePaths, type VePaths,
 } from './storage.js';
 
 /** What the VE layer needs of the template module. */
@@ -32,11 +32,14 @@ export interface TemplateSource {
 
 /** What the VE layer needs of the network module. */
 export interface NetworkPlane {
-  ensureHost(): Promise<void>;
+  /** `ves`: every VE's identity, for the anti-spoofing set (read once per process). */
+  ensureHost(ves: () => Promise<VeNetIdentity[]>): Promise<void>;
   allocateAddress(used: string[]): string;
   vethNameFor(address: string): string;
-  /** Anti-spoofing entry for the VE's port. */
+  /** Anti-spoofing entry for the VE's port; kept while the VE exists. */
   allow(id: VeNetIdentity): Promise<void>;
+  /** Drop the anti-spoofing entry of a destroyed VE. */
+  forget(id: VeNetIdentity): Promise<void>;
   /** attach as an OCI createRuntime hook, run by the engine before the VE's init starts. */
   attachHook(id: VeNetIdentity): OciHook;
   detach(id: VeNetIdentity): Promise<void>;
@@ -128,6 +131,12 @@ export class VeManager implements VeAccess {
     return { name: rec.name, address: rec.address, hostVeth: rec.hostVeth };
   }
 
+  private async allNetIds(): Promise<VeNetIdentity[]> {
+    const entries = await fs.readdir(this.layout.vesDir).catch(() => [] as string[]);
+    const recs = await Promise.all(entries.filter((e) => !e.startsWith('.')).map((e) => readRecord(this.paths(e).record).catch(() => null)));
+    return recs.filter((r): r is VeRecord => r !== null).map((r) => this.netId(r));
+  }
+
   private async lock<T>(name: string, body: () => Promise<T>): Promise<T> {
     await this.prepared();
     return withLock(this.layout.locksDir, `ve-${name}`, body);
@@ -216,9 +225,7 @@ export class VeManager implements VeAccess {
         r.add('unmount VE file systems', () => unmountAll(p));
         const root = this.cfg.runtime.idmapBase;
         if (limits.disk > 0) await createDiskImage(p, limits.disk, root);
-        await mountPrivate(p, limits.disk > 0);
-        await prepareUpper(p, root);
-        await mountOverlay(p, template.rootfs);
+        await mountVeFileSystems(p, { hasImage: limits.disk > 0, lowerdir: template.rootfs, rootId: root });
         await this.writeIdentityFiles(p, rec);
         await unmountAll(p);
         await writeJsonAtomic(p.record, rec);
@@ -274,13 +281,10 @@ export class VeManager implements VeAccess {
     const started = Date.now();
     await withRevert(async (r) => {
       r.add('unmount VE file systems', () => unmountAll(p));
-      await mountPrivate(p, rec.limits.disk > 0);
-      t('disk');
-      await prepareUpper(p, this.cfg.runtime.idmapBase);
-      await mountOverlay(p, template.rootfs);
-      t('overlay');
-      await fs.rm(path.join(p.ctl, SHUTDOWN_MARKER), { force: true });
-      await this.network.ensureHost();
+      // Mounted by the engine's prepare step, in the same process start.
+      const mounts = await veMountCommand(p, { hasImage: rec.limits.disk > 0, lowerdir: template.rootfs, rootId: this.cfg.runtime.idmapBase, marker: SHUTDOWN_MARKER });
+      t('fsck');
+      await this.network.ensureHost(() => this.allNetIds());
       t('host_net');
       const oci = buildOciConfig({
         name,
@@ -306,7 +310,7 @@ export class VeManager implements VeAccess {
       // meanwhile (it needs no VE).
       const settled = await Promise.allSettled([
         this.network.allow(this.netId(rec)),
-        this.runtime.run(name, { bundleDir: p.dir, pidFile: p.pidFile, consoleFile: p.console }),
+        this.runtime.run(name, { bundleDir: p.dir, pidFile: p.pidFile, consoleFile: p.console, prepare: mounts }),
       ]);
       const failed = settled.find((x): x is PromiseRejectedResult => x.status === 'rejected');
       if (failed) throw failed.reason;
@@ -319,7 +323,6 @@ export class VeManager implements VeAccess {
       throw new VeshError(ErrorCodes.VE_START_FAILED, `VE "${name}" failed to start: ${errorMessage(err)}`, { cause: err, userMessage: 'Your environment failed to start; the administrator has been told why.' });
     });
     this.log.info({ event: 've.started', ve: name, ms: Date.now() - started, steps: t.steps });
-    if (rec.limits.disk > 0) void useDirectIo(p);
   }
 
   // ---------------------------------------------------------------- stop
@@ -392,6 +395,7 @@ export class VeManager implements VeAccess {
       if (left.length > 0) {
         throw new VeshError(ErrorCodes.VE_BUSY, `VE "${name}" still has mounts (${left.join(', ')}): unmount them, then destroy again`);
       }
+      await this.network.forget(this.netId(rec));
       await fs.rm(p.dir, { recursive: true, force: true });
       this.log.info({ event: 've.destroyed', ve: name });
     });

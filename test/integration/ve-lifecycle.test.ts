@@ -137,6 +137,11 @@ describe('VE lifecycle, isolation and limits (busybox template, real runc)', () 
   });
 
   it('fails writes past the disk limit with ENOSPC in that VE only', async () => {
+    // The disk image sits on a loop device of its own in direct-I/O mode (no second copy in the host's page cache).
+    const image = path.join(env.layout.veDir('alpha'), 'disk.img');
+    const dev = execFileSync('losetup', ['-n', '-O', 'NAME', '-j', image], { encoding: 'utf8' }).trim();
+    expect(dev).toMatch(/^\/dev\/loop\d+$/);
+    expect((await fs.readFile(`/sys/block/${path.basename(dev)}/loop/dio`, 'utf8')).trim()).toBe('1');
     const dd = await sh(env, 'alpha', 'dd if=/dev/zero of=/root/big bs=1M count=100', { allowFailure: true });
     expect(dd.code).not.toBe(0);
     expect(dd.stderr).toMatch(/No space left on device/);
@@ -162,6 +167,8 @@ describe('VE lifecycle, isolation and limits (busybox template, real runc)', () 
       // Stopped means cleaned up: no mounts left for it.
       const mounts = await fs.readFile('/proc/self/mountinfo', 'utf8');
       expect(mounts).not.toContain(env.layout.veDir('beta') + '/');
+      // ...and its loop device freed.
+      expect(execFileSync('losetup', ['-n', '-j', path.join(env.layout.veDir('beta'), 'disk.img')], { encoding: 'utf8' }).trim()).toBe('');
     } finally {
       env.ves.stopMonitor();
     }
@@ -239,6 +246,26 @@ describe('bad input leaves nothing half-made', () => {
     expect(links).not.toContain(rec.hostVeth);
     expect(existsSync(`/sys/fs/cgroup/memory${env.layout.cgroupParent}/norun`)).toBe(false);
     expect(env.cli(['ve', 'status', 'norun', '--json']).stdout).toContain('"state": "stopped"');
+  });
+
+  it('a start whose network set-up fails leaves no mount, loop device, cgroup or engine state', async () => {
+    env.cli(['ve', 'create', 'nonet']);
+    const rec = JSON.parse(await fs.readFile(path.join(env.layout.veDir('nonet'), 've.json'), 'utf8'));
+    // Something already holds the name of the VE's host-side veth (a leftover of a crashed run, say).
+    execFileSync('ip', ['link', 'add', rec.hostVeth, 'type', 'bridge']);
+    try {
+      const res = env.cli(['ve', 'start', 'nonet'], { allowFailure: true });
+      expect(res.code).not.toBe(0);
+      expect(res.stderr).toContain(`${rec.hostVeth} already exists`);
+      expect(res.stderr.trim().split('\n')).toHaveLength(1);
+      expect(await fs.readFile('/proc/self/mountinfo', 'utf8')).not.toContain(env.layout.veDir('nonet'));
+      expect(execFileSync('losetup', ['-n', '-j', path.join(env.layout.veDir('nonet'), 'disk.img')], { encoding: 'utf8' }).trim()).toBe('');
+      expect(existsSync(`/sys/fs/cgroup/memory${env.layout.cgroupParent}/nonet`)).toBe(false);
+      expect(env.cli(['ve', 'status', 'nonet', '--json']).stdout).toContain('"state": "stopped"');
+    } finally {
+      spawnSync('ip', ['link', 'del', rec.hostVeth]); // the failed start's undo may have removed it already
+    }
+    env.cli(['ve', 'destroy', 'nonet']);
   });
 
   it('a create on a full disk fails cleanly', async () => {
