@@ -9,7 +9,7 @@
  * sshd runs with its own port, config and host key; the bare ssh2 server
  * spawns `true` on the host (no VE): the floor for any ssh2-based server.
  *
- *   npx vite-node bench/ssh-vs-sshd.ts -- [--logins 30] [--parallel-logins 80] [--sftp-mib 1024] [--ve-memory 1G] [--json]
+ *   npx vite-node bench/ssh-vs-sshd.ts -- [--logins 30] [--parallel-logins 80] [--sftp-mib 1024] [--ve-memory 1G] [--cipher NAME] [--json]
  *
  * Not a test: shared, noisy machines; read the figures side by side.
  */
@@ -32,6 +32,9 @@ const { values: args } = parseArgs({
     // The VE's memory limit; its page cache counts against it, so whether the
     // transferred file stays cached (as it does for sshd) depends on it.
     've-memory': { type: 'string', default: '1G' },
+    // The client's cipher for every target (default: the client's own choice,
+    // chacha20-poly1305 for OpenSSH 9.2).
+    cipher: { type: 'string' },
     json: { type: 'boolean', default: false },
   },
   allowPositionals: true,
@@ -76,6 +79,7 @@ function sshArgs(dir: string, t: Target): string[] {
     '-p', String(t.port), '-i', path.join(dir, 'id_ed25519'), '-o', 'BatchMode=yes', '-o', 'StrictHostKeyChecking=no',
     '-o', `UserKnownHostsFile=/dev/null`, '-o', 'LogLevel=ERROR', '-o', 'KexAlgorithms=curve25519-sha256',
     '-o', 'ControlMaster=no', '-o', 'ControlPath=none', '-F', '/dev/null',
+    ...(args.cipher ? ['-o', `Ciphers=${args.cipher}`] : []),
   ];
 }
 
