@@ -35,6 +35,8 @@ describe('a VE on the Debian template', () => {
     await env.ves.create('deb1');
     await env.ves.start('deb1');
     await env.ves.startMonitor(200);
+    // start() returns once init runs; its boot scripts are processes of their own until runlevel 2 is reached.
+    await waitFor('sysvinit to finish booting', async () => (await sh(env, 'deb1', 'runlevel', { allowFailure: true })).stdout.trim() === 'N 2');
   });
 
   afterAll(async () => {
