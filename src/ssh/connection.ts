@@ -20,7 +20,6 @@ export interface ConnectionDeps {
   authenticator: SshAuthenticator;
   ves: VeAccess;
   maxAuthTries: number;
-  helperPath: string;
 }
 
 export interface ConnectionHooks {
@@ -99,7 +98,6 @@ export class SshConnection {
       login: () => login,
       log: this.log,
       refusal,
-      helperPath: this.deps.helperPath,
       reserveChannel: () => this.reserveChannel(false),
       releaseChannel: () => this.releaseChannel(false),
     });

@@ -1,33 +1,21 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { closeSync, openSync } from 'node:fs';
 import type net from 'node:net';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { ErrorCodes, VeshError } from '../errors.js';
+import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import type { VeAccess, VeUserInfo } from '../ve/access.js';
 import { parseFromHelper, type FromHelper, type ToHelper } from './forward-protocol.js';
 
 const READY_TIMEOUT_MS = 15_000;
 const REQUEST_TIMEOUT_MS = 20_000;
 
-/**
- * The compiled helper program. When the server itself runs from TypeScript
- * sources (vitest), the helper still has to be plain JavaScript that `node`
- * can start as an unprivileged uid, so point at the build in dist/.
- */
-export function defaultForwardHelperPath(): string {
-  const here = fileURLToPath(import.meta.url);
-  if (here.endsWith('.js')) return path.join(path.dirname(here), 'forward-helper.js');
-  const root = path.resolve(path.dirname(here), '..', '..');
-  return path.join(root, 'dist', 'ssh', 'forward-helper.js');
-}
-
 type Pending = { resolve: (v: { socket?: net.Socket; port?: number }) => void; reject: (e: Error) => void; timer: NodeJS.Timeout };
 
 /**
- * Talks to one forward helper running inside a VE's network namespace (see
- * forward-protocol.ts for the messages). One per SSH connection, started on
- * the first forwarding request and stopped with the connection.
+ * Talks to one forward helper running inside a VE (src/native/vesh-forward.c;
+ * forward-protocol.ts has the messages). One per SSH connection, started on
+ * the first forwarding request and stopped with the connection. The helper is
+ * started detached (the engine's process exits once it runs), so its end is
+ * the end of the IPC channel, not a process exit.
  */
 export class ForwardHelperClient {
   private nextId = 1;
@@ -41,43 +29,49 @@ export class ForwardHelperClient {
     ves: VeAccess,
     ve: string,
     user: VeUserInfo,
-    helperPath: string,
     onAccepted: (listenerId: number, socket: net.Socket, remoteAddress: string, remotePort: number) => void,
   ): Promise<ForwardHelperClient> {
-    if (!existsSync(helperPath)) {
-      throw new VeshError(ErrorCodes.INTERNAL, `port-forward helper ${helperPath} is missing: run "npm run build"`, { userMessage: 'Port forwarding is not available right now.' });
+    const unavailable = 'Port forwarding is not available right now.';
+    const cmd = await ves.forwardCommand(ve, user);
+    let programFd: number;
+    try {
+      programFd = openSync(cmd.program, 'r');
+    } catch (err) {
+      throw new VeshError(ErrorCodes.INTERNAL, `cannot open the port-forward helper ${cmd.program}: ${errorMessage(err)} (run "npm run build")`, { cause: err, userMessage: unavailable });
     }
-    const cmd = await ves.netCommand(ve, user, [process.execPath, helperPath]);
-    // The helper's environment: PATH only (Node adds its IPC descriptor number).
-    const child = spawn(cmd.file, cmd.args, { stdio: ['ignore', 'ignore', 'pipe', 'ipc'], env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin' }, cwd: '/' });
+    let child: ChildProcess;
+    try {
+      // fd 3: the IPC channel; fd 4: the helper program, which the engine execs inside the VE.
+      child = spawn(cmd.file, cmd.args, { stdio: ['ignore', 'ignore', 'pipe', 'ipc', programFd], env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin' }, cwd: '/' });
+    } finally {
+      closeSync(programFd);
+    }
     const client = new ForwardHelperClient(child, onAccepted);
     child.stderr!.on('data', (d: Buffer) => {
       client.stderrTail = (client.stderrTail + d.toString()).slice(-500);
     });
     child.on('message', (m: unknown, handle: unknown) => client.onMessage(m, handle as net.Socket | undefined));
     await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => {
+      const fail = (why: string, cause?: Error) => {
+        clearTimeout(timer);
         client.stop();
-        reject(new VeshError(ErrorCodes.COMMAND_FAILED, `port-forward helper in VE "${ve}" did not start within ${READY_TIMEOUT_MS / 1000}s: ${client.stderrTail.trim() || 'no output'}`, { userMessage: 'Port forwarding is not available right now.' }));
-      }, READY_TIMEOUT_MS);
-      const onExit = (code: number | null) => {
-        clearTimeout(timer);
-        reject(new VeshError(ErrorCodes.COMMAND_FAILED, `port-forward helper in VE "${ve}" exited (${code}) before it was ready: ${client.stderrTail.trim() || 'no output'}`, { userMessage: 'Port forwarding is not available right now.' }));
+        reject(new VeshError(ErrorCodes.COMMAND_FAILED, `port-forward helper in VE "${ve}" ${why}: ${client.stderrTail.trim() || 'no output'}`, { cause, userMessage: unavailable }));
       };
-      child.once('error', (err) => {
-        clearTimeout(timer);
-        reject(new VeshError(ErrorCodes.COMMAND_FAILED, `cannot start the port-forward helper: ${err.message}`, { cause: err, userMessage: 'Port forwarding is not available right now.' }));
+      const timer = setTimeout(() => fail(`did not start within ${READY_TIMEOUT_MS / 1000}s`), READY_TIMEOUT_MS);
+      // The engine exits 0 once the helper runs; anything else means it never did.
+      child.once('exit', (code, signal) => {
+        if (code !== 0) fail(`could not be started (engine exit ${signal ?? code})`);
       });
-      child.once('exit', onExit);
+      child.once('error', (err) => fail('could not be started', err));
+      child.once('disconnect', () => fail('closed its channel before it was ready'));
       child.once('message', (m: unknown) => {
         if (parseFromHelper(m)?.t === 'ready') {
           clearTimeout(timer);
-          child.removeListener('exit', onExit);
           resolve();
         }
       });
     });
-    child.on('exit', (code, signal) => client.failAll(new Error(`port-forward helper exited (${signal ?? code})`)));
+    child.on('disconnect', () => client.failAll(new Error('the port-forward helper went away')));
     child.on('error', (err) => client.failAll(err));
     return client;
   }
@@ -104,12 +98,13 @@ export class ForwardHelperClient {
     this.send({ t: 'unlisten', id });
   }
 
+  /** Close the channel: the helper sees its end and exits, closing its listeners. */
   stop(): void {
     this.failAll(new Error('port forwarding stopped'));
     try {
       if (this.child.connected) this.child.disconnect();
     } catch { /* already gone */ }
-    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill('SIGTERM');
+    this.child.stderr?.destroy();
   }
 
   private request(make: (id: number) => ToHelper): Promise<{ socket?: net.Socket; port?: number }> {

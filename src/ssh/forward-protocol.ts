@@ -1,11 +1,13 @@
 /**
  * The message set between the SSH server and its port-forward helper
- * (forward-helper.ts), which runs inside a VE's network and user namespaces.
+ * (src/native/vesh-forward.c), which runs inside a VE with all of the VE's
+ * namespaces and confinement.
  *
  * Transport: Node's IPC channel (a Unix socketpair set up by
- * child_process.spawn with an 'ipc' stdio slot, inherited through nsenter).
- * Each message is one JSON object; a message that carries a connection also
- * carries its socket descriptor (SCM_RIGHTS) as the send handle.
+ * child_process.spawn with an 'ipc' stdio slot, passed into the VE by the
+ * engine as fd 3). Each message is one JSON object a line; a message that
+ * carries a connection also carries its socket descriptor (SCM_RIGHTS) as
+ * the send handle, framed as Node frames handles.
  *
  * Why descriptors and not data frames: the helper creates every socket in the
  * VE's namespace — so `localhost` is the VE's loopback and a listener is the

@@ -16,7 +16,6 @@ export interface ForwardingContext {
   log: Logger;
   /** null when allowed, else why not (account setting or key option). */
   refusal: string | null;
-  helperPath: string;
   /** Channel budget shared with sessions; false means "refuse, too many". */
   reserveChannel(): boolean;
   releaseChannel(): void;
@@ -205,7 +204,7 @@ export class ConnectionForwarding {
 
   private helperClient(): Promise<ForwardHelperClient> {
     if (!this.helper) {
-      this.helper = this.ctx.login().then((login) => ForwardHelperClient.start(this.ctx.ves, login.account.ve, login.user, this.ctx.helperPath, (id, s, a, p) => this.onAccepted(id, s, a, p)));
+      this.helper = this.ctx.login().then((login) => ForwardHelperClient.start(this.ctx.ves, login.account.ve, login.user, (id, s, a, p) => this.onAccepted(id, s, a, p)));
       this.helper.catch((err: unknown) => {
         this.ctx.log.error({ event: 'forward.helper_failed', err: errorMessage(err) });
         // Let a later request try again rather than remembering the failure.

@@ -7,7 +7,6 @@ import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import type { VeAccess } from '../ve/access.js';
 import { SERVER_ALGORITHMS } from './algorithms.js';
 import { SshConnection } from './connection.js';
-import { defaultForwardHelperPath } from './forward-helper-client.js';
 import type { HostKey } from './host-keys.js';
 import type { SshAuthenticator } from './ports.js';
 
@@ -21,8 +20,6 @@ export interface SshServerDeps {
   ves: VeAccess;
   hostKeys: HostKey[];
   logger: Logger;
-  /** The compiled port-forward helper; defaults to dist/ssh/forward-helper.js. */
-  forwardHelperPath?: string;
 }
 
 /** Our bookkeeping for one accepted TCP connection. */
@@ -59,11 +56,9 @@ export class SshServer {
   private readonly admissions = new Map<net.Socket, Admission>();
   private unauthenticated = 0;
   private closing = false;
-  private readonly helperPath: string;
 
   constructor(private readonly deps: SshServerDeps) {
     this.log = deps.logger.child({ component: 'ssh' });
-    this.helperPath = deps.forwardHelperPath ?? defaultForwardHelperPath();
     if (deps.hostKeys.length === 0) {
       throw new VeshError(ErrorCodes.CONFIG_INVALID, 'no host keys: the server cannot identify itself; check hostKeysDir');
     }
@@ -188,7 +183,6 @@ export class SshServer {
       authenticator: this.deps.authenticator,
       ves: this.deps.ves,
       maxAuthTries: this.deps.config.auth.maxAuthTries,
-      helperPath: this.helperPath,
     }, log, {
       onAuthenticated: () => this.leavePreAuth(adm),
     });

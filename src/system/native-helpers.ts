@@ -17,6 +17,11 @@ export function sessionHelperPath(): string {
   return helperPath('vesh-session');
 }
 
+/** The port-forward helper, run inside VEs (src/native/vesh-forward.c). */
+export function forwardHelperPath(): string {
+  return helperPath('vesh-forward');
+}
+
 /** The VE setup helper (mounts, network hook). Required to start a VE. */
 export function setupHelperPath(): string {
   return helperPath('vesh-setup');

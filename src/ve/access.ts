@@ -39,9 +39,13 @@ export interface VeAccess {
   /** Host command that runs the process inside the running VE (stdio and exit status pass through). */
   processCommand(ve: string, spec: VeProcessSpec): Promise<HostCommand>;
   /**
-   * Host command for network work inside the VE's network namespace, as `user`
-   * (in the VE's user namespace), running `argv` (a host program such as our
-   * port-forward helper). Nothing it does touches the host's network.
+   * Host command that starts the port-forward helper inside the running VE as
+   * `user`, with everything a session process has there (all the VE's
+   * namespaces, its cgroups, capabilities and seccomp filter), so every socket
+   * it makes is the VE's and nothing connects from the host's network. Spawn
+   * it with the IPC channel as fd 3 and `program` opened read-only as fd 4;
+   * it returns once the helper runs, and the helper lives until the channel
+   * closes (see src/native/vesh-forward.c).
    */
-  netCommand(ve: string, user: VeUserInfo, argv: string[]): Promise<HostCommand>;
+  forwardCommand(ve: string, user: VeUserInfo): Promise<HostCommand & { program: string }>;
 }

@@ -1,4 +1,4 @@
-import { constants as fsConstants, promises as fs } from 'node:fs';
+import { constants as fsConstants, existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from '../audit/logger.js';
 import { resolveLimits, type Limits, type LimitsInput } from '../config/limits.js';
@@ -12,6 +12,7 @@ import type { TemplateInfo } from '../template/types.js';
 import { run } from '../system/exec.js';
 import { prepareDataDir, type Layout } from '../system/layout.js';
 import { raiseKeyQuotas } from '../system/host-tuning.js';
+import { forwardHelperPath } from '../system/native-helpers.js';
 import { processStartTime } from '../system/proc.js';
 import { withRevert } from '../system/revert.js';
 import type { VeAccess, VeProcessSpec, VeUserInfo } from './access.js';
@@ -594,28 +595,30 @@ export class VeManager implements VeAccess {
     }, this.runtime.execCommand(ve, viaRunc));
   }
 
-  async netCommand(ve: string, user: VeUserInfo, argv: string[]): Promise<HostCommand> {
+  async forwardCommand(ve: string, user: VeUserInfo): Promise<HostCommand & { program: string }> {
     const st = await this.runtime.state(ve);
     if (veStateOf(st) !== 'running' || !st) {
       throw new VeshError(ErrorCodes.VE_STATE, `VE "${ve}" is not running`);
     }
-    // The helper joins the VE's user and network namespaces only: as the VE
-    // user (an unprivileged host uid) it can bind and connect in the VE's
-    // network and nowhere else, while running a host program.
-    // It also joins the VE's cgroups first, so what it uses (memory, pids)
-    // counts against the VE's limits like everything else a session starts.
-    const procs: string[] = [];
-    for (const dir of cgroupDirs(this.cgroupsPath(ve), this.cgroupLayout)) {
-      if (await fs.stat(path.join(dir, 'cgroup.procs')).then(() => true, () => false)) procs.push(path.join(dir, 'cgroup.procs'));
+    const program = forwardHelperPath();
+    if (!existsSync(program)) {
+      throw new VeshError(ErrorCodes.INTERNAL, `the port-forward helper ${program} is not built: run "npm run build" in the vesh directory`, { userMessage: 'Port forwarding is not available right now.' });
     }
-    return {
-      file: '/bin/sh',
-      args: [
-        '-c', 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 1; shift; n=$((n-1)); done; exec "$@"', 'vesh-join',
-        String(procs.length), ...procs,
-        'nsenter', '--target', String(st.pid), '--user', '--net', '--setuid', String(user.uid), '--setgid', String(user.gid), '--', ...argv,
-      ],
-    };
+    // Started by the engine like any session process, so it gets all of the
+    // VE's confinement; the program comes in as fd 4 (nothing of ours is put
+    // in the VE's files) and fd 3 is the caller's channel. Detached: no
+    // engine process stays on the host for the helper's lifetime.
+    const cmd = this.runtime.execCommand(ve, {
+      argv: ['/proc/self/fd/4'],
+      uid: user.uid,
+      gid: user.gid,
+      additionalGids: user.groups.filter((g) => g !== user.gid),
+      env: { ...VE_PROCESS_ENV },
+      tty: false,
+      detach: true,
+      preserveFds: 2,
+    });
+    return { ...cmd, program };
   }
 
   // ---------------------------------------------------------------- boot and monitor

@@ -11,6 +11,7 @@ import { loadOrCreateHostKeys } from '../../src/ssh/host-keys.js';
 import type { SshAccount, SshAuthenticator, SshAuthorizedKey, PasswordResult } from '../../src/ssh/ports.js';
 import type { VeAccess, VeProcessSpec, VeUserInfo } from '../../src/ve/access.js';
 import type { HostCommand } from '../../src/runtime/types.js';
+import { forwardHelperPath } from '../../src/system/native-helpers.js';
 
 /**
  * Test harness for the SSH server: temp dirs and client keys, the real
@@ -219,8 +220,10 @@ export class HostFakeVes implements VeAccess {
     const cd = spec.cwd ? ['/bin/sh', '-c', 'cd -- "$1" || exit 1; shift; exec "$@"', 'fake-cd', spec.cwd] : [];
     return { file: '/usr/bin/env', args: ['-i', ...envArgs, ...cd, ...spec.argv] };
   }
-  async netCommand(_ve: string, _user: VeUserInfo, argv: string[]): Promise<HostCommand> {
-    return { file: argv[0]!, args: argv.slice(1) };
+  /** The real helper program, run on the host (it takes its channel as fd 3 and ignores fd 4). */
+  async forwardCommand(_ve: string, _user: VeUserInfo): Promise<HostCommand & { program: string }> {
+    const program = forwardHelperPath();
+    return { file: program, args: [], program };
   }
 }
 

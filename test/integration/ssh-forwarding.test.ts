@@ -1,7 +1,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeVeTestEnv, type VeTestEnv } from '../helpers/ve-env.js';
+import { makeVeTestEnv, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
 import {
   Cleanup, keyAuthArgs, makeClientKey, sshBaseArgs, sshWithKey, startVeshServe, tempDir, writeAccounts,
   type ClientKey, type ServeProcess,
@@ -89,6 +90,15 @@ describe('vesh serve: port forwarding stays inside the VE', () => {
 
   afterAll(() => cleanup.run());
 
+  /** Host pids of the forward helpers running in alice's VE. */
+  const forwardHelpers = async (): Promise<string[]> => {
+    const init = (await env.ves.status('alice')).pid!;
+    const initNs = readlinkSync(`/proc/${init}/ns/pid`);
+    return readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+      try { return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'vesh-forward' && readlinkSync(`/proc/${p}/ns/pid`) === initNs; } catch { return false; }
+    });
+  };
+
   it('-L localhost:P reaches the VE loopback server, not the host one on the same port', async () => {
     const local = await freePort();
     const child = sshN(key, 'alice', ['-L', `${local}:localhost:${port}`]);
@@ -102,6 +112,42 @@ describe('vesh serve: port forwarding stays inside the VE', () => {
     child.kill();
     await serve.waitForLog((e) => e.event === 'forward.open' && e.kind === 'local' && (e.target as { port: number }).port === port);
     await serve.waitForLog((e) => e.event === 'forward.close' && e.kind === 'local');
+  });
+
+  it('runs the forward helper inside the VE with its confinement, resolving names through the VE\'s own /etc/hosts', async () => {
+    // The helper of the connection in the test before ended with that connection.
+    await waitFor('the earlier connection\'s forward helper to exit', async () => (await forwardHelpers()).length === 0, 10_000);
+    // A name only the VE knows: the host cannot resolve it.
+    await sshWithKey(serve.port, 'alice', key, ['echo "127.0.0.1 vesh-fwd-test.internal" >> /etc/hosts']);
+    const local = await freePort();
+    const child = sshN(key, 'alice', ['-L', `${local}:vesh-fwd-test.internal:${port}`]);
+    let got = '';
+    for (let i = 0; i < 60 && got !== 'from-ve\n'; i++) {
+      await new Promise((r) => setTimeout(r, 250));
+      got = await readFrom(local);
+    }
+    expect(got).toBe('from-ve\n');
+    // The helper, seen from the host: every namespace and cgroup of the VE's
+    // init, the VE's seccomp filter, no_new_privs setting and capability set.
+    const init = (await env.ves.status('alice')).pid!;
+    const helpers = await forwardHelpers();
+    expect(helpers).toHaveLength(1);
+    const h = helpers[0]!;
+    for (const ns of ['user', 'mnt', 'pid', 'net', 'uts', 'ipc', 'cgroup']) {
+      expect(readlinkSync(`/proc/${h}/ns/${ns}`), ns).toBe(readlinkSync(`/proc/${init}/ns/${ns}`));
+    }
+    expect(readFileSync(`/proc/${h}/cgroup`, 'utf8')).toBe(readFileSync(`/proc/${init}/cgroup`, 'utf8'));
+    const status = (pid: number | string, field: string) => new RegExp(`^${field}:\\s*(.*)$`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1];
+    expect(status(h, 'Seccomp')).toBe('2');
+    expect(status(h, 'NoNewPrivs')).toBe(status(init, 'NoNewPrivs'));
+    expect(status(h, 'CapBnd')).toBe(status(init, 'CapBnd'));
+    expect(status(h, 'CapEff')).toBe(status(init, 'CapEff'));
+    expect(status(h, 'Uid')).toBe(status(init, 'Uid'));
+    // VE root sees it among its own processes.
+    expect((await sshWithKey(serve.port, 'alice', key, ['ps -eo comm'])).stdout).toContain('vesh-forward');
+    child.kill();
+    await serve.waitForLog((e) => e.event === 'forward.close' && e.kind === 'local' && (e.target as { host: string }).host === 'vesh-fwd-test.internal');
+    await waitFor('the forward helper to exit with its connection', async () => (await forwardHelpers()).length === 0, 10_000);
   });
 
   it('-R listens inside the VE and relays back to the client side', async () => {

@@ -1,0 +1,462 @@
+/*
+ * vesh-forward: the port-forward helper, run INSIDE a VE by the engine
+ * (`runc exec --detach --preserve-fds 2 --user UID:GID VE /proc/self/fd/4`),
+ * so it has every confinement a session process has: the VE's user, mount,
+ * pid, network, uts and ipc namespaces, its cgroups, capabilities, seccomp
+ * filter and no_new_privs, as the account's user. Every socket it makes is
+ * the VE's: `localhost` is the VE's loopback, names resolve through the VE's
+ * own /etc/hosts and resolv.conf, listeners are the VE's.
+ *
+ * fd 3 is the SSH server's IPC channel (a Node.js 'ipc' stdio slot: one JSON
+ * object a line, a passed descriptor travelling with a
+ * {"cmd":"NODE_HANDLE","type":"net.Socket","msg":…} line, which the server
+ * answers with {"cmd":"NODE_HANDLE_ACK"}). The messages themselves are
+ * described in src/ssh/forward-protocol.ts. Connected and accepted sockets
+ * are handed to the server, which relays them to the SSH channel; no byte of
+ * the forwarded data passes through here. When the server goes away (EOF on
+ * fd 3), so does this helper, closing its listeners.
+ *
+ * Built static (scripts/build-native.sh): the VE may hold no C library. Name
+ * resolution uses the static C library's resolver ("files" and "dns", which
+ * glibc builds in); literal addresses and "localhost" need none of it.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CHAN 3
+#define MAX_LISTENERS 64
+#define MAX_CONNECTS 64
+#define LINE_MAX_LEN 4096
+#define CONNECT_TIMEOUT_MS 10000
+
+/* ------------------------------------------------------------ output */
+
+/* One line to the server, with `fd` passed alongside when fd >= 0. Blocking: the server always reads. */
+static void send_line(const char *line, int fd) {
+  size_t len = strlen(line);
+  struct iovec iov = { (void *)line, len };
+  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
+  struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+  if (fd >= 0) {
+    mh.msg_control = u.buf;
+    mh.msg_controllen = sizeof u.buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+  }
+  while (iov.iov_len > 0) {
+    ssize_t n = sendmsg(CHAN, &mh, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      _exit(0); /* the server is gone */
+    }
+    iov.iov_base = (char *)iov.iov_base + n;
+    iov.iov_len -= (size_t)n;
+    mh.msg_control = NULL; /* the descriptor went with the first bytes */
+    mh.msg_controllen = 0;
+  }
+}
+
+/* A JSON string body: what we send is ours (numbers, errno names, addresses) or strerror text; escape anyway. */
+static void json_escape(char *out, size_t cap, const char *s) {
+  size_t o = 0;
+  for (; *s && o + 7 < cap; s++) {
+    unsigned char ch = (unsigned char)*s;
+    if (ch == '"' || ch == '\\') { out[o++] = '\\'; out[o++] = (char)ch; }
+    else if (ch < 0x20 || ch >= 0x7f) o += (size_t)snprintf(out + o, cap - o, "\\u%04x", ch);
+    else out[o++] = (char)ch;
+  }
+  out[o] = 0;
+}
+
+static void send_msg(int fd, const char *fmt, ...) {
+  char body[1024], line[1200];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(body, sizeof body, fmt, ap);
+  va_end(ap);
+  if (fd >= 0) snprintf(line, sizeof line, "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":%s}\n", body);
+  else snprintf(line, sizeof line, "%s\n", body);
+  send_line(line, fd);
+}
+
+static void send_failed(long id, const char *code, const char *message) {
+  char c[128], m[512];
+  json_escape(c, sizeof c, code);
+  json_escape(m, sizeof m, message);
+  send_msg(-1, "{\"t\":\"failed\",\"id\":%ld,\"code\":\"%s\",\"message\":\"%s\"}", id, c, m);
+}
+
+static void send_errno(long id, int err, const char *what) {
+  char m[300];
+  snprintf(m, sizeof m, "%s: %s", what, strerror(err));
+  const char *name = strerrorname_np(err);
+  send_failed(id, name ? name : "ERROR", m);
+}
+
+/* ------------------------------------------------------------ input */
+
+/*
+ * The server's messages are flat JSON objects of strings and integers
+ * ({"t":"connect","id":1,"host":"localhost","port":80}). Anything else in a
+ * line (nested values, escapes beyond the simple ones) makes it malformed,
+ * and a malformed line is ignored, as the protocol says.
+ */
+struct req {
+  char t[16];
+  char cmd[32];
+  char host[256];
+  long id, port;
+  int has_id, has_port;
+};
+
+static const char *skip_ws(const char *p) {
+  while (*p == ' ' || *p == '\t' || *p == '\r') p++;
+  return p;
+}
+
+static const char *parse_string(const char *p, char *out, size_t cap) {
+  if (*p != '"') return NULL;
+  p++;
+  size_t o = 0;
+  while (*p && *p != '"') {
+    char ch = *p++;
+    if (ch == '\\') {
+      ch = *p++;
+      if (ch == 'n') ch = '\n';
+      else if (ch == 't') ch = '\t';
+      else if (ch != '"' && ch != '\\' && ch != '/') return NULL;
+    }
+    if (o + 1 >= cap) return NULL;
+    out[o++] = ch;
+  }
+  if (*p != '"') return NULL;
+  out[o] = 0;
+  return p + 1;
+}
+
+static int parse_req(const char *p, struct req *r) {
+  memset(r, 0, sizeof *r);
+  p = skip_ws(p);
+  if (*p++ != '{') return -1;
+  p = skip_ws(p);
+  if (*p == '}') return 0;
+  for (;;) {
+    char key[32], sval[256];
+    p = parse_string(skip_ws(p), key, sizeof key);
+    if (!p) return -1;
+    p = skip_ws(p);
+    if (*p++ != ':') return -1;
+    p = skip_ws(p);
+    if (*p == '"') {
+      p = parse_string(p, sval, sizeof sval);
+      if (!p) return -1;
+      /* A value too long for its field makes the line malformed, never a truncated value. */
+      size_t len = strlen(sval);
+      if (!strcmp(key, "t")) { if (len >= sizeof r->t) return -1; memcpy(r->t, sval, len + 1); }
+      else if (!strcmp(key, "cmd")) { if (len >= sizeof r->cmd) return -1; memcpy(r->cmd, sval, len + 1); }
+      else if (!strcmp(key, "host")) { if (len >= sizeof r->host) return -1; memcpy(r->host, sval, len + 1); }
+    } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
+      char *end;
+      errno = 0;
+      long v = strtol(p, &end, 10);
+      if (errno || end == p) return -1;
+      p = end;
+      if (!strcmp(key, "id")) { r->id = v; r->has_id = 1; }
+      else if (!strcmp(key, "port")) { r->port = v; r->has_port = 1; }
+    } else if (!strncmp(p, "true", 4) || !strncmp(p, "null", 4)) {
+      p += 4;
+    } else if (!strncmp(p, "false", 5)) {
+      p += 5;
+    } else {
+      return -1;
+    }
+    p = skip_ws(p);
+    if (*p == ',') { p++; continue; }
+    if (*p == '}') return 0;
+    return -1;
+  }
+}
+
+/* ------------------------------------------------------------ sockets */
+
+struct listener { int fd; long id; };
+struct connecting {
+  int fd;
+  long id;
+  struct addrinfo *ai, *cur; /* the addresses to try, and the one being tried */
+  char host[256];
+  long port;
+  long long deadline;
+};
+
+static struct listener listeners[MAX_LISTENERS];
+static int nlisteners;
+static struct connecting connects[MAX_CONNECTS];
+static int nconnects;
+
+static long long now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Addresses for host:port. "localhost" is the VE's loopback whether or not the VE's /etc/hosts says so. */
+static int resolve(const char *host, long port, int passive, struct addrinfo **out) {
+  char ports[16];
+  snprintf(ports, sizeof ports, "%ld", port);
+  struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0) };
+  if (!strcmp(host, "localhost")) host = "127.0.0.1";
+  return getaddrinfo(host, ports, &hints, out);
+}
+
+static void format_addr(const struct sockaddr_storage *ss, char *addr, size_t cap, int *port) {
+  addr[0] = 0;
+  *port = 0;
+  if (ss->ss_family == AF_INET) {
+    const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+    inet_ntop(AF_INET, &a->sin_addr, addr, (socklen_t)cap);
+    *port = ntohs(a->sin_port);
+  } else if (ss->ss_family == AF_INET6) {
+    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+    inet_ntop(AF_INET6, &a->sin6_addr, addr, (socklen_t)cap);
+    *port = ntohs(a->sin6_port);
+  }
+}
+
+static void drop_connect(int i) {
+  if (connects[i].fd >= 0) close(connects[i].fd);
+  freeaddrinfo(connects[i].ai);
+  connects[i] = connects[--nconnects];
+}
+
+/* Start a non-blocking connect to the current address, moving on past ones that fail at once. 0: under way; -1: none left (errno). */
+static int connect_next(struct connecting *c) {
+  int err = ECONNREFUSED;
+  for (; c->cur; c->cur = c->cur->ai_next) {
+    int fd = socket(c->cur->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) { err = errno; continue; }
+    if (connect(fd, c->cur->ai_addr, c->cur->ai_addrlen) == 0 || errno == EINPROGRESS) {
+      c->fd = fd;
+      return 0;
+    }
+    err = errno;
+    close(fd);
+  }
+  c->fd = -1;
+  errno = err;
+  return -1;
+}
+
+static void do_connect(const struct req *r) {
+  if (nconnects >= MAX_CONNECTS) {
+    send_failed(r->id, "EMFILE", "too many connections being opened at once");
+    return;
+  }
+  struct connecting *c = &connects[nconnects];
+  memset(c, 0, sizeof *c);
+  c->id = r->id;
+  c->port = r->port;
+  snprintf(c->host, sizeof c->host, "%s", r->host);
+  int g = resolve(r->host, r->port, 0, &c->ai);
+  if (g) {
+    char m[400];
+    snprintf(m, sizeof m, "cannot resolve %s in the VE: %s", r->host, gai_strerror(g));
+    send_failed(r->id, "ENOTFOUND", m);
+    return;
+  }
+  c->cur = c->ai;
+  c->deadline = now_ms() + CONNECT_TIMEOUT_MS;
+  nconnects++;
+  if (connect_next(c) < 0) {
+    char what[320];
+    snprintf(what, sizeof what, "connect to %s:%ld", c->host, c->port);
+    send_errno(c->id, errno, what);
+    c->fd = -1;
+    drop_connect(nconnects - 1);
+  }
+}
+
+/* A pending connect became writable (or timed out): report it, or try the next address. */
+static void finish_connect(int i, int timed_out) {
+  struct connecting *c = &connects[i];
+  int err = 0;
+  socklen_t len = sizeof err;
+  if (timed_out) err = ETIMEDOUT;
+  else if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+  if (!err) {
+    send_msg(c->fd, "{\"t\":\"connected\",\"id\":%ld}", c->id);
+    drop_connect(i); /* closes our copy: the server has its own now */
+    return;
+  }
+  close(c->fd);
+  c->fd = -1;
+  if (!timed_out && c->cur) {
+    c->cur = c->cur->ai_next;
+    if (connect_next(c) == 0) return;
+  }
+  char what[320];
+  snprintf(what, sizeof what, "connect to %s:%ld", c->host, c->port);
+  send_errno(c->id, err, what);
+  drop_connect(i);
+}
+
+static void do_listen(const struct req *r) {
+  for (int i = 0; i < nlisteners; i++)
+    if (listeners[i].id == r->id) return;
+  if (nlisteners >= MAX_LISTENERS) {
+    send_failed(r->id, "EMFILE", "too many listeners on this connection");
+    return;
+  }
+  struct addrinfo *ai = NULL;
+  int g = resolve(r->host, r->port, 1, &ai);
+  if (g) {
+    char m[400];
+    snprintf(m, sizeof m, "cannot resolve %s in the VE: %s", r->host, gai_strerror(g));
+    send_failed(r->id, "ENOTFOUND", m);
+    return;
+  }
+  int fd = -1, err = EADDRNOTAVAIL;
+  for (struct addrinfo *a = ai; a && fd < 0; a = a->ai_next) {
+    fd = socket(a->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) { err = errno; continue; }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, a->ai_addr, a->ai_addrlen) < 0 || listen(fd, 511) < 0) {
+      err = errno;
+      close(fd);
+      fd = -1;
+    }
+  }
+  freeaddrinfo(ai);
+  if (fd < 0) {
+    char what[320];
+    snprintf(what, sizeof what, "listen on %s:%ld", r->host, r->port);
+    send_errno(r->id, err, what);
+    return;
+  }
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof ss;
+  char addr[64];
+  int port = (int)r->port;
+  if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0) format_addr(&ss, addr, sizeof addr, &port);
+  listeners[nlisteners++] = (struct listener){ .fd = fd, .id = r->id };
+  send_msg(-1, "{\"t\":\"listening\",\"id\":%ld,\"port\":%d}", r->id, port);
+}
+
+static void do_unlisten(long id) {
+  for (int i = 0; i < nlisteners; i++) {
+    if (listeners[i].id == id) {
+      close(listeners[i].fd);
+      listeners[i] = listeners[--nlisteners];
+      break;
+    }
+  }
+  send_msg(-1, "{\"t\":\"closed\",\"id\":%ld}", id);
+}
+
+static void accept_all(int i) {
+  for (;;) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    int fd = accept4(listeners[i].fd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
+    if (fd < 0) return; /* EAGAIN, or a connection that went away before we took it */
+    char addr[64];
+    int port;
+    format_addr(&ss, addr, sizeof addr, &port);
+    send_msg(fd, "{\"t\":\"accepted\",\"id\":%ld,\"remoteAddress\":\"%s\",\"remotePort\":%d}", listeners[i].id, addr, port);
+    close(fd);
+  }
+}
+
+static void handle_line(const char *line) {
+  struct req r;
+  if (parse_req(line, &r) < 0) return;
+  if (r.cmd[0]) return; /* the server's NODE_HANDLE_ACK and other channel-internal messages */
+  if (!r.has_id || r.id < 0) return;
+  int port_ok = r.has_port && r.port >= 0 && r.port <= 65535;
+  if (!strcmp(r.t, "connect") && port_ok && r.port > 0 && r.host[0]) do_connect(&r);
+  else if (!strcmp(r.t, "listen") && port_ok && r.host[0]) do_listen(&r);
+  else if (!strcmp(r.t, "unlisten")) do_unlisten(r.id);
+}
+
+int main(void) {
+  struct stat st;
+  if (fstat(CHAN, &st) < 0 || !S_ISSOCK(st.st_mode)) {
+    fprintf(stderr, "vesh-forward: fd 3 is not the server's channel; the SSH server starts this helper\n");
+    return 2;
+  }
+  signal(SIGPIPE, SIG_IGN);
+  prctl(PR_SET_NAME, "vesh-forward"); /* comm, which exec set to "4": a name VE root recognises in ps */
+  /* Nothing else of the caller's: the channel, stderr for our own complaints. */
+  close_range(4, ~0U, 0);
+  int devnull = open("/dev/null", O_RDWR);
+  if (devnull >= 0) {
+    dup2(devnull, 0);
+    dup2(devnull, 1);
+    if (devnull > 2) close(devnull);
+  }
+  send_msg(-1, "{\"t\":\"ready\"}");
+
+  static char in[LINE_MAX_LEN * 4];
+  size_t inlen = 0;
+  struct pollfd pfd[1 + MAX_LISTENERS + MAX_CONNECTS];
+  for (;;) {
+    int np = 0;
+    pfd[np++] = (struct pollfd){ .fd = CHAN, .events = POLLIN };
+    for (int i = 0; i < nlisteners; i++) pfd[np++] = (struct pollfd){ .fd = listeners[i].fd, .events = POLLIN };
+    for (int i = 0; i < nconnects; i++) pfd[np++] = (struct pollfd){ .fd = connects[i].fd, .events = POLLOUT };
+    long long soonest = -1;
+    for (int i = 0; i < nconnects; i++)
+      if (soonest < 0 || connects[i].deadline < soonest) soonest = connects[i].deadline;
+    int timeout = soonest < 0 ? -1 : (int)(soonest > now_ms() ? soonest - now_ms() : 0);
+    if (poll(pfd, (nfds_t)np, timeout) < 0) {
+      if (errno == EINTR) continue;
+      return 1;
+    }
+    /* Connects first, from the end (drop_connect moves the last into the hole), then listeners, then the channel. */
+    long long t = now_ms();
+    for (int i = nconnects - 1; i >= 0; i--) {
+      int k = 1 + nlisteners + i;
+      if (pfd[k].revents & (POLLOUT | POLLERR | POLLHUP)) finish_connect(i, 0);
+      else if (connects[i].deadline <= t) finish_connect(i, 1);
+    }
+    for (int i = 0; i < nlisteners && 1 + i < np; i++)
+      if (pfd[1 + i].fd == listeners[i].fd && (pfd[1 + i].revents & POLLIN)) accept_all(i);
+    if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+      ssize_t n = read(CHAN, in + inlen, sizeof in - inlen - 1);
+      if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) return 0; /* the server went away */
+      if (n > 0) {
+        inlen += (size_t)n;
+        in[inlen] = 0;
+        char *start = in, *nl;
+        while ((nl = memchr(start, '\n', inlen - (size_t)(start - in)))) {
+          *nl = 0;
+          if (nl - start < LINE_MAX_LEN) handle_line(start);
+          start = nl + 1;
+        }
+        inlen -= (size_t)(start - in);
+        memmove(in, start, inlen);
+        /* A line longer than anything the server sends: drop it rather than stall. */
+        if (inlen >= sizeof in - 1) inlen = 0;
+      }
+    }
+  }
+}
