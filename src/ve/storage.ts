@@ -1,6 +1,6 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { ErrorCodes, VeshError } from '../errors.js';
+import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import { run } from '../system/exec.js';
 import { requireSetupHelper } from '../system/native-helpers.js';
 import type { HostCommand } from '../runtime/types.js';
@@ -66,21 +66,55 @@ export async function mountsUnder(dir: string): Promise<string[]> {
   return all.sort((a, b) => b.length - a.length);
 }
 
+/**
+ * True when `err` (a file system call's error, or a helper program's failure
+ * whose output names it) is ENOSPC: the file system being written is full.
+ */
+export function isNoSpaceError(err: unknown): boolean {
+  if ((err as NodeJS.ErrnoException | null)?.code === 'ENOSPC') return true;
+  const details = (err as { details?: { stderr?: unknown; stdout?: unknown } } | null)?.details;
+  const text = [err instanceof Error ? err.message : '', details?.stderr, details?.stdout].filter((t): t is string => typeof t === 'string').join('\n');
+  return /No space left on device|ENOSPC/.test(text);
+}
+
+/**
+ * The one-line error for a VE step that found the host's disk full. `dir`
+ * is the host directory whose file system ran full (the VE area under the
+ * data dir): the fix is there, not in the VE, so the message names it and
+ * how to see its usage. Other errors pass through unchanged.
+ */
+export function asHostDiskFull(err: unknown, dir: string, what: string): unknown {
+  if (!isNoSpaceError(err) || (err instanceof VeshError && err.code === ErrorCodes.DISK_FULL)) return err;
+  return new VeshError(ErrorCodes.DISK_FULL,
+    `cannot ${what}: the host disk holding ${dir} is full (No space left on device); free space on it (see "df -h ${dir}"), then try again`,
+    { cause: err, userMessage: 'The server is out of disk space; the administrator has been told.' });
+}
+
 /** Make the sparse disk image with an ext4 file system whose root belongs to VE root. */
 export async function createDiskImage(p: VePaths, sizeBytes: number, rootId: number): Promise<void> {
-  const fh = await fs.open(p.image, 'wx', 0o600);
+  const area = path.dirname(p.dir);
   try {
-    await fh.truncate(sizeBytes);
-  } finally {
-    await fh.close();
+    const fh = await fs.open(p.image, 'wx', 0o600);
+    try {
+      await fh.truncate(sizeBytes);
+    } finally {
+      await fh.close();
+    }
+  } catch (err) {
+    throw asHostDiskFull(err, area, 'make the disk image of the VE');
   }
   // No reserved blocks: the whole limit is the VE's. No journal: a journal
   // costs ~1.1 MiB of memory per mounted VE against ~0.25 MiB without
   // (measured here over 100 mounts), which would break the density target;
   // instead every mount is preceded by a preen check (2 ms on a clean file
   // system), as OpenVZ checks its ploop images.
-  await run('mkfs.ext4', ['-q', '-F', '-m', '0', '-O', '^has_journal', '-E', `root_owner=${rootId}:${rootId},lazy_itable_init=1`, p.image]).catch((err) => {
-    throw new VeshError(ErrorCodes.COMMAND_FAILED, `cannot make the disk image of the VE: ${(err as Error).message} (is e2fsprogs installed? run "vesh doctor")`, { cause: err });
+  await run('mkfs.ext4', ['-q', '-F', '-m', '0', '-O', '^has_journal', '-E', `root_owner=${rootId}:${rootId},lazy_itable_init=1`, p.image]).catch((err: unknown) => {
+    // The image is sparse: mkfs writes its metadata into the host's file system, which may be full.
+    if (isNoSpaceError(err)) throw asHostDiskFull(err, area, 'make the disk image of the VE');
+    if (err instanceof VeshError && err.code === ErrorCodes.COMMAND_MISSING) {
+      throw new VeshError(ErrorCodes.COMMAND_MISSING, 'cannot make the disk image of the VE: mkfs.ext4 is not installed: run "apt-get install e2fsprogs"', { cause: err });
+    }
+    throw new VeshError(ErrorCodes.COMMAND_FAILED, `cannot make the disk image of the VE: ${errorMessage(err)}; run "vesh doctor"`, { cause: err });
   });
 }
 
@@ -121,7 +155,10 @@ export async function veMountCommand(p: VePaths, opts: { hasImage: boolean; lowe
 /** Mount a VE's file systems now (see veMountCommand). */
 export async function mountVeFileSystems(p: VePaths, opts: { hasImage: boolean; lowerdir: string; rootId: number }): Promise<void> {
   const cmd = await veMountCommand(p, opts);
-  await run(cmd.file, cmd.args);
+  await run(cmd.file, cmd.args).catch((err: unknown) => {
+    // The helper makes the upper and work directories: on the host's disk without a disk image, and a sparse image's writes land there too.
+    throw asHostDiskFull(err, path.dirname(p.dir), 'mount the file systems of the VE');
+  });
 }
 
 export async function unmount(target: string): Promise<void> {
