@@ -338,7 +338,7 @@ export class VeManager implements VeAccess {
     const state = veStateOf(st);
     if (!canStop(state)) {
       if (needsCleanup(st)) await this.cleanupLocked(rec);
-      throw new VeshError(ErrorCodes.VE_STATE, `VE "${name}" is not running`);
+      throw new VeshError(ErrorCodes.VE_STATE, `VE "${name}" is not running, so there is nothing to stop: start it with "vesh ve start ${name}"`);
     }
     this.watched.delete(name);
     if (state === 'running' && !opts.kill) {
