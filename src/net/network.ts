@@ -5,7 +5,7 @@ import { run } from '../system/exec.js';
 import { requireSetupHelper } from '../system/native-helpers.js';
 import type { Layout } from '../system/layout.js';
 import { intToIp, offsetIn, parseSubnet, type Subnet } from './ipv4.js';
-import { ALLOWED_SET, allowedElement, hostRuleset, tableName } from './firewall.js';
+import { ALLOWED_SET, allowedElement, hostTables, replaceTablesScript, tableComments, tableName } from './firewall.js';
 import type { OciHook } from '../runtime/oci-bundle.js';
 import type { VeNetIdentity } from './types.js';
 
@@ -59,10 +59,11 @@ export class VeNetwork {
 
   /**
    * Bridge, gateway address and firewall tables; made when missing, kept when
-   * present. The first call in a process also puts every VE's anti-spoofing
-   * element in the set (`ves` lists them), in one nft run: the set is lost
-   * with the tables (host reboot), and VEs stopped by an older vesh had theirs
-   * removed at stop.
+   * present and made from this configuration, replaced when made from
+   * another (see applyRuleset). The first call in a process also puts every
+   * VE's anti-spoofing element in the set (`ves` lists them): the set is
+   * lost with the tables (host reboot), and VEs stopped by an older vesh had
+   * theirs removed at stop.
    */
   ensureHost(ves: () => Promise<VeNetIdentity[]>): Promise<void> {
     // Two VEs starting at once share one set-up (the second `ip link add` of the bridge would fail).
@@ -90,21 +91,40 @@ export class VeNetwork {
         }
         await run('ip', ['link', 'set', this.bridge, 'up']);
       }
-      const tables = await run('nft', ['list', 'tables']);
-      if (!tables.stdout.includes(`table bridge ${this.table}\n`) || !tables.stdout.includes(`table inet ${this.table}\n`)) {
-        await run('nft', ['delete', 'table', 'inet', this.table], { allowFailure: true });
-        await run('nft', ['-f', '-'], { input: hostRuleset({ table: this.table, bridge: this.bridge, subnet: this.subnet.cidr, vethPrefix: this.vethPrefix(), outbound: this.outbound }) });
-      }
+      await this.applyRuleset(await ves());
       if (this.outbound) await fs.writeFile('/proc/sys/net/ipv4/ip_forward', '1');
-      const ids = (await ves()).filter((id) => offsetIn(this.subnet, id.address) >= 0);
-      if (ids.length > 0) {
-        const elements = ids.map((id) => `"${id.hostVeth}" . ${id.address}`);
-        await run('nft', ['-f', '-'], { input: `add element bridge ${this.table} ${ALLOWED_SET} { ${elements.join(', ')} }\n` });
-        for (const id of ids) this.allowed.add(allowedElement(id.hostVeth, id.address));
-      }
     } catch (err) {
       throw new VeshError(ErrorCodes.NETWORK_FAILED, `cannot set up the VE bridge ${this.bridge} (${this.subnet.cidr}): ${errorMessage(err)}; check "vesh doctor"`, { cause: err });
     }
+  }
+
+  /**
+   * Make this instance's tables say what the configuration says. Each table
+   * carries a comment naming the rules it was made from (firewall.ts): a
+   * table that is missing, or was made from another configuration (say
+   * network.outbound was flipped since) or by another vesh, is replaced; a
+   * matching one is kept. Replacing and re-filling the anti-spoofing set
+   * with every VE's element is one nft transaction, so running VEs never
+   * see a moment without their rules. Two nft runs at most.
+   */
+  private async applyRuleset(all: VeNetIdentity[]): Promise<void> {
+    const tables = hostTables({ table: this.table, bridge: this.bridge, subnet: this.subnet.cidr, vethPrefix: this.vethPrefix(), outbound: this.outbound });
+    // One listing, terse (no set elements, so its size does not grow with the
+    // VEs). Not two `list table` commands in one batch: nft 1.0.6 then fills
+    // its cache for the first one only and fails the second.
+    const found = tableComments((await run('nft', ['-t', 'list', 'ruleset'])).stdout);
+    const stale = tables.filter((t) => found.get(`${t.family} ${t.name}`) !== t.comment);
+    const ids = all.filter((id) => offsetIn(this.subnet, id.address) >= 0);
+    const fill = ids.length > 0 ? [`add element bridge ${this.table} ${ALLOWED_SET} { ${ids.map((id) => `"${id.hostVeth}" . ${id.address}`).join(', ')} }`] : [];
+    if (stale.length > 0) {
+      // The bridge table holds the set: replacing it means filling it again in the same transaction.
+      await run('nft', ['-f', '-'], { input: replaceTablesScript(stale, fill) });
+      this.log.info({ event: 'net.ruleset_applied', table: this.table, replaced: stale.map((t) => t.family), outbound: this.outbound });
+    } else if (fill.length > 0) {
+      await run('nft', ['-f', '-'], { input: `${fill[0]}\n` });
+    }
+    this.allowed.clear();
+    for (const id of ids) this.allowed.add(allowedElement(id.hostVeth, id.address));
   }
 
   /** Lowest free address of the subnet (the first one is the gateway's). */
