@@ -1,6 +1,6 @@
 import * as pty from 'node-pty';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeVeTestEnv, type VeTestEnv } from '../helpers/ve-env.js';
+import { makeVeTestEnv, shInVe, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
 
 /** A terminal session into a VE through node-pty, with a screen buffer to wait on. */
 class Term {
@@ -61,19 +61,40 @@ describe('terminals inside a VE (runc exec -t under node-pty)', () => {
   });
 
   it('does job control: Ctrl-Z stops, fg resumes, Ctrl-C interrupts the foreground job', async () => {
+    /** State letter (S, R, T…) of the VE's `sleep 100`, as the VE's kernel reports it; null when there is none. */
+    const sleepState = async (): Promise<string | null> => {
+      const ps = await shInVe(env, 'tty1', 'ps -o stat,args');
+      const line = ps.stdout.split('\n').find((l) => /^\S+\s+sleep 100$/.test(l.trim()));
+      return line ? line.trim()[0]! : null;
+    };
+    // Each marker's output differs from the typed line the terminal echoes, so a
+    // match proves the command ran; each step then consumes its own prompt.
+    term.write('echo "SYNC-$((40+2))"\r');
+    await term.expect(/SYNC-42/);
     await term.expect(/PROMPT# /);
+    expect(await sleepState()).toBeNull();
+
     term.write('sleep 100\r');
-    await new Promise((r) => setTimeout(r, 500));
+    await waitFor('sleep 100 to run in the foreground', async () => (await sleepState()) === 'S');
     term.write('\x1a');
-    await term.expect(/[Ss]topped/);
-    term.write('jobs\r');
-    await term.expect(/sleep 100/);
+    await term.expect(/Stopped[^\r\n]*sleep 100/);
+    await term.expect(/PROMPT# /);
+    await waitFor('the kernel to show sleep 100 stopped', async () => (await sleepState()) === 'T');
+    term.write('jobs >/tmp/jobs.out; echo "J=$(wc -l </tmp/jobs.out)X S=$(grep -c "Stopped.*sleep 100" /tmp/jobs.out)X"\r');
+    await term.expect(/J=1X S=1X/);
+    await term.expect(/PROMPT# /);
+
     term.write('fg\r');
-    await new Promise((r) => setTimeout(r, 500));
+    await waitFor('fg to resume sleep 100', async () => (await sleepState()) === 'S');
     term.write('\x03');
     await term.expect(/PROMPT# /);
-    term.write('jobs; echo JOBS-DONE\r');
-    const out = await term.expect(/JOBS-DONE\r?\n/);
-    expect(out).not.toContain('sleep 100');
+    // 130 = 128 + SIGINT: Ctrl-C killed the foreground job, and the shell waited for it.
+    term.write('echo "RC=$?X"\r');
+    await term.expect(/RC=130X/);
+    await term.expect(/PROMPT# /);
+    expect(await sleepState()).toBeNull();
+    term.write('jobs >/tmp/jobs.out; echo "J=$(wc -l </tmp/jobs.out)X"\r');
+    await term.expect(/J=0X/);
+    await term.expect(/PROMPT# /);
   });
 });
