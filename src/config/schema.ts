@@ -62,6 +62,8 @@ export const serverConfigSchema = z.strictObject({
     idmapBase: z.number().int().min(1).default(100_000),
     idmapSize: z.number().int().min(65_536).default(65_536),
     stopTimeout: parsed((v) => parseDuration(v, 'stopTimeout')).default(10_000),
+    /** A session agent in each VE in use (one small process there) instead of one engine exec per session. */
+    sessionAgents: z.boolean().default(true),
   }).prefault({}),
   logging: z.strictObject({
     level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),

@@ -20,7 +20,7 @@ export interface ServerConfig {
     maxStartups: number;
     penalties: { failuresBeforePenalty: number; penaltyMs: number; maxPenaltyMs: number };
   };
-  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number };
+  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number; sessionAgents: boolean };
   logging: { level: string; pretty: boolean | 'auto' };
 }
 
@@ -67,6 +67,7 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
       idmapBase: value.runtime.idmapBase,
       idmapSize: value.runtime.idmapSize,
       stopTimeoutMs: value.runtime.stopTimeout,
+      sessionAgents: value.runtime.sessionAgents,
     },
     logging: { ...value.logging },
   };

@@ -117,6 +117,7 @@ export class VeManager implements VeAccess {
       dir: this.layout.agentsDir,
       log: this.log,
       currentInit: (ve) => this.knownInit(ve),
+      enabled: this.cfg.runtime.sessionAgents,
     });
   }
 

@@ -75,6 +75,8 @@ export class SessionAgents {
       log: Logger;
       /** "pid:start" of the VE's init as the VE manager knows it now, or null. */
       currentInit: (ve: string) => Promise<string | null>;
+      /** false (runtime.sessionAgents): no agents; every session goes through the engine. */
+      enabled: boolean;
     },
   ) {}
 
@@ -103,7 +105,7 @@ export class SessionAgents {
    * (while an agent is started for next time).
    */
   async command(ve: string, init: string, spec: AgentProcessSpec, fallback: HostCommand): Promise<HostCommand> {
-    const helper = this.helperBinary();
+    const helper = this.deps.enabled ? this.helperBinary() : null;
     if (!helper) return fallback;
     const agent = this.agents.get(ve);
     if (agent && agent.init === init && (await processStartTime(agent.pid)) === agent.start) {

@@ -26,7 +26,8 @@ export interface VeTestEnv {
   cleanup(): Promise<void>;
 }
 
-export async function makeVeTestEnv(opts: { template?: 'busybox' | 'debian'; extraYaml?: string; logger?: Logger } = {}): Promise<VeTestEnv> {
+/** `runtime` adds settings to the runtime section (e.g. "sessionAgents: false"). */
+export async function makeVeTestEnv(opts: { template?: 'busybox' | 'debian'; extraYaml?: string; runtime?: string; logger?: Logger } = {}): Promise<VeTestEnv> {
   const dir = mkdtempSync('/var/tmp/vesh-test-');
   // VE inits (unprivileged host uids) must pass through every directory above their root.
   chmodSync(dir, 0o711);
@@ -43,7 +44,7 @@ export async function makeVeTestEnv(opts: { template?: 'busybox' | 'debian'; ext
     `  template: ${template}`,
     `  limits: { memory: 128M, pids: 128, cpus: 1, disk: 256M }`,
     `network: { bridge: vt${tag}, subnet: ${subnet}, outbound: false }`,
-    `runtime: { stopTimeout: 5s }`,
+    `runtime: { stopTimeout: 5s${opts.runtime ? `, ${opts.runtime}` : ''} }`,
     opts.extraYaml ?? '',
   ].join('\n');
   const configFile = path.join(dir, 'vesh.yaml');
