@@ -25,8 +25,12 @@
  *       foreground: stdio passes through (without a terminal our own fds 0-2
  *       are handed to the process; with one, the VE terminal is copied to and
  *       from ours, in raw mode, and window-size changes follow ours), signals
- *       are forwarded, and we exit with the process's status, or 128+N when
- *       signal N killed it. When no agent answers, exec FALLBACK (runc exec).
+ *       are forwarded, and we end as the process ended: with its exit status,
+ *       or killed by the signal that killed it (so the caller tells `exit 130`
+ *       from death by SIGINT). SIGKILL cannot be caught, so the caller asks
+ *       for it with KILL_RELAY_SIG. When no agent answers, run FALLBACK
+ *       (runc exec) as a child, forward signals to it, and end the same way,
+ *       reading its 128+N exit codes as death by signal N.
  *
  * Only the host can reach SOCKET: it lives in a root-only host directory that
  * is not in the VE's mount namespace, and the agent holds only the listening
@@ -45,6 +49,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -66,6 +71,14 @@
 #define AGENT_NAME "vesh-agent"
 
 enum { MSG_STARTED = 1, MSG_EXIT = 2, MSG_ERROR = 3, MSG_SIGNAL = 4 };
+
+/*
+ * "Deliver SIGKILL": a signal the relay can catch, sent by the SSH server in
+ * place of SIGKILL (src/ssh/exit-status.ts names the same number). SIGRTMIN+9
+ * with glibc; runc, which forwards every signal, passes it on too, and its
+ * default action ends the process as well.
+ */
+#define KILL_RELAY_SIG 43
 
 struct req_head {
   uint32_t magic;
@@ -428,21 +441,88 @@ static void restore_tty(void) {
   if (tio_saved) tcsetattr(0, TCSADRAIN, &saved_tio);
 }
 
-static int exit_code_of(int status) {
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-  return 255;
+/* Signals a client may send (RFC 4254), passed on to the process; SIGWINCH is ours. */
+static const int forwarded[] = { SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGABRT, SIGFPE, SIGILL, SIGSEGV, SIGPIPE,
+                                 SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU, KILL_RELAY_SIG };
+
+/* End as a process killed by `sig` did (no core file of ours), so our parent sees the same. */
+static void die_by_signal(int sig) {
+  restore_tty();
+  fflush(NULL);
+  struct rlimit none = { 0, 0 };
+  setrlimit(RLIMIT_CORE, &none);
+  signal(sig, SIG_DFL);
+  sigset_t one;
+  sigemptyset(&one);
+  sigaddset(&one, sig);
+  sigprocmask(SIG_UNBLOCK, &one, NULL);
+  raise(sig);
+  exit(128 + sig); /* a signal whose default is not to end the process */
 }
 
-static void fallback_or_die(char **fallback, const char *why) {
+static void exit_like(int status) {
+  if (WIFSIGNALED(status)) die_by_signal(WTERMSIG(status));
+  exit(WIFEXITED(status) ? WEXITSTATUS(status) : 255);
+}
+
+/* Signals runc turns into its exit code 128+N when they kill the process (the rest are ordinary exit codes). */
+static int fatal_signal(int sig) {
+  switch (sig) {
+  case SIGHUP: case SIGINT: case SIGQUIT: case SIGILL: case SIGTRAP: case SIGABRT: case SIGBUS: case SIGFPE: case SIGKILL:
+  case SIGUSR1: case SIGSEGV: case SIGUSR2: case SIGPIPE: case SIGALRM: case SIGTERM: case SIGXCPU: case SIGXFSZ: case SIGSYS:
+    return 1;
+  default:
+    return 0;
+  }
+}
+
+/*
+ * No agent: run the engine's own exec as our child, forward what we are sent
+ * to it (runc relays signals and window changes to the process), and end as
+ * it reports the process ended.
+ */
+static void run_fallback(char **fallback, const char *why, int sfd) {
   restore_tty();
-  if (fallback && fallback[0]) {
+  if (!fallback || !fallback[0]) {
+    fprintf(stderr, "vesh-session: %s\n", why);
+    exit(255);
+  }
+  sigset_t none;
+  sigemptyset(&none);
+  pid_t pid = fork();
+  if (pid < 0) die("fork");
+  if (pid == 0) {
+    signal(SIGPIPE, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     execvp(fallback[0], fallback);
     fprintf(stderr, "vesh-session: %s, and the fallback %s failed: %s\n", why, fallback[0], strerror(errno));
-  } else {
-    fprintf(stderr, "vesh-session: %s\n", why);
+    _exit(255);
   }
-  exit(255);
+  int kill_asked = 0;
+  for (;;) {
+    struct pollfd p = { .fd = sfd, .events = POLLIN };
+    if (poll(&p, 1, -1) < 0 && errno != EINTR) die("poll");
+    struct signalfd_siginfo si;
+    while (read(sfd, &si, sizeof si) == sizeof si) {
+      int sig = (int)si.ssi_signo;
+      /* Only what our caller sends: the kernel's own (a resize or hang-up of
+         the terminal we share with the child, our own SIGPIPE) reaches the
+         child by itself. */
+      if (sig == SIGCHLD || (pid_t)si.ssi_pid == getpid() || si.ssi_code == SI_KERNEL) continue;
+      if (sig == KILL_RELAY_SIG) kill_asked = 1;
+      kill(pid, sig);
+    }
+    int status;
+    pid_t w = waitpid(pid, &status, WNOHANG);
+    if (w == pid) {
+      if (WIFEXITED(status) && WEXITSTATUS(status) > 128) {
+        int sig = WEXITSTATUS(status) - 128;
+        if (sig == KILL_RELAY_SIG && kill_asked) die_by_signal(SIGKILL);
+        if (fatal_signal(sig)) die_by_signal(sig);
+      }
+      exit_like(status);
+    }
+  }
 }
 
 /* Copy buffer for one direction of the terminal relay. */
@@ -506,6 +586,17 @@ static int cmd_attach(int argc, char **argv) {
   ai += nargv;
   char **fallback = ai < argc ? argv + ai : NULL;
 
+  /* Signals: forwarded ones, SIGWINCH and SIGCHLD come through a signalfd, so none is lost between here and the loop. */
+  sigset_t mask;
+  sigemptyset(&mask);
+  for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaddset(&mask, forwarded[i]);
+  sigaddset(&mask, SIGWINCH);
+  sigaddset(&mask, SIGCHLD);
+  sigprocmask(SIG_BLOCK, &mask, NULL);
+  signal(SIGPIPE, SIG_IGN);
+  int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (sfd < 0) die("signalfd");
+
   /* Build the request. */
   static char req[REQ_MAX];
   struct req_head h = { .magic = MAGIC, .tty = tty ? 1 : 0, .uid = uid, .gid = gid, .nenv = (uint32_t)nenv, .nargv = (uint32_t)nargv };
@@ -537,7 +628,7 @@ static int cmd_attach(int argc, char **argv) {
   int fits = append_str(req, &off, strcmp(cwd, "-") ? cwd : "");
   for (int i = 0; i < nenv; i++) fits = fits && append_str(req, &off, env[i]);
   for (int i = 0; i < nargv; i++) fits = fits && append_str(req, &off, pargv[i]);
-  if (!fits) fallback_or_die(fallback, "request too large for the session agent");
+  if (!fits) run_fallback(fallback, "request too large for the session agent", sfd);
 
   int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
   if (s < 0) die("socket");
@@ -545,19 +636,8 @@ static int cmd_attach(int argc, char **argv) {
   snprintf(sa.sun_path, sizeof sa.sun_path, "%s", sock);
   if (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
     close(s);
-    fallback_or_die(fallback, "no session agent answers");
+    run_fallback(fallback, "no session agent answers", sfd);
   }
-
-  /* Signals: forwarded ones and SIGWINCH come through a signalfd, so none is lost between here and the loop. */
-  static const int forwarded[] = { SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGABRT, SIGCONT, SIGTSTP, SIGTTIN, SIGTTOU };
-  sigset_t mask;
-  sigemptyset(&mask);
-  for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaddset(&mask, forwarded[i]);
-  sigaddset(&mask, SIGWINCH);
-  sigprocmask(SIG_BLOCK, &mask, NULL);
-  signal(SIGPIPE, SIG_IGN);
-  int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
-  if (sfd < 0) die("signalfd");
 
   struct iovec iov = { req, off };
   union { char buf[CMSG_SPACE(sizeof(int) * 3)]; struct cmsghdr align; } u;
@@ -573,21 +653,21 @@ static int cmd_attach(int argc, char **argv) {
     memcpy(CMSG_DATA(c), fds, sizeof fds);
   }
   if (sendmsg(s, &mh, MSG_NOSIGNAL) < 0) {
-    if (errno == EMSGSIZE) fallback_or_die(fallback, "request too large for the session agent");
-    fallback_or_die(fallback, "the session agent did not take the request");
+    if (errno == EMSGSIZE) run_fallback(fallback, "request too large for the session agent", sfd);
+    run_fallback(fallback, "the session agent did not take the request", sfd);
   }
 
   struct msg m;
   int got[1], ngot = 0;
   ssize_t n = recv_with_fds(s, &m, sizeof m, got, 1, &ngot, NULL);
-  if (n != (ssize_t)sizeof m) fallback_or_die(fallback, "the session agent went away");
+  if (n != (ssize_t)sizeof m) run_fallback(fallback, "the session agent went away", sfd);
   if (m.type == MSG_ERROR) {
     m.text[sizeof m.text - 1] = 0;
     restore_tty();
     fprintf(stderr, "vesh: %s: %s\r\n", m.text, strerror(m.value));
     return 255;
   }
-  if (m.type != MSG_STARTED) fallback_or_die(fallback, "unexpected answer from the session agent");
+  if (m.type != MSG_STARTED) run_fallback(fallback, "unexpected answer from the session agent", sfd);
   int master = tty ? (ngot ? got[0] : -1) : -1;
   if (tty && master < 0) {
     restore_tty();
@@ -630,10 +710,13 @@ static int cmd_attach(int argc, char **argv) {
     if (p[1].revents & POLLIN) {
       struct signalfd_siginfo si;
       while (read(sfd, &si, sizeof si) == sizeof si) {
-        if ((int)si.ssi_signo == SIGWINCH) {
+        int sig = (int)si.ssi_signo;
+        /* Our own SIGPIPE (a write to a closed stdout) is not the client's; SIGCHLD is nobody's here. */
+        if (sig == SIGCHLD || (pid_t)si.ssi_pid == getpid()) continue;
+        if (sig == SIGWINCH) {
           if (tty && ioctl(0, TIOCGWINSZ, &ws) == 0) ioctl(master, TIOCSWINSZ, &ws);
         } else {
-          send_msg(s, MSG_SIGNAL, (int32_t)si.ssi_signo, NULL, -1);
+          send_msg(s, MSG_SIGNAL, sig == KILL_RELAY_SIG ? SIGKILL : sig, NULL, -1);
         }
       }
     }
@@ -667,7 +750,7 @@ static int cmd_attach(int argc, char **argv) {
           write_all_blocking(1, &out);
           restore_tty();
         }
-        return exit_code_of(m.value);
+        exit_like(m.value);
       }
       if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
         if (tty) {

@@ -41,6 +41,12 @@ export interface ExecSpec {
 export interface HostCommand {
   file: string;
   args: string[];
+  /**
+   * How the command reports the process's end: 'exact' (its own exit status,
+   * or death by the signal that killed the process), or, when absent, as
+   * `runc exec` does (128+N for death by signal N).
+   */
+  exitReporting?: 'exact';
 }
 
 export interface ContainerRuntime {

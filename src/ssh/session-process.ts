@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as pty from 'node-pty';
 import type { ServerChannel } from 'ssh2';
 import type { HostCommand } from '../runtime/types.js';
-import { exitReport, type ExitReport } from './exit-status.js';
+import { exitReport, relaySignal, type ExitReport } from './exit-status.js';
 import { HANGUP_GRACE_MS, PTY_INPUT_QUEUE_MAX, clampPtySize } from './limits.js';
 
 /**
@@ -14,9 +14,9 @@ import { HANGUP_GRACE_MS, PTY_INPUT_QUEUE_MAX, clampPtySize } from './limits.js'
  *   the VE's own devpts and copies between it and ours.
  * - without: with three pipes, so stdout and stderr stay apart.
  *
- * Signals go to runc, which forwards them to the process in the VE (it
- * catches and relays every signal but SIGKILL, which kills runc itself; the
- * VE process then loses its terminal or its pipes).
+ * Signals go to the relay (runc, or our session relay), which forwards them
+ * to the process in the VE; SIGKILL, which no relay can catch, is sent as
+ * KILL_RELAY_SIGNAL (see exit-status.ts).
  */
 export interface SessionProcess {
   readonly pid: number;
@@ -98,13 +98,14 @@ export function startPtyProcess(
   term.onExit(({ exitCode, signal }) => {
     exited = true;
     if (polling) clearInterval(polling);
-    onExit(exitReport(exitCode, signal ?? null));
+    onExit(exitReport(exitCode, signal ?? null, cmd.exitReporting));
   });
 
   return {
     pid: term.pid,
     signal: (sig) => {
-      if (!exited) term.kill(sig);
+      // node-pty hands the signal to process.kill, which takes numbers too.
+      if (!exited) term.kill(relaySignal(sig) as NodeJS.Signals);
     },
     resize: (cols, rows) => {
       if (exited) return;
@@ -157,7 +158,7 @@ export function startPipeProcess(
   child.on('close', (code, signal) => {
     if (exited) return;
     exited = true;
-    onExit(exitReport(code, signal));
+    onExit(exitReport(code, signal, cmd.exitReporting));
   });
 
   const kill = (sig: NodeJS.Signals) => {
@@ -168,7 +169,11 @@ export function startPipeProcess(
   return {
     pid: child.pid ?? -1,
     signal: (sig) => {
-      if (!exited) kill(sig);
+      if (exited || child.pid === undefined) return;
+      try {
+        // process.kill, not child.kill: only it takes a signal number Node has no name for.
+        process.kill(child.pid, relaySignal(sig));
+      } catch { /* already gone */ }
     },
     resize: () => undefined,
     hangup: () => {

@@ -118,6 +118,7 @@ export class SessionAgents {
           String(env.length), ...env, String(spec.argv.length), ...spec.argv,
           fallback.file, ...fallback.args,
         ],
+        exitReporting: 'exact',
       };
     }
     if (!this.launching.has(ve)) {

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { acceptClientEnv, sanitizeTerm, sessionEnvironment } from '../../src/ssh/environment.js';
-import { exitReport } from '../../src/ssh/exit-status.js';
+import { KILL_RELAY_SIGNAL, exitReport, relaySignal } from '../../src/ssh/exit-status.js';
 import { listenHostFor, parseFromHelper, parseToHelper } from '../../src/ssh/forward-protocol.js';
 import { clampPtySize } from '../../src/ssh/limits.js';
 import { LineSplitter, parseSftpLogLine, unvis } from '../../src/ssh/sftp-log.js';
@@ -56,6 +56,18 @@ describe('exit status vs exit signal', () => {
     // 128+SIGCHLD is not a death signal: stays a status.
     expect(exitReport(145, null)).toEqual({ kind: 'status', code: 145 });
     expect(exitReport(255, null)).toEqual({ kind: 'status', code: 255 });
+  });
+  it('takes an exact relay at its word: a code is a code, a signal a signal', () => {
+    expect(exitReport(130, null, 'exact')).toEqual({ kind: 'status', code: 130 });
+    expect(exitReport(137, null, 'exact')).toEqual({ kind: 'status', code: 137 });
+    expect(exitReport(null, 'SIGINT', 'exact')).toEqual({ kind: 'signal', signal: 'INT' });
+    expect(exitReport(0, 11, 'exact')).toEqual({ kind: 'signal', signal: 'SEGV' });
+  });
+  it('reads the kill-relay signal as SIGKILL, from either relay', () => {
+    expect(relaySignal('SIGKILL')).toBe(KILL_RELAY_SIGNAL);
+    expect(relaySignal('SIGTERM')).toBe('SIGTERM');
+    expect(exitReport(128 + KILL_RELAY_SIGNAL, null)).toEqual({ kind: 'signal', signal: 'KILL' });
+    expect(exitReport(null, KILL_RELAY_SIGNAL, 'exact')).toEqual({ kind: 'signal', signal: 'KILL' });
   });
   it('reports a signal that killed the relay itself', () => {
     expect(exitReport(null, 'SIGKILL')).toEqual({ kind: 'signal', signal: 'KILL' });
