@@ -23,7 +23,7 @@ import { SessionAgents } from './session-agents.js';
 import { readRecord, writeJsonAtomic, type VeRecord } from './record.js';
 import { canDestroy, canStart, canStop, needsCleanup, veStateOf, type VeState } from './state.js';
 import {
-  createDiskImage, diskUsage, mountVeFileSystems, mountsUnder, veMountCommand, unmountAll, vePaths, type VePaths,
+  asHostDiskFull, createDiskImage, diskUsage, mountVeFileSystems, mountsUnder, veMountCommand, unmountAll, vePaths, type VePaths,
 } from './storage.js';
 
 /** What the VE layer needs of the template module. */
@@ -219,6 +219,7 @@ export class VeManager implements VeAccess {
         onBoot: opts.onBoot ?? false,
         createdAt: new Date().toISOString(),
       };
+      // Whichever step runs out of host disk (directory, image, identity files, record), the message names that disk.
       await withRevert(async (r) => {
         // Traversable (not readable) by the VE's unprivileged host uid: runc's init
         // runs as that uid when it bind-mounts the rootfs and /run/vesh.
@@ -231,7 +232,8 @@ export class VeManager implements VeAccess {
         await this.writeIdentityFiles(p, rec);
         await unmountAll(p);
         await writeJsonAtomic(p.record, rec);
-      }, (failures) => this.log.error({ event: 've.create.undo_failed', ve: name, failures: failures.map((f) => `${f.what}: ${errorMessage(f.error)}`) }));
+      }, (failures) => this.log.error({ event: 've.create.undo_failed', ve: name, failures: failures.map((f) => `${f.what}: ${errorMessage(f.error)}`) }))
+        .catch((err: unknown) => { throw asHostDiskFull(err, this.layout.vesDir, `create VE "${name}"`); });
       this.log.info({ event: 've.created', ve: name, template: template.name, address, limits });
       return rec;
     }));
