@@ -4,7 +4,7 @@
  * the kernel interfaces that are reachable anyway and have a history of
  * container escapes or host-wide effects (kernel modules and kexec, keyrings,
  * BPF, perf, userfaultfd, handle-based opens, swap, accounting, the old
- * sysctl/uselib calls), and nested user namespaces, whose kernel code is a
+ * sysctl/uselib calls, io_uring), and nested user namespaces, whose kernel code is a
  * large attack surface that a VE does not need. Everything a Linux system
  * normally does — including mount in its own namespaces, ptrace of its own
  * processes and reboot (which restarts only the VE's pid namespace) — stays
@@ -19,6 +19,9 @@ const DENIED = [
   'fanotify_init', 'kcmp', 'move_pages', 'mbind', 'migrate_pages', 'set_mempolicy', 'clock_adjtime',
   'clock_settime', 'settimeofday', 'adjtimex', 'stime', 'syslog', 'pivot_root', 'fsopen', 'fsconfig',
   'fsmount', 'fspick', 'open_tree', 'move_mount', 'mount_setattr',
+  // io_uring: a second syscall interface with its own long run of privilege
+  // escalations; Docker's and containerd's default profiles block it too.
+  'io_uring_setup', 'io_uring_enter', 'io_uring_register',
 ];
 
 const CLONE_NEWUSER = 0x10000000;

@@ -1,4 +1,4 @@
-import { spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import path from 'node:path';
 import * as pty from 'node-pty';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -50,6 +50,14 @@ describe('a VE on the Debian template', () => {
     expect(lines[0]).toMatch(/^1 init$/);
     expect(lines.length).toBeLessThan(10);
     expect((await sh(env, 'deb1', 'hostname')).stdout.trim()).toBe('deb1');
+  });
+
+  it('denies io_uring to VE root (seccomp)', async () => {
+    // io_uring_setup is syscall 425 on x86_64; perl-base is in every Debian system.
+    const probe = `perl -e 'my $p = "\\0" x 120; my $r = syscall(425, 1, $p); print $r == -1 ? "$!\\n" : "allowed\\n"'`;
+    // The control: this kernel offers io_uring outside the VE, so the denial is the filter's.
+    expect(execFileSync('sh', ['-c', probe], { encoding: 'utf8' })).toBe('allowed\n');
+    expect((await sh(env, 'deb1', probe)).stdout).toBe('Operation not permitted\n');
   });
 
   it('starts services with "service", and enabled services at boot', async () => {
