@@ -16,7 +16,6 @@ declare -A VESH_RUNTIME_PKGS=(
   [mkfs.ext4]=e2fsprogs
   [e2fsck]=e2fsprogs
   [losetup]=mount
-  [nsenter]=util-linux
   [ssh-keygen]=openssh-client
   [gcc]=gcc
 )
@@ -66,8 +65,6 @@ ensure_system() {
       exit 1
     fi
   fi
-  # Debian starts sshd after installing openssh-server; tests run their own sshd on their own port.
-  if [ "$want" = test ] && command -v systemctl >/dev/null 2>&1; then :; fi
   echo "vesh: installed ${pkgs}" >&2
 }
 

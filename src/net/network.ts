@@ -230,7 +230,7 @@ export class VeNetwork {
     return `${servers.map((s) => `nameserver ${s}`).join('\n')}\n`;
   }
 
-  /** Remove this instance's bridge and tables (VEs must be stopped). Used by tests and `vesh doctor --cleanup`. */
+  /** Remove this instance's bridge and tables (VEs must be stopped). Used by tests and benchmarks. */
   async teardownHost(): Promise<void> {
     await run('nft', ['delete', 'table', 'inet', this.table], { allowFailure: true });
     await run('nft', ['delete', 'table', 'bridge', this.table], { allowFailure: true });

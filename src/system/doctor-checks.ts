@@ -243,12 +243,12 @@ const checkNftables: Check = async () => {
 
 const checkDiskTools: Check = async () => {
   const out: CheckResult[] = [];
-  const tools: Array<[string, string]> = [['mkfs.ext4', 'e2fsprogs'], ['e2fsck', 'e2fsprogs'], ['losetup', 'mount'], ['mount', 'mount'], ['nsenter', 'util-linux']];
+  const tools: Array<[string, string]> = [['mkfs.ext4', 'e2fsprogs'], ['e2fsck', 'e2fsprogs'], ['losetup', 'mount'], ['mount', 'mount']];
   const missing: Array<[string, string]> = [];
   for (const t of tools) if (!(await onPath(t[0]))) missing.push(t);
   out.push(missing.length
     ? fail('disk tools', `missing: ${missing.map((t) => t[0]).join(', ')}`, `apt-get install ${[...new Set(missing.map((t) => t[1]))].join(' ')}`)
-    : ok('disk tools', 'mkfs.ext4, e2fsck, losetup, mount, nsenter present'));
+    : ok('disk tools', 'mkfs.ext4, e2fsck, losetup, mount present'));
   if (!missing.some((t) => t[0] === 'losetup')) {
     // `losetup -f` only names a free device (creating the node through /dev/loop-control if needed); it attaches nothing.
     const loop = await attempt('losetup', ['-f']);
