@@ -7,7 +7,7 @@ import { detectCgroupLayout, type CgroupLayout } from '../runtime/cgroups.js';
 import { run, safeEnv } from './exec.js';
 import { binaryLinkage } from './elf.js';
 import { firstUnsearchableAncestor, type Layout } from './layout.js';
-import { sessionHelperPath, setupHelperPath } from './native-helpers.js';
+import { forwardHelperPath, sessionHelperPath, setupHelperPath } from './native-helpers.js';
 
 /**
  * `vesh doctor`: can this host run VEs, and what to do if not. Each check is
@@ -334,6 +334,15 @@ const checkSessionHelper: Check = async () => {
   return ok('session helper', `${file} (static)`);
 };
 
+/** The forward helper makes every -L/-R socket inside the VE (which may hold no C library): without it, no forwarding. */
+const checkForwardHelper: Check = async () => {
+  const file = forwardHelperPath();
+  const kind = await binaryLinkage(file);
+  if (kind === 'missing') return warn('forward helper', `${file} is not built: port forwarding (ssh -L/-R) is refused`, 'npm run build (needs gcc and libc6-dev)');
+  if (kind !== 'static') return warn('forward helper', `${file} is ${kind === 'dynamic' ? 'dynamically linked' : 'not an ELF binary we can read'}: it cannot run in VEs without a C library`, 'npm run build (scripts/build-native.sh links it statically)');
+  return ok('forward helper', `${file} (static)`);
+};
+
 /** The setup helper mounts a VE's file systems and is its network hook: no VE starts without it. */
 const checkSetupHelper: Check = async () => {
   const file = setupHelperPath();
@@ -345,7 +354,7 @@ const checkSetupHelper: Check = async () => {
 
 export const CHECKS: Check[] = [
   checkRoot, checkUserNsEnabled, checkNamespaces, checkOverlay, checkCgroups, checkRuntime, checkBridgeVeth, checkNftables,
-  checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys, checkSetupHelper, checkSessionHelper,
+  checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys, checkSetupHelper, checkSessionHelper, checkForwardHelper,
 ];
 
 /** Run every check in turn; one that throws is reported as failed and never stops the rest. */

@@ -59,7 +59,7 @@ describe('vesh doctor', () => {
     for (const kind of ['user', 'pid', 'mount', 'uts', 'ipc', 'net', 'cgroup']) {
       expect(results.find((x) => x.name === `${kind} namespace`)?.status).toBe('ok');
     }
-    for (const name of ['root', 'user namespaces enabled', 'overlayfs', 'cgroups', 'runtime', 'bridge and veth', 'nftables', 'disk tools', 'loop devices', 'dataDir', 'host keys', 'setup helper']) {
+    for (const name of ['root', 'user namespaces enabled', 'overlayfs', 'cgroups', 'runtime', 'bridge and veth', 'nftables', 'disk tools', 'loop devices', 'dataDir', 'host keys', 'setup helper', 'session helper', 'forward helper']) {
       expect(results.find((x) => x.name === name)?.status, name).toBe('ok');
     }
     expect(results.find((x) => x.name === 'runtime')?.detail).toMatch(/^runc 1\.\d+\.\d+/);
