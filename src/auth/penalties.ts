@@ -1,4 +1,4 @@
-import { normalizeSourceAddress } from './source-match.js';
+import { sourceBlock } from '../ssh/limits.js';
 
 export interface PenaltyConfig {
   /** Failures from one source before it is made to wait. */
@@ -25,8 +25,12 @@ const MIN_FORGET_MS = 15 * 60_000;
  * Per-source failure counts and penalties, in the manner of OpenSSH's
  * PerSourcePenalties: after `failuresBeforePenalty` failures a source waits
  * `penaltyMs`, every further failure doubles the wait up to `maxPenaltyMs`,
- * a success clears the source. The table is bounded: past `maxSources` the
- * source that failed longest ago is forgotten first.
+ * a success clears the source. What counts as a failure is the caller's
+ * choice (the SSH layer counts failed passwords and signatures, connections
+ * cut at the login grace time, and garbage or a failed key exchange). A
+ * source is an IPv4 address or an IPv6 /64 (sourceBlock), so a host cannot
+ * escape its penalty by moving within its prefix. The table is bounded:
+ * past `maxSources` the source that failed longest ago is forgotten first.
  */
 export class SourcePenalties {
   private readonly table = new Map<string, SourceState>();
@@ -42,13 +46,13 @@ export class SourcePenalties {
 
   /** Milliseconds `source` must still wait (0 = none). */
   remaining(source: string): number {
-    const state = this.current(normalizeSourceAddress(source));
+    const state = this.current(sourceBlock(source));
     return state ? Math.max(0, state.until - this.now()) : 0;
   }
 
   /** Counts a failure; returns the penalty it started (ms), or 0. */
   recordFailure(source: string): number {
-    const key = normalizeSourceAddress(source);
+    const key = sourceBlock(source);
     const now = this.now();
     const state = this.current(key) ?? { failures: 0, penaltyMs: 0, until: 0, lastFailure: now };
     state.failures++;
@@ -71,7 +75,7 @@ export class SourcePenalties {
   }
 
   recordSuccess(source: string): void {
-    this.table.delete(normalizeSourceAddress(source));
+    this.table.delete(sourceBlock(source));
   }
 
   get size(): number {

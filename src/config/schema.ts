@@ -47,8 +47,19 @@ export const serverConfigSchema = z.strictObject({
   auth: z.strictObject({
     maxAuthTries: z.number().int().min(1).max(100).default(6),
     loginGraceTime: parsed((v) => parseDuration(v, 'loginGraceTime')).default(30_000),
+    /** Connections that have not logged in yet, at most, at any time (OpenSSH's MaxStartups). */
     maxStartups: z.number().int().min(1).max(100_000).default(100),
-    /** Per-source penalties after repeated failures (OpenSSH PerSourcePenalties style). */
+    /**
+     * Of those, at most this many from one source: an IPv4 address, or an
+     * IPv6 /64 (OpenSSH's PerSourceMaxStartups), so one source cannot hold
+     * every slot through the login grace time.
+     */
+    maxStartupsPerSource: z.number().int().min(1).max(100_000).default(10),
+    /**
+     * Per-source penalties after repeated failures (OpenSSH PerSourcePenalties
+     * style). A failure is a wrong password or signature, a connection cut at
+     * the login grace time, or garbage / a failed key exchange before login.
+     */
     penalties: z.strictObject({
       failuresBeforePenalty: z.number().int().min(1).default(10),
       penalty: parsed((v) => parseDuration(v, 'penalty')).default(30_000),

@@ -18,6 +18,7 @@ export interface ServerConfig {
     maxAuthTries: number;
     loginGraceTimeMs: number;
     maxStartups: number;
+    maxStartupsPerSource: number;
     penalties: { failuresBeforePenalty: number; penaltyMs: number; maxPenaltyMs: number };
   };
   runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number; sessionAgents: boolean };
@@ -55,6 +56,7 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
       maxAuthTries: value.auth.maxAuthTries,
       loginGraceTimeMs: value.auth.loginGraceTime,
       maxStartups: value.auth.maxStartups,
+      maxStartupsPerSource: value.auth.maxStartupsPerSource,
       penalties: {
         failuresBeforePenalty: value.auth.penalties.failuresBeforePenalty,
         penaltyMs: value.auth.penalties.penalty,

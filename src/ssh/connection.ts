@@ -45,6 +45,10 @@ export class SshConnection {
   private refusalLogs = 0;
   private forwarding: ConnectionForwarding | null = null;
   private closed = false;
+  /** The first key exchange completed (ssh2's 'handshake'). */
+  keyExchangeDone = false;
+  /** What ssh2 reported when it gave up on the client's bytes (a bad packet, a failed key exchange); null = none. */
+  protocolError: string | null = null;
 
   constructor(
     readonly id: string,
@@ -61,13 +65,40 @@ export class SshConnection {
       onUnknownRequest: (kind, type) => this.logRefusal({ event: 'ssh.request_refused', kind, type: type.slice(0, 64) }),
     });
     this.auth = new ConnectionAuthentication(deps.authenticator, deps.maxAuthTries, info.ip, this.log, () => this.drop('too many authentication failures'));
-    conn.on('error', (err: Error & { level?: string }) => this.log.info({ event: 'ssh.connection_error', err: errorMessage(err), level: err.level }));
+    conn.on('handshake', () => {
+      this.keyExchangeDone = true;
+    });
+    conn.on('error', (err: Error & { level?: string; code?: unknown }) => this.onError(err));
     conn.on('authentication', (ctx) => this.auth.handle(ctx));
     conn.on('ready', () => this.onReady());
     conn.on('session', (accept, reject) => this.onSession(accept, reject));
     conn.on('tcpip', (accept, reject, i) => this.onTcpip(accept, reject, i));
     conn.on('request', (accept, reject, name, i) => this.onRequest(accept, reject, name, i as TcpipBindInfo));
     conn.on('close', () => this.onClose());
+  }
+
+  /**
+   * ssh2 reports a client it cannot parse (a packet over its 35000-byte
+   * limit, a broken MAC, a key exchange with nothing in common) with an
+   * 'error' and only half-closes the socket (end()), so a client that never
+   * closes its side would keep the descriptor and go on being parsed. Such a
+   * client is cut here. A peer's own DISCONNECT also arrives as an 'error'
+   * (with a numeric reason code): that is a goodbye, not a protocol fault.
+   */
+  private onError(err: Error & { level?: string; code?: unknown }): void {
+    const peerDisconnect = typeof err.code === 'number';
+    const message = errorMessage(err);
+    if (peerDisconnect || err.level === 'socket') {
+      this.log.info({ event: 'ssh.connection_error', err: message, level: err.level, peerDisconnect });
+      return;
+    }
+    this.protocolError ??= message;
+    if (message.startsWith('Bad packet length')) {
+      this.log.warn({ event: 'ssh.protocol_violation', what: 'bad_packet_length', fatal: true, authenticated: this.authenticated }, 'packet length over the limit (or malformed): dropping the connection');
+    } else {
+      this.log.info({ event: 'ssh.connection_error', err: message, level: err.level, keyExchangeDone: this.keyExchangeDone });
+    }
+    setImmediate(() => this.socket.destroy());
   }
 
   get authenticated(): boolean {

@@ -8,13 +8,14 @@ import type { VeAccess } from '../ve/access.js';
 import { SERVER_ALGORITHMS } from './algorithms.js';
 import { SshConnection } from './connection.js';
 import type { HostKey } from './host-keys.js';
+import { sourceBlock } from './limits.js';
 import type { SshAuthenticator } from './ports.js';
 
 // ssh2 is CommonJS without static named exports: Node's ESM loader only offers its default export.
 const Ssh2Server = ssh2.Server;
 
 export interface SshServerDeps {
-  /** listen address and the auth limits (maxAuthTries, loginGraceTimeMs, maxStartups) are read from here. */
+  /** listen address and the auth limits (maxAuthTries, loginGraceTimeMs, maxStartups, maxStartupsPerSource) are read from here. */
   config: Pick<ServerConfig, 'listen' | 'auth'>;
   authenticator: SshAuthenticator;
   ves: VeAccess;
@@ -27,6 +28,8 @@ interface Admission {
   id: string;
   socket: net.Socket;
   source: string;
+  /** What per-source caps count it under (sourceBlock: the address, or its IPv6 /64). */
+  block: string;
   acceptedAt: number;
   /** Still counted against MaxStartups and the grace timer. */
   unauthenticated: boolean;
@@ -34,7 +37,12 @@ interface Admission {
   connection: SshConnection | null;
   /** The first bytes received, kept until the SSH identification line is seen, for the log. */
   firstBytes: Buffer | null;
+  /** Already counted as a failure of its source (at most once per connection). */
+  struck: boolean;
 }
+
+/** Why a connection that never logged in counts against its source. */
+type PreAuthFailure = 'grace_timeout' | 'garbage' | 'protocol_error' | 'key_exchange_incomplete';
 
 /** "::ffff:127.0.0.1" → "127.0.0.1", so penalties and logs see one address per IPv4 client. */
 function normalizeAddress(a: string | undefined): string {
@@ -55,6 +63,8 @@ export class SshServer {
   private readonly log: Logger;
   private readonly admissions = new Map<net.Socket, Admission>();
   private unauthenticated = 0;
+  /** Unauthenticated connections per source block, for maxStartupsPerSource. */
+  private readonly unauthenticatedBySource = new Map<string, number>();
   private closing = false;
 
   constructor(private readonly deps: SshServerDeps) {
@@ -117,28 +127,37 @@ export class SshServer {
     if (penalty > 0) return refuse('source penalized after failed logins', { penaltyMs: penalty });
     const max = this.deps.config.auth.maxStartups;
     if (this.unauthenticated >= max) return refuse('too many unauthenticated connections (maxStartups)', { maxStartups: max });
+    const block = sourceBlock(source);
+    const perSource = this.deps.config.auth.maxStartupsPerSource;
+    const fromSource = this.unauthenticatedBySource.get(block) ?? 0;
+    if (fromSource >= perSource) return refuse('too many unauthenticated connections from this source (maxStartupsPerSource)', { maxStartupsPerSource: perSource, block });
 
     const adm: Admission = {
       id: randomBytes(4).toString('hex'),
       socket,
       source,
+      block,
       acceptedAt: Date.now(),
       unauthenticated: true,
       graceTimer: null,
       connection: null,
       firstBytes: null,
+      struck: false,
     };
     this.unauthenticated += 1;
+    this.unauthenticatedBySource.set(block, fromSource + 1);
     this.admissions.set(socket, adm);
     this.log.info({ event: 'ssh.connection', conn: adm.id, source, port: socket.remotePort });
 
     adm.graceTimer = setTimeout(() => {
       this.log.warn({ event: 'ssh.login_grace_timeout', conn: adm.id, source, graceMs: this.deps.config.auth.loginGraceTimeMs, stage: adm.connection ? 'authentication' : 'identification/key exchange' });
+      this.strike(adm, 'grace_timeout');
       socket.destroy();
     }, this.deps.config.auth.loginGraceTimeMs);
     adm.graceTimer.unref();
 
     socket.once('close', () => {
+      const wasUnauthenticated = adm.unauthenticated;
       this.leavePreAuth(adm);
       this.admissions.delete(socket);
       if (!adm.connection) {
@@ -146,6 +165,12 @@ export class SshServer {
         // identification without telling anyone; say what we saw.
         const first = adm.firstBytes ? JSON.stringify(adm.firstBytes.subarray(0, 64).toString('latin1')) : null;
         this.log.info({ event: 'ssh.connection_closed', conn: adm.id, source, stage: 'before identification', bytesReceived: socket.bytesRead, firstBytes: first, durationMs: Date.now() - adm.acceptedAt });
+        // A bare TCP probe (connect, close, nothing sent) is not held against
+        // its source: load balancers and monitors do that.
+        if (socket.bytesRead > 0) this.strike(adm, 'garbage');
+      } else if (wasUnauthenticated) {
+        if (adm.connection.protocolError) this.strike(adm, 'protocol_error');
+        else if (!adm.connection.keyExchangeDone) this.strike(adm, 'key_exchange_incomplete');
       }
     });
 
@@ -163,7 +188,24 @@ export class SshServer {
     if (adm.unauthenticated) {
       adm.unauthenticated = false;
       this.unauthenticated -= 1;
+      const n = (this.unauthenticatedBySource.get(adm.block) ?? 1) - 1;
+      if (n > 0) this.unauthenticatedBySource.set(adm.block, n);
+      else this.unauthenticatedBySource.delete(adm.block);
     }
+  }
+
+  /**
+   * Count a connection that never logged in against its source, as
+   * OpenSSH's PerSourcePenalties do for grace-exceeded and noauth: holding a
+   * pre-auth slot to the end of the grace time, or feeding the parser
+   * garbage, is what a scanner or a slot-squatter does. Failed passwords and
+   * signatures are counted by the authentication phase itself.
+   */
+  private strike(adm: Admission, kind: PreAuthFailure): void {
+    if (adm.struck) return;
+    adm.struck = true;
+    this.log.info({ event: 'ssh.preauth_failure', conn: adm.id, source: adm.source, kind });
+    this.deps.authenticator.recordFailure(adm.source);
   }
 
   private onSshConnection(conn: Connection, info: ClientInfo): void {

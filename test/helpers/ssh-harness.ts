@@ -238,7 +238,7 @@ export interface InProcessServer {
 export async function startInProcessServer(cleanup: Cleanup, opts: {
   authenticator: SshAuthenticator;
   ves: VeAccess;
-  auth?: Partial<{ maxAuthTries: number; loginGraceTimeMs: number; maxStartups: number }>;
+  auth?: Partial<{ maxAuthTries: number; loginGraceTimeMs: number; maxStartups: number; maxStartupsPerSource: number }>;
 }): Promise<InProcessServer> {
   ensureBuilt();
   const dir = tempDir(cleanup);
@@ -252,6 +252,7 @@ export async function startInProcessServer(cleanup: Cleanup, opts: {
         maxAuthTries: opts.auth?.maxAuthTries ?? 6,
         loginGraceTimeMs: opts.auth?.loginGraceTimeMs ?? 30_000,
         maxStartups: opts.auth?.maxStartups ?? 100,
+        maxStartupsPerSource: opts.auth?.maxStartupsPerSource ?? 10,
         penalties: { failuresBeforePenalty: 5, penaltyMs: 30_000, maxPenaltyMs: 600_000 },
       },
     },

@@ -1,6 +1,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import argon2 from 'argon2';
+import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Authenticator } from '../../src/auth/authenticator.js';
 import { AccountsStore } from '../../src/config/accounts-store.js';
@@ -140,5 +141,48 @@ describe('per-source penalties at the SSH server', () => {
     const r = await sshWithPassword(srv.port, 'alice', 'right', ['echo', 'ok']);
     expect(r.code).not.toBe(0);
     expect(r.stdout).toBe('');
+  });
+});
+
+describe('per-source penalties for connections that never log in (real Authenticator)', () => {
+  const cleanup = new Cleanup();
+  let srv: InProcessServer;
+  let key: ClientKey;
+  let authLogs: LogCapture;
+
+  beforeAll(async () => {
+    const dir = tempDir(cleanup, 'vesh-auth-preauth-');
+    const home = path.join(dir, 'home');
+    mkdirSync(home);
+    key = makeClientKey(dir, 'ed25519');
+    const file = path.join(dir, 'accounts.yaml');
+    writeFileSync(file, `alice:\n  keys:\n    - ${key.publicLine}\n`);
+    authLogs = new LogCapture();
+    const store = new AccountsStore(file, authLogs.logger);
+    await store.load();
+    const authenticator = new Authenticator(store, { penalties: { failuresBeforePenalty: 2, penaltyMs: 600_000, maxPenaltyMs: 600_000 } }, authLogs.logger, { dummyHashCost: CHEAP });
+    srv = await startInProcessServer(cleanup, { authenticator, ves: new HostFakeVes(home) });
+  });
+
+  afterAll(() => cleanup.run());
+
+  const garbageFrom = (local: string) => new Promise<void>((resolve) => {
+    const s = net.connect({ port: srv.port, host: '127.0.0.1', localAddress: local }, () => s.write('NOT SSH AT ALL\r\n\r\n'));
+    cleanup.add(() => s.destroy());
+    s.on('error', () => resolve());
+    s.on('close', () => resolve());
+    s.resume();
+  });
+
+  it('turns away a source that sent garbage twice, and nobody else', async () => {
+    await garbageFrom('127.0.0.21');
+    await garbageFrom('127.0.0.21');
+    await authLogs.waitFor((e) => e.event === 'auth.penalty' && e.source === '127.0.0.21');
+    // The next connection from it is refused before a byte is parsed, even one that would log in.
+    await garbageFrom('127.0.0.21');
+    await srv.logs.waitFor((e) => e.event === 'ssh.connection_refused' && e.source === '127.0.0.21' && String(e.reason).includes('penalized'));
+    // Another address logs in as before.
+    const r = await sshWithKey(srv.port, 'alice', key, ['echo', 'in']);
+    expect(r.stdout).toBe('in\n');
   });
 });

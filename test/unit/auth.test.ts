@@ -5,6 +5,8 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 import { Authenticator, hashPassword } from '../../src/auth/authenticator.js';
 import { MAX_PASSWORD_BYTES, Semaphore, type PasswordHashCost } from '../../src/auth/passwords.js';
 import { SourcePenalties } from '../../src/auth/penalties.js';
+import { parseServerConfig } from '../../src/config/server-config.js';
+import { sourceBlock } from '../../src/ssh/limits.js';
 import { parseAuthorizedKeyLine, type Account } from '../../src/config/accounts.js';
 import type { AccountSource } from '../../src/config/accounts-store.js';
 
@@ -291,5 +293,40 @@ describe('Semaphore', () => {
     await expect(first).resolves.toEqual({ value: 'first' });
     await expect(second).resolves.toEqual({ value: 'second' });
     expect(sem.running).toBe(0);
+  });
+});
+
+describe('sources: IPv4 addresses, IPv6 /64s', () => {
+  it('groups IPv6 addresses by their /64 and leaves IPv4 addresses alone', () => {
+    expect(sourceBlock('192.0.2.7')).toBe('192.0.2.7');
+    expect(sourceBlock('::ffff:192.0.2.7')).toBe('192.0.2.7');
+    expect(sourceBlock('::FFFF:c000:207')).toBe('192.0.2.7');
+    expect(sourceBlock('2001:db8:1:2::1')).toBe('2001:db8:1:2::/64');
+    expect(sourceBlock('2001:DB8:1:2:ffff:eeee:dddd:cccc')).toBe('2001:db8:1:2::/64');
+    expect(sourceBlock('2001:0db8:0001:0002:0:0:0:9')).toBe('2001:db8:1:2::/64');
+    expect(sourceBlock('fe80::1%eth0')).toBe('fe80:0:0:0::/64');
+    expect(sourceBlock('::1')).toBe('0:0:0:0::/64');
+    expect(sourceBlock('2001:db8::192.0.2.1')).toBe('2001:db8:0:0::/64');
+    expect(sourceBlock('2001:db8:1:3::1')).not.toBe(sourceBlock('2001:db8:1:2::1'));
+  });
+
+  it('penalises a whole IPv6 /64 together, and only it', () => {
+    const p = new SourcePenalties({ failuresBeforePenalty: 3, penaltyMs: 1_000, maxPenaltyMs: 5_000 }, { now: () => 0 });
+    p.recordFailure('2001:db8:1:2::1');
+    p.recordFailure('2001:db8:1:2::2');
+    expect(p.remaining('2001:db8:1:2:abcd::99')).toBe(0);
+    p.recordFailure('2001:db8:1:2:abcd::99');
+    expect(p.remaining('2001:db8:1:2::1')).toBe(1_000);
+    expect(p.remaining('2001:db8:1:2:ffff:ffff:ffff:ffff')).toBe(1_000);
+    expect(p.remaining('2001:db8:1:3::1')).toBe(0);
+    expect(p.size).toBe(1);
+  });
+});
+
+describe('auth settings in vesh.yaml', () => {
+  it('caps unauthenticated connections per source: 10 by default, settable, at least 1', () => {
+    expect(parseServerConfig('/tmp/vesh.yaml', 'listen: "127.0.0.1:2222"\n').auth.maxStartupsPerSource).toBe(10);
+    expect(parseServerConfig('/tmp/vesh.yaml', 'auth: { maxStartupsPerSource: 3 }\n').auth.maxStartupsPerSource).toBe(3);
+    expect(() => parseServerConfig('/tmp/vesh.yaml', 'auth: { maxStartupsPerSource: 0 }\n')).toThrow(/maxStartupsPerSource/);
   });
 });

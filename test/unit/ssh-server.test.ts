@@ -3,7 +3,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { Client } from 'ssh2';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { VeshError, ErrorCodes } from '../../src/errors.js';
 import {
   Cleanup, FakeAuthenticator, HostFakeVes, makeClientKey, runProgram, sshBaseArgs, sshWithKey, sshWithPassword, startInProcessServer, tempDir,
@@ -60,7 +60,7 @@ describe('SSH server (OpenSSH client, host-fake VEs)', () => {
     ]);
     auth = new FakeAuthenticator(accounts);
     ves = new HostFakeVes(home);
-    srv = await startInProcessServer(cleanup, { authenticator: auth, ves, auth: { maxAuthTries: 3, loginGraceTimeMs: 1500, maxStartups: 5 } });
+    srv = await startInProcessServer(cleanup, { authenticator: auth, ves, auth: { maxAuthTries: 3, loginGraceTimeMs: 1500, maxStartups: 5, maxStartupsPerSource: 3 } });
   });
 
   afterAll(() => cleanup.run());
@@ -172,48 +172,96 @@ describe('SSH server (OpenSSH client, host-fake VEs)', () => {
     await srv.logs.waitFor((e) => e.event === 'ssh.auth_too_many' && e.failures === 3);
   });
 
-  it('drops garbage instead of an identification line, with a log line', async () => {
-    await new Promise<void>((resolve) => {
-      const s = net.connect(srv.port, '127.0.0.1', () => s.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n'));
-      s.on('error', () => resolve());
-      s.on('close', () => resolve());
-      s.resume();
-    });
+  /** A TCP connection to the server from `local` (any 127/8 address is this host's loopback). */
+  function connectFrom(local: string): net.Socket {
+    const s = net.connect({ port: srv.port, host: '127.0.0.1', localAddress: local });
+    s.on('error', () => undefined);
+    cleanup.add(() => s.destroy());
+    return s;
+  }
+  const closed = (s: net.Socket) => new Promise<void>((r) => (s.destroyed ? r() : s.once('close', () => r())));
+
+  it('drops garbage instead of an identification line, with a log line, and holds it against the source', async () => {
+    const s = connectFrom('127.0.0.3');
+    s.on('connect', () => s.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n'));
+    s.resume();
+    await closed(s);
     await srv.logs.waitFor((e) => e.event === 'ssh.connection_closed' && e.stage === 'before identification' && String(e.firstBytes).includes('GET /'));
+    await srv.logs.waitFor((e) => e.event === 'ssh.preauth_failure' && e.source === '127.0.0.3' && e.kind === 'garbage');
+    expect(auth.failures.get('127.0.0.3')).toBe(1);
   });
 
-  it('cuts a client that never finishes key exchange at the login grace time', async () => {
-    const s = net.connect(srv.port, '127.0.0.1', () => s.write('SSH-2.0-stall\r\n'));
-    s.on('error', () => undefined);
+  it('does not hold a bare TCP probe (connect, close, nothing sent) against the source', async () => {
+    const s = connectFrom('127.0.0.5');
+    await new Promise<void>((r) => s.once('connect', () => r()));
     s.resume();
-    const closed = await new Promise<number>((resolve) => {
-      const t0 = Date.now();
-      s.on('close', () => resolve(Date.now() - t0));
+    s.end();
+    await closed(s);
+    await srv.logs.waitFor((e) => e.event === 'ssh.connection_closed' && e.source === '127.0.0.5');
+    expect(auth.failures.get('127.0.0.5')).toBeUndefined();
+  });
+
+  it('holds a failed key exchange against the source', async () => {
+    const sock = connectFrom('127.0.0.6');
+    await new Promise<void>((r) => sock.once('connect', () => r()));
+    const c = new Client();
+    const err = await new Promise<Error>((resolve) => {
+      c.on('error', resolve);
+      // A client with nothing in common with our key exchange offer.
+      c.connect({ sock, username: 'alice', algorithms: { kex: ['diffie-hellman-group14-sha256'] } });
     });
-    expect(closed).toBeGreaterThan(1000);
-    expect(closed).toBeLessThan(5000);
-    await srv.logs.waitFor((e) => e.event === 'ssh.login_grace_timeout');
+    expect(err.message).toMatch(/key exchange|handshake/i);
+    c.end();
+    await srv.logs.waitFor((e) => e.event === 'ssh.preauth_failure' && e.source === '127.0.0.6' && e.kind === 'protocol_error');
+    expect(auth.failures.get('127.0.0.6')).toBe(1);
+  });
+
+  it('cuts a client that never finishes key exchange at the login grace time, and holds it against the source', async () => {
+    const s = connectFrom('127.0.0.4');
+    let t0 = 0;
+    s.on('connect', () => {
+      t0 = Date.now();
+      s.write('SSH-2.0-stall\r\n');
+    });
+    s.resume();
+    await closed(s);
+    // Timers never fire early, so this bound cannot fail on a slow machine.
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(1000);
+    await srv.logs.waitFor((e) => e.event === 'ssh.login_grace_timeout' && e.source === '127.0.0.4' && e.graceMs === 1500);
+    await srv.logs.waitFor((e) => e.event === 'ssh.preauth_failure' && e.source === '127.0.0.4' && e.kind === 'grace_timeout');
+    expect(auth.failures.get('127.0.0.4')).toBe(1);
   });
 
   it('refuses connections beyond maxStartups while others have not authenticated', async () => {
-    const socks: net.Socket[] = [];
+    // Two sources, each under its own cap of 3, fill the 5 slots.
+    const socks = ['127.0.0.1', '127.0.0.1', '127.0.0.1', '127.0.0.2', '127.0.0.2'].map(connectFrom);
     try {
-      for (let i = 0; i < 5; i++) {
-        const s = net.connect(srv.port, '127.0.0.1');
-        s.on('error', () => undefined);
-        socks.push(s);
-      }
-      await new Promise((r) => setTimeout(r, 300));
-      expect(srv.server.stats().unauthenticated).toBe(5);
-      const extra = net.connect(srv.port, '127.0.0.1');
-      extra.on('error', () => undefined);
-      await new Promise<void>((r) => extra.on('close', () => r()));
-      await srv.logs.waitFor((e) => e.event === 'ssh.connection_refused' && String(e.reason).includes('maxStartups'));
+      await vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(5));
+      const extra = connectFrom('127.0.0.9');
+      await closed(extra);
+      await srv.logs.waitFor((e) => e.event === 'ssh.connection_refused' && e.source === '127.0.0.9' && String(e.reason).includes('(maxStartups)'));
     } finally {
       for (const s of socks) s.destroy();
     }
-    await new Promise((r) => setTimeout(r, 200));
-    expect(srv.server.stats().unauthenticated).toBe(0);
+    await vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(0));
+  });
+
+  it('refuses a source beyond maxStartupsPerSource while other sources still get in', async () => {
+    const mine = [1, 2, 3].map(() => connectFrom('127.0.0.7'));
+    try {
+      await vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(3));
+      const fourth = connectFrom('127.0.0.7');
+      await closed(fourth);
+      await srv.logs.waitFor((e) => e.event === 'ssh.connection_refused' && e.source === '127.0.0.7' && String(e.reason).includes('maxStartupsPerSource'));
+      // Another source is admitted: the server greets it.
+      const other = connectFrom('127.0.0.8');
+      const greeting = await new Promise<string>((resolve) => other.once('data', (d: Buffer) => resolve(d.toString())));
+      expect(greeting).toMatch(/^SSH-2\.0-vesh/);
+      other.destroy();
+    } finally {
+      for (const s of mine) s.destroy();
+    }
+    await vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(0));
   });
 
   /** An ssh2 client logged in with the test key, for requests OpenSSH will not send. */
