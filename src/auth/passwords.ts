@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import argon2 from 'argon2';
 import { ErrorCodes, VeshError } from '../errors.js';
 
@@ -69,4 +70,45 @@ export class Semaphore {
   get running(): number {
     return this.active;
   }
+}
+
+export type Argon2Variant = 'argon2id' | 'argon2i' | 'argon2d';
+
+/** What decides how long one verify takes: the variant and the three cost parameters. */
+export interface HashCostClass extends PasswordHashCost {
+  variant: Argon2Variant;
+}
+
+/** OWASP's minimum for argon2id (m=19 MiB, t=2, p=1); weaker hashes are worth a warning. */
+export const OWASP_MIN_COST: PasswordHashCost = { memoryCost: 19456, timeCost: 2, parallelism: 1 };
+
+/** "argon2id:m=65536,t=3,p=4": one name per cost class, for maps and logs. */
+export function costClassKey(c: HashCostClass): string {
+  return `${c.variant}:m=${c.memoryCost},t=${c.timeCost},p=${c.parallelism}`;
+}
+
+/** The cost class of an argon2 PHC string (parameters in any order), or null if it is not one. */
+export function costClassOf(phc: string): HashCostClass | null {
+  const parts = phc.split('$');
+  const variant = parts[1];
+  if (parts[0] !== '' || (variant !== 'argon2id' && variant !== 'argon2i' && variant !== 'argon2d')) return null;
+  const params = parts[parts[2]?.startsWith('v=') ? 3 : 2] ?? '';
+  const get = (k: string): number | null => {
+    const m = new RegExp(`(?:^|,)${k}=(\\d{1,10})(?:,|$)`).exec(params);
+    return m ? Number(m[1]) : null;
+  };
+  const memoryCost = get('m');
+  const timeCost = get('t');
+  const parallelism = get('p');
+  if (memoryCost === null || timeCost === null || parallelism === null) return null;
+  return { variant, memoryCost, timeCost, parallelism };
+}
+
+const ARGON2_TYPES: Record<Argon2Variant, 0 | 1 | 2> = { argon2d: 0, argon2i: 1, argon2id: 2 };
+
+/** A hash of a random password in exactly this cost class: what unknown accounts are checked against. */
+export function dummyHashOf(c: HashCostClass): Promise<string> {
+  return argon2.hash(randomBytes(18).toString('base64'), {
+    type: ARGON2_TYPES[c.variant], memoryCost: c.memoryCost, timeCost: c.timeCost, parallelism: c.parallelism,
+  });
 }

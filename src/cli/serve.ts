@@ -1,3 +1,4 @@
+import { createHmac, randomBytes } from 'node:crypto';
 import type { Command } from 'commander';
 import { Authenticator } from '../auth/authenticator.js';
 import { AccountsStore } from '../config/accounts-store.js';
@@ -36,9 +37,13 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   const accounts = new AccountsStore(config.accountsFile, logger);
   await accounts.load();
   accounts.watch();
-  const authenticator = new Authenticator(accounts, config.auth, logger);
-  const ves = createVeManager(config, logger);
   const hostKeys = await loadOrCreateHostKeys(config.hostKeysDir, logger);
+  // Which cost class an unknown user name is checked in must not change at a
+  // restart (the answer time would then tell unknown names from real ones):
+  // key it with a secret that lasts as long as the host key does.
+  const dummySecret = createHmac('sha256', hostKeys[0]?.privateKey ?? randomBytes(32)).update('vesh: dummy password hash class').digest();
+  const authenticator = new Authenticator(accounts, config.auth, logger, { dummySecret });
+  const ves = createVeManager(config, logger);
 
   const server = new SshServer({ config, authenticator, ves, hostKeys, logger });
   const addr = await server.listen();

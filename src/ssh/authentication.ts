@@ -151,9 +151,16 @@ export class ConnectionAuthentication {
     ctx.reject(METHODS);
   }
 
+  /**
+   * The check itself failed (argon2 threw, say). It still counts against
+   * MaxAuthTries: otherwise a client that can make checks fail would get
+   * unlimited attempts on one connection. It is not held against the source
+   * (the fault is ours), and the user sees the same refusal as for a wrong
+   * password.
+   */
   private internalError(ctx: AuthContext, user: string, err: unknown): void {
     this.log.error({ event: 'ssh.auth_error', source: this.source, user, err: errorMessage(err) }, 'authentication check failed inside the server');
-    if (!this.done) ctx.reject(METHODS);
+    if (!this.done) this.countFailure(ctx);
   }
 
   private audit(result: string, method: string, user: string, extra: Record<string, unknown>): void {

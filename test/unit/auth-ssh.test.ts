@@ -2,8 +2,9 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import argon2 from 'argon2';
 import net from 'node:net';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { Authenticator } from '../../src/auth/authenticator.js';
+import { costClassOf } from '../../src/auth/passwords.js';
 import { AccountsStore } from '../../src/config/accounts-store.js';
 import {
   Cleanup, HostFakeVes, LogCapture, makeClientKey, sshWithKey, sshWithPassword, startInProcessServer, tempDir, writeAccounts,
@@ -141,6 +142,56 @@ describe('per-source penalties at the SSH server', () => {
     const r = await sshWithPassword(srv.port, 'alice', 'right', ['echo', 'ok']);
     expect(r.code).not.toBe(0);
     expect(r.stdout).toBe('');
+  });
+});
+
+describe('wrong password, locked account and unknown user alike, with the real Authenticator', () => {
+  const cleanup = new Cleanup();
+  let srv: InProcessServer;
+  // The accounts' hashes are in another cost class than the configured
+  // fallback (CHEAP): an unknown user checked at a fixed cost would stand out.
+  const ACCOUNT_COST = { memoryCost: 2048, timeCost: 1, parallelism: 1 };
+
+  beforeAll(async () => {
+    const dir = tempDir(cleanup, 'vesh-auth-alike-');
+    const home = path.join(dir, 'home');
+    mkdirSync(home);
+    const hash = (pw: string) => argon2.hash(pw, { type: argon2.argon2id, ...ACCOUNT_COST });
+    const file = path.join(dir, 'accounts.yaml');
+    writeFileSync(file, `alice:\n  password: "${await hash('right')}"\ncarol:\n  password: "${await hash('carols')}"\n  locked: true\nkeyonly:\n  keys: []\n`);
+    const logs = new LogCapture();
+    const store = new AccountsStore(file, logs.logger);
+    await store.load();
+    const authenticator = new Authenticator(store, { penalties: { failuresBeforePenalty: 100, penaltyMs: 60_000, maxPenaltyMs: 600_000 } }, logs.logger, { dummyHashCost: CHEAP });
+    srv = await startInProcessServer(cleanup, { authenticator, ves: new HostFakeVes(home) });
+    // The first check of a class may wait for its dummy hash to be made; not part of what is compared.
+    await authenticator.verifyPassword('warm-up', 'x', '192.0.2.1');
+  });
+
+  afterEach(() => {
+    vi.restoreAllMocks();
+  });
+  afterAll(() => cleanup.run());
+
+  it('answers each with the same refusal after exactly one argon2 check in the accounts\' cost class', async () => {
+    const seen: Array<{ user: string; code: number | null; stderr: string; checks: string[] }> = [];
+    const verify = vi.spyOn(argon2, 'verify');
+    for (const [user, pw] of [['alice', 'wrong'], ['carol', 'carols'], ['nobody', 'right'], ['keyonly', 'right']] as const) {
+      verify.mockClear();
+      const r = await sshWithPassword(srv.port, user, pw, ['echo', 'should-not-run']);
+      const checks = verify.mock.calls.map((c) => {
+        const cls = costClassOf(String(c[0]));
+        return cls ? `${cls.variant}:m=${cls.memoryCost},t=${cls.timeCost},p=${cls.parallelism}` : 'not argon2';
+      });
+      seen.push({ user, code: r.code, stderr: r.stderr.replace(user, 'USER'), checks });
+    }
+    for (const s of seen) {
+      expect(s.code, s.user).toBe(seen[0]!.code);
+      expect(s.stderr, s.user).toBe(seen[0]!.stderr);
+      expect(s.checks, s.user).toEqual(['argon2id:m=2048,t=1,p=1']);
+    }
+    expect(seen[0]!.stderr).toMatch(/Permission denied/);
+    expect(srv.logs.events('ssh.auth').filter((e) => e.result === 'failure' && e.method === 'password').map((e) => e.user)).toEqual(['alice', 'carol', 'nobody', 'keyonly']);
   });
 });
 

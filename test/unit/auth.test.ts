@@ -3,10 +3,12 @@ import { pino, type Logger } from 'pino';
 import ssh2 from 'ssh2';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { Authenticator, hashPassword } from '../../src/auth/authenticator.js';
-import { MAX_PASSWORD_BYTES, Semaphore, type PasswordHashCost } from '../../src/auth/passwords.js';
+import { costClassOf, MAX_PASSWORD_BYTES, Semaphore, type PasswordHashCost } from '../../src/auth/passwords.js';
 import { SourcePenalties } from '../../src/auth/penalties.js';
 import { parseServerConfig } from '../../src/config/server-config.js';
+import { ConnectionAuthentication } from '../../src/ssh/authentication.js';
 import { sourceBlock } from '../../src/ssh/limits.js';
+import type { SshAuthenticator } from '../../src/ssh/ports.js';
 import { parseAuthorizedKeyLine, type Account } from '../../src/config/accounts.js';
 import type { AccountSource } from '../../src/config/accounts-store.js';
 
@@ -26,6 +28,9 @@ class MapSource implements AccountSource {
   constructor(public accounts = new Map<string, Account>()) {}
   get(name: string): Account | undefined {
     return this.accounts.get(name);
+  }
+  list(): Account[] {
+    return [...this.accounts.values()];
   }
   set(a: Partial<Account> & { name: string }): Account {
     const account: Account = { ve: a.name, user: 'root', locked: false, keys: [], forwarding: true, ...a };
@@ -293,6 +298,154 @@ describe('Semaphore', () => {
     await expect(first).resolves.toEqual({ value: 'first' });
     await expect(second).resolves.toEqual({ value: 'second' });
     expect(sem.running).toBe(0);
+  });
+});
+
+/** A second cheap cost class, distinguishable from CHEAP (and from the dummyHashCost the tests pass). */
+const OTHER: PasswordHashCost = { memoryCost: 2048, timeCost: 1, parallelism: 1 };
+const hashIn = (cost: PasswordHashCost, pw = 'pw') => argon2.hash(pw, { type: argon2.argon2id, ...cost });
+const classOfCall = (call: unknown[]) => {
+  const c = costClassOf(String(call[0]));
+  return c ? `m=${c.memoryCost},t=${c.timeCost},p=${c.parallelism}` : null;
+};
+
+describe('answer time does not tell unknown or locked accounts from real ones', () => {
+  it('checks an unknown name in the cost class of the accounts\' hashes, not in a fixed one', async () => {
+    // Every hash is OTHER, the configured fallback is CHEAP: an unknown name must cost what a real check costs.
+    const src = new MapSource();
+    src.set({ name: 'alice', password: await hashIn(OTHER) });
+    src.set({ name: 'bob', password: await hashIn(OTHER) });
+    const auth = makeAuth(src);
+    const verify = vi.spyOn(argon2, 'verify');
+    for (const user of ['nobody', 'root', 'admin', 'alice']) {
+      verify.mockClear();
+      await expect(auth.verifyPassword(user, 'wrong', '192.0.2.1')).resolves.toEqual({ ok: false });
+      expect(verify).toHaveBeenCalledTimes(1);
+      expect(classOfCall(verify.mock.calls[0]!)).toBe('m=2048,t=1,p=1');
+    }
+  });
+
+  it('draws each unknown name\'s class from the accounts\' classes, weighted, and keeps it for that name', async () => {
+    const src = new MapSource();
+    for (const n of ['a1', 'a2', 'a3']) src.set({ name: n, password: await hashIn(OTHER) });
+    src.set({ name: 'cheap', password: await hashIn(CHEAP) });
+    const secret = Buffer.alloc(32, 7);
+    const auth = new Authenticator(src, PENALTIES, captureLogger().logger, { dummyHashCost: { memoryCost: 4096, timeCost: 1, parallelism: 1 }, dummySecret: secret });
+    const counts = new Map<string, number>();
+    for (let i = 0; i < 400; i++) {
+      const c = auth.classForName(`user${i}`);
+      const k = `m=${c.memoryCost}`;
+      counts.set(k, (counts.get(k) ?? 0) + 1);
+    }
+    // Only the classes real accounts use, roughly three to one (the draw is a keyed hash: fixed for this secret).
+    expect([...counts.keys()].sort()).toEqual(['m=1024', 'm=2048']);
+    expect(counts.get('m=2048')!).toBeGreaterThan(2 * counts.get('m=1024')!);
+    // The same name always lands in the same class, also in another instance with the same secret (a restart).
+    const again = new Authenticator(src, PENALTIES, captureLogger().logger, { dummySecret: secret });
+    for (let i = 0; i < 50; i++) expect(again.classForName(`user${i}`)).toEqual(auth.classForName(`user${i}`));
+    // And the check really runs in the drawn class.
+    const verify = vi.spyOn(argon2, 'verify');
+    const drawn = auth.classForName('someone');
+    await auth.verifyPassword('someone', 'x', '192.0.2.1');
+    expect(classOfCall(verify.mock.calls[0]!)).toBe(`m=${drawn.memoryCost},t=${drawn.timeCost},p=${drawn.parallelism}`);
+  });
+
+  it('checks a locked account, and a too-long password, against a dummy in that account\'s own class', async () => {
+    const src = new MapSource();
+    src.set({ name: 'everyone', password: await hashIn(CHEAP) });
+    const lockedHash = await hashIn(OTHER, 'right');
+    src.set({ name: 'locked', password: lockedHash, locked: true });
+    src.set({ name: 'long', password: await hashIn(OTHER) });
+    const auth = makeAuth(src);
+    const verify = vi.spyOn(argon2, 'verify');
+    await expect(auth.verifyPassword('locked', 'right', '192.0.2.1')).resolves.toEqual({ ok: false });
+    await expect(auth.verifyPassword('long', 'x'.repeat(MAX_PASSWORD_BYTES + 1), '192.0.2.1')).resolves.toEqual({ ok: false });
+    expect(verify).toHaveBeenCalledTimes(2);
+    for (const call of verify.mock.calls) {
+      expect(call[0]).not.toBe(lockedHash);
+      expect(classOfCall(call)).toBe('m=2048,t=1,p=1');
+    }
+  });
+
+  it('follows a reload: a class that came in with new accounts is used for unknown names', async () => {
+    const src = new MapSource();
+    src.set({ name: 'alice', password: await hashIn(CHEAP) });
+    const auth = makeAuth(src);
+    expect(auth.classForName('nobody').memoryCost).toBe(1024);
+    src.accounts.clear();
+    src.set({ name: 'bob', password: await hashIn(OTHER) });
+    const verify = vi.spyOn(argon2, 'verify');
+    await auth.verifyPassword('nobody', 'x', '192.0.2.1');
+    expect(classOfCall(verify.mock.calls[0]!)).toBe('m=2048,t=1,p=1');
+  });
+
+  it('spends a dummy check after a stored hash argon2 cannot use, and warns about weak hashes once', async () => {
+    const { logger, records } = captureLogger();
+    const src = new MapSource();
+    src.set({ name: 'alice', password: await hashIn(CHEAP) });
+    // A PHC string argon2 refuses (salt too short) while the shape passes.
+    src.set({ name: 'broken', password: '$argon2id$v=19$m=1024,t=1,p=1$YQ$YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXo' });
+    const auth = new Authenticator(src, PENALTIES, logger, { dummyHashCost: CHEAP });
+    const verify = vi.spyOn(argon2, 'verify');
+    await expect(auth.verifyPassword('broken', 'pw', '192.0.2.1')).resolves.toEqual({ ok: false });
+    expect(records.some((r) => r.event === 'auth.bad_hash')).toBe(true);
+    expect(verify).toHaveBeenCalledTimes(2);
+    expect(verify.mock.results[1]!.type).toBe('return');
+    await auth.verifyPassword('alice', 'pw', '192.0.2.1');
+    expect(records.filter((r) => r.event === 'auth.weak_hash' && r.account === 'alice')).toHaveLength(1);
+  });
+});
+
+/** A password AuthContext as ssh2 hands it over, recording what the server answered. */
+function passwordCtx(user: string, password: string) {
+  const ctx = { method: 'password' as const, username: user, password, answers: [] as string[] };
+  return Object.assign(ctx, {
+    accept: () => ctx.answers.push('accept'),
+    reject: () => ctx.answers.push('reject'),
+  });
+}
+
+describe('authentication phase of a connection', () => {
+  const failingAuthenticator = (err: () => Promise<never>): SshAuthenticator => ({
+    verifyPassword: err,
+    findKey: () => null,
+    verifySignature: () => false,
+    penaltyRemaining: () => 0,
+    recordFailure: () => undefined,
+    recordSuccess: () => undefined,
+  });
+
+  async function attempts(authenticator: SshAuthenticator, user: string, n: number, maxAuthTries: number) {
+    let dropped = 0;
+    const phase = new ConnectionAuthentication(authenticator, maxAuthTries, '192.0.2.1', captureLogger().logger, () => { dropped++; });
+    const ctxs = [];
+    for (let i = 0; i < n; i++) {
+      const ctx = passwordCtx(user, `guess-${i}`);
+      phase.handle(ctx as never);
+      ctxs.push(ctx);
+      // Let the (failing) check settle before the next attempt, as a client waits for each answer.
+      await vi.waitFor(() => expect(ctx.answers).toHaveLength(1));
+    }
+    return { dropped, answers: ctxs.map((c) => c.answers) };
+  }
+
+  it('counts a check that failed inside the server (argon2 threw) against MaxAuthTries', async () => {
+    const r = await attempts(failingAuthenticator(() => Promise.reject(new Error('argon2: internal error'))), 'alice', 3, 3);
+    expect(r.answers).toEqual([['reject'], ['reject'], ['reject']]);
+    expect(r.dropped).toBe(1);
+  });
+
+  it('counts it with the real Authenticator when argon2 itself fails, for known and unknown users', async () => {
+    const src = new MapSource();
+    src.set({ name: 'alice', password: await cheapHash('pw') });
+    const auth = makeAuth(src);
+    await auth.verifyPassword('nobody', 'warm-up', '192.0.2.1');
+    vi.spyOn(argon2, 'verify').mockRejectedValue(new Error('argon2: out of memory'));
+    for (const user of ['alice', 'nobody']) {
+      const r = await attempts(auth, user, 2, 2);
+      expect(r.answers, user).toEqual([['reject'], ['reject']]);
+      expect(r.dropped, user).toBe(1);
+    }
   });
 });
 
