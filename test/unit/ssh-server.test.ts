@@ -277,6 +277,34 @@ describe('SSH server (OpenSSH client, host-fake VEs)', () => {
     return c;
   }
 
+  it('serves 10 sessions at once on one connection and refuses the 11th', async () => {
+    const c = await rawClient();
+    try {
+      const open = () => new Promise<import('ssh2').ClientChannel | Error>((resolve) => c.exec('read x; echo "got-$x"', (err, stream) => resolve(err ?? stream)));
+      const streams = [];
+      for (let i = 0; i < 10; i++) {
+        const st = await open();
+        if (st instanceof Error) throw new Error(`session ${i + 1} of 10 was refused: ${st.message}`);
+        streams.push(st);
+      }
+      expect(await open()).toBeInstanceOf(Error);
+      // All ten run at once: each answers only now.
+      const outputs = await Promise.all(streams.map((st, i) => new Promise<string>((resolve) => {
+        let out = '';
+        st.on('data', (d: Buffer) => { out += d.toString(); });
+        st.on('close', () => resolve(out));
+        st.end(`${i}\n`);
+      })));
+      expect(outputs).toEqual(streams.map((_, i) => `got-${i}\n`));
+      // Closed sessions free their slots.
+      const again = await open();
+      expect(again).not.toBeInstanceOf(Error);
+      (again as import('ssh2').ClientChannel).end('x\n');
+    } finally {
+      c.end();
+    }
+  });
+
   it('caps sessions per connection and drops a channel-open flood', async () => {
     const c = await rawClient();
     try {
