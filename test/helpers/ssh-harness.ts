@@ -25,8 +25,17 @@ const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..',
 
 export class Cleanup {
   private readonly steps: Array<() => Promise<void> | void> = [];
+  private readonly checks: Array<() => void> = [];
   add(step: () => Promise<void> | void): void {
     this.steps.push(step);
+  }
+  /**
+   * A check that runs after every cleanup step (so after the servers
+   * stopped and flushed their logs); when one throws, run() rejects once all
+   * steps are done, which fails the test file calling it from afterAll.
+   */
+  addCheck(check: () => void): void {
+    this.checks.push(check);
   }
   async run(): Promise<void> {
     while (this.steps.length > 0) {
@@ -35,7 +44,25 @@ export class Cleanup {
         await step();
       } catch { /* keep cleaning */ }
     }
+    const failures: unknown[] = [];
+    for (const check of this.checks.splice(0)) {
+      try {
+        check();
+      } catch (err) {
+        failures.push(err);
+      }
+    }
+    if (failures.length === 1) throw failures[0];
+    if (failures.length > 1) throw new AggregateError(failures, failures.map((f) => (f as Error).message).join('\n'));
   }
+}
+
+/** Log events by which `vesh serve` says it hit a bug it survived (src/cli/serve.ts): any one fails the test file. */
+export const SERVER_BUG_EVENTS: readonly string[] = ['serve.uncaught_exception', 'serve.unhandled_rejection'];
+
+/** The records among `logs` that report a bug in the server, for failing a test file on them. */
+export function serverBugRecords(logs: ReadonlyArray<Record<string, unknown>>): Array<Record<string, unknown>> {
+  return logs.filter((r) => SERVER_BUG_EVENTS.includes(String(r.event)));
 }
 
 export function tempDir(cleanup: Cleanup, prefix = 'vesh-ssh-test-'): string {
@@ -330,11 +357,15 @@ export async function startVeshServe(cleanup: Cleanup, configFile: string, timeo
   child.stdout!.on('data', onData);
   child.stderr!.on('data', onData);
   let exited: number | null | undefined;
+  let stopRequested = false;
+  let exitedUnasked = false;
   const exit = new Promise<number | null>((r) => child.on('exit', (code) => {
     exited = code;
+    exitedUnasked = !stopRequested;
     r(code);
   }));
   const stop = async (signal: NodeJS.Signals = 'SIGTERM') => {
+    stopRequested = true;
     if (exited !== undefined) return exited;
     child.kill(signal);
     const t = setTimeout(() => child.kill('SIGKILL'), 15_000);
@@ -342,7 +373,21 @@ export async function startVeshServe(cleanup: Cleanup, configFile: string, timeo
     clearTimeout(t);
     return code;
   };
+  // After the stop below (steps run last-in first-out): the output pipes
+  // drained, so the check sees the server's last log lines.
+  const outputClosed = new Promise<void>((r) => child.once('close', () => r()));
+  cleanup.add(() => Promise.race([outputClosed, new Promise<void>((r) => setTimeout(r, 5_000).unref())]));
   cleanup.add(() => stop().then(() => undefined));
+  // "The server never crashes": serve survives a bug by logging it
+  // (uncaughtException), so a passing test could hide one. Every file that
+  // runs a server fails on such a record, or on a server that died by itself.
+  cleanup.addCheck(() => {
+    const bugs = serverBugRecords(logs);
+    if (bugs.length > 0) {
+      throw new Error(`vesh serve hit ${bugs.length} bug(s) it survived:\n${bugs.map((b) => `${String(b.event)}: ${String(b.err ?? b.msg ?? '')}\n${String(b.stack ?? '')}`).join('\n')}`);
+    }
+    if (exitedUnasked && exited !== 0) throw new Error(`vesh serve exited by itself (code ${String(exited)}); output:\n${text.slice(-2000)}`);
+  });
 
   const waitForLog = async (pred: (r: Record<string, unknown>) => boolean, ms = 15_000) => {
     const end = Date.now() + ms;

@@ -6,7 +6,7 @@ import { Client } from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { VeshError, ErrorCodes } from '../../src/errors.js';
 import {
-  Cleanup, FakeAuthenticator, HostFakeVes, makeClientKey, runProgram, sshBaseArgs, sshWithKey, sshWithPassword, startInProcessServer, tempDir,
+  Cleanup, FakeAuthenticator, HostFakeVes, makeClientKey, runProgram, serverBugRecords, sshBaseArgs, sshWithKey, sshWithPassword, startInProcessServer, tempDir,
   type ClientKey, type FakeAccount, type InProcessServer,
 } from '../helpers/ssh-harness.js';
 
@@ -450,5 +450,24 @@ describe('SSH server (OpenSSH client, host-fake VEs)', () => {
     const fp = (await runProgram('ssh-keygen', ['-lf', f])).stdout.split(' ')[1];
     expect(again.find((k) => k.type === 'ssh-ed25519')?.fingerprint).toBe(fp);
     writeFileSync(path.join(srv.hostKeysDir, 'unrelated'), '');
+  });
+});
+
+describe('test harness: a server bug fails the test file', () => {
+  it('runs every cleanup step, then rejects with what a check found', async () => {
+    const c = new Cleanup();
+    const done: string[] = [];
+    c.add(() => { done.push('first'); });
+    c.addCheck(() => {
+      const bugs = serverBugRecords([{ event: 'ssh.connection' }, { event: 'serve.uncaught_exception', err: 'boom' }]);
+      if (bugs.length > 0) throw new Error(`server bug: ${String(bugs[0]!.err)}`);
+    });
+    c.add(() => { throw new Error('a failing step does not stop the others'); });
+    c.add(() => { done.push('last'); });
+    await expect(c.run()).rejects.toThrow('server bug: boom');
+    expect(done).toEqual(['last', 'first']);
+    // Checks run once; a clean run resolves.
+    await expect(c.run()).resolves.toBeUndefined();
+    expect(serverBugRecords([{ event: 'serve.unhandled_rejection' }, { event: 'serve.sighup' }])).toHaveLength(1);
   });
 });
