@@ -38,6 +38,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fd-passing.h"
+
 #define CHAN 3
 #define MAX_LISTENERS 64
 #define MAX_CONNECTS 64
@@ -50,17 +52,9 @@
 static void send_line(const char *line, int fd) {
   size_t len = strlen(line);
   struct iovec iov = { (void *)line, len };
-  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
+  union fd_cmsg u;
   struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-  if (fd >= 0) {
-    mh.msg_control = u.buf;
-    mh.msg_controllen = sizeof u.buf;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &fd, sizeof(int));
-  }
+  if (fd >= 0) attach_fds(&mh, &u, &fd, 1);
   while (iov.iov_len > 0) {
     ssize_t n = sendmsg(CHAN, &mh, MSG_NOSIGNAL);
     if (n < 0) {

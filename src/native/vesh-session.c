@@ -59,6 +59,8 @@
 #include <termios.h>
 #include <unistd.h>
 
+#include "fd-passing.h"
+
 #ifndef TIOCGPTPEER
 #define TIOCGPTPEER _IO('T', 0x41)
 #endif
@@ -110,17 +112,9 @@ static int send_msg(int fd, uint32_t type, int32_t value, const char *text, int 
   m.value = value;
   if (text) snprintf(m.text, sizeof m.text, "%s", text);
   struct iovec iov = { &m, sizeof m };
-  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
+  union fd_cmsg u;
   struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-  if (pass_fd >= 0) {
-    mh.msg_control = u.buf;
-    mh.msg_controllen = sizeof u.buf;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
-  }
+  if (pass_fd >= 0) attach_fds(&mh, &u, &pass_fd, 1);
   ssize_t n;
   do n = sendmsg(fd, &mh, MSG_NOSIGNAL); while (n < 0 && errno == EINTR);
   return n == (ssize_t)sizeof m ? 0 : -1;
@@ -128,7 +122,7 @@ static int send_msg(int fd, uint32_t type, int32_t value, const char *text, int 
 
 /* Receive one message; up to `maxfds` passed descriptors land in fds (the rest, if any, are closed). */
 static ssize_t recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated) {
-  union { char buf[CMSG_SPACE(sizeof(int) * 4)]; struct cmsghdr align; } u;
+  union fd_cmsg u;
   struct iovec iov = { buf, len };
   struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf };
   ssize_t n;
@@ -640,18 +634,10 @@ static int cmd_attach(int argc, char **argv) {
   }
 
   struct iovec iov = { req, off };
-  union { char buf[CMSG_SPACE(sizeof(int) * 3)]; struct cmsghdr align; } u;
+  union fd_cmsg u;
   struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-  if (!tty) {
-    int fds[3] = { 0, 1, 2 };
-    mh.msg_control = u.buf;
-    mh.msg_controllen = sizeof u.buf;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof fds);
-    memcpy(CMSG_DATA(c), fds, sizeof fds);
-  }
+  const int stdio_fds[3] = { 0, 1, 2 };
+  if (!tty) attach_fds(&mh, &u, stdio_fds, 3);
   if (sendmsg(s, &mh, MSG_NOSIGNAL) < 0) {
     if (errno == EMSGSIZE) run_fallback(fallback, "request too large for the session agent", sfd);
     run_fallback(fallback, "the session agent did not take the request", sfd);
