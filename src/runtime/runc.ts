@@ -62,7 +62,11 @@ export class RuncRuntime implements ContainerRuntime {
         const child = spawn(file!, args, { stdio: fh ? ['ignore', fh.fd, fh.fd] : ['ignore', 'ignore', 'pipe'], env: safeEnv() });
         const err: Buffer[] = [];
         child.stderr?.on('data', (d: Buffer) => err.push(d));
-        child.on('error', (e: NodeJS.ErrnoException) => reject(e.code === 'ENOENT' && !opts.prepare ? missing() : e));
+        child.on('error', (e: NodeJS.ErrnoException) => {
+          // Every method throws VeshError: a step that cannot be spawned is no exception.
+          if (e.code === 'ENOENT') reject(opts.prepare ? new VeshError(ErrorCodes.COMMAND_MISSING, `the start step "${file}" does not exist (vesh's own helper: run "npm run build" in the vesh directory)`, { cause: e }) : missing());
+          else reject(new VeshError(opts.prepare ? ErrorCodes.COMMAND_FAILED : ErrorCodes.RUNTIME_FAILED, `cannot run ${file}: ${e.message}`, { cause: e }));
+        });
         child.on('close', (code, signal) => resolve({ code, signal, stderr: Buffer.concat(err).toString('utf8') }));
       });
       if (res.code === 127 && opts.prepare) throw missing();
