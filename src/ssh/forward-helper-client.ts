@@ -52,7 +52,10 @@ export class ForwardHelperClient {
     });
     child.on('message', (m: unknown, handle: unknown) => client.onMessage(m, handle as net.Socket | undefined));
     await new Promise<void>((resolve, reject) => {
+      let settled = false;
       const fail = (why: string, cause?: Error) => {
+        if (settled) return;
+        settled = true;
         clearTimeout(timer);
         client.stop();
         reject(new VeshError(ErrorCodes.COMMAND_FAILED, `port-forward helper in VE "${ve}" ${why}: ${client.stderrTail.trim() || 'no output'}`, { cause, userMessage: unavailable }));
@@ -65,7 +68,8 @@ export class ForwardHelperClient {
       child.once('error', (err) => fail('could not be started', err));
       child.once('disconnect', () => fail('closed its channel before it was ready'));
       child.once('message', (m: unknown) => {
-        if (parseFromHelper(m)?.t === 'ready') {
+        if (!settled && parseFromHelper(m)?.t === 'ready') {
+          settled = true;
           clearTimeout(timer);
           resolve();
         }
