@@ -1,4 +1,4 @@
-import { sourceBlock } from '../ssh/limits.js';
+import { sourceBlock } from './source-match.js';
 
 export interface PenaltyConfig {
   /** Failures from one source before it is made to wait. */

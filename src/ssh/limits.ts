@@ -1,5 +1,3 @@
-import { isIP } from 'node:net';
-
 /**
  * Hard limits on what one client may ask of the SSH layer. They exist because
  * ssh2 enforces none of them itself; each is chosen so that no real client
@@ -57,51 +55,4 @@ export function clampPtySize(cols: number, rows: number): { cols: number; rows: 
   const c = fix(cols, PTY_LIMITS.minCols, PTY_LIMITS.maxCols, PTY_LIMITS.defaultCols);
   const r = fix(rows, PTY_LIMITS.minRows, PTY_LIMITS.maxRows, PTY_LIMITS.defaultRows);
   return { cols: c, rows: r, clamped: c !== cols || r !== rows };
-}
-
-/**
- * Leading bits of an IPv6 address that make one source. OpenSSH's
- * PerSourceNetBlockSize counts single IPv6 addresses by default, but one
- * host or LAN commonly holds a whole /64 and can pick a fresh address from
- * it for every connection.
- */
-export const IPV6_SOURCE_PREFIX_BITS = 64;
-
-/** The 8 groups of an IPv6 address (zone id dropped, an IPv4 tail folded in), or null if it is not one. */
-function ipv6Groups(address: string): number[] | null {
-  let a = address.toLowerCase();
-  const zone = a.indexOf('%');
-  if (zone >= 0) a = a.slice(0, zone);
-  if (!isIP(a) || isIP(a) !== 6) return null;
-  const v4 = /(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(a);
-  if (v4) {
-    const [b0, b1, b2, b3] = v4.slice(1).map(Number) as [number, number, number, number];
-    a = `${a.slice(0, v4.index)}${((b0 << 8) | b1).toString(16)}:${((b2 << 8) | b3).toString(16)}`;
-  }
-  const [head, tail] = a.includes('::') ? a.split('::') as [string, string] : [a, null];
-  const parse = (s: string) => (s === '' ? [] : s.split(':').map((g) => parseInt(g, 16)));
-  const h = parse(head);
-  if (tail === null) return h;
-  const t = parse(tail);
-  return [...h, ...new Array<number>(8 - h.length - t.length).fill(0), ...t];
-}
-
-/**
- * The source a connection is counted under for per-source caps and
- * penalties: an IPv4 address (IPv4-mapped IPv6 is IPv4) as it is, an IPv6
- * address by its /64, since whoever holds one address of a /64 can use all
- * 2^64 of them to dodge a per-address count.
- */
-export function sourceBlock(address: string): string {
-  const s = address.toLowerCase();
-  const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/.exec(s);
-  if (mapped) return mapped[1]!;
-  const groups = ipv6Groups(s);
-  if (!groups) return s;
-  // ::ffff:7f00:1 is 127.0.0.1 too.
-  if (groups.slice(0, 5).every((g) => g === 0) && groups[5] === 0xffff) {
-    return [groups[6]! >> 8, groups[6]! & 0xff, groups[7]! >> 8, groups[7]! & 0xff].join('.');
-  }
-  const keep = IPV6_SOURCE_PREFIX_BITS / 16;
-  return `${groups.slice(0, keep).map((g) => g.toString(16)).join(':')}::/${IPV6_SOURCE_PREFIX_BITS}`;
 }

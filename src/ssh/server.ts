@@ -8,7 +8,7 @@ import type { VeAccess } from '../ve/access.js';
 import { SERVER_ALGORITHMS } from './algorithms.js';
 import { SshConnection } from './connection.js';
 import type { HostKey } from './host-keys.js';
-import { sourceBlock } from './limits.js';
+import { sourceBlock } from '../auth/source-match.js';
 import type { SshAuthenticator } from './ports.js';
 
 // ssh2 is CommonJS without static named exports: Node's ESM loader only offers its default export.

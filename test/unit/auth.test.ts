@@ -7,7 +7,7 @@ import { costClassOf, MAX_PASSWORD_BYTES, Semaphore, type PasswordHashCost } fro
 import { SourcePenalties } from '../../src/auth/penalties.js';
 import { parseServerConfig } from '../../src/config/server-config.js';
 import { ConnectionAuthentication } from '../../src/ssh/authentication.js';
-import { sourceBlock } from '../../src/ssh/limits.js';
+import { sourceBlock } from '../../src/auth/source-match.js';
 import type { SshAuthenticator } from '../../src/ssh/ports.js';
 import { parseAuthorizedKeyLine, type Account } from '../../src/config/accounts.js';
 import type { AccountSource } from '../../src/config/accounts-store.js';
