@@ -322,26 +322,27 @@ const checkHostKeys: Check = async ({ config }) => {
 };
 
 /**
- * The session helper starts sessions inside VEs without a `runc exec` each
- * (session-agents.ts). Without it vesh still works, every session slower.
- * Its agent runs inside VEs that may hold no C library: it must be static.
+ * A helper that runs inside VEs, which may hold no C library: it must be
+ * built and static. Without it vesh still runs, minus what `without` says.
  */
-const checkSessionHelper: Check = async () => {
-  const file = sessionHelperPath();
-  const kind = await binaryLinkage(file);
-  if (kind === 'missing') return warn('session helper', `${file} is not built: every session pays for a runc exec`, 'npm run build (needs gcc and libc6-dev)');
-  if (kind !== 'static') return warn('session helper', `${file} is ${kind === 'dynamic' ? 'dynamically linked' : 'not an ELF binary we can read'}: its agent cannot run in VEs without a C library`, 'npm run build (scripts/build-native.sh links it statically)');
-  return ok('session helper', `${file} (static)`);
-};
+function staticInVeHelperCheck(name: string, file: () => string, without: string): Check {
+  const check: Check = async () => {
+    const path = file();
+    const kind = await binaryLinkage(path);
+    if (kind === 'missing') return warn(name, `${path} is not built: ${without}`, 'npm run build (needs gcc and libc6-dev)');
+    if (kind !== 'static') return warn(name, `${path} is ${kind === 'dynamic' ? 'dynamically linked' : 'not an ELF binary we can read'}: it cannot run in VEs without a C library`, 'npm run build (scripts/build-native.sh links it statically)');
+    return ok(name, `${path} (static)`);
+  };
+  // runChecks names a check that throws after its function's name (checkSessionHelper → "session helper").
+  const camel = name.replace(/(^| )([a-z])/g, (_m, _s, c: string) => c.toUpperCase());
+  return Object.defineProperty(check, 'name', { value: `check${camel}` });
+}
 
-/** The forward helper makes every -L/-R socket inside the VE (which may hold no C library): without it, no forwarding. */
-const checkForwardHelper: Check = async () => {
-  const file = forwardHelperPath();
-  const kind = await binaryLinkage(file);
-  if (kind === 'missing') return warn('forward helper', `${file} is not built: port forwarding (ssh -L/-R) is refused`, 'npm run build (needs gcc and libc6-dev)');
-  if (kind !== 'static') return warn('forward helper', `${file} is ${kind === 'dynamic' ? 'dynamically linked' : 'not an ELF binary we can read'}: it cannot run in VEs without a C library`, 'npm run build (scripts/build-native.sh links it statically)');
-  return ok('forward helper', `${file} (static)`);
-};
+/** The session helper starts sessions inside VEs without a `runc exec` each (session-agents.ts). */
+const checkSessionHelper = staticInVeHelperCheck('session helper', sessionHelperPath, 'every session pays for a runc exec');
+
+/** The forward helper makes every -L/-R socket inside the VE. */
+const checkForwardHelper = staticInVeHelperCheck('forward helper', forwardHelperPath, 'port forwarding (ssh -L/-R) is refused');
 
 /** The setup helper mounts a VE's file systems and is its network hook: no VE starts without it. */
 const checkSetupHelper: Check = async () => {
