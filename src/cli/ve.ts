@@ -145,7 +145,7 @@ export function register(program: Command): void {
     .action(async (name: string, argv: string[]) => {
       const tty = Boolean(process.stdin.isTTY && process.stdout.isTTY);
       const cmd = await manager(program).execCommand(name, {
-        argv, uid: 0, gid: 0, tty, cwd: '/',
+        argv, uid: 0, gid: 0, tty, cwd: '/', ...terminalSize(tty),
         env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', HOME: '/root', ...(tty && process.env.TERM ? { TERM: process.env.TERM } : {}) },
       });
       process.exitCode = await runAttached(cmd.file, cmd.args);
@@ -163,6 +163,7 @@ export function register(program: Command): void {
         argv: [root.shell, '-l'],
         cwd: root.home,
         tty,
+        ...terminalSize(tty),
         env: {
           PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', HOME: root.home, USER: 'root', LOGNAME: 'root', SHELL: root.shell,
           TERM: process.env.TERM ?? 'xterm', ...(process.env.LANG ? { LANG: process.env.LANG } : {}),
@@ -170,4 +171,10 @@ export function register(program: Command): void {
       });
       process.exitCode = await runAttached(cmd.file, cmd.args);
     });
+}
+
+/** Our terminal's size, so that a process in a VE has it from its start. */
+function terminalSize(tty: boolean): { consoleSize?: { rows: number; cols: number } } {
+  const { rows, columns } = process.stdout;
+  return tty && rows > 0 && columns > 0 ? { consoleSize: { rows, cols: columns } } : {};
 }

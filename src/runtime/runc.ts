@@ -5,6 +5,10 @@ import path from 'node:path';
 import { run, safeEnv } from '../system/exec.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from './types.js';
 
+/** Process specs for `runc exec --process` (see execCommand), and how long one is kept. */
+const PROCESS_FILE_PREFIX = 'exec-process-';
+const PROCESS_FILE_TTL_MS = 5 * 60_000;
+
 /**
  * runc, driven through its command line. State lives under `root` (a tmpfs
  * path such as /run/vesh/<instance>), so it is gone after a host reboot, as the
@@ -12,6 +16,10 @@ import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from './
  */
 export class RuncRuntime implements ContainerRuntime {
   readonly name = 'runc';
+
+  /** Container id → bundle dir, as create/run or `runc state` said. */
+  private readonly bundles = new Map<string, string>();
+  private processFiles = 0;
 
   constructor(private readonly binary: string, private readonly root: string) {}
 
@@ -49,6 +57,7 @@ export class RuncRuntime implements ContainerRuntime {
   }
 
   private async launch(verb: 'create' | 'run', id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string; prepare?: HostCommand }): Promise<void> {
+    this.bundles.set(id, opts.bundleDir);
     const missing = () => new VeshError(ErrorCodes.RUNTIME_MISSING, `the runtime binary "${this.binary}" was not found: install it with "apt-get install runc" (or set runtime.binary in vesh.yaml)`);
     const engine = [this.binary, ...this.base(), verb, ...(verb === 'run' ? ['--detach'] : []), '--bundle', opts.bundleDir, '--pid-file', opts.pidFile, id];
     // The init inherits runc's stdio. Pipes would keep us waiting for an EOF
@@ -108,27 +117,91 @@ export class RuncRuntime implements ContainerRuntime {
   }
 
   async delete(id: string, force = false): Promise<void> {
+    this.bundles.delete(id);
     const res = await this.runc(['delete', ...(force ? ['--force'] : []), id], { allowFailure: true });
     if (res.code !== 0 && !/does not exist|not found/i.test(res.stderr)) {
       throw new VeshError(ErrorCodes.RUNTIME_FAILED, `runc delete ${id} failed: ${lastRuncLine(res.stderr)}`);
     }
   }
 
-  execCommand(id: string, spec: ExecSpec): HostCommand {
+  async execCommand(id: string, spec: ExecSpec): Promise<HostCommand> {
     // `runc exec -t` in the foreground allocates the terminal from the
     // container's own devpts and relays it to ours (node-pty's), forwarding
     // SIGWINCH resizes; without -t the process gets our pipes. Either way the
     // process joins the container's cgroups, capabilities and seccomp filter,
     // which nsenter would skip.
-    const args = [...this.base(), 'exec', `--tty=${spec.tty}`, '--user', `${spec.uid}:${spec.gid}`];
-    for (const g of spec.additionalGids ?? []) args.push('--additional-gids', String(g));
-    if (spec.cwd) args.push('--cwd', spec.cwd);
+    const args = [...this.base(), 'exec'];
+    const viaFile = Boolean(spec.tty && spec.consoleSize);
+    if (viaFile) {
+      // runc copies our window size to the new terminal only after the
+      // process runs, so `stty size` at its start may see 0x0. A size in the
+      // process spec is set on the terminal before the process starts; the
+      // flags have no way to give it, so the whole process spec goes in a file.
+      args.push('--process', await this.writeProcessFile(id, spec));
+    } else {
+      args.push(`--tty=${spec.tty}`, '--user', `${spec.uid}:${spec.gid}`);
+      for (const g of spec.additionalGids ?? []) args.push('--additional-gids', String(g));
+      if (spec.cwd) args.push('--cwd', spec.cwd);
+      for (const [k, v] of Object.entries(spec.env ?? {})) args.push('--env', `${k}=${v}`);
+    }
     if (spec.detach) args.push('--detach');
     if (spec.preserveFds) args.push('--preserve-fds', String(spec.preserveFds));
     if (spec.pidFile) args.push('--pid-file', spec.pidFile);
-    for (const [k, v] of Object.entries(spec.env ?? {})) args.push('--env', `${k}=${v}`);
-    args.push(id, ...spec.argv);
+    args.push(id);
+    if (!viaFile) args.push(...spec.argv);
     return { file: this.binary, args };
+  }
+
+  /**
+   * The process spec `runc exec` would build from its flags (the bundle's
+   * process with our argv, user, cwd and env laid over it), plus the console
+   * size, written beside the bundle's config. runc reads it when it starts;
+   * files older than PROCESS_FILE_TTL_MS are removed as new ones are written,
+   * and all of them with the bundle.
+   */
+  private async writeProcessFile(id: string, spec: ExecSpec): Promise<string> {
+    const bundle = await this.bundleOf(id);
+    let base: Record<string, unknown>;
+    try {
+      base = (JSON.parse(await fs.readFile(path.join(bundle, 'config.json'), 'utf8')) as { process: Record<string, unknown> }).process;
+    } catch (err) {
+      throw new VeshError(ErrorCodes.RUNTIME_FAILED, `cannot read the process spec of container ${id} in ${bundle}: ${(err as Error).message}`, { cause: err });
+    }
+    const baseUser = (base.user ?? {}) as { additionalGids?: number[] };
+    const proc = {
+      ...base,
+      terminal: true,
+      consoleSize: { height: spec.consoleSize!.rows, width: spec.consoleSize!.cols },
+      args: spec.argv,
+      cwd: spec.cwd ?? base.cwd ?? '/',
+      env: [...((base.env as string[] | undefined) ?? []), ...Object.entries(spec.env ?? {}).map(([k, v]) => `${k}=${v}`)],
+      user: { ...baseUser, uid: spec.uid, gid: spec.gid, additionalGids: [...(baseUser.additionalGids ?? []), ...(spec.additionalGids ?? [])] },
+    };
+    const file = path.join(bundle, `${PROCESS_FILE_PREFIX}${process.pid}-${Date.now()}-${++this.processFiles}.json`);
+    await fs.writeFile(file, JSON.stringify(proc), { mode: 0o600 });
+    void this.removeOldProcessFiles(bundle);
+    return file;
+  }
+
+  private async removeOldProcessFiles(bundle: string): Promise<void> {
+    const cutoff = Date.now() - PROCESS_FILE_TTL_MS;
+    const names = await fs.readdir(bundle).catch(() => [] as string[]);
+    for (const name of names) {
+      if (!name.startsWith(PROCESS_FILE_PREFIX)) continue;
+      const file = path.join(bundle, name);
+      const st = await fs.stat(file).catch(() => null);
+      if (st && st.mtimeMs < cutoff) await fs.rm(file, { force: true });
+    }
+  }
+
+  /** The bundle a container was made from: remembered from create/run, else asked of runc. */
+  private async bundleOf(id: string): Promise<string> {
+    const known = this.bundles.get(id);
+    if (known) return known;
+    const st = await this.state(id);
+    if (!st) throw new VeshError(ErrorCodes.RUNTIME_FAILED, `container ${id} does not exist`);
+    this.bundles.set(id, st.bundle);
+    return st.bundle;
   }
 }
 

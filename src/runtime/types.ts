@@ -29,6 +29,12 @@ export interface ExecSpec {
   env?: Record<string, string>;
   /** Allocate a terminal from the container's own devpts. */
   tty: boolean;
+  /**
+   * With tty: the terminal's size from the process's first instruction on.
+   * Without it the process may start on a 0x0 terminal and get its size
+   * (and a SIGWINCH) a moment later, when the relay copies ours over.
+   */
+  consoleSize?: { rows: number; cols: number };
   /** Return once the process runs, leaving it in the background (no relay). */
   detach?: boolean;
   /** Pass the caller's fds 3..3+N-1 on to the process. */
@@ -84,5 +90,5 @@ export interface ContainerRuntime {
    * stdio, exit status and (for tty) window size pass through it. The process
    * gets the container's namespaces, cgroups, capabilities and seccomp filter.
    */
-  execCommand(id: string, spec: ExecSpec): HostCommand;
+  execCommand(id: string, spec: ExecSpec): Promise<HostCommand>;
 }

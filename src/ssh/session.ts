@@ -197,7 +197,11 @@ export class SessionChannel {
 
     let cmd;
     try {
-      cmd = await this.ctx.ves.processCommand(login.account.ve, { user: login.user, argv, env, cwd: login.user.home, tty });
+      const size = this.pty ? clampPtySize(this.pty.cols, this.pty.rows) : undefined;
+      cmd = await this.ctx.ves.processCommand(login.account.ve, {
+        user: login.user, argv, env, cwd: login.user.home, tty,
+        ...(size ? { consoleSize: { rows: size.rows, cols: size.cols } } : {}),
+      });
     } catch (err) {
       log.error({ event: 'ssh.session_spawn_failed', err: errorMessage(err) });
       const msg = isVeshError(err) ? err.userMessage : 'The server could not start your session.';

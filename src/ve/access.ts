@@ -18,6 +18,8 @@ export interface VeProcessSpec {
   env: Record<string, string>;
   cwd?: string;
   tty: boolean;
+  /** With tty: the client's window size, which the process sees from its start. */
+  consoleSize?: { rows: number; cols: number };
 }
 
 /**

@@ -498,7 +498,7 @@ export class VeManager implements VeAccess {
 
   /** Run a short command inside a VE as its root and collect stdout (for reading the VE's own databases). */
   private async readInside(ve: string, argv: string[]): Promise<string> {
-    const cmd = this.runtime.execCommand(ve, { argv, uid: 0, gid: 0, tty: false });
+    const cmd = await this.runtime.execCommand(ve, { argv, uid: 0, gid: 0, tty: false });
     const res = await run(cmd.file, cmd.args, { timeoutMs: 30_000 });
     return res.stdout;
   }
@@ -581,6 +581,7 @@ export class VeManager implements VeAccess {
       additionalGids,
       env: spec.env,
       tty: spec.tty,
+      consoleSize: spec.consoleSize,
     };
     // A VE whose init we know runs: through its session agent (see
     // session-agents.ts), with `runc exec` as the fallback.
@@ -595,7 +596,7 @@ export class VeManager implements VeAccess {
       // What runc exec would give: the VE's process environment under the session's.
       env: { ...VE_PROCESS_ENV, ...spec.env },
       tty: spec.tty,
-    }, this.runtime.execCommand(ve, viaRunc));
+    }, await this.runtime.execCommand(ve, viaRunc));
   }
 
   async forwardCommand(ve: string, user: VeUserInfo): Promise<HostCommand & { program: string }> {
@@ -611,7 +612,7 @@ export class VeManager implements VeAccess {
     // VE's confinement; the program comes in as fd 4 (nothing of ours is put
     // in the VE's files) and fd 3 is the caller's channel. Detached: no
     // engine process stays on the host for the helper's lifetime.
-    const cmd = this.runtime.execCommand(ve, {
+    const cmd = await this.runtime.execCommand(ve, {
       argv: ['/proc/self/fd/4'],
       uid: user.uid,
       gid: user.gid,

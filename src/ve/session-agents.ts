@@ -151,7 +151,7 @@ export class SessionAgents {
       return;
     }
     await fs.rm(pidFile, { force: true });
-    const cmd = this.deps.runtime.execCommand(ve, {
+    const cmd = await this.deps.runtime.execCommand(ve, {
       // runc opens the path inside the VE: /proc/self/fd/4 is this binary,
       // passed by `listen`, so nothing of ours has to be in the VE's files.
       argv: ['/proc/self/fd/4', 'agent'],

@@ -322,7 +322,7 @@ function runtimeConformance(engine: EngineFactory): void {
 
       it('runs in the container: stdout and stderr kept apart, the container\'s hostname and pid namespace', async () => {
         const init = (await rt.state(box.id))!.pid;
-        const res = await spawnHost(exec(['/bin/sh', '-c', 'echo out; echo err >&2; hostname; readlink /proc/1/exe']));
+        const res = await spawnHost(await exec(['/bin/sh', '-c', 'echo out; echo err >&2; hostname; readlink /proc/1/exe']));
         expect(res.code).toBe(0);
         expect(res.stderr).toBe('err\n');
         const [out, hostname, pid1] = res.stdout.trim().split('\n');
@@ -334,34 +334,36 @@ function runtimeConformance(engine: EngineFactory): void {
       });
 
       it('passes the exit status through, and reports death by a signal as the HostCommand says it does', async () => {
-        expect((await spawnHost(exec(['/bin/sh', '-c', 'exit 7']))).code).toBe(7);
-        const cmd = exec(['/bin/sh', '-c', 'kill -TERM $$']);
+        expect((await spawnHost(await exec(['/bin/sh', '-c', 'exit 7']))).code).toBe(7);
+        const cmd = await exec(['/bin/sh', '-c', 'kill -TERM $$']);
         const res = await spawnHost(cmd);
         if (cmd.exitReporting === 'exact') expect(res.signal).toBe('SIGTERM');
         else expect(res.code).toBe(128 + 15);
       });
 
       it('runs as the given uid, gid and additional gids', async () => {
-        const res = await spawnHost(exec(['/bin/sh', '-c', 'id -u; id -g; id -G'], { uid: 1000, gid: 1001, additionalGids: [2000, 2001] }));
+        const res = await spawnHost(await exec(['/bin/sh', '-c', 'id -u; id -g; id -G'], { uid: 1000, gid: 1001, additionalGids: [2000, 2001] }));
         expect(res.code).toBe(0);
         expect(res.stdout.trim().split('\n')).toEqual(['1000', '1001', '1001 2000 2001']);
       });
 
       it('runs in the given cwd with the given env', async () => {
-        const res = await spawnHost(exec(['/bin/sh', '-c', 'pwd; printf "%s|" "$GREETING"'], { cwd: '/tmp', env: { GREETING: 'hello, with spaces', PATH: '/bin:/sbin' } }));
+        const res = await spawnHost(await exec(['/bin/sh', '-c', 'pwd; printf "%s|" "$GREETING"'], { cwd: '/tmp', env: { GREETING: 'hello, with spaces', PATH: '/bin:/sbin' } }));
         expect(res.code).toBe(0);
         expect(res.stdout).toBe('/tmp\nhello, with spaces|');
       });
 
       it('preserveFds: the caller\'s fds 3..3+N-1 reach the process, and no more', async () => {
-        const res = await spawnHost(exec(['/bin/sh', '-c', 'echo via-fd3 >&3; if { true >&4; } 2>/dev/null; then echo fd4-open; else echo fd4-closed; fi'], { preserveFds: 1 }), { extraFds: 2 });
+        const res = await spawnHost(await exec(['/bin/sh', '-c', 'echo via-fd3 >&3; if { true >&4; } 2>/dev/null; then echo fd4-open; else echo fd4-closed; fi'], { preserveFds: 1 }), { extraFds: 2 });
         expect(res.code).toBe(0);
         expect(res.extra[0]).toBe('via-fd3\n');
         expect(res.stdout).toBe('fd4-closed\n');
       });
 
       it('tty: a terminal from the container\'s own devpts, with our window size', async () => {
-        const cmd = exec(['/bin/sh', '-c', 'tty; stty size'], { tty: true, env: { TERM: 'xterm', PATH: '/bin:/sbin' } });
+        // The size is there from the start: stty runs at once, before any
+        // relay could copy node-pty's size over.
+        const cmd = await exec(['/bin/sh', '-c', 'tty; stty size'], { tty: true, consoleSize: { rows: 40, cols: 100 }, env: { TERM: 'xterm', PATH: '/bin:/sbin' } });
         const term = pty.spawn(cmd.file, cmd.args, { name: 'xterm', cols: 100, rows: 40, env: safeEnv() });
         let screen = '';
         term.onData((d) => { screen += d; });
@@ -373,7 +375,7 @@ function runtimeConformance(engine: EngineFactory): void {
 
       it('detach: returns once the process runs, leaving it in the container with its host pid in pidFile', async () => {
         const pidFile = path.join(box.bundleDir, 'detached.pid');
-        const res = await spawnDetached(exec(['/bin/sleep', '1000'], { detach: true, pidFile }));
+        const res = await spawnDetached(await exec(['/bin/sleep', '1000'], { detach: true, pidFile }));
         expect(res).toEqual({ code: 0, signal: null });
         const pid = Number((await fs.readFile(pidFile, 'utf8')).trim());
         expect(pid).toBeGreaterThan(0);
@@ -396,7 +398,7 @@ function runtimeConformance(engine: EngineFactory): void {
     it('kill with all=true: every process of the container gets it, not only init', async () => {
       const box = await started(perTest);
       const pidFile = path.join(box.bundleDir, 'detached.pid');
-      expect((await spawnDetached(rt.execCommand(box.id, { argv: ['/bin/sleep', '1000'], uid: 0, gid: 0, tty: false, detach: true, pidFile }))).code).toBe(0);
+      expect((await spawnDetached(await rt.execCommand(box.id, { argv: ['/bin/sleep', '1000'], uid: 0, gid: 0, tty: false, detach: true, pidFile }))).code).toBe(0);
       const sleeper = Number((await fs.readFile(pidFile, 'utf8')).trim());
       const init = (await rt.state(box.id))!.pid;
       await rt.kill(box.id, 'KILL', true);
@@ -507,7 +509,7 @@ function runtimeConformance(engine: EngineFactory): void {
       });
 
       it('execCommand builds a command without running anything; spawning it fails', async () => {
-        const cmd = missing.execCommand(live.id, { argv: ['/bin/true'], uid: 0, gid: 0, tty: false });
+        const cmd = await missing.execCommand(live.id, { argv: ['/bin/true'], uid: 0, gid: 0, tty: false });
         const outcome = await spawnHost(cmd).then((r) => `exit ${r.code}`, (e: NodeJS.ErrnoException) => e.code);
         expect(['ENOENT', 'exit 127']).toContain(outcome);
       });

@@ -35,13 +35,13 @@ function signalBed(opts: { runtime?: string }) {
       expect((await sshWithKey(bed.serve.port, 'sig', bed.key, ['true'], { timeoutMs: 120_000 })).code).toBe(0);
     },
     /** Run `command` over one ssh2 connection; `during` may send signals once the command printed READY. */
-    exec(command: string, during?: (stream: ssh2.ClientChannel) => void): Promise<ExecEnd> {
+    exec(command: string, during?: (stream: ssh2.ClientChannel) => void, opts: { pty?: { rows: number; cols: number } } = {}): Promise<ExecEnd> {
       return new Promise((resolve, reject) => {
         const c = new ssh2.Client();
         const timer = setTimeout(() => { c.end(); reject(new Error(`no end of ${command}`)); }, 60_000);
         c.on('error', reject);
         c.on('ready', () => {
-          c.exec(command, (err, stream) => {
+          c.exec(command, opts.pty ? { pty: { ...opts.pty, term: 'xterm' } } : {}, (err, stream) => {
             if (err) return reject(err);
             let stdout = '';
             let code: number | null = null;
@@ -97,6 +97,14 @@ function signalCases(bed: ReturnType<typeof signalBed>, path: string, expectPare
     expect(end).toEqual({ stdout: 'READY\n', code: null, signal: 'KILL' });
     // Not only the relay died: the process is gone from the VE.
     await waitFor('sleep 1234 to be gone', async () => !(await shInVe(bed.env, 'sig', 'ps')).stdout.includes('sleep 1234'), 10_000);
+  });
+
+  it(`gives a terminal the client's size from the process's start, through ${path}`, async () => {
+    // stty runs at once: a size copied over after the start would come too late for it.
+    for (const size of [{ rows: 33, cols: 111 }, { rows: 7, cols: 20 }]) {
+      const end = await bed.exec('stty size', undefined, { pty: size });
+      expect(end).toEqual({ stdout: `${size.rows} ${size.cols}\r\n`, code: 0, signal: null });
+    }
   });
 
   it(`reports death by a signal as exit-signal, and plain codes as exit-status, through ${path}`, async () => {
