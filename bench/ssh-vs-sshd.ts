@@ -5,11 +5,13 @@
  *     agent is up) and cold VE (stopped: boot on demand, the session goes
  *     through `runc exec`);
  *   - logins per second with 8 clients in parallel;
- *   - SFTP upload and download of one file (1 GiB by default) in MB/s.
+ *   - SFTP upload and download of one file (1 GiB by default) in MB/s: the
+ *     median of --sftp-rounds rounds, each round one transfer per target in
+ *     turn, so that a slow spell of the machine falls on all of them.
  * sshd runs with its own port, config and host key; the bare ssh2 server
  * spawns `true` on the host (no VE): the floor for any ssh2-based server.
  *
- *   npx vite-node bench/ssh-vs-sshd.ts -- [--logins 30] [--parallel-logins 80] [--sftp-mib 1024] [--ve-memory 1G] [--cipher NAME] [--json]
+ *   npx vite-node bench/ssh-vs-sshd.ts -- [--logins 30] [--parallel-logins 80] [--sftp-mib 1024] [--sftp-rounds 3] [--sftp-only] [--ve-memory 1G] [--cipher NAME] [--json]
  *
  * Not a test: shared, noisy machines; read the figures side by side.
  */
@@ -29,6 +31,9 @@ const { values: args } = parseArgs({
     logins: { type: 'string', default: '30' },
     'parallel-logins': { type: 'string', default: '80' },
     'sftp-mib': { type: 'string', default: '1024' },
+    'sftp-rounds': { type: 'string', default: '3' },
+    // Skip the login figures (for looking at SFTP alone).
+    'sftp-only': { type: 'boolean', default: false },
     // The VE's memory limit; its page cache counts against it, so whether the
     // transferred file stays cached (as it does for sshd) depends on it.
     've-memory': { type: 'string', default: '1G' },
@@ -42,11 +47,17 @@ const { values: args } = parseArgs({
 const LOGINS = Number(args.logins);
 const PAR_LOGINS = Number(args['parallel-logins']);
 const SFTP_MIB = Number(args['sftp-mib']);
+const SFTP_ROUNDS = Math.max(1, Number(args['sftp-rounds']));
+const SFTP_ONLY = args['sftp-only'];
 const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 
 const pct = (xs: number[], p: number) => {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
+};
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
 };
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -245,45 +256,56 @@ async function main(): Promise<void> {
     await waitForAgent(dir, targets.vesh!);
 
     const warm: Record<string, number[]> = {};
-    for (const [k, t] of Object.entries(targets)) warm[k] = await loginLatency(dir, t, LOGINS);
-
-    // What a session costs without the agent (the first login to a running VE, a cold login): one `runc exec`.
-    const runcRoot = makeLayout(data).runtimeRoot;
     const execFloor: number[] = [];
-    for (let i = 0; i < LOGINS; i++) {
-      const t0 = performance.now();
-      spawnSync('runc', ['--root', runcRoot, 'exec', 'warm', 'true'], { stdio: 'ignore' });
-      execFloor.push(performance.now() - t0);
-    }
-
-    // Cold: the VE is stopped before every login, which boots it on demand.
-    await loginOnce(dir, { ...targets.vesh!, user: 'cold' });
-    const cold = await loginLatency(dir, { ...targets.vesh!, user: 'cold' }, Math.max(5, Math.floor(LOGINS / 3)), () => vesh('ve', 'stop', '--kill', 'cold'));
-
+    let cold: number[] = [];
     const lps: Record<string, number> = {};
-    for (const [k, t] of Object.entries(targets)) lps[k] = await loginsPerSecond(dir, t, PAR_LOGINS);
+    if (!SFTP_ONLY) {
+      for (const [k, t] of Object.entries(targets)) warm[k] = await loginLatency(dir, t, LOGINS);
+
+      // What a session costs without the agent (the first login to a running VE, a cold login): one `runc exec`.
+      const runcRoot = makeLayout(data).runtimeRoot;
+      for (let i = 0; i < LOGINS; i++) {
+        const t0 = performance.now();
+        spawnSync('runc', ['--root', runcRoot, 'exec', 'warm', 'true'], { stdio: 'ignore' });
+        execFloor.push(performance.now() - t0);
+      }
+
+      // Cold: the VE is stopped before every login, which boots it on demand.
+      await loginOnce(dir, { ...targets.vesh!, user: 'cold' });
+      cold = await loginLatency(dir, { ...targets.vesh!, user: 'cold' }, Math.max(5, Math.floor(LOGINS / 3)), () => vesh('ve', 'stop', '--kill', 'cold'));
+
+      for (const [k, t] of Object.entries(targets)) lps[k] = await loginsPerSecond(dir, t, PAR_LOGINS);
+    }
 
     const src = path.join(dir, 'payload');
     execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SFTP_MIB}`, 'status=none']);
-    const sftp: Record<string, { upMBs: number; downMBs: number }> = {};
-    for (const k of ['vesh', 'sshd', 'bare'] as const) {
-      const t = targets[k]!;
-      const remote = `${t.remoteDir}/payload`;
-      const up = await sftpTransfer(dir, t, `put ${src} ${remote}\n`);
-      const down = await sftpTransfer(dir, t, `get ${remote} ${dir}/down\nrm ${remote}\n`);
-      await fs.rm(path.join(dir, 'down'), { force: true });
-      const mb = (SFTP_MIB * 1024 * 1024) / 1e6;
-      sftp[k] = { upMBs: mb / (up / 1000), downMBs: mb / (down / 1000) };
+    const mb = (SFTP_MIB * 1024 * 1024) / 1e6;
+    const rounds: Record<string, { upMBs: number[]; downMBs: number[] }> = { vesh: { upMBs: [], downMBs: [] }, sshd: { upMBs: [], downMBs: [] }, bare: { upMBs: [], downMBs: [] } };
+    for (let round = 0; round < SFTP_ROUNDS; round++) {
+      for (const k of ['vesh', 'sshd', 'bare'] as const) {
+        const t = targets[k]!;
+        const remote = `${t.remoteDir}/payload`;
+        const up = await sftpTransfer(dir, t, `put ${src} ${remote}\n`);
+        const down = await sftpTransfer(dir, t, `get ${remote} ${dir}/down\nrm ${remote}\n`);
+        await fs.rm(path.join(dir, 'down'), { force: true });
+        rounds[k]!.upMBs.push(mb / (up / 1000));
+        rounds[k]!.downMBs.push(mb / (down / 1000));
+      }
     }
+    const sftp = Object.fromEntries(Object.entries(rounds).map(([k, r]) => [k, { upMBs: median(r.upMBs), downMBs: median(r.downMBs) }])) as Record<string, { upMBs: number; downMBs: number }>;
 
-    const result = {
-      date: new Date().toISOString(),
+    const logins = SFTP_ONLY ? null : {
       loginMs: Object.fromEntries(Object.entries(warm).map(([k, v]) => [k, { p50: pct(v, 50), p95: pct(v, 95) }])),
       coldLoginMs: { p50: pct(cold, 50), p95: pct(cold, 95) },
       runcExecTrueMs: { p50: pct(execFloor, 50), p95: pct(execFloor, 95) },
       loginsPerSecond8: lps,
+    };
+    const result = {
+      date: new Date().toISOString(),
+      ...(logins ?? {}),
       sftpMiB: SFTP_MIB,
       sftp,
+      sftpRounds: rounds,
     };
     if (args.json) {
       console.log(JSON.stringify(result, null, 2));
@@ -291,14 +313,25 @@ async function main(): Promise<void> {
     }
     const f = (x: number) => x.toFixed(0).padStart(6);
     const f1 = (x: number) => x.toFixed(1).padStart(6);
+    const ratio = (a: number, b: number) => (a / b).toFixed(2);
     console.log(`SSH: vesh vs OpenSSH sshd vs bare ssh2, OpenSSH client, curve25519, VE memory ${args['ve-memory']} (${result.date})`);
-    console.log('                         login p50  login p95  logins/s(8)  sftp up MB/s  sftp down MB/s');
-    for (const [k, label] of [['vesh', 'vesh (warm VE)'], ['sshd', 'OpenSSH sshd'], ['bare', 'bare ssh2 on host']] as const) {
-      console.log(`${label.padEnd(24)} ${f(result.loginMs[k]!.p50)} ms  ${f(result.loginMs[k]!.p95)} ms  ${f1(lps[k]!)}      ${f1(sftp[k]!.upMBs)}        ${f1(sftp[k]!.downMBs)}`);
+    const labels = [['vesh', 'vesh (warm VE)'], ['sshd', 'OpenSSH sshd'], ['bare', 'bare ssh2 on host']] as const;
+    if (logins) {
+      console.log('                         login p50  login p95  logins/s(8)');
+      for (const [k, label] of labels) {
+        console.log(`${label.padEnd(24)} ${f(logins.loginMs[k]!.p50)} ms  ${f(logins.loginMs[k]!.p95)} ms  ${f1(lps[k]!)}`);
+      }
+      console.log(`${'vesh (cold VE)'.padEnd(24)} ${f(logins.coldLoginMs.p50)} ms  ${f(logins.coldLoginMs.p95)} ms`);
+      console.log(`${'runc exec true'.padEnd(24)} ${f(logins.runcExecTrueMs.p50)} ms  ${f(logins.runcExecTrueMs.p95)} ms`);
+      console.log(`ratios: warm/bare ${ratio(logins.loginMs.vesh!.p50, logins.loginMs.bare!.p50)} (target ≤ 1.3), cold/sshd-warm ${ratio(logins.coldLoginMs.p50, logins.loginMs.sshd!.p50)} (target ≤ 0.75)`);
     }
-    console.log(`${'vesh (cold VE)'.padEnd(24)} ${f(cold.length ? result.coldLoginMs.p50 : 0)} ms  ${f(result.coldLoginMs.p95)} ms`);
-    console.log(`${'runc exec true'.padEnd(24)} ${f(result.runcExecTrueMs.p50)} ms  ${f(result.runcExecTrueMs.p95)} ms`);
-    console.log(`ratios: warm/bare ${(result.loginMs.vesh!.p50 / result.loginMs.bare!.p50).toFixed(2)} (target ≤ 1.3), cold/sshd-warm ${(result.coldLoginMs.p50 / result.loginMs.sshd!.p50).toFixed(2)} (target ≤ 0.75), sftp up ${(sftp.vesh!.upMBs / sftp.sshd!.upMBs).toFixed(2)} down ${(sftp.vesh!.downMBs / sftp.sshd!.downMBs).toFixed(2)} (target ≥ 0.9)`);
+    console.log(`SFTP of ${SFTP_MIB} MiB, MB/s, median of ${SFTP_ROUNDS} interleaved rounds (each round's figure in brackets)`);
+    console.log('                         up                               down');
+    const each = (xs: number[]) => `[${xs.map((x) => x.toFixed(0)).join(' ')}]`.padEnd(22);
+    for (const [k, label] of labels) {
+      console.log(`${label.padEnd(24)} ${f1(sftp[k]!.upMBs)} ${each(rounds[k]!.upMBs)}  ${f1(sftp[k]!.downMBs)} ${each(rounds[k]!.downMBs)}`);
+    }
+    console.log(`ratios: sftp up ${ratio(sftp.vesh!.upMBs, sftp.sshd!.upMBs)} down ${ratio(sftp.vesh!.downMBs, sftp.sshd!.downMBs)} (target ≥ 0.9); bare ssh2/sshd up ${ratio(sftp.bare!.upMBs, sftp.sshd!.upMBs)} down ${ratio(sftp.bare!.downMBs, sftp.sshd!.downMBs)}`);
   } finally {
     await cleanupAll();
   }
