@@ -83,9 +83,8 @@ export function register(program: Command): void {
   });
 
   template.command('remove <name>').description('remove a template no VE uses').action(async (name: string) => {
-    const { config, layout, logger } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
-    const ves = createVeManager(config, logger);
-    await createTemplateStore(config, layout, logger).remove(name, (t) => ves.usersOfTemplate(t));
+    const { config, logger } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
+    await createVeManager(config, logger).removeTemplate(name);
     console.log(`removed template ${name}`);
   });
 }

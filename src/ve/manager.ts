@@ -29,6 +29,8 @@ import {
 /** What the VE layer needs of the template module. */
 export interface TemplateSource {
   get(name: string): Promise<TemplateInfo>;
+  /** Remove a template; `usersOf` names the VEs built on it (any: refused). */
+  remove(name: string, usersOf: (template: string) => Promise<string[]>): Promise<void>;
 }
 
 /** What the VE layer needs of the network module. */
@@ -189,17 +191,28 @@ export class VeManager implements VeAccess {
     return out;
   }
 
+  /**
+   * Remove a template no VE uses. Under the lock creates take, so no create
+   * can pick the template between the check for users and the removal.
+   */
+  async removeTemplate(template: string): Promise<void> {
+    await withLock(this.layout.locksDir, 'create', () => this.templates.remove(template, (t) => this.usersOfTemplate(t)));
+  }
+
   // ---------------------------------------------------------------- create
 
   async create(name: string, opts: CreateOptions = {}): Promise<VeRecord> {
     assertVeName(name);
     const limits = resolveLimits(opts.limits, this.cfg.defaults.limits);
     const templateName = opts.template ?? this.cfg.defaults.template;
-    const template = await this.templates.get(templateName);
+    // Fails early, before the lock wait, when the template is unknown.
+    await this.templates.get(templateName);
     // Address allocation and the record's appearance are one step under a
-    // global lock, so two creates never take one address.
+    // global lock, so two creates never take one address, and a template
+    // cannot be removed (removeTemplate) while a create is using it.
     await this.prepared();
     return withLock(this.layout.locksDir, 'create', () => this.lock(name, async () => {
+      const template = await this.templates.get(templateName);
       const p = this.paths(name);
       if (await readRecord(p.record)) {
         throw new VeshError(ErrorCodes.VE_EXISTS, `VE "${name}" already exists: use "vesh ve start ${name}", or destroy it first`);

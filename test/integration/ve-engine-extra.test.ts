@@ -192,6 +192,42 @@ describe('VE engine: stop, limits, templates, init, seccomp and network rules (b
     }
   });
 
+  it('never lets a create and a template remove that race both succeed: one of them is refused', async () => {
+    const src = path.join(env.dir, 'race-src');
+    const tar = path.join(env.dir, 'race.tar');
+    try {
+      await fs.mkdir(src, { mode: 0o755 });
+      await buildBusyboxRootfs(src);
+      execFileSync('tar', ['--numeric-owner', '-C', src, '-cf', tar, '.']);
+      for (let round = 0; round < 3; round++) {
+        expect(env.cli(['template', 'import', 'bbrace', tar]).code).toBe(0);
+        // The create asks for the template first; the remove comes while it waits for the lock or works.
+        const [created, removed] = await Promise.allSettled([
+          env.ves.create('race', { template: 'bbrace' }),
+          new Promise((r) => setImmediate(r)).then(() => env.ves.removeTemplate('bbrace')),
+        ]);
+        const templates = JSON.parse(env.cli(['template', 'list', '--json']).stdout).map((t: { name: string }) => t.name);
+        if (created.status === 'fulfilled') {
+          expect(removed.status, `round ${round}`).toBe('rejected');
+          expect(String((removed as PromiseRejectedResult).reason)).toMatch(/template "bbrace" is used by 1 VE\(s\) \(race\)/);
+          expect(templates).toContain('bbrace');
+          await env.ves.destroy('race', { force: true });
+          await env.ves.removeTemplate('bbrace');
+        } else {
+          expect(removed.status, `round ${round}`).toBe('fulfilled');
+          expect(String(created.reason)).toMatch(/template "bbrace" does not exist/);
+          expect(templates).not.toContain('bbrace');
+          expect(await env.ves.exists('race')).toBe(false);
+        }
+      }
+    } finally {
+      await env.ves.destroy('race', { force: true }).catch(() => undefined);
+      env.cli(['template', 'remove', 'bbrace'], { allowFailure: true });
+      await fs.rm(src, { recursive: true, force: true });
+      await fs.rm(tar, { force: true });
+    }
+  });
+
   describe('inside one running VE', () => {
     beforeAll(async () => {
       await env.ves.create('box');
