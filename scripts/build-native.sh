@@ -27,7 +27,7 @@ for name in vesh-session vesh-setup vesh-forward; do
     rm -f "$OUT.log"
     exit 1
   fi
-  grep -v -e "in function \`resolve'" -e "Using 'getaddrinfo' in statically linked" "$OUT.log" >&2 || true
+  grep -v -e "in function \`resolve" -e "Using 'getaddrinfo' in statically linked" "$OUT.log" >&2 || true
   rm -f "$OUT.log"
   mv -f "$OUT.tmp" "$OUT"
 done

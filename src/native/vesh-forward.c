@@ -18,7 +18,8 @@
  *
  * Built static (scripts/build-native.sh): the VE may hold no C library. Name
  * resolution uses the static C library's resolver ("files" and "dns", which
- * glibc builds in); literal addresses and "localhost" need none of it.
+ * glibc builds in), in a child process per lookup (see struct connecting);
+ * literal addresses and "localhost" need none of it.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -35,6 +36,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -45,6 +47,7 @@
 #define MAX_CONNECTS 64
 #define LINE_MAX_LEN 4096
 #define CONNECT_TIMEOUT_MS 10000
+#define MAX_ADDRS 16
 
 /* ------------------------------------------------------------ output */
 
@@ -192,10 +195,21 @@ static int parse_req(const char *p, struct req *r) {
 /* ------------------------------------------------------------ sockets */
 
 struct listener { int fd; long id; };
+/*
+ * A connect on its way. A name that is not a literal address is looked up
+ * by a child process (resolving: fd is the pipe it answers on, pid the
+ * child), so a slow or silent DNS server in the VE holds up that connect
+ * only, never the other forwards of the connection; then each address is
+ * tried in turn (connecting: fd is the socket).
+ */
 struct connecting {
   int fd;
+  int resolving;
+  pid_t pid;
   long id;
-  struct addrinfo *ai, *cur; /* the addresses to try, and the one being tried */
+  struct sockaddr_storage addrs[MAX_ADDRS];
+  socklen_t lens[MAX_ADDRS];
+  int naddrs, cur; /* the addresses to try, and the one being tried */
   char host[256];
   long port;
   long long deadline;
@@ -213,12 +227,49 @@ static long long now_ms(void) {
 }
 
 /* Addresses for host:port. "localhost" is the VE's loopback whether or not the VE's /etc/hosts says so. */
-static int resolve(const char *host, long port, int passive, struct addrinfo **out) {
+static int resolve(const char *host, long port, int flags, struct addrinfo **out) {
   char ports[16];
   snprintf(ports, sizeof ports, "%ld", port);
-  struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0) };
+  struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV | flags };
   if (!strcmp(host, "localhost")) host = "127.0.0.1";
   return getaddrinfo(host, ports, &hints, out);
+}
+
+/* Keep up to MAX_ADDRS of a lookup's addresses in c. */
+static void take_addrs(struct connecting *c, const struct addrinfo *ai) {
+  c->naddrs = 0;
+  for (; ai && c->naddrs < MAX_ADDRS; ai = ai->ai_next) {
+    if (ai->ai_addrlen > sizeof c->addrs[0]) continue;
+    memcpy(&c->addrs[c->naddrs], ai->ai_addr, ai->ai_addrlen);
+    c->lens[c->naddrs++] = ai->ai_addrlen;
+  }
+  c->cur = 0;
+}
+
+/*
+ * The resolver child: looks the name up and writes, in one write (less than
+ * PIPE_BUF, so the parent reads it whole), the getaddrinfo result code and
+ * the addresses. It dies with its parent.
+ */
+struct resolved { int gai; int n; socklen_t lens[MAX_ADDRS]; struct sockaddr_storage addrs[MAX_ADDRS]; };
+_Static_assert(sizeof(struct resolved) <= 4096, "one atomic pipe write");
+
+static void resolver_child(int wfd, const char *host, long port) {
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() == 1) _exit(0);
+  /* Nothing of the parent's (the channel, listeners, other connects): the answer goes out on fd 1. */
+  if (dup2(wfd, 1) < 0) _exit(1);
+  close_range(3, ~0U, 0);
+  static struct resolved res;
+  struct addrinfo *ai = NULL;
+  res.gai = resolve(host, port, 0, &ai);
+  for (struct addrinfo *a = ai; !res.gai && a && res.n < MAX_ADDRS; a = a->ai_next) {
+    if (a->ai_addrlen > sizeof res.addrs[0]) continue;
+    memcpy(&res.addrs[res.n], a->ai_addr, a->ai_addrlen);
+    res.lens[res.n++] = a->ai_addrlen;
+  }
+  ssize_t w = write(1, &res, sizeof res);
+  _exit(w == (ssize_t)sizeof res ? 0 : 1);
 }
 
 static void format_addr(const struct sockaddr_storage *ss, char *addr, size_t cap, int *port) {
@@ -237,17 +288,18 @@ static void format_addr(const struct sockaddr_storage *ss, char *addr, size_t ca
 
 static void drop_connect(int i) {
   if (connects[i].fd >= 0) close(connects[i].fd);
-  freeaddrinfo(connects[i].ai);
+  if (connects[i].resolving && connects[i].pid > 0) kill(connects[i].pid, SIGKILL);
   connects[i] = connects[--nconnects];
 }
 
 /* Start a non-blocking connect to the current address, moving on past ones that fail at once. 0: under way; -1: none left (errno). */
 static int connect_next(struct connecting *c) {
   int err = ECONNREFUSED;
-  for (; c->cur; c->cur = c->cur->ai_next) {
-    int fd = socket(c->cur->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  for (; c->cur < c->naddrs; c->cur++) {
+    const struct sockaddr *sa = (const struct sockaddr *)&c->addrs[c->cur];
+    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) { err = errno; continue; }
-    if (connect(fd, c->cur->ai_addr, c->cur->ai_addrlen) == 0 || errno == EINPROGRESS) {
+    if (connect(fd, sa, c->lens[c->cur]) == 0 || errno == EINPROGRESS) {
       c->fd = fd;
       return 0;
     }
@@ -259,38 +311,116 @@ static int connect_next(struct connecting *c) {
   return -1;
 }
 
+static void send_resolve_failed(const struct connecting *c, int gai) {
+  char m[400];
+  snprintf(m, sizeof m, "cannot resolve %s in the VE: %s", c->host, gai_strerror(gai));
+  send_failed(c->id, "ENOTFOUND", m);
+}
+
+/* Addresses known (c->addrs): start connecting, or report and drop entry i. */
+static void start_connecting(int i) {
+  struct connecting *c = &connects[i];
+  c->resolving = 0;
+  if (connect_next(c) < 0) {
+    char what[320];
+    snprintf(what, sizeof what, "connect to %s:%ld", c->host, c->port);
+    send_errno(c->id, errno, what);
+    drop_connect(i);
+  }
+}
+
 static void do_connect(const struct req *r) {
   if (nconnects >= MAX_CONNECTS) {
     send_failed(r->id, "EMFILE", "too many connections being opened at once");
     return;
   }
-  struct connecting *c = &connects[nconnects];
+  int i = nconnects;
+  struct connecting *c = &connects[i];
   memset(c, 0, sizeof *c);
+  c->fd = -1;
   c->id = r->id;
   c->port = r->port;
   snprintf(c->host, sizeof c->host, "%s", r->host);
-  int g = resolve(r->host, r->port, 0, &c->ai);
-  if (g) {
-    char m[400];
-    snprintf(m, sizeof m, "cannot resolve %s in the VE: %s", r->host, gai_strerror(g));
-    send_failed(r->id, "ENOTFOUND", m);
+  c->deadline = now_ms() + CONNECT_TIMEOUT_MS;
+  /* A literal address (or localhost) needs no lookup: straight on. */
+  struct addrinfo *ai = NULL;
+  int g = resolve(r->host, r->port, AI_NUMERICHOST, &ai);
+  if (!g) {
+    take_addrs(c, ai);
+    freeaddrinfo(ai);
+    nconnects++;
+    start_connecting(i);
     return;
   }
-  c->cur = c->ai;
-  c->deadline = now_ms() + CONNECT_TIMEOUT_MS;
-  nconnects++;
-  if (connect_next(c) < 0) {
-    char what[320];
-    snprintf(what, sizeof what, "connect to %s:%ld", c->host, c->port);
-    send_errno(c->id, errno, what);
-    c->fd = -1;
-    drop_connect(nconnects - 1);
+  if (g != EAI_NONAME) {
+    send_resolve_failed(c, g);
+    return;
   }
+  int p[2];
+  if (pipe2(p, O_CLOEXEC) < 0) {
+    send_errno(c->id, errno, "a pipe for the name lookup");
+    return;
+  }
+  pid_t pid = fork();
+  if (pid < 0) {
+    int err = errno;
+    close(p[0]);
+    close(p[1]);
+    send_errno(c->id, err, "a process for the name lookup");
+    return;
+  }
+  if (pid == 0) {
+    close(p[0]);
+    resolver_child(p[1], r->host, r->port);
+  }
+  close(p[1]);
+  c->fd = p[0];
+  c->pid = pid;
+  c->resolving = 1;
+  nconnects++;
+}
+
+/* The resolver child answered (or died): take its addresses and connect. */
+static void finish_resolve(int i) {
+  struct connecting *c = &connects[i];
+  static struct resolved res;
+  ssize_t n = read(c->fd, &res, sizeof res);
+  close(c->fd);
+  c->fd = -1;
+  c->pid = 0; /* gone or going: SIGCHLD is ignored, so the kernel reaps it */
+  if (n != (ssize_t)sizeof res) {
+    send_failed(c->id, "ENOTFOUND", "the name lookup in the VE failed");
+    drop_connect(i);
+    return;
+  }
+  if (res.gai) {
+    send_resolve_failed(c, res.gai);
+    drop_connect(i);
+    return;
+  }
+  c->naddrs = res.n < MAX_ADDRS ? res.n : MAX_ADDRS;
+  for (int k = 0; k < c->naddrs; k++) {
+    c->addrs[k] = res.addrs[k];
+    c->lens[k] = res.lens[k] <= sizeof c->addrs[k] ? res.lens[k] : sizeof c->addrs[k];
+  }
+  c->cur = 0;
+  start_connecting(i);
 }
 
 /* A pending connect became writable (or timed out): report it, or try the next address. */
 static void finish_connect(int i, int timed_out) {
   struct connecting *c = &connects[i];
+  if (c->resolving) {
+    if (!timed_out) {
+      finish_resolve(i);
+      return;
+    }
+    char m[400];
+    snprintf(m, sizeof m, "looking up %s in the VE took longer than %d s", c->host, CONNECT_TIMEOUT_MS / 1000);
+    send_failed(c->id, "ETIMEDOUT", m);
+    drop_connect(i);
+    return;
+  }
   int err = 0;
   socklen_t len = sizeof err;
   if (timed_out) err = ETIMEDOUT;
@@ -302,8 +432,8 @@ static void finish_connect(int i, int timed_out) {
   }
   close(c->fd);
   c->fd = -1;
-  if (!timed_out && c->cur) {
-    c->cur = c->cur->ai_next;
+  if (!timed_out && c->cur < c->naddrs) {
+    c->cur++;
     if (connect_next(c) == 0) return;
   }
   char what[320];
@@ -320,7 +450,7 @@ static void do_listen(const struct req *r) {
     return;
   }
   struct addrinfo *ai = NULL;
-  int g = resolve(r->host, r->port, 1, &ai);
+  int g = resolve(r->host, r->port, AI_PASSIVE, &ai);
   if (g) {
     char m[400];
     snprintf(m, sizeof m, "cannot resolve %s in the VE: %s", r->host, gai_strerror(g));
@@ -398,6 +528,7 @@ int main(void) {
     return 2;
   }
   signal(SIGPIPE, SIG_IGN);
+  signal(SIGCHLD, SIG_IGN); /* name-lookup children are reaped by the kernel */
   prctl(PR_SET_NAME, "vesh-forward"); /* comm, which exec set to "4": a name VE root recognises in ps */
   /* Nothing else of the caller's: the channel, stderr for our own complaints. */
   close_range(4, ~0U, 0);
@@ -416,7 +547,7 @@ int main(void) {
     int np = 0;
     pfd[np++] = (struct pollfd){ .fd = CHAN, .events = POLLIN };
     for (int i = 0; i < nlisteners; i++) pfd[np++] = (struct pollfd){ .fd = listeners[i].fd, .events = POLLIN };
-    for (int i = 0; i < nconnects; i++) pfd[np++] = (struct pollfd){ .fd = connects[i].fd, .events = POLLOUT };
+    for (int i = 0; i < nconnects; i++) pfd[np++] = (struct pollfd){ .fd = connects[i].fd, .events = connects[i].resolving ? POLLIN : POLLOUT };
     long long soonest = -1;
     for (int i = 0; i < nconnects; i++)
       if (soonest < 0 || connects[i].deadline < soonest) soonest = connects[i].deadline;
@@ -429,7 +560,7 @@ int main(void) {
     long long t = now_ms();
     for (int i = nconnects - 1; i >= 0; i--) {
       int k = 1 + nlisteners + i;
-      if (pfd[k].revents & (POLLOUT | POLLERR | POLLHUP)) finish_connect(i, 0);
+      if (pfd[k].revents & (POLLIN | POLLOUT | POLLERR | POLLHUP)) finish_connect(i, 0);
       else if (connects[i].deadline <= t) finish_connect(i, 1);
     }
     for (int i = 0; i < nlisteners && 1 + i < np; i++)

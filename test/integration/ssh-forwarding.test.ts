@@ -150,6 +150,38 @@ describe('vesh serve: port forwarding stays inside the VE', () => {
     await waitFor('the forward helper to exit with its connection', async () => (await forwardHelpers()).length === 0, 10_000);
   });
 
+  it('a name lookup that hangs in the VE holds up only its own -L connection, not the others of that SSH connection', async () => {
+    await waitFor('the earlier connection\'s forward helper to exit', async () => (await forwardHelpers()).length === 0, 10_000);
+    // A DNS server in the VE that never answers, and the VE's resolver pointed at it.
+    const silentDns = `setsid perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalAddr=>"127.0.0.53",LocalPort=>53,Proto=>"udp") or die "bind: $!"; while(1){$s->recv($b,512)}' >/dev/null 2>&1 </dev/null & sleep 0.5; echo started`;
+    expect((await sshWithKey(serve.port, 'alice', key, ['cp /etc/resolv.conf /root/resolv.conf.saved && printf "nameserver 127.0.0.53\\noptions timeout:5 attempts:1\\n" > /etc/resolv.conf'])).code).toBe(0);
+    expect((await sshWithKey(serve.port, 'alice', key, [silentDns])).stdout).toContain('started');
+    try {
+      const [slow, fast] = [await freePort(), await freePort()];
+      const child = sshN(key, 'alice', ['-L', `${slow}:vesh-silent-dns.test:${port}`, '-L', `${fast}:localhost:${port}`]);
+      let got = '';
+      for (let i = 0; i < 60 && got !== 'from-ve\n'; i++) {
+        await new Promise((r) => setTimeout(r, 250));
+        got = await readFrom(fast);
+      }
+      expect(got).toBe('from-ve\n');
+      const events: string[] = [];
+      // The lookup starts, in a child of the helper (a second vesh-forward in the VE), which waits for the silent server.
+      const slowDone = readFrom(slow).then((r) => { events.push(`slow:${r}`); });
+      await waitFor('the lookup child of the forward helper', async () => (await forwardHelpers()).length === 2, 10_000);
+      // Meanwhile another forward of the same connection goes through at once.
+      events.push(`fast:${await readFrom(fast)}`);
+      await slowDone;
+      expect(events).toEqual(['fast:from-ve\n', 'slow:']);
+      // The failed lookup is reported as such, once it gives up.
+      await serve.waitForLog((e) => e.event === 'forward.failed' && /cannot resolve vesh-silent-dns\.test in the VE|looking up vesh-silent-dns\.test in the VE took longer/.test(String(e.err)), 30_000);
+      child.kill();
+      await waitFor('the forward helper and its lookup child to exit', async () => (await forwardHelpers()).length === 0, 10_000);
+    } finally {
+      await sshWithKey(serve.port, 'alice', key, ['cp /root/resolv.conf.saved /etc/resolv.conf; pkill -f "LocalPort=>[5]3"; true']);
+    }
+  });
+
   it('-R listens inside the VE and relays back to the client side', async () => {
     const target = net.createServer((s) => s.end('from-client-side\n'));
     await new Promise<void>((r) => target.listen(0, '127.0.0.1', () => r()));
