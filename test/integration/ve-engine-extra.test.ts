@@ -160,14 +160,21 @@ describe('VE engine: stop, limits, templates, init, seccomp and network rules (b
     }
   });
 
+  /** Where a test's template source tree and tar go. */
+  const paths = (name: string) => ({ src: path.join(env.dir, `${name}-src`), tar: path.join(env.dir, `${name}.tar`) });
+
+  /** A busybox root filesystem with `extra` files in it, packed as a tar for "vesh template import". */
+  async function busyboxTar(src: string, tar: string, extra: Record<string, string> = {}): Promise<void> {
+    await fs.mkdir(src, { mode: 0o755 });
+    await buildBusyboxRootfs(src);
+    for (const [file, text] of Object.entries(extra)) await fs.writeFile(path.join(src, file), text, { mode: 0o644 });
+    execFileSync('tar', ['--numeric-owner', '-C', src, '-cf', tar, '.']);
+  }
+
   it('imports a template from a tar archive ("vesh template import") and runs a VE on it', async () => {
-    const src = path.join(env.dir, 'import-src');
-    const tar = path.join(env.dir, 'rootfs.tar');
+    const { src, tar } = paths('import');
     try {
-      await fs.mkdir(src, { mode: 0o755 });
-      await buildBusyboxRootfs(src);
-      await fs.writeFile(path.join(src, 'etc/imported-by-test'), 'from-the-tar\n', { mode: 0o644 });
-      execFileSync('tar', ['--numeric-owner', '-C', src, '-cf', tar, '.']);
+      await busyboxTar(src, tar, { 'etc/imported-by-test': 'from-the-tar\n' });
       const imp = env.cli(['template', 'import', 'bbimp', tar]);
       expect(imp.code).toBe(0);
       const list = JSON.parse(env.cli(['template', 'list', '--json']).stdout) as Array<{ name: string; stopSignal: string }>;
@@ -193,12 +200,9 @@ describe('VE engine: stop, limits, templates, init, seccomp and network rules (b
   });
 
   it('never lets a create and a template remove that race both succeed: one of them is refused', async () => {
-    const src = path.join(env.dir, 'race-src');
-    const tar = path.join(env.dir, 'race.tar');
+    const { src, tar } = paths('race');
     try {
-      await fs.mkdir(src, { mode: 0o755 });
-      await buildBusyboxRootfs(src);
-      execFileSync('tar', ['--numeric-owner', '-C', src, '-cf', tar, '.']);
+      await busyboxTar(src, tar);
       for (let round = 0; round < 3; round++) {
         expect(env.cli(['template', 'import', 'bbrace', tar]).code).toBe(0);
         // The create asks for the template first; the remove comes while it waits for the lock or works.
