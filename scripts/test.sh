@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `npm test`: the whole suite on a fresh Debian machine. Installs what the
 # tests drive (runc, OpenSSH client and server, sshpass, …) when missing,
-# installs npm dependencies, compiles, then runs vitest (unit tests and the
+# installs npm dependencies, compiles, type-checks the tests and benches,
+# then runs vitest (unit tests and the
 # real-VE, real-OpenSSH integration tests). Extra arguments go to vitest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,4 +11,6 @@ cd "$ROOT"
 source scripts/ensure-system.sh
 ensure_system test
 ensure_node_modules "$ROOT"
+# vitest strips types without checking them: check the tests and benches first.
+./node_modules/.bin/tsc -p test/tsconfig.json
 exec ./node_modules/.bin/vitest run "$@"

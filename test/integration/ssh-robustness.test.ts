@@ -92,7 +92,7 @@ describe('vesh serve: robustness with real VEs', () => {
   async function ssh2Client(user: string, key: ClientKey): Promise<Client> {
     const c = new Client();
     c.on('error', () => undefined);
-    cleanup.add(() => c.end());
+    cleanup.add(() => { c.end(); });
     await new Promise<void>((resolve, reject) => {
       c.once('ready', () => resolve());
       c.once('error', reject);
@@ -148,7 +148,7 @@ describe('vesh serve: robustness with real VEs', () => {
       // Before login: an identification line, then a packet length far over ssh2's 35000-byte limit.
       const raw = net.connect({ port: serve.port, host: '127.0.0.1', localAddress: '127.0.0.50' });
       raw.on('error', () => undefined);
-      cleanup.add(() => raw.destroy());
+      cleanup.add(() => { raw.destroy(); });
       raw.once('data', () => {
         const header = Buffer.alloc(8);
         header.writeUInt32BE(0x00100000, 0);

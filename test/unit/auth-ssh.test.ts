@@ -219,7 +219,7 @@ describe('per-source penalties for connections that never log in (real Authentic
 
   const garbageFrom = (local: string) => new Promise<void>((resolve) => {
     const s = net.connect({ port: srv.port, host: '127.0.0.1', localAddress: local }, () => s.write('NOT SSH AT ALL\r\n\r\n'));
-    cleanup.add(() => s.destroy());
+    cleanup.add(() => { s.destroy(); });
     s.on('error', () => resolve());
     s.on('close', () => resolve());
     s.resume();

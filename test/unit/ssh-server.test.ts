@@ -176,7 +176,7 @@ describe('SSH server (OpenSSH client, host-fake VEs)', () => {
   function connectFrom(local: string): net.Socket {
     const s = net.connect({ port: srv.port, host: '127.0.0.1', localAddress: local });
     s.on('error', () => undefined);
-    cleanup.add(() => s.destroy());
+    cleanup.add(() => { s.destroy(); });
     return s;
   }
   const closed = (s: net.Socket) => new Promise<void>((r) => (s.destroyed ? r() : s.once('close', () => r())));
