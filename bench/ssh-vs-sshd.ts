@@ -285,7 +285,12 @@ async function main(): Promise<void> {
       for (const k of ['vesh', 'sshd', 'bare'] as const) {
         const t = targets[k]!;
         const remote = `${t.remoteDir}/payload`;
+        // Each transfer starts with no dirty data of an earlier one: without
+        // the sync, the kernel writes a finished upload back some 30 s later,
+        // in the middle of whichever transfer runs then (untimed).
+        execFileSync('sync');
         const up = await sftpTransfer(dir, t, `put ${src} ${remote}\n`);
+        execFileSync('sync');
         const down = await sftpTransfer(dir, t, `get ${remote} ${dir}/down\nrm ${remote}\n`);
         await fs.rm(path.join(dir, 'down'), { force: true });
         rounds[k]!.upMBs.push(mb / (up / 1000));
