@@ -2,6 +2,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import ssh2 from 'ssh2';
+import { generateKeyPair } from './keygen.js';
 import type { Logger } from '../audit/logger.js';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 
@@ -42,7 +43,7 @@ const KEY_SPECS: KeySpec[] = [
  * admin's problem to fix, not ours to paper over by replacing the server's
  * identity).
  *
- * Keys are generated with ssh2's utils.generateKeyPairSync rather than by
+ * Keys are generated with ssh2's utils.generateKeyPairSync (see keygen.ts) rather than by
  * running ssh-keygen: the server then needs no OpenSSH binaries on the host,
  * and the library that will parse the key is the one that wrote it. The
  * files are standard "OPENSSH PRIVATE KEY" files that ssh-keygen reads
@@ -83,9 +84,7 @@ async function readIfExists(file: string): Promise<Buffer | null> {
  * overwrite each other's key, and nobody ever sees a half-written file.
  */
 async function createKeyFile(file: string, spec: KeySpec): Promise<void> {
-  const pair = spec.type === 'rsa'
-    ? utils.generateKeyPairSync('rsa', { bits: spec.bits ?? 3072, comment: 'vesh host key' })
-    : utils.generateKeyPairSync('ed25519', { comment: 'vesh host key' });
+  const pair = generateKeyPair(spec.type === 'rsa' ? 'rsa' : 'ed25519', { bits: spec.bits, comment: 'vesh host key' });
   const tmp = `${file}.${randomBytes(6).toString('hex')}.tmp`;
   await fs.writeFile(tmp, pair.private, { mode: 0o600, flag: 'wx' });
   try {

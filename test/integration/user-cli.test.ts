@@ -4,8 +4,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import argon2 from 'argon2';
-import ssh2 from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { generateKeyPair } from '../../src/ssh/keygen.js';
 
 /**
  * `vesh user …` and `vesh hash-password` as an admin runs them: the built
@@ -60,7 +60,7 @@ const ORIGINAL = [
   '',
 ].join('\n');
 
-const key = ssh2.utils.generateKeyPairSync('ed25519', { comment: 'bob@laptop' });
+const key = generateKeyPair('ed25519', { comment: 'bob@laptop' });
 
 beforeAll(() => {
   ensureBuilt();

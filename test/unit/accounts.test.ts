@@ -1,13 +1,12 @@
-import ssh2 from 'ssh2';
 import { describe, expect, it } from 'vitest';
 import { compileSourcePatterns, isArgon2Phc, parseAccounts, parseAuthorizedKeyLine } from '../../src/config/accounts.js';
 import { isVeshError } from '../../src/errors.js';
 import { sourceAllowed } from '../../src/auth/source-match.js';
+import { generateKeyPair } from '../../src/ssh/keygen.js';
 
-const { utils } = ssh2;
 
-const ed = utils.generateKeyPairSync('ed25519', { comment: 'alice@laptop' }).public;
-const ecdsa = utils.generateKeyPairSync('ecdsa', { bits: 384 }).public;
+const ed = generateKeyPair('ed25519', { comment: 'alice@laptop' }).public;
+const ecdsa = generateKeyPair('ecdsa', { bits: 384 }).public;
 const edBlob = Buffer.from(ed.split(' ')[1]!, 'base64');
 /** A PHC string of the shape node-argon2 writes (m,p,t) and one in the spec's order. */
 const HASH = '$argon2id$v=19$m=65536,p=4,t=3$3++FYTFh+cXYxHfdfquBdg$V0aFPC1DsbQSwsLsxd94iYJxt3dZGiNXitfwuGNx8og';

@@ -11,6 +11,7 @@ import { sourceBlock } from '../../src/auth/source-match.js';
 import type { SshAuthenticator } from '../../src/ssh/ports.js';
 import { parseAuthorizedKeyLine, type Account } from '../../src/config/accounts.js';
 import type { AccountSource } from '../../src/config/accounts-store.js';
+import { generateKeyPair } from '../../src/ssh/keygen.js';
 
 const { utils } = ssh2;
 
@@ -156,9 +157,9 @@ describe('passwords', () => {
 });
 
 describe('public keys', () => {
-  const ed = utils.generateKeyPairSync('ed25519');
-  const rsa = utils.generateKeyPairSync('rsa', { bits: 2048 });
-  const other = utils.generateKeyPairSync('ed25519');
+  const ed = generateKeyPair('ed25519');
+  const rsa = generateKeyPair('rsa', { bits: 2048 });
+  const other = generateKeyPair('ed25519');
   const blobOf = (pub: string) => Buffer.from(pub.split(' ')[1]!, 'base64');
 
   function setup(lines: string[], extra: Partial<Account> = {}) {
@@ -174,7 +175,7 @@ describe('public keys', () => {
     expect(found?.key.options.noPty).toBe(true);
     expect(auth.findKey('alice', 'ssh-rsa', blobOf(ed.public), '192.0.2.1')).toBeNull();
     expect(auth.findKey('bob', 'ssh-ed25519', blobOf(ed.public), '192.0.2.1')).toBeNull();
-    expect(auth.findKey('alice', 'ssh-ed25519', blobOf(utils.generateKeyPairSync('ed25519').public), '192.0.2.1')).toBeNull();
+    expect(auth.findKey('alice', 'ssh-ed25519', blobOf(generateKeyPair('ed25519').public), '192.0.2.1')).toBeNull();
   });
 
   it('finds nothing for a locked account', () => {
