@@ -4,7 +4,6 @@ import { isVeshError } from '../../src/errors.js';
 import { sourceAllowed } from '../../src/auth/source-match.js';
 import { generateKeyPair } from '../../src/ssh/keygen.js';
 
-
 const ed = generateKeyPair('ed25519', { comment: 'alice@laptop' }).public;
 const ecdsa = generateKeyPair('ecdsa', { bits: 384 }).public;
 const edBlob = Buffer.from(ed.split(' ')[1]!, 'base64');
