@@ -195,6 +195,8 @@ static int parse_req(const char *p, struct req *r) {
 /* ------------------------------------------------------------ sockets */
 
 struct listener { int fd; long id; };
+/* Up to MAX_ADDRS addresses of one lookup, in its order. */
+struct addrs { int n; socklen_t lens[MAX_ADDRS]; struct sockaddr_storage a[MAX_ADDRS]; };
 /*
  * A connect on its way. A name that is not a literal address is looked up
  * by a child process (resolving: fd is the pipe it answers on, pid the
@@ -207,9 +209,8 @@ struct connecting {
   int resolving;
   pid_t pid;
   long id;
-  struct sockaddr_storage addrs[MAX_ADDRS];
-  socklen_t lens[MAX_ADDRS];
-  int naddrs, cur; /* the addresses to try, and the one being tried */
+  struct addrs addrs; /* the addresses to try */
+  int cur;            /* and the one being tried */
   char host[256];
   long port;
   long long deadline;
@@ -235,15 +236,14 @@ static int resolve(const char *host, long port, int flags, struct addrinfo **out
   return getaddrinfo(host, ports, &hints, out);
 }
 
-/* Keep up to MAX_ADDRS of a lookup's addresses in c. */
-static void take_addrs(struct connecting *c, const struct addrinfo *ai) {
-  c->naddrs = 0;
-  for (; ai && c->naddrs < MAX_ADDRS; ai = ai->ai_next) {
-    if (ai->ai_addrlen > sizeof c->addrs[0]) continue;
-    memcpy(&c->addrs[c->naddrs], ai->ai_addr, ai->ai_addrlen);
-    c->lens[c->naddrs++] = ai->ai_addrlen;
+/* Keep up to MAX_ADDRS of a lookup's addresses. */
+static void take_addrs(struct addrs *out, const struct addrinfo *ai) {
+  out->n = 0;
+  for (; ai && out->n < MAX_ADDRS; ai = ai->ai_next) {
+    if (ai->ai_addrlen > sizeof out->a[0]) continue;
+    memcpy(&out->a[out->n], ai->ai_addr, ai->ai_addrlen);
+    out->lens[out->n++] = ai->ai_addrlen;
   }
-  c->cur = 0;
 }
 
 /*
@@ -251,7 +251,7 @@ static void take_addrs(struct connecting *c, const struct addrinfo *ai) {
  * PIPE_BUF, so the parent reads it whole), the getaddrinfo result code and
  * the addresses. It dies with its parent.
  */
-struct resolved { int gai; int n; socklen_t lens[MAX_ADDRS]; struct sockaddr_storage addrs[MAX_ADDRS]; };
+struct resolved { int gai; struct addrs addrs; };
 _Static_assert(sizeof(struct resolved) <= 4096, "one atomic pipe write");
 
 static void resolver_child(int wfd, const char *host, long port) {
@@ -263,11 +263,7 @@ static void resolver_child(int wfd, const char *host, long port) {
   static struct resolved res;
   struct addrinfo *ai = NULL;
   res.gai = resolve(host, port, 0, &ai);
-  for (struct addrinfo *a = ai; !res.gai && a && res.n < MAX_ADDRS; a = a->ai_next) {
-    if (a->ai_addrlen > sizeof res.addrs[0]) continue;
-    memcpy(&res.addrs[res.n], a->ai_addr, a->ai_addrlen);
-    res.lens[res.n++] = a->ai_addrlen;
-  }
+  if (!res.gai) take_addrs(&res.addrs, ai);
   ssize_t w = write(1, &res, sizeof res);
   _exit(w == (ssize_t)sizeof res ? 0 : 1);
 }
@@ -295,11 +291,11 @@ static void drop_connect(int i) {
 /* Start a non-blocking connect to the current address, moving on past ones that fail at once. 0: under way; -1: none left (errno). */
 static int connect_next(struct connecting *c) {
   int err = ECONNREFUSED;
-  for (; c->cur < c->naddrs; c->cur++) {
-    const struct sockaddr *sa = (const struct sockaddr *)&c->addrs[c->cur];
+  for (; c->cur < c->addrs.n; c->cur++) {
+    const struct sockaddr *sa = (const struct sockaddr *)&c->addrs.a[c->cur];
     int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) { err = errno; continue; }
-    if (connect(fd, sa, c->lens[c->cur]) == 0 || errno == EINPROGRESS) {
+    if (connect(fd, sa, c->addrs.lens[c->cur]) == 0 || errno == EINPROGRESS) {
       c->fd = fd;
       return 0;
     }
@@ -346,7 +342,7 @@ static void do_connect(const struct req *r) {
   struct addrinfo *ai = NULL;
   int g = resolve(r->host, r->port, AI_NUMERICHOST, &ai);
   if (!g) {
-    take_addrs(c, ai);
+    take_addrs(&c->addrs, ai);
     freeaddrinfo(ai);
     nconnects++;
     start_connecting(i);
@@ -398,11 +394,10 @@ static void finish_resolve(int i) {
     drop_connect(i);
     return;
   }
-  c->naddrs = res.n < MAX_ADDRS ? res.n : MAX_ADDRS;
-  for (int k = 0; k < c->naddrs; k++) {
-    c->addrs[k] = res.addrs[k];
-    c->lens[k] = res.lens[k] <= sizeof c->addrs[k] ? res.lens[k] : sizeof c->addrs[k];
-  }
+  c->addrs = res.addrs;
+  if (c->addrs.n < 0 || c->addrs.n > MAX_ADDRS) c->addrs.n = 0;
+  for (int k = 0; k < c->addrs.n; k++)
+    if (c->addrs.lens[k] > sizeof c->addrs.a[k]) c->addrs.lens[k] = sizeof c->addrs.a[k];
   c->cur = 0;
   start_connecting(i);
 }
@@ -432,7 +427,7 @@ static void finish_connect(int i, int timed_out) {
   }
   close(c->fd);
   c->fd = -1;
-  if (!timed_out && c->cur < c->naddrs) {
+  if (!timed_out && c->cur < c->addrs.n) {
     c->cur++;
     if (connect_next(c) == 0) return;
   }
