@@ -8,6 +8,7 @@ import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from './
 /** Process specs for `runc exec --process` (see execCommand), and how long one is kept. */
 const PROCESS_FILE_PREFIX = 'exec-process-';
 const PROCESS_FILE_TTL_MS = 5 * 60_000;
+const PROCESS_FILE_SWEEP_MS = 60_000;
 
 /**
  * runc, driven through its command line. State lives under `root` (a tmpfs
@@ -20,6 +21,8 @@ export class RuncRuntime implements ContainerRuntime {
   /** Container id → bundle dir, as create/run or `runc state` said. */
   private readonly bundles = new Map<string, string>();
   private processFiles = 0;
+  /** Bundle dir → when its old process files were last looked for. */
+  private readonly swept = new Map<string, number>();
 
   constructor(private readonly binary: string, private readonly root: string) {}
 
@@ -117,6 +120,8 @@ export class RuncRuntime implements ContainerRuntime {
   }
 
   async delete(id: string, force = false): Promise<void> {
+    const bundle = this.bundles.get(id);
+    if (bundle) this.swept.delete(bundle);
     this.bundles.delete(id);
     const res = await this.runc(['delete', ...(force ? ['--force'] : []), id], { allowFailure: true });
     if (res.code !== 0 && !/does not exist|not found/i.test(res.stderr)) {
@@ -156,8 +161,9 @@ export class RuncRuntime implements ContainerRuntime {
    * The process spec `runc exec` would build from its flags (the bundle's
    * process with our argv, user, cwd and env laid over it), plus the console
    * size, written beside the bundle's config. runc reads it when it starts;
-   * files older than PROCESS_FILE_TTL_MS are removed as new ones are written,
-   * and all of them with the bundle.
+   * files older than PROCESS_FILE_TTL_MS are removed as new ones are written
+   * (looked for at most once a minute per bundle, so a busy VE's logins do
+   * not each read the whole directory), and all of them with the bundle.
    */
   private async writeProcessFile(id: string, spec: ExecSpec): Promise<string> {
     const bundle = await this.bundleOf(id);
@@ -179,7 +185,11 @@ export class RuncRuntime implements ContainerRuntime {
     };
     const file = path.join(bundle, `${PROCESS_FILE_PREFIX}${process.pid}-${Date.now()}-${++this.processFiles}.json`);
     await fs.writeFile(file, JSON.stringify(proc), { mode: 0o600 });
-    void this.removeOldProcessFiles(bundle);
+    const now = Date.now();
+    if (now - (this.swept.get(bundle) ?? 0) >= PROCESS_FILE_SWEEP_MS) {
+      this.swept.set(bundle, now);
+      void this.removeOldProcessFiles(bundle);
+    }
     return file;
   }
 
