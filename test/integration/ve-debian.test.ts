@@ -82,7 +82,9 @@ describe('a VE on the Debian template', () => {
 
   it('runs tmux and screen sessions', async () => {
     expect((await sh(env, 'deb1', 'tmux new -d -s t "sleep 60" && tmux ls')).stdout).toMatch(/^t: 1 windows/);
-    expect((await sh(env, 'deb1', 'screen -dmS s sleep 60 && screen -ls', { allowFailure: true })).stdout).toMatch(/\.s\s/);
+    // screen -dm returns before its daemon has made the session socket: wait for it (up to 10 s).
+    const screen = 'screen -dmS s sleep 60 && for i in $(seq 100); do screen -ls | grep -q "\\.s[[:space:]]" && break; sleep 0.1; done; screen -ls';
+    expect((await sh(env, 'deb1', screen, { allowFailure: true })).stdout).toMatch(/\.s\s/);
     await sh(env, 'deb1', 'tmux kill-server; screen -S s -X quit', { allowFailure: true });
   });
 
