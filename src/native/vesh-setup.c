@@ -71,9 +71,34 @@ static long parse_num(const char *s, const char *what) {
 
 /* ------------------------------------------------------------------ mount */
 
-static void make_owned_dir(const char *dir, uid_t owner) {
-  if (mkdir(dir, 0755) != 0 && errno != EEXIST) die("mkdir %s: %s", dir, strerror(errno));
-  if (chown(dir, owner, owner) != 0) die("chown %s: %s", dir, strerror(errno));
+/*
+ * The name of PATH inside PARENT when PATH is PARENT/NAME (one component),
+ * so that it can be reached from PARENT's descriptor; anything else is a
+ * caller's mistake.
+ */
+static const char *child_name(const char *parent, const char *path) {
+  size_t n = strlen(parent);
+  const char *name = path + n + 1;
+  if (strncmp(path, parent, n) != 0 || path[n] != '/' || *name == '\0' || strchr(name, '/') || strcmp(name, ".") == 0 || strcmp(name, "..") == 0) {
+    die("%s must be a direct child of %s", path, parent);
+  }
+  return name;
+}
+
+/*
+ * Directory NAME in the directory open as PARENT (PATH for messages), made
+ * if missing, and given to OWNER unless OWNER is (uid_t)-1; returns its
+ * descriptor. The image root belongs to VE root, so a host process with
+ * that uid could plant a symlink here: the entry is opened with O_NOFOLLOW
+ * and chowned through the descriptor, so a link is refused, never followed
+ * (chown(2) by path would hand its target to VE root).
+ */
+static int owned_dir_at(int parent, const char *path, const char *name, uid_t owner) {
+  if (mkdirat(parent, name, 0755) != 0 && errno != EEXIST) die("mkdir %s: %s", path, strerror(errno));
+  int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) die("open %s: %s (it must be a directory, not a symlink: remove it while the VE is stopped)", path, strerror(errno));
+  if (owner != (uid_t)-1 && fchown(fd, owner, owner) != 0) die("chown %s: %s", path, strerror(errno));
+  return fd;
 }
 
 /*
@@ -138,36 +163,52 @@ static int cmd_mount(int argc, char **argv) {
   if (strcmp(image, "-") != 0) {
     char dev[64];
     int loop = attach_loop(image, dev, sizeof dev);
-    if (mount(dev, priv, "ext4", MS_NOATIME | MS_NODEV, NULL) != 0) {
+    /* nosuid, nodev: VE root makes the files on it; a setuid file or a device node made there must give a host user nothing. */
+    if (mount(dev, priv, "ext4", MS_NOATIME | MS_NODEV | MS_NOSUID, NULL) != 0) {
       int err = errno;
       close(loop); /* autoclear frees the device with its last user */
       die("mount %s (%s) on %s: %s", image, dev, priv, strerror(err));
     }
     close(loop);
   }
-  make_owned_dir(upper, root);
-  if (mkdir(work, 0755) != 0 && errno != EEXIST) die("mkdir %s: %s", work, strerror(errno));
-  make_owned_dir(ctl, root);
+  int privfd = open(priv, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (privfd < 0) die("open %s: %s", priv, strerror(errno));
+  int upperfd = owned_dir_at(privfd, upper, child_name(priv, upper), root);
+  int workfd = owned_dir_at(privfd, work, child_name(priv, work), (uid_t)-1);
+  int ctlfd = owned_dir_at(privfd, ctl, child_name(priv, ctl), root);
+  close(privfd);
   if (strcmp(marker, "-") != 0) {
     /* Written by VE root: whatever it is (file, symlink, directory), only the entry goes. */
-    int dir = open(ctl, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (dir < 0) die("open %s: %s", ctl, strerror(errno));
-    if (unlinkat(dir, marker, 0) != 0 && errno != ENOENT && !(errno == EISDIR && unlinkat(dir, marker, AT_REMOVEDIR) == 0)) {
+    if (unlinkat(ctlfd, marker, 0) != 0 && errno != ENOENT && !(errno == EISDIR && unlinkat(ctlfd, marker, AT_REMOVEDIR) == 0)) {
       die("cannot remove %s/%s (made inside the VE as /run/vesh/%s): %s; remove it, then start again", ctl, marker, marker, strerror(errno));
     }
-    close(dir);
   }
+  close(ctlfd);
   if (mkdir(rootfs, 0755) != 0 && errno != EEXIST) die("mkdir %s: %s", rootfs, strerror(errno));
   if (strcmp(lower, "-") != 0) {
-    char opts[4096];
-    int n = snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s", lower, upper, work);
-    if (n < 0 || (size_t)n >= sizeof opts) die("overlay options too long");
-    if (mount("overlay", rootfs, "overlay", 0, opts) != 0) die("mount overlay on %s: %s", rootfs, strerror(errno));
+    /*
+     * The layers by descriptor (/proc/self/fd/N): upper and work are the
+     * directories just opened without following links, and the options the
+     * kernel keeps, which the VE reads in its /proc/self/mountinfo, name no
+     * host path. nosuid, nodev: see the image mount above.
+     */
+    int lowerfd = open(lower, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (lowerfd < 0) die("open %s: %s", lower, strerror(errno));
+    char opts[128];
+    snprintf(opts, sizeof opts, "lowerdir=/proc/self/fd/%d,upperdir=/proc/self/fd/%d,workdir=/proc/self/fd/%d", lowerfd, upperfd, workfd);
+    if (mount("overlay", rootfs, "overlay", MS_NOSUID | MS_NODEV, opts) != 0) die("mount overlay of %s on %s: %s", lower, rootfs, strerror(errno));
+    close(lowerfd);
   }
+  close(upperfd);
+  close(workfd);
   if (then) {
     if (console) {
-      int fd = open(console, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+      /* On the VE's disk: never follow a link or wait on a FIFO planted there; only a regular file will do. */
+      int fd = open(console, O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
       if (fd < 0) die("open %s: %s", console, strerror(errno));
+      struct stat st;
+      if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s is not a regular file: remove it, then start again", console);
+      if (ftruncate(fd, 0) != 0 || fcntl(fd, F_SETFL, 0) != 0) die("console %s: %s", console, strerror(errno));
       int err = dup(2); /* our own stderr, for an exec failure */
       if (err < 0 || fcntl(err, F_SETFD, FD_CLOEXEC) != 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) die("console %s: %s", console, strerror(errno));
       close(fd);
