@@ -44,19 +44,47 @@ export function makeLayout(dataDir: string): Layout {
 }
 
 /**
- * Make dataDir and ves/ traversable by everyone (mode 0711, not listable):
- * runc's init runs as the VE's unprivileged host uid while it mounts the
- * VE's rootfs, so every directory above a VE must let that uid pass.
+ * Mode of the directories that hold VE trees (dataDir, ves/, ves/NAME/):
+ * owner root, group the VEs' host gid (VE root's), 0710. runc's init runs
+ * as VE root's unprivileged host uid/gid while it mounts the VE's rootfs
+ * and /run/vesh, so that group must pass through; no other host user may,
+ * so none can reach a file VE root made (a setuid copy of a shell, say).
  */
-export async function prepareDataDir(layout: Layout): Promise<void> {
+export const VE_TREE_DIR_MODE = 0o710;
+
+/**
+ * Give `dir` (made by us, root's) owner root, group `veGid` and mode
+ * VE_TREE_DIR_MODE when it has anything else: a data dir from an older
+ * vesh (0711, any user could pass) is fixed at its next use.
+ */
+export async function secureVeTreeDir(dir: string, veGid: number): Promise<void> {
+  const st = await fs.lstat(dir);
+  if (!st.isDirectory()) {
+    throw new VeshError(ErrorCodes.CONFIG_INVALID, `${dir} is not a directory (a symlink or a file is there): vesh keeps VE trees in it; move that away`);
+  }
+  if (st.uid !== 0 || st.gid !== veGid) await fs.lchown(dir, 0, veGid);
+  if ((st.mode & 0o7777) !== VE_TREE_DIR_MODE) await fs.chmod(dir, VE_TREE_DIR_MODE);
+}
+
+/**
+ * Make dataDir and ves/ (see VE_TREE_DIR_MODE) and templates/ (root only:
+ * the overlay reads its lower layer with the mounting process's, root's,
+ * credentials, and a template's setuid files belong to VE root's host uid,
+ * so no other host user may reach them either).
+ */
+export async function prepareDataDir(layout: Layout, veGid: number): Promise<void> {
   await assertAncestorsSearchable(layout.dataDir);
   for (const d of [layout.dataDir, layout.vesDir]) {
-    await fs.mkdir(d, { recursive: true, mode: 0o711 });
-    const st = await fs.stat(d);
-    if ((st.mode & 0o011) !== 0o011) await fs.chmod(d, (st.mode & 0o7777) | 0o011);
+    await fs.mkdir(d, { recursive: true, mode: VE_TREE_DIR_MODE });
+    await secureVeTreeDir(d, veGid);
   }
+  const templates = await fs.lstat(layout.templatesDir).catch(() => null);
+  if (templates?.isDirectory() && (templates.mode & 0o077) !== 0) await fs.chmod(layout.templatesDir, TEMPLATES_DIR_MODE);
   await fs.mkdir(layout.locksDir, { recursive: true, mode: 0o700 });
 }
+
+/** templates/ and every template's directory: root only (see prepareDataDir). */
+export const TEMPLATES_DIR_MODE = 0o700;
 
 /**
  * Every directory above dataDir must be searchable by others: the VE's init

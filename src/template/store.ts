@@ -5,7 +5,7 @@ import { z } from 'zod';
 import type { Logger } from '../audit/logger.js';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import { run } from '../system/exec.js';
-import type { Layout } from '../system/layout.js';
+import { TEMPLATES_DIR_MODE, type Layout } from '../system/layout.js';
 import { buildBusyboxRootfs } from './busybox.js';
 import { buildDebianRootfs } from './debian.js';
 import { shiftOwnership, treeSize } from './shift.js';
@@ -164,9 +164,11 @@ export class TemplateStore {
     if (await fs.lstat(final).catch(() => null)) {
       throw new VeshError(ErrorCodes.TEMPLATE_EXISTS, `template "${name}" already exists: remove it first ("vesh template remove ${name}") or choose another name`);
     }
-    await fs.mkdir(this.layout.templatesDir, { recursive: true, mode: 0o711 });
+    // Root only (see prepareDataDir): a template's setuid files belong to VE root's host uid.
+    await fs.mkdir(this.layout.templatesDir, { recursive: true, mode: TEMPLATES_DIR_MODE });
+    await fs.chmod(this.layout.templatesDir, TEMPLATES_DIR_MODE);
     const tmp = path.join(this.layout.templatesDir, `.build-${name}-${randomBytes(4).toString('hex')}`);
-    await fs.mkdir(tmp, { mode: 0o711 });
+    await fs.mkdir(tmp, { mode: TEMPLATES_DIR_MODE });
     try {
       const rootfs = path.join(tmp, 'rootfs');
       const { init, stopSignal } = await make(rootfs);
