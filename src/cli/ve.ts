@@ -44,19 +44,41 @@ function exitCodeOf(code: number | null, signal: NodeJS.Signals | null): number 
   return 128 + n;
 }
 
-/** Run a host command that enters the VE with our own stdio, and pass its exit status through. */
-function runAttached(file: string, args: string[]): Promise<number> {
+/**
+ * Run a host command that enters the VE, and pass its exit status through.
+ * With a terminal, runc makes a pty inside the VE and relays it to ours. Without
+ * one, runc would hand our own descriptors to the process in the VE: when
+ * they are the admin's terminal (`vesh ve exec … | less` leaves stdin on
+ * it), VE root could keep them and read keystrokes or write escapes. So the
+ * process gets pipes, and we copy bytes between them and our stdio.
+ */
+function runAttached(file: string, args: string[], tty: boolean): Promise<number> {
   return new Promise((resolve, reject) => {
-    const child = spawn(file, args, { stdio: 'inherit' });
+    const child = spawn(file, args, { stdio: tty ? 'inherit' : ['pipe', 'pipe', 'pipe'] });
     // The terminal's Ctrl-C goes to the process in the VE (through runc's
     // terminal); we only wait for it.
     const ignore = () => undefined;
     process.on('SIGINT', ignore);
     process.on('SIGQUIT', ignore);
+    let relayIn: (() => void) | null = null;
+    if (!tty) {
+      const stdin = child.stdin!;
+      stdin.on('error', () => undefined); // the process may exit without reading its input
+      child.stdout!.pipe(process.stdout);
+      child.stderr!.pipe(process.stderr);
+      process.stdin.pipe(stdin);
+      relayIn = () => {
+        process.stdin.unpipe(stdin);
+        // Our stdin no longer keeps the CLI alive once the process has ended.
+        process.stdin.pause();
+        process.stdin.destroy();
+      };
+    }
     child.on('error', reject);
     child.on('close', (code, signal) => {
       process.off('SIGINT', ignore);
       process.off('SIGQUIT', ignore);
+      relayIn?.();
       resolve(exitCodeOf(code, signal));
     });
   });
@@ -148,7 +170,7 @@ export function register(program: Command): void {
         argv, uid: 0, gid: 0, tty, cwd: '/', ...terminalSize(tty),
         env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', HOME: '/root', ...(tty && process.env.TERM ? { TERM: process.env.TERM } : {}) },
       });
-      process.exitCode = await runAttached(cmd.file, cmd.args);
+      process.exitCode = await runAttached(cmd.file, cmd.args, tty);
     });
 
   ve.command('enter <name>').description('interactive root shell in a VE (like vzctl enter); starts it if stopped')
@@ -169,7 +191,7 @@ export function register(program: Command): void {
           TERM: process.env.TERM ?? 'xterm', ...(process.env.LANG ? { LANG: process.env.LANG } : {}),
         },
       });
-      process.exitCode = await runAttached(cmd.file, cmd.args);
+      process.exitCode = await runAttached(cmd.file, cmd.args, tty);
     });
 }
 

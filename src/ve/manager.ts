@@ -10,9 +10,9 @@ import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from '..
 import type { VeNetIdentity } from '../net/types.js';
 import type { TemplateInfo } from '../template/types.js';
 import { run } from '../system/exec.js';
-import { prepareDataDir, type Layout } from '../system/layout.js';
+import { VE_TREE_DIR_MODE, prepareDataDir, secureVeTreeDir, type Layout } from '../system/layout.js';
 import { raiseKeyQuotas } from '../system/host-tuning.js';
-import { forwardHelperPath } from '../system/native-helpers.js';
+import { forwardHelperPath, forwardRelayPath } from '../system/native-helpers.js';
 import { processStartTime } from '../system/proc.js';
 import { withRevert } from '../system/revert.js';
 import type { VeAccess, VeProcessSpec, VeUserInfo } from './access.js';
@@ -148,7 +148,7 @@ export class VeManager implements VeAccess {
 
   private preparing: Promise<void> | null = null;
   private prepared(): Promise<void> {
-    this.preparing ??= prepareDataDir(this.layout).then(() => raiseKeyQuotas(this.log));
+    this.preparing ??= prepareDataDir(this.layout, this.cfg.runtime.idmapBase).then(() => raiseKeyQuotas(this.log));
     return this.preparing;
   }
 
@@ -234,9 +234,10 @@ export class VeManager implements VeAccess {
       };
       // Whichever step runs out of host disk (directory, image, identity files, record), the message names that disk.
       await withRevert(async (r) => {
-        // Traversable (not readable) by the VE's unprivileged host uid: runc's init
-        // runs as that uid when it bind-mounts the rootfs and /run/vesh.
-        await fs.mkdir(p.dir, { mode: 0o711 });
+        // Traversable by the VE's host gid only (see VE_TREE_DIR_MODE): runc's init
+        // runs as VE root's host uid/gid when it bind-mounts the rootfs and /run/vesh.
+        await fs.mkdir(p.dir, { mode: VE_TREE_DIR_MODE });
+        await secureVeTreeDir(p.dir, this.cfg.runtime.idmapBase);
         r.add('remove VE directory', () => fs.rm(p.dir, { recursive: true, force: true }));
         r.add('unmount VE file systems', () => unmountAll(p));
         const root = this.cfg.runtime.idmapBase;
@@ -293,6 +294,10 @@ export class VeManager implements VeAccess {
       throw new VeshError(ErrorCodes.VE_STATE, `VE "${name}" is already ${state}: stop it first if you want to restart it ("vesh ve restart ${name}")`);
     }
     if (needsCleanup(before)) await this.cleanupLocked(rec);
+    // A VE made by an older vesh has a directory any host user could pass through.
+    await secureVeTreeDir(p.dir, this.cfg.runtime.idmapBase);
+    // This run has not been asked to stop (see stopLocked).
+    await fs.rm(p.stopRequest, { force: true });
     const template = await this.templates.get(rec.template);
     t('state');
     const started = Date.now();
@@ -360,7 +365,9 @@ export class VeManager implements VeAccess {
     if (state === 'running' && !opts.kill) {
       const template = await this.templates.get(rec.template).catch(() => null);
       const signal = template?.stopSignal ?? 'SIGTERM';
-      await fs.writeFile(path.join(this.paths(name).ctl, SHUTDOWN_MARKER), 'poweroff\n').catch(() => undefined);
+      // Why it goes down is kept on the host side, where the VE cannot reach
+      // it: /run/vesh (ctl) is VE root's to fill with symlinks and FIFOs.
+      await writeJsonAtomic(this.paths(name).stopRequest, { requestedAt: new Date().toISOString(), signal });
       await this.runtime.kill(name, signal).catch(() => undefined);
       const deadline = Date.now() + (opts.timeoutMs ?? this.cfg.runtime.stopTimeoutMs);
       while (Date.now() < deadline && veStateOf(await this.runtime.state(name)) === 'running') {
@@ -509,11 +516,23 @@ export class VeManager implements VeAccess {
     return p;
   }
 
-  /** Run a short command inside a VE as its root and collect stdout (for reading the VE's own databases). */
-  private async readInside(ve: string, argv: string[]): Promise<string> {
+  /**
+   * Run a short command inside a VE as its root and collect stdout (for
+   * reading the VE's own databases). VE root decides what it prints and
+   * whether it ever ends (/etc/passwd may be /dev/zero or a FIFO nobody
+   * writes): the output is capped and the deadline frees the pipe even when
+   * a process inside still holds it.
+   */
+  private async readInside(ve: string, argv: string[], what: string): Promise<string> {
     const cmd = await this.runtime.execCommand(ve, { argv, uid: 0, gid: 0, tty: false });
-    const res = await run(cmd.file, cmd.args, { timeoutMs: 30_000 });
-    return res.stdout;
+    try {
+      const res = await run(cmd.file, cmd.args, { timeoutMs: READ_INSIDE_TIMEOUT_MS, maxOutputBytes: READ_INSIDE_MAX_BYTES });
+      return res.stdout;
+    } catch (err) {
+      throw new VeshError(ErrorCodes.COMMAND_FAILED,
+        `cannot read ${what} inside VE "${ve}" (at most ${READ_INSIDE_MAX_BYTES} bytes within ${READ_INSIDE_TIMEOUT_MS / 1000} s): ${errorMessage(err)}; in the VE they must be small regular files`,
+        { cause: err, userMessage: `Logging in failed: ${what} in your environment could not be read (each must be a regular file under ${READ_INSIDE_MAX_BYTES / 1024 / 1024} MiB).` });
+    }
   }
 
   async lookupUser(ve: string, user: string): Promise<VeUserInfo> {
@@ -521,6 +540,10 @@ export class VeManager implements VeAccess {
     const entry = parsePasswd(passwd).find((e) => e.name === user);
     if (!entry) {
       throw new VeshError(ErrorCodes.ACCOUNT_NOT_FOUND, `user "${user}" does not exist inside VE "${ve}": add it there (adduser) or change the account's "user"`, { userMessage: `User ${user} does not exist in your environment.` });
+    }
+    if (entry.invalid) {
+      throw new VeshError(ErrorCodes.ACCOUNT_NOT_FOUND, `user "${user}" inside VE "${ve}" cannot log in: its /etc/passwd entry has ${entry.invalid}; fix the entry in the VE (vesh ve exec ${ve} -- vipw)`,
+        { userMessage: `User ${user} cannot log in: its entry in your environment's /etc/passwd has ${entry.invalid}.` });
     }
     const extra = parseGroup(group).filter((g) => g.members.includes(user) && g.gid !== entry.gid).map((g) => g.gid);
     return { name: entry.name, uid: entry.uid, gid: entry.gid, groups: [entry.gid, ...extra], home: entry.home || '/', shell: entry.shell || '/bin/sh' };
@@ -539,7 +562,7 @@ export class VeManager implements VeAccess {
     const key = await this.userDatabaseKey(ve);
     const cached = this.userDbCache.get(ve);
     if (cached && key && cached.key === key) return cached;
-    const out = await this.readInside(ve, ['/bin/sh', '-c', 'cat /etc/passwd; echo "$1"; cat /etc/group 2>/dev/null; true', 'vesh-userdb', USERDB_SEPARATOR]);
+    const out = await this.readInside(ve, ['/bin/sh', '-c', 'cat /etc/passwd; echo "$1"; cat /etc/group 2>/dev/null; true', 'vesh-userdb', USERDB_SEPARATOR], '/etc/passwd and /etc/group');
     const i = out.indexOf(`${USERDB_SEPARATOR}\n`);
     const db = { key: key ?? '', passwd: i >= 0 ? out.slice(0, i) : out, group: i >= 0 ? out.slice(i + USERDB_SEPARATOR.length + 1) : '' };
     if (key) this.userDbCache.set(ve, db);
@@ -549,6 +572,8 @@ export class VeManager implements VeAccess {
   private async userDatabaseKey(ve: string): Promise<string | null> {
     const etc = path.join(this.paths(ve).rootfs, 'etc');
     try {
+      // A symlinked /etc would be resolved against the host's root here: no key, read inside every time.
+      if (!(await fs.lstat(etc)).isDirectory()) return null;
       const parts: string[] = [];
       for (const f of ['passwd', 'group']) {
         const st = await fs.lstat(path.join(etc, f), { bigint: true });
@@ -618,13 +643,18 @@ export class VeManager implements VeAccess {
       throw new VeshError(ErrorCodes.VE_STATE, `VE "${ve}" is not running`);
     }
     const program = forwardHelperPath();
-    if (!existsSync(program)) {
-      throw new VeshError(ErrorCodes.INTERNAL, `the port-forward helper ${program} is not built: run "npm run build" in the vesh directory`, { userMessage: 'Port forwarding is not available right now.' });
+    const relay = forwardRelayPath();
+    for (const file of [program, relay]) {
+      if (!existsSync(file)) {
+        throw new VeshError(ErrorCodes.INTERNAL, `the port-forward helper ${file} is not built: run "npm run build" in the vesh directory`, { userMessage: 'Port forwarding is not available right now.' });
+      }
     }
     // Started by the engine like any session process, so it gets all of the
     // VE's confinement; the program comes in as fd 4 (nothing of ours is put
-    // in the VE's files) and fd 3 is the caller's channel. Detached: no
-    // engine process stays on the host for the helper's lifetime.
+    // in the VE's files) and fd 3 is the relay's frame channel. Detached: no
+    // engine process stays on the host for the helper's lifetime. The relay
+    // runs the engine and is the only one that talks to the helper: the
+    // helper is reachable by the tenant, so Node's IPC never is.
     const cmd = await this.runtime.execCommand(ve, {
       argv: ['/proc/self/fd/4'],
       uid: user.uid,
@@ -635,7 +665,7 @@ export class VeManager implements VeAccess {
       detach: true,
       preserveFds: 2,
     });
-    return { ...cmd, program };
+    return { file: relay, args: ['--', cmd.file, ...cmd.args], program };
   }
 
   // ---------------------------------------------------------------- boot and monitor
@@ -707,10 +737,13 @@ export class VeManager implements VeAccess {
         if (st) await this.watch(name, st.pid);
         return;
       }
-      const marker = (await readVeWrittenFile(path.join(this.paths(name).ctl, SHUTDOWN_MARKER), 16, 'start')).trim()
+      const p = this.paths(name);
+      // Stopped by the host (vesh ve stop in another process): stays stopped, whatever the VE wrote.
+      const stoppedByHost = await fs.lstat(p.stopRequest).then(() => true, () => false);
+      const marker = stoppedByHost ? 'poweroff' : (await readVeWrittenFile(p.ctl, SHUTDOWN_MARKER, 16, 'start')).trim()
         // busybox's own reboot applet (which its sh prefers to /sbin/reboot) signals init
         // directly; busybox init says on its console which way it went down.
-        || ((await readVeWrittenFile(this.paths(name).console, 4096, 'end')).includes('Requesting system reboot') ? 'reboot' : '');
+        || ((await readVeWrittenFile(p.private, path.basename(p.console), 4096, 'end')).includes('Requesting system reboot') ? 'reboot' : '');
       await this.cleanupLocked(rec);
       if (marker === 'reboot') {
         this.log.info({ event: 've.reboot', ve: name });
@@ -724,14 +757,19 @@ export class VeManager implements VeAccess {
 
 /**
  * Up to `maxBytes` of a file the VE writes (its shutdown marker, its init's
- * console), from its start or its end. VE root controls these files, so
- * never follow a symlink planted there (it could name a host file), never
- * block on a FIFO; anything odd reads as empty.
+ * console), from its start or its end. VE root controls these files (and
+ * VE root's host uid the directory `dir` holding them), so neither the
+ * directory nor the file may be a symlink (the directory is opened with
+ * O_NOFOLLOW and the file through /proc/self/fd/N, which is openat(2) for
+ * Node), a FIFO must not block us, and only a regular file is read;
+ * anything odd reads as empty.
  */
-async function readVeWrittenFile(file: string, maxBytes: number, from: 'start' | 'end'): Promise<string> {
+async function readVeWrittenFile(dir: string, name: string, maxBytes: number, from: 'start' | 'end'): Promise<string> {
+  let dh: fs.FileHandle | null = null;
   let fh: fs.FileHandle | null = null;
   try {
-    fh = await fs.open(file, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
+    dh = await fs.open(dir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW);
+    fh = await fs.open(`/proc/self/fd/${dh.fd}/${name}`, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
     const st = await fh.stat();
     if (!st.isFile()) return '';
     const len = Math.min(maxBytes, st.size);
@@ -742,6 +780,7 @@ async function readVeWrittenFile(file: string, maxBytes: number, from: 'start' |
     return '';
   } finally {
     await fh?.close();
+    await dh?.close();
   }
 }
 
@@ -758,6 +797,10 @@ function stepTimer(): ((step: string) => void) & { steps: Record<string, number>
 }
 
 const USERDB_SEPARATOR = '--vesh-userdb-separator--';
+/** /etc/passwd plus /etc/group of a VE: a few KiB normally, 1 MiB is far beyond any real one. */
+const READ_INSIDE_MAX_BYTES = 1024 * 1024;
+/** One runc exec and two cats: well under a second normally, even on a busy host. */
+const READ_INSIDE_TIMEOUT_MS = 20_000;
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));

@@ -24,6 +24,12 @@ export interface VePaths {
   runtimeLog: string;
   pidFile: string;
   record: string;
+  /**
+   * Present while the host has asked this run of the VE to stop (vesh ve
+   * stop/restart), so the monitor does not take it for a reboot. Host side,
+   * in ves/NAME, where the VE cannot reach it.
+   */
+  stopRequest: string;
 }
 
 export function vePaths(dir: string): VePaths {
@@ -42,6 +48,7 @@ export function vePaths(dir: string): VePaths {
     runtimeLog: path.join(dir, 'runtime.log'),
     pidFile: path.join(dir, 'init.pid'),
     record: path.join(dir, 've.json'),
+    stopRequest: path.join(dir, 'stop-requested'),
   };
 }
 
