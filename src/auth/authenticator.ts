@@ -6,11 +6,11 @@ import type { AccountSource } from '../config/accounts-store.js';
 import { errorMessage } from '../errors.js';
 import type { PasswordResult, SshAuthenticator } from '../ssh/ports.js';
 import {
-  costClassKey, costClassOf, dummyHashOf, MAX_PASSWORD_BYTES, OWASP_MIN_COST, PASSWORD_HASH_COST, Semaphore,
+  costClassKey, costClassOf, dummyHashOf, FairSemaphore, MAX_PASSWORD_BYTES, OWASP_MIN_COST, PASSWORD_HASH_COST,
   type HashCostClass, type PasswordHashCost,
 } from './passwords.js';
 import { SourcePenalties, type PenaltyConfig } from './penalties.js';
-import { sourceAllowed } from './source-match.js';
+import { sourceAllowed, sourceBlock } from './source-match.js';
 
 export { hashPassword } from './passwords.js';
 
@@ -19,6 +19,11 @@ export interface AuthenticatorOptions {
   maxConcurrentHashes?: number;
   /** Password checks waiting for a slot before further ones fail at once. */
   maxQueuedHashes?: number;
+  /**
+   * Password checks one source (sourceBlock) may have running or waiting at
+   * once; more fail at once, so one source cannot fill the queue.
+   */
+  maxHashesPerSource?: number;
   /** Cost of the dummy hash for unknown accounts while no account has a password hash: that of new hashes. */
   dummyHashCost?: PasswordHashCost;
   /**
@@ -70,7 +75,7 @@ type ListableSource = AccountSource & { list?: () => Account[] };
  */
 export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
   private readonly log: Logger;
-  private readonly hashes: Semaphore;
+  private readonly hashes: FairSemaphore;
   private readonly penalties: SourcePenalties;
   private readonly now: () => number;
   private readonly fallbackClass: HashCostClass;
@@ -81,6 +86,7 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
   /** Hashes already warned about (below OWASP's minimum), so each is logged once. */
   private readonly weakWarned = new Set<string>();
   private queueFullLoggedAt = -Infinity;
+  private shareFullLoggedAt = -Infinity;
 
   constructor(
     private readonly accounts: ListableSource,
@@ -90,7 +96,7 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
   ) {
     this.log = logger.child({ component: 'auth' });
     this.now = opts.now ?? Date.now;
-    this.hashes = new Semaphore(opts.maxConcurrentHashes ?? 2, opts.maxQueuedHashes ?? 1000);
+    this.hashes = new FairSemaphore(opts.maxConcurrentHashes ?? 2, opts.maxHashesPerSource ?? 2, opts.maxQueuedHashes ?? 1000);
     this.penalties = new SourcePenalties(auth.penalties, { maxSources: opts.maxSources, now: this.now });
     this.fallbackClass = { variant: 'argon2id', ...(opts.dummyHashCost ?? PASSWORD_HASH_COST) };
     this.dummySecret = opts.dummySecret ?? randomBytes(32);
@@ -119,28 +125,28 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
    * not do: an attacker enumerates accounts that do not log in, and the
    * network-facing server would have to rewrite accounts.yaml.
    */
-  async verifyPassword(user: string, password: string, _source: string): Promise<PasswordResult<Account>> {
+  async verifyPassword(user: string, password: string, source: string): Promise<PasswordResult<Account>> {
     this.takeCensus();
     const account = this.accounts.get(user);
     const hash = account?.password;
     const tooLong = Buffer.byteLength(password, 'utf8') > MAX_PASSWORD_BYTES;
     const checked = tooLong ? password.slice(0, MAX_PASSWORD_BYTES) : password;
     if (hash === undefined) {
-      await this.verifyDummy(this.classForName(user), checked);
+      await this.verifyDummy(this.classForName(user), checked, source);
       return { ok: false };
     }
     const own = costClassOf(hash);
     if (account!.locked || tooLong) {
-      await this.verifyDummy(own && this.dummyAllowed(own) ? own : this.classForName(user), checked);
+      await this.verifyDummy(own && this.dummyAllowed(own) ? own : this.classForName(user), checked, source);
       return { ok: false };
     }
     let ok = false;
     try {
-      ok = (await this.limited(() => argon2.verify(hash, password))) === true;
+      ok = (await this.limited(source, () => argon2.verify(hash, password))) === true;
     } catch (err) {
       this.log.error({ event: 'auth.bad_hash', account: user, err: errorMessage(err) }, `the password hash of ${user} cannot be checked: set it again with vesh user passwd ${user}`);
       // An unusable hash fails fast; spend the time a check would have taken.
-      await this.verifyDummy(own && this.dummyAllowed(own) ? own : this.classForName(user), checked).catch(() => undefined);
+      await this.verifyDummy(own && this.dummyAllowed(own) ? own : this.classForName(user), checked, source).catch(() => undefined);
       return { ok: false };
     }
     if (!ok) return { ok: false };
@@ -164,9 +170,9 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
     return classes[classes.length - 1]!.cls;
   }
 
-  private async verifyDummy(cls: HashCostClass, password: string): Promise<void> {
+  private async verifyDummy(cls: HashCostClass, password: string, source: string): Promise<void> {
     const dummy = await this.dummyOf(cls);
-    await this.limited(() => argon2.verify(dummy, password));
+    await this.limited(source, () => argon2.verify(dummy, password));
   }
 
   private dummyOf(cls: HashCostClass): Promise<string> {
@@ -246,27 +252,41 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
     }
   }
 
-  penaltyRemaining(source: string): number {
-    return this.penalties.remaining(source);
+  penaltyRemaining(source: string, account?: string): number {
+    return this.penalties.remaining(source, account);
   }
 
-  recordFailure(source: string): void {
-    const started = this.penalties.recordFailure(source);
-    if (started > 0) this.log.warn({ event: 'auth.penalty', source, penaltyMs: started }, `source ${source} must wait ${started} ms after repeated failures`);
+  recordFailure(source: string, account?: string): void {
+    for (const p of this.penalties.recordFailure(source, account)) {
+      if (p.scope.kind === 'source') {
+        this.log.warn({ event: 'auth.penalty', source, scope: 'source', penaltyMs: p.ms }, `source ${source} must wait ${p.ms} ms after repeated failures: its connections are refused meanwhile`);
+      } else {
+        this.log.warn({ event: 'auth.penalty', source, scope: 'account', account: p.scope.account, penaltyMs: p.ms }, `source ${source} must wait ${p.ms} ms before trying account ${p.scope.account} again, after repeated failures`);
+      }
+    }
   }
 
-  recordSuccess(source: string): void {
-    this.penalties.recordSuccess(source);
+  recordSuccess(source: string, account: string): void {
+    this.penalties.recordSuccess(source, account);
   }
 
-  /** Runs an argon2 operation under the concurrency cap; a full queue counts as a failed check. */
-  private async limited(op: () => Promise<boolean>): Promise<boolean> {
-    const res = await this.hashes.run(op);
-    if (res) return res.value;
+  /**
+   * Runs an argon2 operation under the concurrency cap, in `source`'s turn;
+   * a full queue, or a source that already has its share in, counts as a
+   * failed check (and costs no hashing).
+   */
+  private async limited(source: string, op: () => Promise<boolean>): Promise<boolean> {
+    const res = await this.hashes.run(sourceBlock(source), op);
+    if ('value' in res) return res.value;
     const now = this.now();
-    if (now - this.queueFullLoggedAt >= QUEUE_FULL_LOG_INTERVAL_MS) {
-      this.queueFullLoggedAt = now;
-      this.log.warn({ event: 'auth.hash_queue_full', pending: this.hashes.pending }, 'too many password checks waiting: failing new ones at once');
+    if (res.refused === 'queue') {
+      if (now - this.queueFullLoggedAt >= QUEUE_FULL_LOG_INTERVAL_MS) {
+        this.queueFullLoggedAt = now;
+        this.log.warn({ event: 'auth.hash_queue_full', pending: this.hashes.pending }, 'too many password checks waiting: failing new ones at once');
+      }
+    } else if (now - this.shareFullLoggedAt >= QUEUE_FULL_LOG_INTERVAL_MS) {
+      this.shareFullLoggedAt = now;
+      this.log.warn({ event: 'auth.hash_share_full', source }, `source ${source} already has its share of password checks under way: failing its further ones at once`);
     }
     return false;
   }

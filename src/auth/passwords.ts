@@ -72,6 +72,80 @@ export class Semaphore {
   }
 }
 
+/**
+ * A Semaphore whose queue is shared fairly between keys (here: client
+ * sources). At most `max` tasks run at once; each key may have at most
+ * `maxPerKey` tasks running or waiting, and the whole queue holds at most
+ * `maxQueue`. A freed slot goes to the key that waited longest for its
+ * turn, round robin, so one source flooding the queue delays another
+ * source's single check by at most one task per busy key, not by its whole
+ * backlog (review M5: one source could fill the argon2 queue).
+ */
+export class FairSemaphore {
+  private active = 0;
+  private queued = 0;
+  /** Keys with waiting tasks, in the order they will be served; each key's tasks in arrival order. */
+  private readonly waiting = new Map<string, Array<() => void>>();
+  /** Tasks running or waiting, per key. */
+  private readonly perKey = new Map<string, number>();
+
+  constructor(private readonly max: number, private readonly maxPerKey: number, private readonly maxQueue: number = Infinity) {}
+
+  /**
+   * Runs fn when a slot is free and the key's turn comes; returns
+   * `{ refused: 'key' }` when the key already has its share in, and
+   * `{ refused: 'queue' }` when the queue is full (fn is not run).
+   */
+  async run<T>(key: string, fn: () => Promise<T>): Promise<{ value: T } | { refused: 'key' | 'queue' }> {
+    const mine = this.perKey.get(key) ?? 0;
+    if (mine >= this.maxPerKey) return { refused: 'key' };
+    if (this.active >= this.max) {
+      if (this.queued >= this.maxQueue) return { refused: 'queue' };
+      this.perKey.set(key, mine + 1);
+      this.queued++;
+      await new Promise<void>((resolve) => {
+        const q = this.waiting.get(key);
+        if (q) q.push(resolve);
+        else this.waiting.set(key, [resolve]);
+      });
+    } else {
+      this.perKey.set(key, mine + 1);
+      this.active++;
+    }
+    try {
+      return { value: await fn() };
+    } finally {
+      const left = (this.perKey.get(key) ?? 1) - 1;
+      if (left > 0) this.perKey.set(key, left);
+      else this.perKey.delete(key);
+      this.handOn();
+    }
+  }
+
+  /** Give the freed slot to the first key in line, which then goes to the back of the line. */
+  private handOn(): void {
+    const first = this.waiting.entries().next();
+    if (first.done) {
+      this.active--;
+      return;
+    }
+    const [key, q] = first.value;
+    const next = q.shift()!;
+    this.waiting.delete(key);
+    if (q.length > 0) this.waiting.set(key, q);
+    this.queued--;
+    next();
+  }
+
+  get pending(): number {
+    return this.queued;
+  }
+
+  get running(): number {
+    return this.active;
+  }
+}
+
 export type Argon2Variant = 'argon2id' | 'argon2i' | 'argon2d';
 
 /** What decides how long one verify takes: the variant and the three cost parameters. */

@@ -25,6 +25,8 @@ const METHODS: Array<'publickey' | 'password' | 'keyboard-interactive'> = ['publ
 export class ConnectionAuthentication {
   private failures = 0;
   private done = false;
+  /** Failures of this connection already held against its source (so closing it is not counted again as "noauth"). */
+  recordedFailures = 0;
   result: AuthResult | null = null;
 
   constructor(
@@ -71,6 +73,13 @@ export class ConnectionAuthentication {
       // nothing, the login happens only with a signature. An unknown key
       // counts against MaxAuthTries as in OpenSSH, but not as a penalty
       // failure: clients routinely offer several keys.
+      //
+      // Review L9: the answer tells whoever holds a public key whether an
+      // account takes it. We keep it, as OpenSSH does: refusing the query
+      // (or accepting every key and failing the signature) breaks clients
+      // that offer several keys, or turns every offered key into a penalty
+      // failure; public keys are public, and the answer gives no access. A
+      // connection that only asks still counts as "noauth" when it leaves.
       if (found) {
         this.audit('key-acceptable', 'publickey', user, { account: found.account.name, fingerprint, algo: ctx.key.algo });
         ctx.accept();
@@ -86,7 +95,7 @@ export class ConnectionAuthentication {
       this.succeed(ctx, { account: found.account, key: found.key, method: 'publickey' });
     } else {
       this.audit('failure', 'publickey', user, { account: found?.account.name, fingerprint, algo: ctx.key.algo });
-      this.authenticator.recordFailure(this.source);
+      this.holdAgainstSource(user);
       this.countFailure(ctx);
     }
   }
@@ -100,7 +109,7 @@ export class ConnectionAuthentication {
       }
       if (answers.length !== 1 || typeof answers[0] !== 'string') {
         this.audit('failure', 'keyboard-interactive', user, { reason: 'wrong number of answers' });
-        this.authenticator.recordFailure(this.source);
+        this.holdAgainstSource(user);
         this.countFailure(ctx);
         return;
       }
@@ -110,10 +119,13 @@ export class ConnectionAuthentication {
 
   /** Check a password; audit it; return the result to apply, or null for failure. */
   private async password(user: string, password: string, method: 'password' | 'keyboard-interactive'): Promise<AuthResult | null> {
-    const penalty = this.authenticator.penaltyRemaining(this.source);
+    const penalty = this.authenticator.penaltyRemaining(this.source, user);
     if (penalty > 0) {
-      // A source under penalty gets no password checks (and costs us no hashing).
+      // A source under penalty for this account (or as a whole) gets no
+      // password checks and costs us no hashing; trying on anyway is a
+      // failure too, so the penalty grows instead of running out.
       this.audit('penalized', method, user, { penaltyMs: penalty });
+      this.holdAgainstSource(user);
       return null;
     }
     const res = await this.authenticator.verifyPassword(user, password, this.source);
@@ -122,7 +134,7 @@ export class ConnectionAuthentication {
       return { account: res.account, key: null, method };
     }
     this.audit('failure', method, user, {});
-    this.authenticator.recordFailure(this.source);
+    this.holdAgainstSource(user);
     return null;
   }
 
@@ -135,8 +147,14 @@ export class ConnectionAuthentication {
   private succeed(ctx: AuthContext, result: AuthResult): void {
     this.done = true;
     this.result = result;
-    this.authenticator.recordSuccess(this.source);
+    this.authenticator.recordSuccess(this.source, result.account.name);
     ctx.accept();
+  }
+
+  /** A failed attempt at `user` counts against this source, for that account and as a whole. */
+  private holdAgainstSource(user: string): void {
+    this.recordedFailures += 1;
+    this.authenticator.recordFailure(this.source, user);
   }
 
   private countFailure(ctx: AuthContext): void {

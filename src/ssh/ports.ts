@@ -45,8 +45,13 @@ export interface SshAuthenticator<A extends SshAccount = SshAccount, K extends S
   /** The account's key matching this public key blob, honouring from= for `source`; null if none. */
   findKey(user: string, algo: string, blob: Buffer, source: string): { account: A; key: K } | null;
   verifySignature(key: K, data: Buffer, signature: Buffer, hashAlgo?: string): boolean;
-  /** Milliseconds this source must still wait before it may try again (0 = none). */
-  penaltyRemaining(source: string): number;
-  recordFailure(source: string): void;
-  recordSuccess(source: string): void;
+  /**
+   * Milliseconds this source must still wait before it may try again (0 =
+   * none): the whole source, or with `account` its attempts at that account.
+   */
+  penaltyRemaining(source: string, account?: string): number;
+  /** A failure of `source`, aimed at `account` when there was one (none for connections that never tried). */
+  recordFailure(source: string, account?: string): void;
+  /** `source` logged in to `account`: only its failures against that account are forgiven. */
+  recordSuccess(source: string, account: string): void;
 }

@@ -3,7 +3,7 @@ import { pino, type Logger } from 'pino';
 import ssh2 from 'ssh2';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { Authenticator, hashPassword } from '../../src/auth/authenticator.js';
-import { costClassOf, MAX_PASSWORD_BYTES, Semaphore, type PasswordHashCost } from '../../src/auth/passwords.js';
+import { costClassOf, FairSemaphore, MAX_PASSWORD_BYTES, Semaphore, type PasswordHashCost } from '../../src/auth/passwords.js';
 import { SourcePenalties } from '../../src/auth/penalties.js';
 import { parseServerConfig } from '../../src/config/server-config.js';
 import { ConnectionAuthentication } from '../../src/ssh/authentication.js';
@@ -129,7 +129,8 @@ describe('passwords', () => {
         inFlight--;
       }
     });
-    const results = await Promise.all(Array.from({ length: 8 }, (_, i) => auth.verifyPassword(i % 2 ? 'alice' : 'nobody', 'pw', '192.0.2.1')));
+    // From eight sources: one source may have only two checks in at once.
+    const results = await Promise.all(Array.from({ length: 8 }, (_, i) => auth.verifyPassword(i % 2 ? 'alice' : 'nobody', 'pw', `192.0.2.${i + 1}`)));
     expect(results.map((r) => r.ok)).toEqual([false, true, false, true, false, true, false, true]);
     expect(most).toBe(2);
   });
@@ -216,29 +217,55 @@ describe('public keys', () => {
 describe('per-source penalties', () => {
   const cfg = { failuresBeforePenalty: 3, penaltyMs: 1_000, maxPenaltyMs: 5_000 };
 
-  it('starts after N failures, doubles up to the maximum, and clears on success', () => {
+  it('starts after N failures, doubles up to the maximum', () => {
     let now = 1_000_000;
     const p = new SourcePenalties(cfg, { now: () => now });
-    expect(p.recordFailure('192.0.2.1')).toBe(0);
-    expect(p.recordFailure('192.0.2.1')).toBe(0);
+    const ms = (r: Array<{ ms: number }>) => r.reduce((m, x) => Math.max(m, x.ms), 0);
+    expect(ms(p.recordFailure('192.0.2.1'))).toBe(0);
+    expect(ms(p.recordFailure('192.0.2.1'))).toBe(0);
     expect(p.remaining('192.0.2.1')).toBe(0);
-    expect(p.recordFailure('192.0.2.1')).toBe(1_000);
+    expect(p.recordFailure('192.0.2.1')).toEqual([{ scope: { kind: 'source' }, ms: 1_000 }]);
     expect(p.remaining('192.0.2.1')).toBe(1_000);
     now += 400;
     expect(p.remaining('192.0.2.1')).toBe(600);
-    expect(p.recordFailure('192.0.2.1')).toBe(2_000);
-    expect(p.recordFailure('192.0.2.1')).toBe(4_000);
-    expect(p.recordFailure('192.0.2.1')).toBe(5_000);
-    expect(p.recordFailure('192.0.2.1')).toBe(5_000);
+    expect(ms(p.recordFailure('192.0.2.1'))).toBe(2_000);
+    expect(ms(p.recordFailure('192.0.2.1'))).toBe(4_000);
+    expect(ms(p.recordFailure('192.0.2.1'))).toBe(5_000);
+    expect(ms(p.recordFailure('192.0.2.1'))).toBe(5_000);
     expect(p.remaining('192.0.2.1')).toBe(5_000);
     // Other sources are not affected.
     expect(p.remaining('192.0.2.2')).toBe(0);
     now += 5_000;
     expect(p.remaining('192.0.2.1')).toBe(0);
-    p.recordSuccess('192.0.2.1');
-    expect(p.recordFailure('192.0.2.1')).toBe(0);
-    expect(p.recordFailure('192.0.2.1')).toBe(0);
-    expect(p.recordFailure('192.0.2.1')).toBe(1_000);
+  });
+
+  it('counts per (source, account) and per source; a login clears only its own account\'s failures (review M5)', () => {
+    let now = 0;
+    const p = new SourcePenalties({ failuresBeforePenalty: 3, sourceFailuresBeforePenalty: 8, penaltyMs: 1_000, maxPenaltyMs: 5_000 }, { now: () => now });
+    // Two wrong passwords for bob, then a good login to alice, again and again: bob's count is not reset.
+    p.recordFailure('192.0.2.1', 'bob');
+    p.recordFailure('192.0.2.1', 'bob');
+    p.recordSuccess('192.0.2.1', 'alice');
+    expect(p.remaining('192.0.2.1', 'bob')).toBe(0);
+    expect(p.recordFailure('192.0.2.1', 'bob')).toEqual([{ scope: { kind: 'account', account: 'bob' }, ms: 1_000 }]);
+    p.recordSuccess('192.0.2.1', 'alice');
+    expect(p.remaining('192.0.2.1', 'bob')).toBe(1_000);
+    // Only bob's guesser waits: alice from the same source, and bob from elsewhere, do not.
+    expect(p.remaining('192.0.2.1', 'alice')).toBe(0);
+    expect(p.remaining('192.0.2.1')).toBe(0);
+    expect(p.remaining('192.0.2.2', 'bob')).toBe(0);
+    // A login to bob from that source (his own, say) clears bob's count there.
+    now += 1_000;
+    p.recordSuccess('192.0.2.1', 'bob');
+    expect(p.remaining('192.0.2.1', 'bob')).toBe(0);
+    // Moving on to other accounts: the source as a whole reaches its threshold (8 failures in all), and logins never clear that.
+    for (const a of ['carol', 'dave', 'erin', 'frank']) p.recordFailure('192.0.2.1', a);
+    expect(p.remaining('192.0.2.1')).toBe(0);
+    const started = p.recordFailure('192.0.2.1', 'grace');
+    expect(started).toEqual([{ scope: { kind: 'source' }, ms: 1_000 }]);
+    p.recordSuccess('192.0.2.1', 'alice');
+    expect(p.remaining('192.0.2.1')).toBe(1_000);
+    expect(p.remaining('192.0.2.1', 'alice')).toBe(1_000);
   });
 
   it('counts an IPv4-mapped IPv6 source as its IPv4 address', () => {
@@ -257,7 +284,7 @@ describe('per-source penalties', () => {
     now += 60 * 60_000;
     expect(p.remaining('192.0.2.1')).toBe(0);
     expect(p.size).toBe(0);
-    expect(p.recordFailure('192.0.2.1')).toBe(0);
+    expect(p.recordFailure('192.0.2.1')).toEqual([]);
   });
 
   it('keeps a bounded table, forgetting the source that failed longest ago', () => {
@@ -282,8 +309,51 @@ describe('per-source penalties', () => {
     expect(records.filter((r) => r.event === 'auth.penalty')).toHaveLength(1);
     now += 250;
     expect(auth.penaltyRemaining('198.51.100.7')).toBe(750);
-    auth.recordSuccess('198.51.100.7');
-    expect(auth.penaltyRemaining('198.51.100.7')).toBe(0);
+    // A login does not lift a penalty of the whole source.
+    auth.recordSuccess('198.51.100.7', 'alice');
+    expect(auth.penaltyRemaining('198.51.100.7')).toBe(750);
+    // A penalty on one account says which.
+    const perAccount = new Authenticator(new MapSource(), { penalties: { ...PENALTIES.penalties, sourceFailuresBeforePenalty: 10 } }, logger, { dummyHashCost: CHEAP, now: () => now });
+    for (let i = 0; i < 3; i++) perAccount.recordFailure('198.51.100.8', 'bob');
+    expect(records.filter((r) => r.event === 'auth.penalty' && r.scope === 'account' && r.account === 'bob' && r.source === '198.51.100.8')).toHaveLength(1);
+    expect(perAccount.penaltyRemaining('198.51.100.8', 'bob')).toBe(1_000);
+    expect(perAccount.penaltyRemaining('198.51.100.8', 'alice')).toBe(0);
+  });
+});
+
+describe('FairSemaphore (the password-check queue)', () => {
+  it('gives each source at most its share, and serves waiting sources in turn', async () => {
+    const sem = new FairSemaphore(1, 4, 100);
+    const order: string[] = [];
+    const gates: Array<() => void> = [];
+    const task = (name: string) => () => new Promise<string>((r) => gates.push(() => {
+      order.push(name);
+      r(name);
+    }));
+    // The flooder gets one running and three waiting; its fifth is refused at once.
+    const f = [sem.run('flood', task('f1')), sem.run('flood', task('f2')), sem.run('flood', task('f3')), sem.run('flood', task('f4'))];
+    await expect(sem.run('flood', task('f5'))).resolves.toEqual({ refused: 'key' });
+    // The victim arrives last; it waits for one more of the flooder's tasks
+    // (keys take turns), not for the flooder's whole backlog.
+    const v = sem.run('victim', task('v1'));
+    expect(sem.pending).toBe(4);
+    while (order.length < 5) {
+      await new Promise((r) => setTimeout(r, 1));
+      gates.shift()?.();
+    }
+    await Promise.all([...f, v]);
+    expect(order).toEqual(['f1', 'f2', 'v1', 'f3', 'f4']);
+  });
+
+  it('refuses when the whole queue is full', async () => {
+    const sem = new FairSemaphore(1, 10, 1);
+    let release!: () => void;
+    const first = sem.run('a', () => new Promise<void>((r) => (release = r)));
+    const second = sem.run('b', async () => 'b');
+    await expect(sem.run('c', async () => 'c')).resolves.toEqual({ refused: 'queue' });
+    release();
+    await first;
+    await expect(second).resolves.toEqual({ value: 'b' });
   });
 });
 
