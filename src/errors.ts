@@ -31,6 +31,8 @@ export const ErrorCodes = {
   DISK_FULL: 'VESH_DISK_FULL',
   NOT_ROOT: 'VESH_NOT_ROOT',
   AUTH_FAILED: 'VESH_AUTH_FAILED',
+  /** A cap of vesh.yaml `sessions:` refused a connection, session or forward helper. */
+  LIMIT_REACHED: 'VESH_LIMIT_REACHED',
   INTERNAL: 'VESH_INTERNAL',
 } as const;
 

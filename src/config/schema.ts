@@ -58,7 +58,8 @@ export const serverConfigSchema = z.strictObject({
     /**
      * Per-source penalties after repeated failures (OpenSSH PerSourcePenalties
      * style). A failure is a wrong password or signature, a connection cut at
-     * the login grace time, or garbage / a failed key exchange before login.
+     * the login grace time, garbage / a failed key exchange before login, or
+     * a connection that left without logging in ("noauth").
      */
     penalties: z.strictObject({
       failuresBeforePenalty: z.number().int().min(1).default(10),
@@ -74,12 +75,66 @@ export const serverConfigSchema = z.strictObject({
     idmapSize: z.number().int().min(65_536).default(65_536),
     stopTimeout: parsed((v) => parseDuration(v, 'stopTimeout')).default(10_000),
     /** A session agent in each VE in use (one small process there) instead of one engine exec per session. */
-    sessionAgents: z.boolean().default(true),
-  }).prefault({}),
-  logging: z.strictObject({
-    level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),
-    pretty: z.union([z.boolean(), z.literal('auto')]).default('auto'),
-  }).prefault({}),
-});
-
+    /**
+     * New connections one source may open per second, on average (bursts of
+     * five seconds' worth pass). Each handshake costs a host-key signature on
+     * the shared event loop (RSA: ~1.5 ms), so a source that connects faster
+     * is refused before a byte is parsed. Real clients stay far below it.
+     */
+    maxConnectionRatePerSource: z.number().int().min(1).max(100_000).default(20),
+    /**
+     * Password checks one source may have running or waiting at once; more
+     * fail at once. The checks of all sources take turns, so one source
+     * cannot fill the argon2 queue and starve another's login.
+     */
+    maxPasswordChecksPerSource: z.number().int().min(1).max(1000).default(2),
+    /** Locking or deleting an account (accounts.yaml reload, vesh user lock|del) ends its open connections. */
+    disconnectOnLock: z.boolean().default(true),
+    /**
+     * Per-source penalties after repeated failures (OpenSSH PerSourcePenalties
+     * style). A failure is a wrong password or signature, a connection cut at
+     * the login grace time, garbage / a failed key exchange before login, or
+     * a connection that left without logging in ("noauth").
+     */
+    penalties: z.strictObject({
+      /** Failures from one source against one account before that source's attempts at it wait; a login to that account clears them. */
+      failuresBeforePenalty: z.number().int().min(1).default(10),
+      /** Failures from one source in all (any account, and connections that never logged in) before the whole source waits; logins do not clear them. */
+      sourceFailuresBeforePenalty: z.number().int().min(1).default(20),
 export type ServerConfigFile = z.infer<typeof serverConfigSchema>;
+  /**
+   * What authenticated users may hold open. Every session is a host process
+   * (and a pty for a terminal), every forward helper a process in the VE
+   * started by the engine: without caps one tenant could use up the host's
+   * pids and ptys (review H4). Names follow OpenSSH where it has one.
+   */
+  sessions: z.strictObject({
+    /** Session channels per connection (OpenSSH MaxSessions). */
+    maxSessions: z.number().int().min(1).max(1000).default(10),
+    /** Authenticated connections one account may hold open at once. */
+    maxConnectionsPerAccount: z.number().int().min(1).max(100_000).default(500),
+    /** Sessions (shells, commands, sftp) one account may run at once, over all its connections. */
+    maxSessionsPerAccount: z.number().int().min(1).max(100_000).default(500),
+    /** Connections of one account that may run a port-forward helper at once (one helper per connection that forwards). */
+    maxForwardHelpersPerAccount: z.number().int().min(1).max(100_000).default(100),
+    /** Authenticated connections, all accounts together. */
+    maxConnections: z.number().int().min(1).max(1_000_000).default(4000),
+    /** Sessions, all accounts together: kept below the host's pty pool (pty.max - pty.reserve = 3072 by default) and pid_max. */
+    maxSessionsTotal: z.number().int().min(1).max(1_000_000).default(2000),
+  }).prefault({}),
+    /**
+     * Host processes that serve one VE's sessions (session relays, runc exec,
+     * the forward helper's start) are charged to a cgroup of that VE with
+     * these limits, so a tenant who opens sessions without end exhausts his
+     * own, not the host's pids and memory (review H4). relayPids counts
+     * tasks: a relay is 1, a `runc exec` (the fallback when the VE's agent is
+     * gone) about 10. The defaults hold 500 sessions of one VE with room.
+     */
+    relayPids: z.number().int().min(8).max(4_194_304).default(2048),
+    relayMemory: parsed((v) => parseSize(v, 'relayMemory')).default(1024 ** 3),
+    /**
+     * Terminals one VE may have open at once (its devpts max=; review M1).
+     * Every VE's terminals come from one host-wide pool (kernel.pty.max, which
+     * vesh raises at start): without a cap one VE takes them all.
+     */
+    ptysPerVe: z.number().int().min(16).max(65_536).default(1024),

@@ -19,10 +19,24 @@ export interface ServerConfig {
     loginGraceTimeMs: number;
     maxStartups: number;
     maxStartupsPerSource: number;
-    penalties: { failuresBeforePenalty: number; penaltyMs: number; maxPenaltyMs: number };
+    maxConnectionRatePerSource: number;
+    maxPasswordChecksPerSource: number;
+    disconnectOnLock: boolean;
+    penalties: { failuresBeforePenalty: number; sourceFailuresBeforePenalty: number; penaltyMs: number; maxPenaltyMs: number };
   };
-  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number; sessionAgents: boolean };
+  sessions: SessionLimits;
+  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number; sessionAgents: boolean; relayPids: number; relayMemoryBytes: number; ptysPerVe: number };
   logging: { level: string; pretty: boolean | 'auto' };
+}
+
+/** What authenticated users may hold open (vesh.yaml `sessions:`). */
+export interface SessionLimits {
+  maxSessions: number;
+  maxConnectionsPerAccount: number;
+  maxSessionsPerAccount: number;
+  maxForwardHelpersPerAccount: number;
+  maxConnections: number;
+  maxSessionsTotal: number;
 }
 
 export const DEFAULT_CONFIG_PATH = 'config/vesh.yaml';
@@ -57,12 +71,17 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
       loginGraceTimeMs: value.auth.loginGraceTime,
       maxStartups: value.auth.maxStartups,
       maxStartupsPerSource: value.auth.maxStartupsPerSource,
+      maxConnectionRatePerSource: value.auth.maxConnectionRatePerSource,
+      maxPasswordChecksPerSource: value.auth.maxPasswordChecksPerSource,
+      disconnectOnLock: value.auth.disconnectOnLock,
       penalties: {
         failuresBeforePenalty: value.auth.penalties.failuresBeforePenalty,
+        sourceFailuresBeforePenalty: value.auth.penalties.sourceFailuresBeforePenalty,
         penaltyMs: value.auth.penalties.penalty,
         maxPenaltyMs: value.auth.penalties.maxPenalty,
       },
     },
+    sessions: { ...value.sessions },
     runtime: {
       engine: value.runtime.engine,
       binary: value.runtime.binary,
