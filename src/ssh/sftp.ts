@@ -18,10 +18,32 @@ export function sftpServerArgv(): string[] {
   return [SFTP_SERVER_PATH, '-l', 'INFO', '-e'];
 }
 
+/**
+ * Bytes of sftp-server log lines parsed per second per session (a token
+ * bucket holding one second's worth). A real session's log is a line of
+ * about a hundred bytes per file operation; VE root can replace
+ * sftp-server and write lines as fast as the pipe goes, and all tenants
+ * share this event loop (review M3). Lines past the budget are counted, not
+ * parsed.
+ */
+export const SFTP_LOG_BYTES_PER_SECOND = 256 * 1024;
+
 /** A stderr consumer for one sftp-server: each complete line that is a file change becomes one audit event. */
-export function sftpStderrHandler(log: Logger): (chunk: Buffer) => void {
+export function sftpStderrHandler(log: Logger, now: () => number = Date.now): (chunk: Buffer) => void {
   let logged = 0;
+  let tokens = SFTP_LOG_BYTES_PER_SECOND;
+  let at = now();
+  let skipped = 0;
   const splitter = new LineSplitter((line) => {
+    const t = now();
+    tokens = Math.min(SFTP_LOG_BYTES_PER_SECOND, tokens + ((t - at) / 1000) * SFTP_LOG_BYTES_PER_SECOND);
+    at = t;
+    const cost = line.length + 1;
+    if (cost > tokens) {
+      if (skipped++ === 0) log.warn({ event: 'sftp.log_rate_limited', bytesPerSecond: SFTP_LOG_BYTES_PER_SECOND }, 'sftp-server writes its log faster than it can be audited: lines past the budget are skipped');
+      return;
+    }
+    tokens -= cost;
     const ev = parseSftpLogLine(line);
     if (!ev) return;
     // A cap per session keeps a runaway client from turning the audit log into its disk.
