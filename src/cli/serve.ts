@@ -42,10 +42,23 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   // restart (the answer time would then tell unknown names from real ones):
   // key it with a secret that lasts as long as the host key does.
   const dummySecret = createHmac('sha256', hostKeys[0]?.privateKey ?? randomBytes(32)).update('vesh: dummy password hash class').digest();
-  const authenticator = new Authenticator(accounts, config.auth, logger, { dummySecret });
+  const authenticator = new Authenticator(accounts, config.auth, logger, { dummySecret, maxHashesPerSource: config.auth.maxPasswordChecksPerSource });
   const ves = createVeManager(config, logger);
 
   const server = new SshServer({ config, authenticator, ves, hostKeys, logger });
+  if (config.auth.disconnectOnLock) {
+    // A lock or delete (vesh user lock|del edit accounts.yaml, which is
+    // watched) takes effect on open connections too, not only on the next
+    // login (review L8). auth.disconnectOnLock: false keeps them open.
+    accounts.onReload((now) => {
+      const ended = server.endConnectionsOf((name) => {
+        const a = now.get(name);
+        if (!a) return 'account deleted';
+        return a.locked ? 'account locked' : null;
+      });
+      if (ended > 0) log.info({ event: 'serve.connections_ended', count: ended }, `ended ${ended} connection(s) of locked or deleted accounts`);
+    });
+  }
   const addr = await server.listen();
 
   // A person starting the server reads these; scripts read the log events.

@@ -31,6 +31,7 @@ export class AccountsStore implements AccountSource {
   private queue: Promise<unknown> = Promise.resolve();
   private readonly log: Logger;
   private readonly debounceMs: number;
+  private readonly listeners: Array<(accounts: ReadonlyMap<string, Account>) => void> = [];
 
   constructor(file: string, logger: Logger, opts: { debounceMs?: number } = {}) {
     this.file = path.resolve(file);
@@ -69,6 +70,15 @@ export class AccountsStore implements AccountSource {
 
   get size(): number {
     return this.accounts.size;
+  }
+
+  /**
+   * Call `listener` each time a reload put new accounts in force (not on
+   * the first load, nor on a failed reload). The server uses it to end the
+   * connections of accounts that were locked or deleted.
+   */
+  onReload(listener: (accounts: ReadonlyMap<string, Account>) => void): void {
+    this.listeners.push(listener);
   }
 
   /**
@@ -154,6 +164,13 @@ export class AccountsStore implements AccountSource {
       return false;
     }
     this.log.info({ event: 'accounts.reloaded', file: this.file, count: this.accounts.size }, `accounts reloaded: ${this.accounts.size} account(s)`);
+    for (const l of this.listeners) {
+      try {
+        l(this.accounts);
+      } catch (err) {
+        this.log.error({ event: 'accounts.listener_failed', err: errorMessage(err) }, 'a reaction to the accounts reload failed');
+      }
+    }
     return true;
   }
 

@@ -1,9 +1,10 @@
 import type net from 'node:net';
 import type { ClientInfo, Connection, ServerChannel, Session, TcpipBindInfo, TcpipRequestInfo } from 'ssh2';
 import type { Logger } from '../audit/logger.js';
-import { errorMessage } from '../errors.js';
+import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import type { VeAccess } from '../ve/access.js';
 import { ConnectionAuthentication, type AuthResult } from './authentication.js';
+import { CappedLog } from './capped-log.js';
 import { ConnectionForwarding } from './forwarding.js';
 import {
   MAX_CHANNELS_PER_CONNECTION, MAX_REFUSAL_LOGS_PER_CONNECTION, MAX_REFUSED_CHANNEL_OPENS, MAX_SESSIONS_PER_CONNECTION,
@@ -12,14 +13,22 @@ import { prepareLogin, type LoginContext } from './login.js';
 import type { SshAuthenticator } from './ports.js';
 import { SessionChannel } from './session.js';
 import { installProtocolGuards } from './ssh2-guards.js';
+import type { CapRefusal, UsageCaps } from './usage-caps.js';
 
 /** How long a connection whose VE failed may stay open for the user to read why, when no session asks. */
 const LOGIN_FAILURE_LINGER_MS = 10_000;
+
+/** How long a connection refused by a cap stays open for its first session to be told why. */
+const CAP_REFUSAL_LINGER_MS = 5_000;
 
 export interface ConnectionDeps {
   authenticator: SshAuthenticator;
   ves: VeAccess;
   maxAuthTries: number;
+  /** Per-account and server-wide caps on connections, sessions and forward helpers. */
+  caps: UsageCaps;
+  /** Session channels per connection (sessions.maxSessions); MAX_SESSIONS_PER_CONNECTION when not given. */
+  maxSessions?: number;
 }
 
 export interface ConnectionHooks {
@@ -42,7 +51,13 @@ export class SshConnection {
   private sessionCount = 0;
   private channelCount = 0;
   private refusedOpens = 0;
-  private refusalLogs = 0;
+  /** Client-caused log lines (refusals, clamps, signals), capped per connection. */
+  private readonly noisy: CappedLog;
+  /** Set when a cap refused this connection after it authenticated: it runs nothing and ends soon. */
+  private capRefusal: CapRefusal | null = null;
+  /** This connection is counted in the caps (as a connection; and with a forward helper). */
+  private countedAccount: string | null = null;
+  private helperCounted = false;
   private forwarding: ConnectionForwarding | null = null;
   private closed = false;
   /** The first key exchange completed (ssh2's 'handshake'). */
@@ -60,9 +75,10 @@ export class SshConnection {
     private readonly hooks: ConnectionHooks,
   ) {
     this.log = baseLog;
+    this.noisy = new CappedLog(() => this.log, MAX_REFUSAL_LOGS_PER_CONNECTION);
     installProtocolGuards(conn, {
       onViolation: (what, details, fatal) => this.log.warn({ event: 'ssh.protocol_violation', what, fatal, ...details }),
-      onUnknownRequest: (kind, type) => this.logRefusal({ event: 'ssh.request_refused', kind, type: type.slice(0, 64) }),
+      onUnknownRequest: (kind, type) => this.noisy.info({ event: 'ssh.request_refused', kind, type: type.slice(0, 64) }),
     });
     this.auth = new ConnectionAuthentication(deps.authenticator, deps.maxAuthTries, info.ip, this.log, () => this.drop('too many authentication failures'));
     conn.on('handshake', () => {
@@ -105,6 +121,16 @@ export class SshConnection {
     return this.result !== null;
   }
 
+  /** The account logged in on this connection, or null before login. */
+  get account(): string | null {
+    return this.result?.account.name ?? null;
+  }
+
+  /** Failures of this connection's login attempts already held against its source. */
+  get authFailuresRecorded(): number {
+    return this.auth.recordedFailures;
+  }
+
   private onReady(): void {
     const result = this.auth.result;
     if (!result) {
@@ -116,6 +142,16 @@ export class SshConnection {
     this.hooks.onAuthenticated();
     this.log = this.log.child({ account: result.account.name, ve: result.account.ve });
     const key = result.key;
+    const refused = this.deps.caps.admit('connection', result.account.name);
+    if (refused) {
+      // Logged in, but over a cap: nothing is prepared or started for it.
+      // Its first session is told why (the client shows that text), then it ends.
+      this.capRefusal = refused;
+      this.log.info({ event: 'ssh.login', method: result.method, fingerprint: key?.fingerprint, source: this.info.ip, refused: refused.setting });
+      setTimeout(() => this.end(), CAP_REFUSAL_LINGER_MS).unref();
+      return;
+    }
+    this.countedAccount = result.account.name;
     const refusal = !result.account.forwarding ? 'forwarding is off for this account' : key?.options.noPortForwarding ? 'no-port-forwarding key option' : null;
     const connection = { clientIp: this.info.ip, clientPort: this.info.port, serverIp: this.socket.localAddress ?? '', serverPort: this.socket.localPort ?? 0 };
     const login = prepareLogin(this.deps.ves, result.account, connection, this.log);
@@ -125,7 +161,7 @@ export class SshConnection {
     });
     this.forwarding = new ConnectionForwarding({
       conn: this.conn,
-      ves: this.deps.ves,
+      ves: this.vesWithHelperCap(result.account.name),
       login: () => login,
       log: this.log,
       refusal,
@@ -136,8 +172,23 @@ export class SshConnection {
   }
 
   private onSession(accept: () => Session, reject: () => void): void {
-    if (!this.result || !this.loginPromise || this.closed || !this.reserveChannel(true)) {
+    if (!this.result || this.closed) {
       reject();
+      return;
+    }
+    if (this.capRefusal) {
+      this.refuseSession(accept, reject, this.capRefusal);
+      return;
+    }
+    if (!this.loginPromise || !this.reserveChannel(true)) {
+      reject();
+      return;
+    }
+    const account = this.result.account.name;
+    const refused = this.deps.caps.admit('session', account);
+    if (refused) {
+      this.releaseChannel(true);
+      this.refuseSession(accept, reject, refused);
       return;
     }
     const login = this.loginPromise;
@@ -148,11 +199,98 @@ export class SshConnection {
       login: () => login,
       key: this.result.key,
       log: this.log,
+      noisy: this.noisy,
       onLoginFailed: () => setTimeout(() => this.end(), 200).unref(),
     }, () => {
-      if (session && this.sessions.delete(session)) this.releaseChannel(true);
+      if (session && this.sessions.delete(session)) {
+        this.releaseChannel(true);
+        this.deps.caps.release('session', account);
+      }
     });
     this.sessions.add(session);
+  }
+
+  /**
+   * A session refused by a cap: the channel is opened only to tell the
+   * client why (an SSH channel-open failure carries no text OpenSSH shows),
+   * then it exits 1. Nothing runs; it holds a channel slot until it closes,
+   * so refusals count against the per-connection channel caps too.
+   */
+  private refuseSession(accept: () => Session, reject: () => void, refusal: CapRefusal): void {
+    if (!this.reserveChannel(false)) {
+      reject();
+      return;
+    }
+    this.refusedOpens += 1;
+    if (this.refusedOpens > MAX_REFUSED_CHANNEL_OPENS) {
+      this.releaseChannel(false);
+      reject();
+      this.drop('channel-open flood');
+      return;
+    }
+    const s = accept();
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      this.releaseChannel(false);
+    };
+    const tell = (start: () => ServerChannel) => {
+      const channel = start();
+      channel.on('error', () => undefined);
+      channel.stderr.on('error', () => undefined);
+      channel.stderr.write(`vesh: ${refusal.userMessage}\r\n`);
+      channel.exit(1);
+      channel.end();
+    };
+    s.on('error', () => undefined);
+    s.on('close', release);
+    // Accepted so the client gets as far as the request that starts something, and reads the reason there.
+    s.on('pty', (ok) => ok?.());
+    s.on('env', (ok) => ok?.());
+    s.on('window-change', (ok) => ok?.());
+    s.on('shell', (start) => tell(start));
+    s.on('exec', (start) => tell(start));
+    s.on('subsystem', (start) => tell(start));
+  }
+
+  /**
+   * The VE access that forwarding uses, with the per-account cap on forward
+   * helpers applied where a helper is asked for: a connection counts once,
+   * from its first helper until it closes (it has at most one at a time).
+   */
+  private vesWithHelperCap(account: string): VeAccess {
+    const ves = this.deps.ves;
+    return {
+      ensureRunning: (ve, opts) => ves.ensureRunning(ve, opts),
+      lookupUser: (ve, user) => ves.lookupUser(ve, user),
+      processCommand: (ve, spec) => ves.processCommand(ve, spec),
+      forwardCommand: async (ve, user) => {
+        if (!this.helperCounted) {
+          if (this.closed) throw new VeshError(ErrorCodes.INTERNAL, 'connection closed before its forward helper started', { userMessage: 'The connection is closing.' });
+          const refused = this.deps.caps.admit('forwardHelper', account);
+          if (refused) {
+            throw new VeshError(ErrorCodes.LIMIT_REACHED, `${refused.setting} (${refused.limit}) reached for account ${account}: no forward helper for this connection`, { userMessage: refused.userMessage });
+          }
+          this.helperCounted = true;
+        }
+        return ves.forwardCommand(ve, user);
+      },
+    };
+  }
+
+  /**
+   * An admin locked or deleted the account (accounts.yaml reload): end this
+   * connection and everything it runs. Logged once.
+   */
+  endByAdmin(reason: string): void {
+    if (this.closed) return;
+    this.log.warn({ event: 'ssh.connection_ended', reason }, `ending the connection of account ${this.account ?? '?'}: ${reason}`);
+    for (const s of this.sessions) s.close();
+    this.forwarding?.close();
+    this.end();
+    // A client that does not answer the disconnect is cut.
+    setTimeout(() => this.socket.destroy(), 1_000).unref();
   }
 
   private onTcpip(accept: () => ServerChannel, reject: () => void, info: TcpipRequestInfo): void {
@@ -173,9 +311,10 @@ export class SshConnection {
 
   /** Count a channel against the per-connection caps; false = refuse it. */
   private reserveChannel(session: boolean): boolean {
-    if (this.channelCount >= MAX_CHANNELS_PER_CONNECTION || (session && this.sessionCount >= MAX_SESSIONS_PER_CONNECTION)) {
+    const maxSessions = this.deps.maxSessions ?? MAX_SESSIONS_PER_CONNECTION;
+    if (this.channelCount >= MAX_CHANNELS_PER_CONNECTION || (session && this.sessionCount >= maxSessions)) {
       this.refusedOpens += 1;
-      this.logRefusal({ event: 'ssh.channel_refused', reason: session ? 'too many sessions' : 'too many channels', sessions: this.sessionCount, channels: this.channelCount });
+      this.noisy.info({ event: 'ssh.channel_refused', reason: session ? `too many sessions on this connection (sessions.maxSessions ${maxSessions})` : 'too many channels', sessions: this.sessionCount, channels: this.channelCount });
       if (this.refusedOpens > MAX_REFUSED_CHANNEL_OPENS) this.drop('channel-open flood');
       return false;
     }
@@ -187,13 +326,6 @@ export class SshConnection {
   private releaseChannel(session: boolean): void {
     this.channelCount = Math.max(0, this.channelCount - 1);
     if (session) this.sessionCount = Math.max(0, this.sessionCount - 1);
-  }
-
-  /** Refusals are logged up to a cap per connection, so a flood cannot flood the log too. */
-  private logRefusal(fields: Record<string, unknown>): void {
-    this.refusalLogs += 1;
-    if (this.refusalLogs <= MAX_REFUSAL_LOGS_PER_CONNECTION) this.log.info(fields);
-    else if (this.refusalLogs === MAX_REFUSAL_LOGS_PER_CONNECTION + 1) this.log.warn({ event: 'ssh.refusals_suppressed' }, 'further refusals on this connection are not logged');
   }
 
   /** Close the connection politely (SSH disconnect message, then the socket). */
@@ -229,6 +361,10 @@ export class SshConnection {
     for (const s of this.sessions) s.close();
     this.sessions.clear();
     this.forwarding?.close();
-    this.log.info({ event: 'ssh.connection_closed', durationMs: Date.now() - this.startedAt, authenticated: this.result !== null });
+    if (this.countedAccount !== null) {
+      this.deps.caps.release('connection', this.countedAccount);
+      if (this.helperCounted) this.deps.caps.release('forwardHelper', this.countedAccount);
+    }
+    this.log.info({ event: 'ssh.connection_closed', durationMs: Date.now() - this.startedAt, authenticated: this.result !== null, ...(this.noisy.suppressed > 0 ? { logLinesSuppressed: this.noisy.suppressed } : {}) });
   }
 }

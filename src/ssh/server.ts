@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import ssh2, { type ClientInfo, type Connection } from 'ssh2';
 import type { Logger } from '../audit/logger.js';
-import type { ServerConfig } from '../config/server-config.js';
+import type { ServerConfig, SessionLimits } from '../config/server-config.js';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import type { VeAccess } from '../ve/access.js';
 import { SERVER_ALGORITHMS } from './algorithms.js';
@@ -10,13 +10,33 @@ import { SshConnection } from './connection.js';
 import type { HostKey } from './host-keys.js';
 import { sourceBlock } from '../auth/source-match.js';
 import type { SshAuthenticator } from './ports.js';
+import { DEFAULT_SESSION_LIMITS, UsageCaps } from './usage-caps.js';
 
 // ssh2 is CommonJS without static named exports: Node's ESM loader only offers its default export.
 const Ssh2Server = ssh2.Server;
 
+/** The auth settings the server reads (the rest of vesh.yaml `auth:` belongs to the authenticator). */
+export type ServerAuthSettings = Pick<ServerConfig['auth'], 'maxAuthTries' | 'loginGraceTimeMs' | 'maxStartups' | 'maxStartupsPerSource'> & {
+  /** New connections per second one source may open (default DEFAULT_CONNECTION_RATE_PER_SOURCE). */
+  maxConnectionRatePerSource?: number;
+  penalties?: unknown;
+};
+
+/** vesh.yaml's default for auth.maxConnectionRatePerSource. */
+export const DEFAULT_CONNECTION_RATE_PER_SOURCE = 20;
+
+/** A source's allowance of new connections is this many seconds' worth of its rate. */
+const CONNECTION_BURST_SECONDS = 5;
+
+/** Sources whose connection rate is tracked; past this, the one seen longest ago is forgotten. */
+const MAX_RATE_SOURCES = 10_000;
+
+/** A refusal of one kind for one source is logged at most this often; the rest are counted into the next line. */
+const REFUSAL_LOG_INTERVAL_MS = 10_000;
+
 export interface SshServerDeps {
-  /** listen address and the auth limits (maxAuthTries, loginGraceTimeMs, maxStartups, maxStartupsPerSource) are read from here. */
-  config: Pick<ServerConfig, 'listen' | 'auth'>;
+  /** listen address, the auth limits and the caps of `sessions:` (defaults when absent) are read from here. */
+  config: { listen: ServerConfig['listen']; auth: ServerAuthSettings; sessions?: SessionLimits };
   authenticator: SshAuthenticator;
   ves: VeAccess;
   hostKeys: HostKey[];
@@ -42,7 +62,7 @@ interface Admission {
 }
 
 /** Why a connection that never logged in counts against its source. */
-type PreAuthFailure = 'grace_timeout' | 'garbage' | 'protocol_error' | 'key_exchange_incomplete';
+type PreAuthFailure = 'grace_timeout' | 'garbage' | 'protocol_error' | 'key_exchange_incomplete' | 'noauth';
 
 /** "::ffff:127.0.0.1" → "127.0.0.1", so penalties and logs see one address per IPv4 client. */
 function normalizeAddress(a: string | undefined): string {
@@ -65,10 +85,17 @@ export class SshServer {
   private unauthenticated = 0;
   /** Unauthenticated connections per source block, for maxStartupsPerSource. */
   private readonly unauthenticatedBySource = new Map<string, number>();
+  /** Token buckets for maxConnectionRatePerSource, by source block, least recently used first. */
+  private readonly connectionTokens = new Map<string, { tokens: number; at: number }>();
+  /** When each (source block, reason) refusal was last logged, and how many were not since. */
+  private readonly refusalLogged = new Map<string, { at: number; unlogged: number }>();
+  /** Per-account and server-wide caps on what logged-in users hold open. */
+  readonly caps: UsageCaps;
   private closing = false;
 
   constructor(private readonly deps: SshServerDeps) {
     this.log = deps.logger.child({ component: 'ssh' });
+    this.caps = new UsageCaps(deps.config.sessions ?? DEFAULT_SESSION_LIMITS, this.log);
     if (deps.hostKeys.length === 0) {
       throw new VeshError(ErrorCodes.CONFIG_INVALID, 'no host keys: the server cannot identify itself; check hostKeysDir');
     }
@@ -118,16 +145,18 @@ export class SshServer {
     socket.setNoDelay(true);
     socket.on('error', (err) => this.log.debug({ event: 'ssh.socket_error', err: errorMessage(err) }));
     const source = normalizeAddress(socket.remoteAddress);
+    const block = sourceBlock(source);
     const refuse = (reason: string, extra: Record<string, unknown> = {}) => {
-      this.log.warn({ event: 'ssh.connection_refused', source, port: socket.remotePort, reason, ...extra });
+      this.logRefusal(block, reason, { source, port: socket.remotePort, reason, ...extra });
       socket.destroy();
     };
     if (this.closing) return refuse('server shutting down');
     const penalty = this.deps.authenticator.penaltyRemaining(source);
     if (penalty > 0) return refuse('source penalized after failed logins', { penaltyMs: penalty });
+    const rate = this.deps.config.auth.maxConnectionRatePerSource ?? DEFAULT_CONNECTION_RATE_PER_SOURCE;
+    if (!this.takeConnectionToken(block, rate)) return refuse('source connects too fast (maxConnectionRatePerSource)', { maxConnectionRatePerSource: rate });
     const max = this.deps.config.auth.maxStartups;
     if (this.unauthenticated >= max) return refuse('too many unauthenticated connections (maxStartups)', { maxStartups: max });
-    const block = sourceBlock(source);
     const perSource = this.deps.config.auth.maxStartupsPerSource;
     const fromSource = this.unauthenticatedBySource.get(block) ?? 0;
     if (fromSource >= perSource) return refuse('too many unauthenticated connections from this source (maxStartupsPerSource)', { maxStartupsPerSource: perSource, block });
@@ -171,6 +200,11 @@ export class SshServer {
       } else if (wasUnauthenticated) {
         if (adm.connection.protocolError) this.strike(adm, 'protocol_error');
         else if (!adm.connection.keyExchangeDone) this.strike(adm, 'key_exchange_incomplete');
+        // Key exchange done (a host-key signature spent), then gone without
+        // logging in and without a failed attempt already held against it:
+        // what a scanner or a handshake flood does (OpenSSH 9.8's "noauth"
+        // penalty; review M4).
+        else if (adm.connection.authFailuresRecorded === 0) this.strike(adm, 'noauth');
       }
     });
 
@@ -180,6 +214,63 @@ export class SshServer {
     socket.once('data', (d: Buffer) => {
       if (!adm.connection) adm.firstBytes = Buffer.from(d.subarray(0, 64));
     });
+  }
+
+  /**
+   * One token of `block`'s allowance of new connections: a token bucket of
+   * CONNECTION_BURST_SECONDS × rate tokens refilled at `rate` per second.
+   * Every handshake costs a host-key signature on the shared event loop, so
+   * a source opening more is refused before a byte is parsed.
+   */
+  private takeConnectionToken(block: string, rate: number): boolean {
+    const now = Date.now();
+    const burst = rate * CONNECTION_BURST_SECONDS;
+    const b = this.connectionTokens.get(block) ?? { tokens: burst, at: now };
+    b.tokens = Math.min(burst, b.tokens + ((now - b.at) / 1000) * rate);
+    b.at = now;
+    const ok = b.tokens >= 1;
+    if (ok) b.tokens -= 1;
+    this.connectionTokens.delete(block);
+    this.connectionTokens.set(block, b);
+    if (this.connectionTokens.size > MAX_RATE_SOURCES) this.connectionTokens.delete(this.connectionTokens.keys().next().value as string);
+    return ok;
+  }
+
+  /**
+   * A refused connection is logged, but a source that keeps knocking while
+   * refused gets one line per reason per interval (with how many were
+   * refused in between), so the refusals cannot flood the log either.
+   */
+  private logRefusal(block: string, reason: string, fields: Record<string, unknown>): void {
+    const key = `${block} ${reason}`;
+    const now = Date.now();
+    const last = this.refusalLogged.get(key);
+    if (last && now - last.at < REFUSAL_LOG_INTERVAL_MS) {
+      last.unlogged += 1;
+      return;
+    }
+    this.refusalLogged.delete(key);
+    this.refusalLogged.set(key, { at: now, unlogged: 0 });
+    if (this.refusalLogged.size > MAX_RATE_SOURCES) this.refusalLogged.delete(this.refusalLogged.keys().next().value as string);
+    this.log.warn({ event: 'ssh.connection_refused', ...fields, ...(last ? { refusedSinceLastLine: last.unlogged } : {}) });
+  }
+
+  /**
+   * End the open connections of accounts that `why` names a reason for
+   * (serve calls it after accounts.yaml was reloaded: a locked or deleted
+   * account loses its connections). Returns how many were ended.
+   */
+  endConnectionsOf(why: (account: string) => string | null): number {
+    let n = 0;
+    for (const a of this.admissions.values()) {
+      const account = a.connection?.account;
+      if (!account) continue;
+      const reason = why(account);
+      if (reason === null) continue;
+      a.connection!.endByAdmin(reason);
+      n += 1;
+    }
+    return n;
   }
 
   private leavePreAuth(adm: Admission): void {
@@ -225,6 +316,8 @@ export class SshServer {
       authenticator: this.deps.authenticator,
       ves: this.deps.ves,
       maxAuthTries: this.deps.config.auth.maxAuthTries,
+      caps: this.caps,
+      maxSessions: this.deps.config.sessions?.maxSessions,
     }, log, {
       onAuthenticated: () => this.leavePreAuth(adm),
     });

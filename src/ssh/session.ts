@@ -2,6 +2,7 @@ import type { PseudoTtyInfo, ServerChannel, Session, WindowChangeInfo } from 'ss
 import type { Logger } from '../audit/logger.js';
 import { errorMessage, isVeshError } from '../errors.js';
 import type { VeAccess } from '../ve/access.js';
+import type { CappedLog } from './capped-log.js';
 import { acceptClientEnv, sanitizeTerm, sessionEnvironment } from './environment.js';
 import { CLIENT_SIGNALS, type ExitReport } from './exit-status.js';
 import { ENV_LIMITS, MAX_COMMAND_LENGTH, clampPtySize } from './limits.js';
@@ -19,6 +20,8 @@ export interface SessionContext {
   key: SshAuthorizedKey | null;
   /** Audit logger, already bound to the connection and account. */
   log: Logger;
+  /** For lines a client can cause at will (refusals, clamps, signals): capped per connection. */
+  noisy: Pick<CappedLog, 'info'>;
   /** Called when a VE could not be made ready, after the user was told: the connection ends. */
   onLoginFailed(): void;
 }
@@ -94,12 +97,12 @@ export class SessionChannel {
     }
     // no-pty on the key that logged in (restrict implies it) refuses terminals.
     if (this.ctx.key?.options.noPty) {
-      this.ctx.log.info({ event: 'ssh.pty_refused', reason: 'no-pty key option' });
+      this.ctx.noisy.info({ event: 'ssh.pty_refused', reason: 'no-pty key option' });
       reject?.();
       return;
     }
     const size = clampPtySize(info.cols, info.rows);
-    if (size.clamped) this.ctx.log.info({ event: 'ssh.pty_size_clamped', asked: { cols: info.cols, rows: info.rows }, used: size });
+    if (size.clamped) this.ctx.noisy.info({ event: 'ssh.pty_size_clamped', asked: { cols: info.cols, rows: info.rows }, used: size });
     this.pty = { term: sanitizeTerm(info.term), cols: size.cols, rows: size.rows };
     accept?.();
   }
@@ -110,7 +113,7 @@ export class SessionChannel {
       return;
     }
     const size = clampPtySize(info.cols, info.rows);
-    if (size.clamped) this.ctx.log.info({ event: 'ssh.pty_size_clamped', asked: { cols: info.cols, rows: info.rows }, used: size });
+    if (size.clamped) this.ctx.noisy.info({ event: 'ssh.pty_size_clamped', asked: { cols: info.cols, rows: info.rows }, used: size });
     this.pty.cols = size.cols;
     this.pty.rows = size.rows;
     this.proc?.resize(size.cols, size.rows);
@@ -120,11 +123,11 @@ export class SessionChannel {
   private onSignal(accept: (() => void) | undefined, reject: (() => void) | undefined, name: string): void {
     const sig = String(name).replace(/^SIG/, '');
     if (!this.proc || !CLIENT_SIGNALS.has(sig)) {
-      this.ctx.log.info({ event: 'ssh.signal_refused', signal: String(name).slice(0, 16) });
+      this.ctx.noisy.info({ event: 'ssh.signal_refused', signal: String(name).slice(0, 16) });
       reject?.();
       return;
     }
-    this.ctx.log.info({ event: 'ssh.signal', signal: sig });
+    this.ctx.noisy.info({ event: 'ssh.signal', signal: sig });
     this.proc.signal(`SIG${sig}` as NodeJS.Signals);
     accept?.();
   }
@@ -135,12 +138,12 @@ export class SessionChannel {
       return;
     }
     if (kind === 'subsystem' && detail !== 'sftp') {
-      this.ctx.log.info({ event: 'ssh.subsystem_refused', subsystem: String(detail).slice(0, 64) });
+      this.ctx.noisy.info({ event: 'ssh.subsystem_refused', subsystem: String(detail).slice(0, 64) });
       reject?.();
       return;
     }
     if (kind === 'exec' && (detail === undefined || detail.length > MAX_COMMAND_LENGTH || detail.includes('\0'))) {
-      this.ctx.log.info({ event: 'ssh.exec_refused', reason: 'command empty, too long or with NUL', length: detail?.length ?? 0 });
+      this.ctx.noisy.info({ event: 'ssh.exec_refused', reason: 'command empty, too long or with NUL', length: detail?.length ?? 0 });
       reject?.();
       return;
     }
