@@ -4,7 +4,9 @@
 #                 hold no C library at all (the busybox template);
 #   vesh-setup    the host-side steps of a VE start (loop + mounts, the
 #                 network hook) in one process each instead of several;
-#   vesh-forward  the port-forward helper, run inside VEs by the engine.
+#   vesh-forward  the port-forward helper, run inside VEs by the engine;
+#   vesh-forward-relay  its host side: checks every frame and descriptor
+#                 from the VE before the SSH server sees it.
 # All are linked statically (one build rule, no dependence on the host's
 # libc at run time). Needs gcc and libc6-dev (libc.a); scripts/ensure-system.sh
 # installs them when missing.
@@ -15,7 +17,7 @@ if ! command -v gcc >/dev/null 2>&1; then
   exit 1
 fi
 mkdir -p "$ROOT/dist"
-for name in vesh-session vesh-setup vesh-forward; do
+for name in vesh-session vesh-setup vesh-forward vesh-forward-relay; do
   OUT="$ROOT/dist/$name"
   # Build to a temporary name and rename: a running server never sees half a binary.
   # ld warns that a static getaddrinfo needs the C library's NSS modules at

@@ -7,14 +7,16 @@
  * the VE's: `localhost` is the VE's loopback, names resolve through the VE's
  * own /etc/hosts and resolv.conf, listeners are the VE's.
  *
- * fd 3 is the SSH server's IPC channel (a Node.js 'ipc' stdio slot: one JSON
- * object a line, a passed descriptor travelling with a
- * {"cmd":"NODE_HANDLE","type":"net.Socket","msg":…} line, which the server
- * answers with {"cmd":"NODE_HANDLE_ACK"}). The messages themselves are
- * described in src/ssh/forward-protocol.ts. Connected and accepted sockets
- * are handed to the server, which relays them to the SSH channel; no byte of
- * the forwarded data passes through here. When the server goes away (EOF on
- * fd 3), so does this helper, closing its listeners.
+ * fd 3 is our end of a SOCK_SEQPACKET socketpair whose other end is held by
+ * vesh-forward-relay, a host process outside the VE that started us through
+ * the engine. We speak fixed-size frames (forward-frame.h) on it, never
+ * Node's IPC: the tenant can take this end over, and the relay checks every
+ * frame and descriptor before the SSH server sees anything. The messages
+ * themselves are described in src/ssh/forward-protocol.ts. Connected and
+ * accepted sockets are handed to the relay, which checks them and hands them
+ * to the server, which relays them to the SSH channel; no byte of the
+ * forwarded data passes through here. When the relay goes away (EOF on fd 3),
+ * so does this helper, closing its listeners.
  *
  * Built static (scripts/build-native.sh): the VE may hold no C library. Name
  * resolution uses the static C library's resolver ("files" and "dns", which
@@ -41,156 +43,60 @@
 #include <unistd.h>
 
 #include "fd-passing.h"
+#include "forward-frame.h"
 
 #define CHAN 3
 #define MAX_LISTENERS 64
 #define MAX_CONNECTS 64
-#define LINE_MAX_LEN 4096
 #define CONNECT_TIMEOUT_MS 10000
 #define MAX_ADDRS 16
 
 /* ------------------------------------------------------------ output */
 
-/* One line to the server, with `fd` passed alongside when fd >= 0. Blocking: the server always reads. */
-static void send_line(const char *line, int fd) {
-  size_t len = strlen(line);
-  struct iovec iov = { (void *)line, len };
+/* One frame to the relay, with `fd` passed alongside when fd >= 0. Blocking: the relay always reads. */
+static void send_frame(const struct fwd_frame *f, int fd) {
+  struct iovec iov = { (void *)f, sizeof *f };
   union fd_cmsg u;
   struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
   if (fd >= 0) attach_fds(&mh, &u, &fd, 1);
-  while (iov.iov_len > 0) {
-    ssize_t n = sendmsg(CHAN, &mh, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR || errno == EAGAIN) continue;
-      _exit(0); /* the server is gone */
-    }
-    iov.iov_base = (char *)iov.iov_base + n;
-    iov.iov_len -= (size_t)n;
-    mh.msg_control = NULL; /* the descriptor went with the first bytes */
-    mh.msg_controllen = 0;
+  for (;;) {
+    /* A datagram goes whole or not at all. */
+    if (sendmsg(CHAN, &mh, MSG_NOSIGNAL) >= 0) return;
+    if (errno != EINTR && errno != EAGAIN) _exit(0); /* the relay is gone */
   }
 }
 
-/* A JSON string body: what we send is ours (numbers, errno names, addresses) or strerror text; escape anyway. */
-static void json_escape(char *out, size_t cap, const char *s) {
-  size_t o = 0;
-  for (; *s && o + 7 < cap; s++) {
-    unsigned char ch = (unsigned char)*s;
-    if (ch == '"' || ch == '\\') { out[o++] = '\\'; out[o++] = (char)ch; }
-    else if (ch < 0x20 || ch >= 0x7f) o += (size_t)snprintf(out + o, cap - o, "\\u%04x", ch);
-    else out[o++] = (char)ch;
-  }
-  out[o] = 0;
-}
-
-static void send_msg(int fd, const char *fmt, ...) {
-  char body[1024], line[1200];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(body, sizeof body, fmt, ap);
-  va_end(ap);
-  if (fd >= 0) snprintf(line, sizeof line, "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":%s}\n", body);
-  else snprintf(line, sizeof line, "%s\n", body);
-  send_line(line, fd);
+static void send_simple(uint32_t type, long id, long port, int fd) {
+  struct fwd_frame f;
+  fwd_frame_init(&f, type, (uint32_t)id);
+  f.port = (uint32_t)port;
+  send_frame(&f, fd);
 }
 
 static void send_failed(long id, const char *code, const char *message) {
-  char c[128], m[512];
-  json_escape(c, sizeof c, code);
-  json_escape(m, sizeof m, message);
-  send_msg(-1, "{\"t\":\"failed\",\"id\":%ld,\"code\":\"%s\",\"message\":\"%s\"}", id, c, m);
+  struct fwd_frame f;
+  fwd_frame_init(&f, FWD_FAILED, (uint32_t)id);
+  snprintf(f.addr, sizeof f.addr, "%s", code);
+  snprintf(f.text, sizeof f.text, "%s", message);
+  send_frame(&f, -1);
 }
 
 static void send_errno(long id, int err, const char *what) {
-  char m[300];
-  snprintf(m, sizeof m, "%s: %s", what, strerror(err));
+  char m[FWD_TEXT_LEN];
+  /* Cut to what a frame holds: the start of a message says what failed. */
+  if (snprintf(m, sizeof m, "%s: %s", what, strerror(err)) >= (int)sizeof m) m[sizeof m - 1] = 0;
   const char *name = strerrorname_np(err);
   send_failed(id, name ? name : "ERROR", m);
 }
 
 /* ------------------------------------------------------------ input */
 
-/*
- * The server's messages are flat JSON objects of strings and integers
- * ({"t":"connect","id":1,"host":"localhost","port":80}). Anything else in a
- * line (nested values, escapes beyond the simple ones) makes it malformed,
- * and a malformed line is ignored, as the protocol says.
- */
+/* A request from the relay, as the handlers below take it. */
 struct req {
-  char t[16];
-  char cmd[32];
-  char host[256];
+  uint32_t type;
+  char host[FWD_ADDR_LEN];
   long id, port;
-  int has_id, has_port;
 };
-
-static const char *skip_ws(const char *p) {
-  while (*p == ' ' || *p == '\t' || *p == '\r') p++;
-  return p;
-}
-
-static const char *parse_string(const char *p, char *out, size_t cap) {
-  if (*p != '"') return NULL;
-  p++;
-  size_t o = 0;
-  while (*p && *p != '"') {
-    char ch = *p++;
-    if (ch == '\\') {
-      ch = *p++;
-      if (ch == 'n') ch = '\n';
-      else if (ch == 't') ch = '\t';
-      else if (ch != '"' && ch != '\\' && ch != '/') return NULL;
-    }
-    if (o + 1 >= cap) return NULL;
-    out[o++] = ch;
-  }
-  if (*p != '"') return NULL;
-  out[o] = 0;
-  return p + 1;
-}
-
-static int parse_req(const char *p, struct req *r) {
-  memset(r, 0, sizeof *r);
-  p = skip_ws(p);
-  if (*p++ != '{') return -1;
-  p = skip_ws(p);
-  if (*p == '}') return 0;
-  for (;;) {
-    char key[32], sval[256];
-    p = parse_string(skip_ws(p), key, sizeof key);
-    if (!p) return -1;
-    p = skip_ws(p);
-    if (*p++ != ':') return -1;
-    p = skip_ws(p);
-    if (*p == '"') {
-      p = parse_string(p, sval, sizeof sval);
-      if (!p) return -1;
-      /* A value too long for its field makes the line malformed, never a truncated value. */
-      size_t len = strlen(sval);
-      if (!strcmp(key, "t")) { if (len >= sizeof r->t) return -1; memcpy(r->t, sval, len + 1); }
-      else if (!strcmp(key, "cmd")) { if (len >= sizeof r->cmd) return -1; memcpy(r->cmd, sval, len + 1); }
-      else if (!strcmp(key, "host")) { if (len >= sizeof r->host) return -1; memcpy(r->host, sval, len + 1); }
-    } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
-      char *end;
-      errno = 0;
-      long v = strtol(p, &end, 10);
-      if (errno || end == p) return -1;
-      p = end;
-      if (!strcmp(key, "id")) { r->id = v; r->has_id = 1; }
-      else if (!strcmp(key, "port")) { r->port = v; r->has_port = 1; }
-    } else if (!strncmp(p, "true", 4) || !strncmp(p, "null", 4)) {
-      p += 4;
-    } else if (!strncmp(p, "false", 5)) {
-      p += 5;
-    } else {
-      return -1;
-    }
-    p = skip_ws(p);
-    if (*p == ',') { p++; continue; }
-    if (*p == '}') return 0;
-    return -1;
-  }
-}
 
 /* ------------------------------------------------------------ sockets */
 
@@ -421,7 +327,7 @@ static void finish_connect(int i, int timed_out) {
   if (timed_out) err = ETIMEDOUT;
   else if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
   if (!err) {
-    send_msg(c->fd, "{\"t\":\"connected\",\"id\":%ld}", c->id);
+    send_simple(FWD_CONNECTED, c->id, 0, c->fd);
     drop_connect(i); /* closes our copy: the server has its own now */
     return;
   }
@@ -477,7 +383,7 @@ static void do_listen(const struct req *r) {
   int port = (int)r->port;
   if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0) format_addr(&ss, addr, sizeof addr, &port);
   listeners[nlisteners++] = (struct listener){ .fd = fd, .id = r->id };
-  send_msg(-1, "{\"t\":\"listening\",\"id\":%ld,\"port\":%d}", r->id, port);
+  send_simple(FWD_LISTENING, r->id, port, -1);
 }
 
 static void do_unlisten(long id) {
@@ -488,43 +394,54 @@ static void do_unlisten(long id) {
       break;
     }
   }
-  send_msg(-1, "{\"t\":\"closed\",\"id\":%ld}", id);
+  send_simple(FWD_CLOSED, id, 0, -1);
 }
 
 static void accept_all(int i) {
   for (;;) {
     struct sockaddr_storage ss;
     socklen_t len = sizeof ss;
-    int fd = accept4(listeners[i].fd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
+    int fd = accept4(listeners[i].fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) return; /* EAGAIN, or a connection that went away before we took it */
-    char addr[64];
+    struct fwd_frame f;
     int port;
-    format_addr(&ss, addr, sizeof addr, &port);
-    send_msg(fd, "{\"t\":\"accepted\",\"id\":%ld,\"remoteAddress\":\"%s\",\"remotePort\":%d}", listeners[i].id, addr, port);
+    fwd_frame_init(&f, FWD_ACCEPTED, (uint32_t)listeners[i].id);
+    format_addr(&ss, f.addr, sizeof f.addr, &port);
+    f.port = (uint32_t)port;
+    send_frame(&f, fd);
     close(fd);
   }
 }
 
-static void handle_line(const char *line) {
-  struct req r;
-  if (parse_req(line, &r) < 0) return;
-  if (r.cmd[0]) return; /* the server's NODE_HANDLE_ACK and other channel-internal messages */
-  if (!r.has_id || r.id < 0) return;
-  int port_ok = r.has_port && r.port >= 0 && r.port <= 65535;
-  if (!strcmp(r.t, "connect") && port_ok && r.port > 0 && r.host[0]) do_connect(&r);
-  else if (!strcmp(r.t, "listen") && port_ok && r.host[0]) do_listen(&r);
-  else if (!strcmp(r.t, "unlisten")) do_unlisten(r.id);
+/* A frame from the relay (which sends only well-formed ones; checked anyway, as everything that crosses). */
+static void handle_frame(const struct fwd_frame *f) {
+  if (f->magic != FWD_MAGIC || !fwd_strings_ok(f)) return;
+  struct req r = { .type = f->type, .id = (long)f->id, .port = (long)f->port };
+  snprintf(r.host, sizeof r.host, "%s", f->addr);
+  int port_ok = r.port >= 0 && r.port <= 65535;
+  if (r.type == FWD_CONNECT && port_ok && r.port > 0 && r.host[0]) do_connect(&r);
+  else if (r.type == FWD_LISTEN && port_ok && r.host[0]) do_listen(&r);
+  else if (r.type == FWD_UNLISTEN) do_unlisten(r.id);
 }
 
 int main(void) {
   struct stat st;
-  if (fstat(CHAN, &st) < 0 || !S_ISSOCK(st.st_mode)) {
-    fprintf(stderr, "vesh-forward: fd 3 is not the server's channel; the SSH server starts this helper\n");
+  int type = 0;
+  socklen_t tlen = sizeof type;
+  if (fstat(CHAN, &st) < 0 || !S_ISSOCK(st.st_mode) || getsockopt(CHAN, SOL_SOCKET, SO_TYPE, &type, &tlen) < 0 || type != SOCK_SEQPACKET) {
+    fprintf(stderr, "vesh-forward: fd 3 is not the relay's channel; the SSH server starts this helper through vesh-forward-relay\n");
     return 2;
   }
   signal(SIGPIPE, SIG_IGN);
   signal(SIGCHLD, SIG_IGN); /* name-lookup children are reaped by the kernel */
   prctl(PR_SET_NAME, "vesh-forward"); /* comm, which exec set to "4": a name VE root recognises in ps */
+  /*
+   * Not dumpable: another process of the account's user in the VE can then
+   * neither ptrace us nor take our descriptors (pidfd_getfd). VE root still
+   * can (CAP_SYS_PTRACE in the VE's user namespace); the relay on the host is
+   * what makes that harmless.
+   */
+  prctl(PR_SET_DUMPABLE, 0);
   /* Nothing else of the caller's: the channel, stderr for our own complaints. */
   close_range(4, ~0U, 0);
   int devnull = open("/dev/null", O_RDWR);
@@ -533,10 +450,8 @@ int main(void) {
     dup2(devnull, 1);
     if (devnull > 2) close(devnull);
   }
-  send_msg(-1, "{\"t\":\"ready\"}");
+  send_simple(FWD_READY, 0, 0, -1);
 
-  static char in[LINE_MAX_LEN * 4];
-  size_t inlen = 0;
   struct pollfd pfd[1 + MAX_LISTENERS + MAX_CONNECTS];
   for (;;) {
     int np = 0;
@@ -561,22 +476,11 @@ int main(void) {
     for (int i = 0; i < nlisteners && 1 + i < np; i++)
       if (pfd[1 + i].fd == listeners[i].fd && (pfd[1 + i].revents & POLLIN)) accept_all(i);
     if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-      ssize_t n = read(CHAN, in + inlen, sizeof in - inlen - 1);
-      if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) return 0; /* the server went away */
-      if (n > 0) {
-        inlen += (size_t)n;
-        in[inlen] = 0;
-        char *start = in, *nl;
-        while ((nl = memchr(start, '\n', inlen - (size_t)(start - in)))) {
-          *nl = 0;
-          if (nl - start < LINE_MAX_LEN) handle_line(start);
-          start = nl + 1;
-        }
-        inlen -= (size_t)(start - in);
-        memmove(in, start, inlen);
-        /* A line longer than anything the server sends: drop it rather than stall. */
-        if (inlen >= sizeof in - 1) inlen = 0;
-      }
+      /* One frame a datagram; one byte of room more tells an oversized one, which is dropped. */
+      static union { struct fwd_frame f; char raw[sizeof(struct fwd_frame) + 1]; } in;
+      ssize_t n = recv(CHAN, &in, sizeof in, MSG_DONTWAIT);
+      if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) return 0; /* the relay went away */
+      if (n == (ssize_t)sizeof in.f) handle_frame(&in.f);
     }
   }
 }

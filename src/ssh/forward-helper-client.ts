@@ -1,21 +1,33 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
-import type net from 'node:net';
+import net from 'node:net';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import type { VeAccess, VeUserInfo } from '../ve/access.js';
 import { parseFromHelper, type FromHelper, type ToHelper } from './forward-protocol.js';
 
 const READY_TIMEOUT_MS = 15_000;
 const REQUEST_TIMEOUT_MS = 20_000;
+/** What we read of the relay's stderr (it writes only when a start fails, and little). */
+const STDERR_READ_MAX = 8192;
+const STDERR_TAIL = 500;
 
 type Pending = { resolve: (v: { socket?: net.Socket; port?: number }) => void; reject: (e: Error) => void; timer: NodeJS.Timeout };
 
+/** What the relay reports besides answers to requests. */
+export interface ForwardHelperEvents {
+  /** A connection arrived on a -R listener in the VE. */
+  accepted(listenerId: number, socket: net.Socket, remoteAddress: string, remotePort: number): void;
+  /** The relay dropped `count` malformed or unasked-for frames from the VE (a tenant tampering with its helper). */
+  rejected(count: number, reason: string): void;
+}
+
 /**
- * Talks to one forward helper running inside a VE (src/native/vesh-forward.c;
- * forward-protocol.ts has the messages). One per SSH connection, started on
- * the first forwarding request and stopped with the connection. The helper is
- * started detached (the engine's process exits once it runs), so its end is
- * the end of the IPC channel, not a process exit.
+ * Talks to port forwarding in one VE through its host-side relay
+ * (src/native/vesh-forward-relay.c), which starts the helper inside the VE
+ * (src/native/vesh-forward.c) and checks everything that comes from it;
+ * forward-protocol.ts has the messages. One per SSH connection, started on
+ * the first forwarding request and stopped with the connection: closing the
+ * channel ends the relay, and so the helper.
  */
 export class ForwardHelperClient {
   private nextId = 1;
@@ -23,14 +35,9 @@ export class ForwardHelperClient {
   private dead: Error | null = null;
   private stderrTail = '';
 
-  private constructor(private readonly child: ChildProcess, private readonly onAccepted: (listenerId: number, socket: net.Socket, remoteAddress: string, remotePort: number) => void) {}
+  private constructor(private readonly child: ChildProcess, private readonly events: ForwardHelperEvents) {}
 
-  static async start(
-    ves: VeAccess,
-    ve: string,
-    user: VeUserInfo,
-    onAccepted: (listenerId: number, socket: net.Socket, remoteAddress: string, remotePort: number) => void,
-  ): Promise<ForwardHelperClient> {
+  static async start(ves: VeAccess, ve: string, user: VeUserInfo, events: ForwardHelperEvents): Promise<ForwardHelperClient> {
     const unavailable = 'Port forwarding is not available right now.';
     const cmd = await ves.forwardCommand(ve, user);
     let programFd: number;
@@ -41,16 +48,25 @@ export class ForwardHelperClient {
     }
     let child: ChildProcess;
     try {
-      // fd 3: the IPC channel; fd 4: the helper program, which the engine execs inside the VE.
+      // fd 3: the IPC channel to the relay (a host process; never to the helper in
+      // the VE); fd 4: the helper program, which the engine execs inside the VE.
       child = spawn(cmd.file, cmd.args, { stdio: ['ignore', 'ignore', 'pipe', 'ipc', programFd], env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin' }, cwd: '/' });
     } finally {
       closeSync(programFd);
     }
-    const client = new ForwardHelperClient(child, onAccepted);
-    child.stderr!.on('data', (d: Buffer) => {
-      client.stderrTail = (client.stderrTail + d.toString()).slice(-500);
+    const client = new ForwardHelperClient(child, events);
+    // The relay's own complaints, when a start fails. Read with a cap, and not
+    // at all once the helper runs: the VE's stderr never reaches us (the relay
+    // reads and caps that), and ours stops costing anything.
+    let stderrRead = 0;
+    const stderr = child.stderr!;
+    stderr.on('error', () => undefined);
+    stderr.on('data', (d: Buffer) => {
+      stderrRead += d.length;
+      client.stderrTail = (client.stderrTail + d.toString()).slice(-STDERR_TAIL);
+      if (stderrRead >= STDERR_READ_MAX) stderr.destroy();
     });
-    child.on('message', (m: unknown, handle: unknown) => client.onMessage(m, handle as net.Socket | undefined));
+    child.on('message', (m: unknown, handle: unknown) => client.onMessage(m, handle));
     await new Promise<void>((resolve, reject) => {
       let settled = false;
       const fail = (why: string, cause?: Error) => {
@@ -61,16 +77,15 @@ export class ForwardHelperClient {
         reject(new VeshError(ErrorCodes.COMMAND_FAILED, `port-forward helper in VE "${ve}" ${why}: ${client.stderrTail.trim() || 'no output'}`, { cause, userMessage: unavailable }));
       };
       const timer = setTimeout(() => fail(`did not start within ${READY_TIMEOUT_MS / 1000}s`), READY_TIMEOUT_MS);
-      // The engine exits 0 once the helper runs; anything else means it never did.
-      child.once('exit', (code, signal) => {
-        if (code !== 0) fail(`could not be started (engine exit ${signal ?? code})`);
-      });
+      // The relay lives as long as the helper; ending before 'ready' means the helper never ran.
+      // 'close', not 'exit': by then its stderr, which says why, has been read.
+      child.once('close', (code, signal) => fail(`could not be started (relay exit ${signal ?? code})`));
       child.once('error', (err) => fail('could not be started', err));
-      child.once('disconnect', () => fail('closed its channel before it was ready'));
       child.once('message', (m: unknown) => {
         if (!settled && parseFromHelper(m)?.t === 'ready') {
           settled = true;
           clearTimeout(timer);
+          stderr.destroy();
           resolve();
         }
       });
@@ -137,7 +152,10 @@ export class ForwardHelperClient {
     return p;
   }
 
-  private onMessage(raw: unknown, handle: net.Socket | undefined): void {
+  private onMessage(raw: unknown, received: unknown): void {
+    // The relay passes only sockets it checked; anything else Node might hand us is closed.
+    const handle = received instanceof net.Socket ? received : undefined;
+    if (received !== undefined && !handle) closeHandle(received);
     const m: FromHelper | null = parseFromHelper(raw);
     if (!m || m.t === 'ready') {
       handle?.destroy();
@@ -159,9 +177,11 @@ export class ForwardHelperClient {
         this.settle(m.id)?.resolve({ port: m.port });
         break;
       case 'accepted':
-        if (handle) this.onAccepted(m.id, handle, m.remoteAddress, m.remotePort);
+        if (handle) this.events.accepted(m.id, handle, m.remoteAddress, m.remotePort);
         break;
-      case 'closed':
+      case 'rejected':
+        handle?.destroy();
+        this.events.rejected(m.count, m.reason);
         break;
     }
   }
@@ -174,4 +194,13 @@ export class ForwardHelperClient {
       p.reject(err);
     }
   }
+}
+
+/** Close a handle Node passed that is not a socket (a server, a datagram socket): never keep it open. */
+function closeHandle(h: unknown): void {
+  const o = h as { destroy?: () => void; close?: () => void } | null;
+  try {
+    if (typeof o?.destroy === 'function') o.destroy();
+    else if (typeof o?.close === 'function') o.close();
+  } catch { /* already closed */ }
 }

@@ -1,33 +1,44 @@
 /**
- * The message set between the SSH server and its port-forward helper
- * (src/native/vesh-forward.c), which runs inside a VE with all of the VE's
- * namespaces and confinement.
+ * The message set between the SSH server and port forwarding in a VE: the
+ * helper (src/native/vesh-forward.c) runs inside the VE with all of the VE's
+ * namespaces and confinement; the relay (src/native/vesh-forward-relay.c)
+ * runs on the host, starts it, and is the only process the server talks to.
  *
- * Transport: Node's IPC channel (a Unix socketpair set up by
- * child_process.spawn with an 'ipc' stdio slot, passed into the VE by the
- * engine as fd 3). Each message is one JSON object a line; a message that
- * carries a connection also carries its socket descriptor (SCM_RIGHTS) as
- * the send handle, framed as Node frames handles.
+ * Transport, server ↔ relay: Node's IPC channel (the 'ipc' stdio slot of
+ * child_process.spawn). Each message is one JSON object a line; a message
+ * that carries a connection also carries its socket descriptor (SCM_RIGHTS)
+ * as the send handle, framed as Node frames handles. Node trusts its IPC peer
+ * completely, so that peer must never be a process a tenant can reach: the
+ * relay is a host process outside the VE's namespaces.
+ *
+ * Transport, relay ↔ helper: fixed-size frames over a SOCK_SEQPACKET
+ * socketpair (src/native/forward-frame.h). The tenant can take over the
+ * helper's end (VE root or the account's user can ptrace it), so the relay
+ * checks every frame — an answer only to a request it forwarded, a
+ * connection only for a listener the helper reported — and every descriptor:
+ * only connected, non-listening AF_INET/AF_INET6 TCP sockets reach the
+ * server, switched to non-blocking. What it drops it reports as 'rejected'.
  *
  * Why descriptors and not data frames: the helper creates every socket in the
  * VE's namespace — so `localhost` is the VE's loopback and a listener is the
- * VE's — and then hands the connected socket to the server, which relays it
- * to the SSH channel directly. No byte passes through the helper, the kernel
- * socket buffers give both directions their natural backpressure (a framed
- * multiplexer would need its own per-stream flow control), and one helper
- * per SSH connection serves every -L and -R of it.
+ * VE's — and then hands the connected socket over, and the server relays it
+ * to the SSH channel directly. No byte passes through the helper or the
+ * relay, the kernel socket buffers give both directions their natural
+ * backpressure (a framed multiplexer would need its own per-stream flow
+ * control), and one helper per SSH connection serves every -L and -R of it.
  *
- * Server → helper:
+ * Server → relay (for the helper):
  *   { t: 'connect', id, host, port }     open a TCP connection (for -L)
  *   { t: 'listen', id, host, port }      listen (for -R); port 0 = any
  *   { t: 'unlisten', id }                close a listener (cancel-tcpip-forward)
- * Helper → server:
+ * Relay → server (for the helper):
  *   { t: 'ready' }                                       once, at start
  *   { t: 'connected', id } + socket                      connect succeeded
  *   { t: 'failed', id, code, message }                   connect or listen failed
  *   { t: 'listening', id, port }                         listener bound
  *   { t: 'accepted', id, remoteAddress, remotePort } + socket   a -R connection arrived
- *   { t: 'closed', id }                                  listener closed
+ *   { t: 'rejected', count, reason }                     the relay dropped `count` frames
+ *                                                        from the VE since its last report
  *
  * `id` is chosen by the server, unique per helper; for 'accepted' it is the
  * listener's id. Anything malformed is ignored by the side that receives it.
@@ -44,7 +55,7 @@ export type FromHelper =
   | { t: 'failed'; id: number; code: string; message: string }
   | { t: 'listening'; id: number; port: number }
   | { t: 'accepted'; id: number; remoteAddress: string; remotePort: number }
-  | { t: 'closed'; id: number };
+  | { t: 'rejected'; count: number; reason: string };
 
 const HOST_RE = /^[A-Za-z0-9._:%-]{1,253}$/;
 
@@ -75,11 +86,13 @@ export function parseFromHelper(m: unknown): FromHelper | null {
   if (!m || typeof m !== 'object') return null;
   const o = m as Record<string, unknown>;
   if (o.t === 'ready') return { t: 'ready' };
+  if (o.t === 'rejected') {
+    return { t: 'rejected', count: typeof o.count === 'number' && Number.isInteger(o.count) && o.count > 0 ? o.count : 1, reason: String(o.reason ?? '').slice(0, 128) };
+  }
   if (!isId(o.id)) return null;
   switch (o.t) {
     case 'connected':
-    case 'closed':
-      return { t: o.t, id: o.id };
+      return { t: 'connected', id: o.id };
     case 'failed':
       return { t: 'failed', id: o.id, code: String(o.code ?? 'ERROR').slice(0, 64), message: String(o.message ?? '').slice(0, 256) };
     case 'listening':

@@ -204,7 +204,11 @@ export class ConnectionForwarding {
 
   private helperClient(): Promise<ForwardHelperClient> {
     if (!this.helper) {
-      this.helper = this.ctx.login().then((login) => ForwardHelperClient.start(this.ctx.ves, login.account.ve, login.user, (id, s, a, p) => this.onAccepted(id, s, a, p)));
+      this.helper = this.ctx.login().then((login) => ForwardHelperClient.start(this.ctx.ves, login.account.ve, login.user, {
+        accepted: (id, s, a, p) => this.onAccepted(id, s, a, p),
+        // The relay kept it from us; worth an admin's look: the tenant is tampering with its helper.
+        rejected: (count, reason) => this.ctx.log.warn({ event: 'forward.helper_rejected', ve: login.account.ve, count, reason }),
+      }));
       this.helper.catch((err: unknown) => {
         this.ctx.log.error({ event: 'forward.helper_failed', err: errorMessage(err) });
         // Let a later request try again rather than remembering the failure.

@@ -22,6 +22,15 @@ export function forwardHelperPath(): string {
   return helperPath('vesh-forward');
 }
 
+/**
+ * The host side of port forwarding (src/native/vesh-forward-relay.c): starts
+ * the helper in a VE and checks every frame and descriptor it sends before
+ * the SSH server sees them.
+ */
+export function forwardRelayPath(): string {
+  return helperPath('vesh-forward-relay');
+}
+
 /** The VE setup helper (mounts, network hook). Required to start a VE. */
 export function setupHelperPath(): string {
   return helperPath('vesh-setup');

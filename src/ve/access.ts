@@ -41,13 +41,15 @@ export interface VeAccess {
   /** Host command that runs the process inside the running VE (stdio and exit status pass through). */
   processCommand(ve: string, spec: VeProcessSpec): Promise<HostCommand>;
   /**
-   * Host command that starts the port-forward helper inside the running VE as
-   * `user`, with everything a session process has there (all the VE's
-   * namespaces, its cgroups, capabilities and seccomp filter), so every socket
-   * it makes is the VE's and nothing connects from the host's network. Spawn
-   * it with the IPC channel as fd 3 and `program` opened read-only as fd 4;
-   * it returns once the helper runs, and the helper lives until the channel
-   * closes (see src/native/vesh-forward.c).
+   * Host command that starts the port-forward relay on the host
+   * (src/native/vesh-forward-relay.c), which starts the helper inside the
+   * running VE as `user`, with everything a session process has there (all
+   * the VE's namespaces, its cgroups, capabilities and seccomp filter), so
+   * every socket it makes is the VE's and nothing connects from the host's
+   * network. Spawn it with a Node IPC channel as fd 3 (the relay is a host
+   * process the VE cannot reach; it checks every frame and descriptor from
+   * the helper) and `program` opened read-only as fd 4. It says
+   * {t:'ready'} once the helper runs, and lives until the channel closes.
    */
   forwardCommand(ve: string, user: VeUserInfo): Promise<HostCommand & { program: string }>;
 }
