@@ -43,6 +43,25 @@ export const serverConfigSchema = z.strictObject({
     bridge: z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/, 'bridge must be an interface name of 1-15 letters, digits, "_", "." or "-"').default('vesh0'),
     subnet: cidrSchema.default('10.88.0.0/16'),
     outbound: z.boolean().default(false),
+    /**
+     * With outbound on, VEs still cannot reach link-local (cloud metadata at
+     * 169.254.169.254), private (RFC 1918, CGNAT 100.64/10) and other
+     * non-internet ranges, which hold the host's LAN and other bridges.
+     * CIDRs listed here are reachable anyway, e.g. [10.20.0.0/16] for a
+     * company network VEs should use.
+     */
+    outboundAllow: z.array(z.string().refine(
+      (v) => /^\d{1,3}(\.\d{1,3}){3}\/\d{1,2}$/.test(v) && v.split('/')[0]!.split('.').every((o) => Number(o) <= 255) && Number(v.split('/')[1]) <= 32,
+      'each network.outboundAllow entry must be an IPv4 CIDR such as 10.20.0.0/16',
+    )).max(1000).default([]),
+    /**
+     * Connections (conntrack entries: TCP connections, UDP flows) one VE may
+     * hold through the host at once with outbound on; new ones beyond it are
+     * dropped. Keeps one VE from filling the host's conntrack table
+     * (net.netfilter.nf_conntrack_max), after which every new flow on the
+     * host, SSH logins included, is dropped.
+     */
+    maxConnectionsPerVe: z.number().int().min(16).max(1_000_000).default(4096),
   }).prefault({}),
   auth: z.strictObject({
     maxAuthTries: z.number().int().min(1).max(100).default(6),

@@ -13,7 +13,7 @@ export interface ServerConfig {
   hostKeysDir: string;
   accountsFile: string;
   defaults: { template: string; limits: Limits };
-  network: { bridge: string; subnet: string; outbound: boolean };
+  network: { bridge: string; subnet: string; outbound: boolean; outboundAllow: string[]; maxConnectionsPerVe: number };
   auth: {
     maxAuthTries: number;
     loginGraceTimeMs: number;

@@ -18,13 +18,19 @@
  *       mounted) becomes CMD's stdout and stderr; our own errors stay on
  *       the stderr we were given.
  *
- *   vesh-setup net-hook HOSTVETH BRIDGE_IFINDEX ADDRESS PREFIX GATEWAY
+ *   vesh-setup net-hook HOSTVETH BRIDGE_IFINDEX ADDRESS PREFIX GATEWAY MAC
  *       An OCI createRuntime hook: reads the runtime state JSON on stdin for
  *       the VE init's pid, makes a veth pair over rtnetlink (host end HOSTVETH
- *       on the bridge and up; VE end eth0 straight in the VE's network
- *       namespace), then inside that namespace brings lo and eth0 up, adds
+ *       on the bridge; VE end eth0 with address MAC straight in the VE's
+ *       network namespace). Before the host end comes up, its bridge port is
+ *       set to learn no MAC, flood no unknown unicast and stay isolated from
+ *       the other VE ports, the bridge gets a static FDB entry MAC -> HOSTVETH
+ *       and the host a permanent neighbour entry ADDRESS -> MAC on the
+ *       bridge: nothing the VE sends can teach the host where an address or
+ *       MAC is. Then, inside the VE's namespace, lo and eth0 come up with
  *       ADDRESS/PREFIX and the default route via GATEWAY. On failure the host
- *       end is deleted (which deletes the pair). Replaces sh + nsenter + ip.
+ *       end is deleted (which deletes the pair and its FDB entry). Replaces
+ *       sh + nsenter + ip + bridge.
  *
  * Errors: one line on stderr naming the step and the reason; exit 1.
  * Nothing here decides policy: the TypeScript side chooses every name,
@@ -36,6 +42,7 @@
 #include <fcntl.h>
 #include <linux/if_link.h>
 #include <linux/loop.h>
+#include <linux/neighbour.h>
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
 #include <linux/veth.h>
@@ -326,8 +333,50 @@ static int link_up(int fd, int index) {
   return nl_talk(fd, &r);
 }
 
+static int parse_mac(const char *s, unsigned char mac[6]) {
+  unsigned v[6];
+  char end;
+  if (sscanf(s, "%2x:%2x:%2x:%2x:%2x:%2x%c", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &end) != 6) return -1;
+  for (int i = 0; i < 6; i++) mac[i] = (unsigned char)v[i];
+  /* A VE's MAC must be unicast: a multicast source would be flooded, not pinned. */
+  return (mac[0] & 1) ? -1 : 0;
+}
+
+/* The host end's bridge port: no learning, no unknown-unicast flooding, isolated. */
+static int harden_port(int fd, int index) {
+  struct nlreq r;
+  struct ifinfomsg ifi = {.ifi_family = AF_BRIDGE, .ifi_index = index};
+  nl_init(&r, RTM_SETLINK, 0, &ifi, sizeof ifi);
+  struct rtattr *pi = nl_add(&r, IFLA_PROTINFO | NLA_F_NESTED, NULL, 0);
+  unsigned char off = 0, on = 1;
+  nl_add(&r, IFLA_BRPORT_LEARNING, &off, 1);
+  nl_add(&r, IFLA_BRPORT_UNICAST_FLOOD, &off, 1);
+  nl_add(&r, IFLA_BRPORT_ISOLATED, &on, 1);
+  nl_end(&r, pi);
+  return nl_talk(fd, &r);
+}
+
+/* A static FDB entry: frames for MAC go to port INDEX, whatever the VE sends. */
+static int pin_fdb(int fd, int index, const unsigned char mac[6]) {
+  struct nlreq r;
+  struct ndmsg nd = {.ndm_family = AF_BRIDGE, .ndm_ifindex = index, .ndm_state = NUD_NOARP, .ndm_flags = NTF_MASTER};
+  nl_init(&r, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, &nd, sizeof nd);
+  nl_add(&r, NDA_LLADDR, mac, 6);
+  return nl_talk(fd, &r);
+}
+
+/* A permanent neighbour entry on the bridge: ARP from a VE cannot change it. */
+static int pin_neighbour(int fd, int bridge, const struct in_addr *addr, const unsigned char mac[6]) {
+  struct nlreq r;
+  struct ndmsg nd = {.ndm_family = AF_INET, .ndm_ifindex = bridge, .ndm_state = NUD_PERMANENT};
+  nl_init(&r, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, &nd, sizeof nd);
+  nl_add(&r, NDA_DST, addr, sizeof *addr);
+  nl_add(&r, NDA_LLADDR, mac, 6);
+  return nl_talk(fd, &r);
+}
+
 static int cmd_net_hook(int argc, char **argv) {
-  if (argc != 7) die("usage: vesh-setup net-hook HOSTVETH BRIDGE_IFINDEX ADDRESS PREFIX GATEWAY");
+  if (argc != 8) die("usage: vesh-setup net-hook HOSTVETH BRIDGE_IFINDEX ADDRESS PREFIX GATEWAY MAC");
   const char *veth = argv[2];
   int bridge = (int)parse_num(argv[3], "BRIDGE_IFINDEX");
   struct in_addr addr, gw;
@@ -335,6 +384,8 @@ static int cmd_net_hook(int argc, char **argv) {
   long prefix = parse_num(argv[5], "PREFIX");
   if (prefix > 32) die("bad PREFIX %s", argv[5]);
   if (inet_pton(AF_INET, argv[6], &gw) != 1) die("bad GATEWAY %s", argv[6]);
+  unsigned char mac[6];
+  if (parse_mac(argv[7], mac) != 0) die("bad MAC %s (want a unicast aa:bb:cc:dd:ee:ff)", argv[7]);
   if (strlen(veth) >= IFNAMSIZ) die("interface name too long: %s", veth);
 
   long pid = state_pid();
@@ -343,11 +394,12 @@ static int cmd_net_hook(int argc, char **argv) {
   int ns = open(nspath, O_RDONLY | O_CLOEXEC);
   if (ns < 0) die("network hook: open %s: %s", nspath, strerror(errno));
 
-  /* The pair, made from the host's namespace (the runtime's, ours). */
+  /* The pair, made from the host's namespace (the runtime's, ours); the host
+     end stays down until its port and entries are pinned. */
   host_nl = nl_socket();
   {
     struct nlreq r;
-    struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC, .ifi_flags = IFF_UP, .ifi_change = IFF_UP};
+    struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC};
     nl_init(&r, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, &ifi, sizeof ifi);
     nl_add(&r, IFLA_IFNAME, veth, strlen(veth) + 1);
     nl_add(&r, IFLA_MASTER, &bridge, sizeof bridge);
@@ -362,6 +414,7 @@ static int cmd_net_hook(int argc, char **argv) {
     memcpy((char *)&r + off, &pifi, sizeof pifi);
     r.h.nlmsg_len = (unsigned)(off + NLMSG_ALIGN(sizeof pifi));
     nl_add(&r, IFLA_IFNAME, "eth0", 5);
+    nl_add(&r, IFLA_ADDRESS, mac, 6);
     nl_add(&r, IFLA_NET_NS_FD, &ns, sizeof ns);
     nl_end(&r, peer);
     nl_end(&r, data);
@@ -371,12 +424,18 @@ static int cmd_net_hook(int argc, char **argv) {
     if (err) die("network: make veth pair %s/eth0 on bridge %d: %s", veth, bridge, strerror(err));
   }
   host_veth = veth; /* from here on, failures delete the pair */
+  int port = (int)if_nametoindex(veth);
+  if (!port) net_fail("%s vanished after it was made", veth);
+  int err;
+  if ((err = harden_port(host_nl, port))) net_fail("bridge port %s: learning off, flood off, isolated: %s", veth, strerror(err));
+  if ((err = pin_fdb(host_nl, port, mac))) net_fail("static FDB entry %s on %s: %s", argv[7], veth, strerror(err));
+  if ((err = pin_neighbour(host_nl, bridge, &addr, mac))) net_fail("permanent neighbour %s -> %s on bridge %d: %s", argv[4], argv[7], bridge, strerror(err));
+  if ((err = link_up(host_nl, port))) net_fail("%s up: %s", veth, strerror(err));
 
   if (setns(ns, CLONE_NEWNET) != 0) net_fail("enter the VE's network namespace: %s", strerror(errno));
   int ve_nl = nl_socket(); /* bound to the VE's namespace */
   int lo = (int)if_nametoindex("lo"), eth0 = (int)if_nametoindex("eth0");
   if (!lo || !eth0) net_fail("lo or eth0 missing in the VE's namespace");
-  int err;
   if ((err = link_up(ve_nl, lo))) net_fail("lo up: %s", strerror(err));
   {
     struct nlreq r;

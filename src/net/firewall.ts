@@ -5,21 +5,44 @@ export function tableName(instanceId: string): string {
   return `vesh_${instanceId}`;
 }
 
-/** The bridge table's set of (port, address) pairs a VE may send from. */
+/** The bridge table's set of (port, MAC, address) triples a VE may send from. */
 export const ALLOWED_SET = 'allowed';
 
-/** One element of ALLOWED_SET, in nft syntax: the VE's host-side veth and its address. */
-export function allowedElement(hostVeth: string, address: string): string {
-  return `{ "${hostVeth}" . ${address} }`;
+/** One element of ALLOWED_SET, in nft syntax: the VE's host-side veth, the MAC vesh gave its eth0, and its address. */
+export function allowedElement(hostVeth: string, mac: string, address: string): string {
+  return `{ "${hostVeth}" . ${mac} . ${address} }`;
 }
+
+/**
+ * Destinations a VE may not reach even with network.outbound on, unless
+ * network.outboundAllow names them: the places a host's own credentials and
+ * neighbours live, and addresses that are not the internet. Link-local holds
+ * cloud metadata services (169.254.169.254); RFC 1918, CGNAT and the
+ * benchmark range hold the host's LAN, other bridges (docker0) and VPC
+ * internals; the rest is this host (0/8, 127/8), IETF protocol space,
+ * documentation ranges, multicast and the reserved/broadcast block.
+ */
+export const OUTBOUND_BLOCKED: readonly string[] = [
+  '0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12',
+  '192.0.0.0/24', '192.0.2.0/24', '192.168.0.0/16', '198.18.0.0/15', '198.51.100.0/24', '203.0.113.0/24',
+  '224.0.0.0/3',
+];
 
 export interface RulesetOptions {
   table: string;
   bridge: string;
   subnet: string;
+  /** Addresses in the subnet: the size of the per-VE connection-count set. */
+  subnetSize: number;
   /** Every host-side veth of this instance starts with it. */
   vethPrefix: string;
   outbound: boolean;
+  /** CIDRs VEs may reach with outbound on although OUTBOUND_BLOCKED covers them. */
+  outboundAllow: readonly string[];
+  /** The host's name servers (IPv4): with outbound on, VEs may reach them on port 53 even in a blocked range. */
+  nameServers: readonly string[];
+  /** Connections (conntrack entries) one VE address may hold through the host at once. */
+  maxConnectionsPerVe: number;
 }
 
 /** One table of an instance's ruleset, as vesh declares it. */
@@ -37,40 +60,80 @@ export interface HostTable {
   text: string;
 }
 
+function elements(list: readonly string[]): string {
+  return list.length > 0 ? ` elements = { ${list.join(', ')} };` : '';
+}
+
 /**
- * Two tables per instance. `bridge` checks frames as they enter the bridge
- * from a VE's veth: only the VE's own IPv4 address (set `allowed`, one
- * element per VE), no IPv6, and nothing from one VE's port to another's
- * (port isolation in one static rule, no per-port setting). `inet` keeps
- * VEs off the host's own services and, unless outbound is on, off every
- * other network.
+ * Two tables per instance.
+ *
+ * `bridge` checks every frame as it enters the bridge from a VE's veth, before
+ * the bridge learns from it: it passes only untagged ARP (Ethernet/IPv4 form)
+ * and IPv4 whose Ethernet source, ARP sender MAC and sender/source address are
+ * the VE's own (set `allowed`: port . MAC . address, one element per VE).
+ * Everything else is dropped: another address or MAC, IPv6 (vesh gives VEs no
+ * IPv6 address), 802.1Q/802.1ad-tagged frames (nft's `ether type` reads the
+ * tag's type, so a tag — even VID 0, which the host treats as untagged —
+ * never matches the allow-list) and unknown ether types, which would
+ * otherwise be learned (MAC flooding). Nothing passes from one VE's port to
+ * another's (port isolation; the net hook also marks each port isolated).
+ *
+ * `inet` keeps VEs off the host's own services and, unless outbound is on,
+ * off every other network. With outbound on, a VE's new connections may go
+ * to the internet but not to OUTBOUND_BLOCKED (unless outboundAllow names the
+ * destination, or it is a host name server on port 53), and each VE address
+ * may hold at most maxConnectionsPerVe tracked connections, so one VE cannot
+ * fill the host's conntrack table (new flows of every VE and the host are
+ * dropped when it is full).
  */
 export function hostTables(o: RulesetOptions): HostTable[] {
   const ves = `"${o.vethPrefix}*"`;
   const bridgeBody = `
-  set ${ALLOWED_SET} { type ifname . ipv4_addr; }
+  set ${ALLOWED_SET} { type ifname . ether_addr . ipv4_addr; }
   chain prerouting {
     type filter hook prerouting priority -200; policy accept;
-    iifname ${ves} ether type ip6 drop
-    iifname ${ves} ether type ip iifname . ip saddr != @${ALLOWED_SET} drop
-    iifname ${ves} ether type arp iifname . arp saddr ip != @${ALLOWED_SET} drop
+    iifname ${ves} jump from_ve
+  }
+  chain from_ve {
+    ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . ether saddr . arp saddr ip @${ALLOWED_SET} iifname . arp saddr ether . arp saddr ip @${ALLOWED_SET} accept
+    ether type ip iifname . ether saddr . ip saddr @${ALLOWED_SET} accept
+    counter drop
   }
   chain forward {
     type filter hook forward priority -200; policy accept;
     iifname ${ves} oifname ${ves} drop
   }
 `;
+  const egress = o.outbound ? `
+  set outbound_allow { type ipv4_addr; flags interval; auto-merge;${elements(o.outboundAllow)} }
+  set outbound_blocked { type ipv4_addr; flags interval;${elements(OUTBOUND_BLOCKED)} }
+  set name_servers { type ipv4_addr;${elements(o.nameServers)} }
+  set ve_connections { type ipv4_addr; size ${o.subnetSize}; flags dynamic; }
+  chain ve_egress {
+    meta nfproto != ipv4 drop
+    ct state established,related return
+    ct state != new drop
+    ip daddr @name_servers meta l4proto { tcp, udp } th dport 53 goto ve_new_connection
+    ip daddr @outbound_allow goto ve_new_connection
+    ip daddr @outbound_blocked counter drop
+    fib daddr type != unicast drop
+    goto ve_new_connection
+  }
+  chain ve_new_connection {
+    add @ve_connections { ip saddr ct count over ${o.maxConnectionsPerVe} } counter drop
+  }` : '';
   const inetBody = `
   chain input {
     type filter hook input priority -10; policy accept;
     iifname "${o.bridge}" ct state established,related accept
     iifname "${o.bridge}" drop
-  }
+  }${egress}
   chain forward {
     type filter hook forward priority -10; policy accept;
     iifname "${o.bridge}" oifname "${o.bridge}" drop
     oifname "${o.bridge}" ct state established,related accept
-    oifname "${o.bridge}" drop
+    oifname "${o.bridge}" drop${o.outbound ? `
+    iifname "${o.bridge}" jump ve_egress` : ''}
     iifname "${o.bridge}" ${o.outbound ? 'accept' : 'drop'}
   }${o.outbound ? `
   chain postrouting {

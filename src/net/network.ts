@@ -4,7 +4,7 @@ import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import { run } from '../system/exec.js';
 import { requireSetupHelper } from '../system/native-helpers.js';
 import type { Layout } from '../system/layout.js';
-import { intToIp, offsetIn, parseSubnet, type Subnet } from './ipv4.js';
+import { canonicalCidr, intToIp, macForAddress, offsetIn, parseSubnet, type Subnet } from './ipv4.js';
 import { ALLOWED_SET, allowedElement, hostTables, replaceTablesScript, tableComments, tableName } from './firewall.js';
 import type { OciHook } from '../runtime/oci-bundle.js';
 import type { VeNetIdentity } from './types.js';
@@ -13,6 +13,10 @@ export interface VeNetworkOptions {
   bridge: string;
   subnet: string;
   outbound: boolean;
+  /** CIDRs VEs may reach with outbound on although they are link-local, private or otherwise blocked (firewall.ts OUTBOUND_BLOCKED). */
+  outboundAllow?: readonly string[];
+  /** Connections (conntrack entries) one VE may hold through the host at once, with outbound on. */
+  maxConnectionsPerVe?: number;
   layout: Layout;
   logger: Logger;
 }
@@ -23,22 +27,34 @@ export interface VeNetworkOptions {
  * instance's nftables tables. What VE root may do in its own network
  * namespace is its business; what leaves it is checked here, on the host:
  *  - frames from one VE's port to another's are dropped, so VEs cannot reach each other;
- *  - a VE may send only from its own address (IPv4 and ARP), no IPv6;
+ *  - a VE may send only untagged IPv4 and ARP, from the MAC vesh gave its
+ *    eth0 and its own address; no IPv6, no VLAN tags, no other ether type;
+ *  - the bridge learns nothing from VE ports: a static FDB entry says where
+ *    each VE's MAC is, and a permanent neighbour entry says which MAC has
+ *    each VE's address, so no frame a VE sends can redirect the host's
+ *    traffic for another VE;
+ *  - the host answers ARP on the bridge only for the gateway address (it
+ *    does not tell VEs its other addresses);
  *  - VE traffic to the host itself is dropped unless it answers a
  *    connection the host opened (host services on 0.0.0.0 stay private);
  *  - VE traffic out of the host is forwarded (and masqueraded) only when
- *    network.outbound is on.
+ *    network.outbound is on, then not to link-local, private or host
+ *    ranges unless network.outboundAllow names them, and at most
+ *    network.maxConnectionsPerVe connections per VE.
  */
 export class VeNetwork {
   readonly bridge: string;
   readonly subnet: Subnet;
   private readonly outbound: boolean;
+  private readonly outboundAllow: readonly string[];
+  private readonly maxConnectionsPerVe: number;
   private readonly instanceId: string;
   private readonly log: Logger;
   private hostSetup: Promise<void> | null = null;
   /**
    * Anti-spoofing elements known to be in the set. An element pairs a host
-   * veth name with the VE address it is derived from, so it is a fixed fact
+   * veth name with the VE address it is derived from (and the MAC derived
+   * from that address), so it is a fixed fact
    * about the VE from its creation to its destruction, harmless while the VE
    * is stopped (no port has that name), and stays in the set across stops:
    * a start only adds it when this process has not seen it there.
@@ -49,6 +65,8 @@ export class VeNetwork {
     this.bridge = opts.bridge;
     this.subnet = parseSubnet(opts.subnet);
     this.outbound = opts.outbound;
+    this.outboundAllow = (opts.outboundAllow ?? []).map((c) => canonicalCidr(c, 'network.outboundAllow entry'));
+    this.maxConnectionsPerVe = opts.maxConnectionsPerVe ?? DEFAULT_MAX_CONNECTIONS_PER_VE;
     this.instanceId = opts.layout.instanceId;
     this.log = opts.logger.child({ component: 'net' });
   }
@@ -79,7 +97,9 @@ export class VeNetwork {
       const exists = await fs.stat(`/sys/class/net/${this.bridge}`).then(() => true, () => false);
       if (!exists) {
         await ipBatch([
-          `link add ${this.bridge} type bridge`,
+          // A fixed MAC: otherwise the bridge takes the lowest of its ports'
+          // and changes it as VEs come and go, leaving VEs with a stale gateway entry.
+          `link add ${this.bridge} address ${macForAddress(this.subnet.gateway)} type bridge`,
           `addr add ${this.subnet.gateway}/${this.subnet.prefix} dev ${this.bridge}`,
           `link set ${this.bridge} up`,
         ]);
@@ -91,11 +111,30 @@ export class VeNetwork {
         }
         await run('ip', ['link', 'set', this.bridge, 'up']);
       }
+      await this.hardenBridge();
       await this.applyRuleset(await ves());
       if (this.outbound) await fs.writeFile('/proc/sys/net/ipv4/ip_forward', '1');
     } catch (err) {
       throw new VeshError(ErrorCodes.NETWORK_FAILED, `cannot set up the VE bridge ${this.bridge} (${this.subnet.cidr}): ${errorMessage(err)}; check "vesh doctor"`, { cause: err });
     }
+  }
+
+  /**
+   * The host's own stack on the bridge: answer ARP only for addresses of the
+   * bridge itself (arp_ignore 1: the gateway; by default Linux answers for
+   * every host address on every interface, telling VEs the host's LAN and
+   * other bridges' addresses), ask with the bridge's own address
+   * (arp_announce 2), and no IPv6 on the bridge (VEs get none; the host would
+   * otherwise give it a link-local address and speak NDP/MLD to VEs).
+   */
+  private async hardenBridge(): Promise<void> {
+    const conf = (family: 'ipv4' | 'ipv6', key: string) => `/proc/sys/net/${family}/conf/${this.bridge}/${key}`;
+    await fs.writeFile(conf('ipv4', 'arp_ignore'), '1');
+    await fs.writeFile(conf('ipv4', 'arp_announce'), '2');
+    // Absent when the kernel has IPv6 off altogether: nothing to turn off then.
+    await fs.writeFile(conf('ipv6', 'disable_ipv6'), '1').catch((err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ENOENT') throw err;
+    });
   }
 
   /**
@@ -108,14 +147,24 @@ export class VeNetwork {
    * see a moment without their rules. Two nft runs at most.
    */
   private async applyRuleset(all: VeNetIdentity[]): Promise<void> {
-    const tables = hostTables({ table: this.table, bridge: this.bridge, subnet: this.subnet.cidr, vethPrefix: this.vethPrefix(), outbound: this.outbound });
+    const tables = hostTables({
+      table: this.table,
+      bridge: this.bridge,
+      subnet: this.subnet.cidr,
+      subnetSize: this.subnet.size,
+      vethPrefix: this.vethPrefix(),
+      outbound: this.outbound,
+      outboundAllow: this.outboundAllow,
+      nameServers: this.outbound ? (await hostNameServers()).filter(isIpv4) : [],
+      maxConnectionsPerVe: this.maxConnectionsPerVe,
+    });
     // One listing, terse (no set elements, so its size does not grow with the
     // VEs). Not two `list table` commands in one batch: nft 1.0.6 then fills
     // its cache for the first one only and fails the second.
     const found = tableComments((await run('nft', ['-t', 'list', 'ruleset'])).stdout);
     const stale = tables.filter((t) => found.get(`${t.family} ${t.name}`) !== t.comment);
     const ids = all.filter((id) => offsetIn(this.subnet, id.address) >= 0);
-    const fill = ids.length > 0 ? [`add element bridge ${this.table} ${ALLOWED_SET} { ${ids.map((id) => `"${id.hostVeth}" . ${id.address}`).join(', ')} }`] : [];
+    const fill = ids.length > 0 ? [`add element bridge ${this.table} ${ALLOWED_SET} { ${ids.map((id) => `"${id.hostVeth}" . ${macForAddress(id.address)} . ${id.address}`).join(', ')} }`] : [];
     if (stale.length > 0) {
       // The bridge table holds the set: replacing it means filling it again in the same transaction.
       await run('nft', ['-f', '-'], { input: replaceTablesScript(stale, fill) });
@@ -124,7 +173,7 @@ export class VeNetwork {
       await run('nft', ['-f', '-'], { input: `${fill[0]}\n` });
     }
     this.allowed.clear();
-    for (const id of ids) this.allowed.add(allowedElement(id.hostVeth, id.address));
+    for (const id of ids) this.allowed.add(allowedElement(id.hostVeth, macForAddress(id.address), id.address));
   }
 
   /** Lowest free address of the subnet (the first one is the gateway's). */
@@ -153,17 +202,18 @@ export class VeNetwork {
    * starts the VE and did not find it at ensureHost (a VE created since).
    */
   async allow(id: VeNetIdentity): Promise<void> {
-    const element = allowedElement(id.hostVeth, id.address);
+    const element = allowedElement(id.hostVeth, macForAddress(id.address), id.address);
     if (this.allowed.has(element)) return;
     await run('nft', ['add', 'element', 'bridge', this.table, ALLOWED_SET, element]);
     this.allowed.add(element);
   }
 
-  /** The VE is destroyed: its anti-spoofing element goes. */
+  /** The VE is destroyed: its anti-spoofing element and the host's neighbour entry for its address go. */
   async forget(id: VeNetIdentity): Promise<void> {
-    const element = allowedElement(id.hostVeth, id.address);
+    const element = allowedElement(id.hostVeth, macForAddress(id.address), id.address);
     this.allowed.delete(element);
     await run('nft', ['delete', 'element', 'bridge', this.table, ALLOWED_SET, element], { allowFailure: true });
+    await run('ip', ['neigh', 'del', id.address, 'dev', this.bridge], { allowFailure: true });
   }
 
   /**
@@ -174,9 +224,12 @@ export class VeNetwork {
    * create + start (one engine process fewer). The native setup helper
    * (src/native/vesh-setup.c, `net-hook`) reads the init's pid from the state
    * JSON on its stdin and does it all over rtnetlink in one process: the pair
-   * (host end on the bridge, given by its index, and up; VE end straight in
-   * the VE's namespace), then lo and eth0 up, the address and the default
-   * route inside. A shell + nsenter + ip did the same in ~35 ms here; the
+   * (host end on the bridge, given by its index; VE end straight in the VE's
+   * namespace, with the MAC derived from its address), the host end's bridge
+   * port set to learn nothing, flood no unknown unicast and stay isolated,
+   * a static FDB entry for the VE's MAC on that port and a permanent
+   * neighbour entry for its address on the bridge, the host end up, then lo
+   * and eth0 up, the address and the default route inside. A shell + nsenter + ip did the same in ~35 ms here; the
    * helper takes ~3 ms. On failure it deletes the pair it made.
    */
   attachHook(id: VeNetIdentity): OciHook {
@@ -186,7 +239,7 @@ export class VeNetwork {
     const helper = requireSetupHelper();
     return {
       path: helper,
-      args: ['vesh-setup', 'net-hook', id.hostVeth, String(this.bridgeIndex()), id.address, String(this.subnet.prefix), this.subnet.gateway],
+      args: ['vesh-setup', 'net-hook', id.hostVeth, String(this.bridgeIndex()), id.address, String(this.subnet.prefix), this.subnet.gateway, macForAddress(id.address)],
       env: [],
       timeout: 10,
     };
@@ -224,8 +277,7 @@ export class VeNetwork {
     if (!this.outbound) {
       return '# This VE has no outbound network (network.outbound is off in vesh.yaml), so no name server.\n';
     }
-    const host = await fs.readFile('/etc/resolv.conf', 'utf8').catch(() => '');
-    const servers = host.split('\n').map((l) => /^nameserver\s+(\S+)/.exec(l.trim())?.[1]).filter((s): s is string => !!s && !s.startsWith('127.') && s !== '::1');
+    const servers = await hostNameServers();
     if (servers.length === 0) return '# The host uses a local resolver VEs cannot reach; add a name server here.\n';
     return `${servers.map((s) => `nameserver ${s}`).join('\n')}\n`;
   }
@@ -240,6 +292,19 @@ export class VeNetwork {
     this.hostSetup = null;
     this.allowed.clear();
   }
+}
+
+/** Default of network.maxConnectionsPerVe (config/schema.ts has the same). */
+export const DEFAULT_MAX_CONNECTIONS_PER_VE = 4096;
+
+/** Name servers of the host's /etc/resolv.conf that a VE could reach (not the host's loopback). */
+async function hostNameServers(): Promise<string[]> {
+  const host = await fs.readFile('/etc/resolv.conf', 'utf8').catch(() => '');
+  return host.split('\n').map((l) => /^nameserver\s+(\S+)/.exec(l.trim())?.[1]).filter((s): s is string => !!s && !s.startsWith('127.') && s !== '::1');
+}
+
+function isIpv4(s: string): boolean {
+  return /^\d{1,3}(\.\d{1,3}){3}$/.test(s) && s.split('.').every((p) => Number(p) <= 255);
 }
 
 function ipBatch(lines: string[]): Promise<unknown> {
