@@ -20,7 +20,12 @@
  *       (setgroups/setgid/setuid, which clears capabilities for a non-root
  *       user, as login does) and execs.
  *
- *   vesh-session attach SOCKET TTY UID GID GROUPS CWD NENV ENV... NARGV ARGV... [FALLBACK...]   (host)
+ *   vesh-session attach SOCKET TTY [FALLBACK...]   (host)
+ *       The request (UID GID GROUPS CWD NENV ENV... NARGV ARGV...) comes in
+ *       the environment variable VESH_SESSION_REQUEST: those strings, each
+ *       ended by a NUL, in base64. Not on the command line, which every host
+ *       user reads with ps (the command, SSH_CONNECTION with the client's
+ *       address); a root process's environment only root can read.
  *       Ask the agent at SOCKET for a process; behave like `runc exec` in the
  *       foreground: stdio passes through (without a terminal our own fds 0-2
  *       are handed to the process; with one, the VE terminal is copied to and
@@ -31,6 +36,17 @@
  *       for it with KILL_RELAY_SIG. When no agent answers, run FALLBACK
  *       (runc exec) as a child, forward signals to it, and end the same way,
  *       reading its 128+N exit codes as death by signal N.
+ *
+ *   vesh-session raise-limits COMMAND...    (host, see cmd_raise_limits)
+ *
+ *   vesh-session join PIDS MEMORY DIR[:DIR...] COMMAND...   (host)
+ *       Make each cgroup directory DIR (one per hierarchy: pids and memory on
+ *       cgroup v1, the one directory on v2), set its pids limit to PIDS and
+ *       its memory limit to MEMORY bytes, move ourselves into it and exec
+ *       COMMAND. Every host process that serves a VE (session relays, runc
+ *       exec) starts this way, so it is charged to that VE's relay cgroup
+ *       from its first instruction on: a tenant who opens sessions without
+ *       end exhausts his own relay limits, not the host's pids or memory.
  *
  * Only the host can reach SOCKET: it lives in a root-only host directory that
  * is not in the VE's mount namespace, and the agent holds only the listening
@@ -454,8 +470,32 @@ static void die_by_signal(int sig) {
   exit(128 + sig); /* a signal whose default is not to end the process */
 }
 
+/*
+ * Whether `sig` ends a process by default. The status we mirror comes from
+ * the agent, which VE root can replace: a "killed by SIGSTOP" from it must
+ * not stop this host process (it would hang the session, holding its host
+ * resources), so only a signal that ends a process is raised; any other is
+ * reported as the exit status 128+N.
+ */
+static int terminates_by_default(int sig) {
+  if (sig <= 0 || sig >= NSIG) return 0;
+  /* glibc keeps these two for itself (thread cancellation, setxid): raise() would not end us. */
+  if (sig == SIGRTMIN - 2 || sig == SIGRTMIN - 1) return 0;
+  switch (sig) {
+  case SIGCHLD: case SIGCONT: case SIGSTOP: case SIGTSTP: case SIGTTIN: case SIGTTOU: case SIGURG: case SIGWINCH:
+    return 0;
+  default:
+    return 1;
+  }
+}
+
 static void exit_like(int status) {
-  if (WIFSIGNALED(status)) die_by_signal(WTERMSIG(status));
+  if (WIFSIGNALED(status)) {
+    int sig = WTERMSIG(status);
+    if (terminates_by_default(sig)) die_by_signal(sig);
+    restore_tty();
+    exit(sig > 0 && sig < 128 ? 128 + sig : 255);
+  }
   exit(WIFEXITED(status) ? WEXITSTATUS(status) : 255);
 }
 
@@ -557,28 +597,65 @@ static int append_str(char *req, size_t *off, const char *s) {
   return 1;
 }
 
+/* Decode base64 `in` into `out` (at most `cap` bytes); the length, or -1 for bad input or no room. */
+static ssize_t base64_decode(const char *in, char *out, size_t cap) {
+  size_t n = 0;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (const char *p = in; *p && *p != '='; p++) {
+    int v;
+    if (*p >= 'A' && *p <= 'Z') v = *p - 'A';
+    else if (*p >= 'a' && *p <= 'z') v = *p - 'a' + 26;
+    else if (*p >= '0' && *p <= '9') v = *p - '0' + 52;
+    else if (*p == '+') v = 62;
+    else if (*p == '/') v = 63;
+    else return -1;
+    acc = (acc << 6) | (uint32_t)v;
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      if (n >= cap) return -1;
+      out[n++] = (char)((acc >> bits) & 0xff);
+    }
+  }
+  return (ssize_t)n;
+}
+
+#define REQ_ENV "VESH_SESSION_REQUEST"
+#define REQ_FIELDS_MAX (2 * 65536 + 8)
+
 static int cmd_attach(int argc, char **argv) {
-  /* attach SOCKET TTY UID GID GROUPS CWD NENV ENV... NARGV ARGV... [FALLBACK...] */
-  if (argc < 10) {
+  /* attach SOCKET TTY [FALLBACK...], the request in $VESH_SESSION_REQUEST */
+  if (argc < 4) {
     fprintf(stderr, "vesh-session attach: too few arguments\n");
     return 255;
   }
-  int ai = 2;
-  const char *sock = argv[ai++];
-  int tty = atoi(argv[ai++]);
-  uint32_t uid = (uint32_t)strtoul(argv[ai++], NULL, 10);
-  uint32_t gid = (uint32_t)strtoul(argv[ai++], NULL, 10);
-  const char *groups_csv = argv[ai++];
-  const char *cwd = argv[ai++];
-  int nenv = atoi(argv[ai++]);
-  if (nenv < 0 || ai + nenv >= argc) return fprintf(stderr, "vesh-session attach: bad env count\n"), 255;
-  char **env = argv + ai;
+  const char *sock = argv[2];
+  int tty = atoi(argv[3]);
+  char **fallback = argc > 4 ? argv + 4 : NULL;
+  /* The request: UID GID GROUPS CWD NENV ENV... NARGV ARGV..., NUL-ended strings. */
+  static char fields_buf[REQ_MAX];
+  static char *field[REQ_FIELDS_MAX];
+  const char *encoded = getenv(REQ_ENV);
+  ssize_t flen = encoded ? base64_decode(encoded, fields_buf, sizeof fields_buf) : -1;
+  /* Nothing we start (the fallback engine) needs it. */
+  unsetenv(REQ_ENV);
+  if (flen <= 0 || fields_buf[flen - 1] != 0) return fprintf(stderr, "vesh-session attach: no valid request in $%s\n", REQ_ENV), 255;
+  int nf = 0;
+  for (ssize_t at = 0; at < flen && nf < REQ_FIELDS_MAX; at += (ssize_t)strlen(fields_buf + at) + 1) field[nf++] = fields_buf + at;
+  if (nf < 7) return fprintf(stderr, "vesh-session attach: request too short\n"), 255;
+  int ai = 0;
+  uint32_t uid = (uint32_t)strtoul(field[ai++], NULL, 10);
+  uint32_t gid = (uint32_t)strtoul(field[ai++], NULL, 10);
+  const char *groups_csv = field[ai++];
+  const char *cwd = field[ai++];
+  int nenv = atoi(field[ai++]);
+  if (nenv < 0 || ai + nenv >= nf) return fprintf(stderr, "vesh-session attach: bad env count\n"), 255;
+  char **env = field + ai;
   ai += nenv;
-  int nargv = atoi(argv[ai++]);
-  if (nargv < 1 || ai + nargv > argc) return fprintf(stderr, "vesh-session attach: bad argv count\n"), 255;
-  char **pargv = argv + ai;
-  ai += nargv;
-  char **fallback = ai < argc ? argv + ai : NULL;
+  int nargv = atoi(field[ai++]);
+  if (nargv < 1 || ai + nargv > nf) return fprintf(stderr, "vesh-session attach: bad argv count\n"), 255;
+  char **pargv = field + ai;
 
   /* Signals: forwarded ones, SIGWINCH and SIGCHLD come through a signalfd, so none is lost between here and the loop. */
   sigset_t mask;
@@ -750,10 +827,102 @@ static int cmd_attach(int argc, char **argv) {
   }
 }
 
+/* ------------------------------------------------------------------- join */
+
+/* Write `text` to DIR/NAME; 0, or -1 with errno (ENOENT: this hierarchy has no such file). */
+static int write_cg_file(const char *dir, const char *name, const char *text) {
+  char file[PATH_MAX];
+  if (snprintf(file, sizeof file, "%s/%s", dir, name) >= (int)sizeof file) return errno = ENAMETOOLONG, -1;
+  int fd = open(file, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return -1;
+  ssize_t n;
+  do n = write(fd, text, strlen(text)); while (n < 0 && errno == EINTR);
+  int e = errno;
+  close(fd);
+  errno = e;
+  return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+/* mkdir -p for a cgroup directory (the instance's parent may not exist in a hierarchy yet). */
+static int make_cg_dir(char *dir) {
+  if (mkdir(dir, 0755) == 0 || errno == EEXIST) return 0;
+  if (errno != ENOENT) return -1;
+  char *slash = strrchr(dir, '/');
+  if (!slash || slash == dir) return -1;
+  *slash = 0;
+  int r = make_cg_dir(dir);
+  *slash = '/';
+  if (r < 0) return -1;
+  return mkdir(dir, 0755) == 0 || errno == EEXIST ? 0 : -1;
+}
+
+static int cmd_join(int argc, char **argv) {
+  /* join PIDS MEMORY DIR[:DIR...] COMMAND... */
+  if (argc < 6) {
+    fprintf(stderr, "usage: vesh-session join PIDS MEMORY DIR[:DIR...] COMMAND...\n");
+    return 255;
+  }
+  const char *pids = argv[2], *memory = argv[3];
+  static char dirs[8192];
+  if (snprintf(dirs, sizeof dirs, "%s", argv[4]) >= (int)sizeof dirs) return fprintf(stderr, "vesh: cgroup list too long\n"), 255;
+  for (char *dir = strtok(dirs, ":"); dir; dir = strtok(NULL, ":")) {
+    if (make_cg_dir(dir) < 0) {
+      fprintf(stderr, "vesh: cannot make the relay cgroup %s: %s\r\n", dir, strerror(errno));
+      return 255;
+    }
+    /* Limits first, then us: never a moment in the cgroup without them. A
+       memory limit below what is in use already fails (EBUSY): the one set
+       before holds meanwhile. */
+    if (write_cg_file(dir, "pids.max", pids) < 0 && errno != ENOENT) {
+      fprintf(stderr, "vesh: cannot set pids.max of %s: %s\r\n", dir, strerror(errno));
+      return 255;
+    }
+    if (write_cg_file(dir, "memory.limit_in_bytes", memory) < 0 && errno == ENOENT) write_cg_file(dir, "memory.max", memory);
+    if (write_cg_file(dir, "cgroup.procs", "0") < 0) {
+      if (errno == EAGAIN)
+        fprintf(stderr, "vesh: this VE already has as many host processes serving its sessions as it may (%s): close some sessions and try again\r\n", pids);
+      else
+        fprintf(stderr, "vesh: cannot join the relay cgroup %s: %s\r\n", dir, strerror(errno));
+      return 255;
+    }
+  }
+  execvp(argv[5], argv + 5);
+  fprintf(stderr, "vesh: cannot run %s: %s\r\n", argv[5], strerror(errno));
+  return errno == ENOENT ? 127 : 126;
+}
+
+/* ----------------------------------------------------------- raise-limits */
+
+/*
+ * raise-limits COMMAND...: exec COMMAND (the engine's create/run) with no
+ * limit on POSIX message queue bytes, queued signals and locked memory. A
+ * new user namespace takes its ceiling for these counters from its creator's
+ * limits, and the kernel charges every VE's use of them to that creator
+ * (host root) as well: with host root's usual 800 KiB of message queues, one
+ * VE using its share would leave none for the others. Each VE process is
+ * held to its own limits from the bundle instead (oci-bundle.ts).
+ */
+static int cmd_raise_limits(int argc, char **argv) {
+  if (argc < 3) {
+    fprintf(stderr, "usage: vesh-session raise-limits COMMAND...\n");
+    return 2;
+  }
+  const int which[] = { RLIMIT_MSGQUEUE, RLIMIT_SIGPENDING, RLIMIT_MEMLOCK };
+  for (size_t i = 0; i < sizeof which / sizeof which[0]; i++) {
+    struct rlimit unl = { RLIM_INFINITY, RLIM_INFINITY };
+    if (setrlimit(which[i], &unl) < 0) { /* not root: the engine runs with what we have */ }
+  }
+  execvp(argv[2], argv + 2);
+  fprintf(stderr, "vesh: cannot run %s: %s\n", argv[2], strerror(errno));
+  return errno == ENOENT ? 127 : 126;
+}
+
 int main(int argc, char **argv, char **envp) {
   if (argc >= 2 && !strcmp(argv[1], "listen")) return cmd_listen(argc, argv);
   if (argc >= 2 && !strcmp(argv[1], "agent")) return cmd_agent(argv, envp);
   if (argc >= 2 && !strcmp(argv[1], "attach")) return cmd_attach(argc, argv);
-  fprintf(stderr, "usage: vesh-session listen SOCKET COMMAND... | agent | attach SOCKET ...\n");
+  if (argc >= 2 && !strcmp(argv[1], "join")) return cmd_join(argc, argv);
+  if (argc >= 2 && !strcmp(argv[1], "raise-limits")) return cmd_raise_limits(argc, argv);
+  fprintf(stderr, "usage: vesh-session listen SOCKET COMMAND... | agent | attach SOCKET TTY [FALLBACK...] | join PIDS MEMORY DIRS COMMAND...\n");
   return 2;
 }
