@@ -1,4 +1,5 @@
 import { promises as fs, readFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import path from 'node:path';
 
 /** Which cgroup layout this host has: v1 (all controllers v1), hybrid (v1 plus an empty v2 mount) or v2 (unified). */
@@ -58,4 +59,47 @@ export async function removeCgroupDirs(dirs: string[]): Promise<void> {
   for (const d of dirs) {
     await fs.rmdir(d).catch(() => undefined);
   }
+}
+
+/**
+ * The relay cgroup of container `id`: where the host processes that serve
+ * it (session relays, `runc exec`) are charged, beside (not inside) the
+ * container's own cgroup, so they neither count against the VE's limits nor
+ * get frozen or killed with its processes. The ".relays" suffix cannot be a
+ * VE name (those hold no dots). Only the pids and memory controllers are
+ * used, so on v1 only those two hierarchies hold it.
+ */
+export function relayCgroupDirs(parent: string, id: string, layout: CgroupLayout): string[] {
+  const rel = `${parent.replace(/^\/+/, '')}/${id}.relays`;
+  if (layout === 'v2') return [path.join('/sys/fs/cgroup', rel)];
+  return ['pids', 'memory'].map((c) => path.join('/sys/fs/cgroup', c, rel));
+}
+
+async function cgroupPids(dir: string): Promise<number[]> {
+  const text = await fs.readFile(path.join(dir, 'cgroup.procs'), 'utf8').catch(() => '');
+  return text.split('\n').map(Number).filter((n) => Number.isInteger(n) && n > 0);
+}
+
+/**
+ * Remove a container's relay cgroup once its container is gone. Its relays
+ * end by themselves when the agent they talk to or the engine process they
+ * wait for goes (a second or so); any still there after `graceMs`
+ * serve a container that no longer exists, and are killed.
+ */
+export async function removeRelayCgroup(dirs: string[], graceMs = 2000): Promise<void> {
+  const deadline = Date.now() + graceMs;
+  for (;;) {
+    const pids = (await Promise.all(dirs.map(cgroupPids))).flat();
+    if (pids.length === 0) break;
+    if (Date.now() >= deadline) {
+      for (const pid of new Set(pids)) {
+        try { process.kill(pid, 'SIGKILL'); } catch { /* gone meanwhile */ }
+      }
+      await sleep(100);
+      if (Date.now() >= deadline + 2000) break;
+      continue;
+    }
+    await sleep(100);
+  }
+  await removeCgroupDirs(dirs);
 }

@@ -3,7 +3,26 @@ import { spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { run, safeEnv } from '../system/exec.js';
+import { relayCgroupDirs, removeRelayCgroup, type CgroupLayout } from './cgroups.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from './types.js';
+
+/**
+ * Host-side limits for the processes that serve one container (session
+ * relays, `runc exec`): each container gets a relay cgroup `PARENT/ID.relays`
+ * with these limits, and every host command we hand out joins it first
+ * (through `HELPER join`), so a tenant who opens sessions without end runs
+ * into his own limits, not the host's.
+ */
+export interface RelayLimits {
+  /** Cgroup path under which the relay cgroups live (the instance's cgroup parent). */
+  parent: string;
+  layout: CgroupLayout;
+  /** Tasks (processes and threads) at most, per container. */
+  pids: number;
+  memoryBytes: number;
+  /** The session helper (vesh-session), or null when it is not built: commands then run uncharged. */
+  helper: () => string | null;
+}
 
 /** Process specs for `runc exec --process` (see execCommand), and how long one is kept. */
 const PROCESS_FILE_PREFIX = 'exec-process-';
@@ -24,7 +43,10 @@ export class RuncRuntime implements ContainerRuntime {
   /** Bundle dir → when its old process files were last looked for. */
   private readonly swept = new Map<string, number>();
 
-  constructor(private readonly binary: string, private readonly root: string) {}
+  /** Container id → its bundle's process spec, and the config.json mtime it was read at. */
+  private readonly baseProcess = new Map<string, { mtimeMs: number; process: Record<string, unknown> }>();
+
+  constructor(private readonly binary: string, private readonly root: string, private readonly relays: RelayLimits | null = null) {}
 
   private base(): string[] {
     return ['--root', this.root];
@@ -61,8 +83,12 @@ export class RuncRuntime implements ContainerRuntime {
 
   private async launch(verb: 'create' | 'run', id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string; prepare?: HostCommand }): Promise<void> {
     this.bundles.set(id, opts.bundleDir);
+    this.baseProcess.delete(id);
     const missing = () => new VeshError(ErrorCodes.RUNTIME_MISSING, `the runtime binary "${this.binary}" was not found: install it with "apt-get install runc" (or set runtime.binary in vesh.yaml)`);
-    const engine = [this.binary, ...this.base(), verb, ...(verb === 'run' ? ['--detach'] : []), '--bundle', opts.bundleDir, '--pid-file', opts.pidFile, id];
+    // Through the session helper when built: it lifts the limits the VE's user
+    // namespace takes from its creator (see raise-limits in vesh-session.c).
+    const helper = this.relays?.helper() ?? null;
+    const engine = [...(helper ? [helper, 'raise-limits'] : []), this.binary, ...this.base(), verb, ...(verb === 'run' ? ['--detach'] : []), '--bundle', opts.bundleDir, '--pid-file', opts.pidFile, id];
     // The init inherits runc's stdio. Pipes would keep us waiting for an EOF
     // that comes only when the VE stops, so its stdio is the console file.
     // With a prepare step, that step opens it (it may be on a disk the step
@@ -81,7 +107,7 @@ export class RuncRuntime implements ContainerRuntime {
         });
         child.on('close', (code, signal) => resolve({ code, signal, stderr: Buffer.concat(err).toString('utf8') }));
       });
-      if (res.code === 127 && opts.prepare) throw missing();
+      if (res.code === 127 && (opts.prepare || helper)) throw missing();
       // The prepare step's own failure (the engine never ran): its line, as it is.
       if (res.code !== 0 && res.stderr.trim()) throw new VeshError(ErrorCodes.COMMAND_FAILED, res.stderr.trim().split('\n').pop()!);
       if (res.code !== 0) {
@@ -123,10 +149,20 @@ export class RuncRuntime implements ContainerRuntime {
     const bundle = this.bundles.get(id);
     if (bundle) this.swept.delete(bundle);
     this.bundles.delete(id);
+    this.baseProcess.delete(id);
     const res = await this.runc(['delete', ...(force ? ['--force'] : []), id], { allowFailure: true });
     if (res.code !== 0 && !/does not exist|not found/i.test(res.stderr)) {
       throw new VeshError(ErrorCodes.RUNTIME_FAILED, `runc delete ${id} failed: ${lastRuncLine(res.stderr)}`);
     }
+    // The container is gone, and so are the agent its relays talked to.
+    if (this.relays) await removeRelayCgroup(relayCgroupDirs(this.relays.parent, id, this.relays.layout));
+  }
+
+  chargeToContainer(id: string, cmd: HostCommand): HostCommand {
+    const helper = this.relays?.helper();
+    if (!this.relays || !helper) return cmd;
+    const dirs = relayCgroupDirs(this.relays.parent, id, this.relays.layout);
+    return { ...cmd, file: helper, args: ['join', String(this.relays.pids), String(this.relays.memoryBytes), dirs.join(':'), cmd.file, ...cmd.args] };
   }
 
   async execCommand(id: string, spec: ExecSpec): Promise<HostCommand> {
@@ -135,26 +171,18 @@ export class RuncRuntime implements ContainerRuntime {
     // SIGWINCH resizes; without -t the process gets our pipes. Either way the
     // process joins the container's cgroups, capabilities and seccomp filter,
     // which nsenter would skip.
-    const args = [...this.base(), 'exec'];
-    const viaFile = Boolean(spec.tty && spec.consoleSize);
-    if (viaFile) {
-      // runc copies our window size to the new terminal only after the
-      // process runs, so `stty size` at its start may see 0x0. A size in the
-      // process spec is set on the terminal before the process starts; the
-      // flags have no way to give it, so the whole process spec goes in a file.
-      args.push('--process', await this.writeProcessFile(id, spec));
-    } else {
-      args.push(`--tty=${spec.tty}`, '--user', `${spec.uid}:${spec.gid}`);
-      for (const g of spec.additionalGids ?? []) args.push('--additional-gids', String(g));
-      if (spec.cwd) args.push('--cwd', spec.cwd);
-      for (const [k, v] of Object.entries(spec.env ?? {})) args.push('--env', `${k}=${v}`);
-    }
+    //
+    // The process (argv, env, user, size) always goes in a file: on runc's
+    // command line every host user would read it with ps (a session's
+    // command, SSH_CONNECTION with the client's address); the file is 0600.
+    // A size in the file is also set on the terminal before the process
+    // starts, where the flags would let `stty size` at its start see 0x0.
+    const args = [...this.base(), 'exec', '--process', await this.writeProcessFile(id, spec)];
     if (spec.detach) args.push('--detach');
     if (spec.preserveFds) args.push('--preserve-fds', String(spec.preserveFds));
     if (spec.pidFile) args.push('--pid-file', spec.pidFile);
     args.push(id);
-    if (!viaFile) args.push(...spec.argv);
-    return { file: this.binary, args };
+    return this.chargeToContainer(id, { file: this.binary, args });
   }
 
   /**
@@ -167,17 +195,12 @@ export class RuncRuntime implements ContainerRuntime {
    */
   private async writeProcessFile(id: string, spec: ExecSpec): Promise<string> {
     const bundle = await this.bundleOf(id);
-    let base: Record<string, unknown>;
-    try {
-      base = (JSON.parse(await fs.readFile(path.join(bundle, 'config.json'), 'utf8')) as { process: Record<string, unknown> }).process;
-    } catch (err) {
-      throw new VeshError(ErrorCodes.RUNTIME_FAILED, `cannot read the process spec of container ${id} in ${bundle}: ${(err as Error).message}`, { cause: err });
-    }
+    const base = await this.bundleProcess(id, bundle);
     const baseUser = (base.user ?? {}) as { additionalGids?: number[] };
     const proc = {
       ...base,
-      terminal: true,
-      consoleSize: { height: spec.consoleSize!.rows, width: spec.consoleSize!.cols },
+      terminal: spec.tty,
+      ...(spec.tty && spec.consoleSize ? { consoleSize: { height: spec.consoleSize.rows, width: spec.consoleSize.cols } } : {}),
       args: spec.argv,
       cwd: spec.cwd ?? base.cwd ?? '/',
       env: [...((base.env as string[] | undefined) ?? []), ...Object.entries(spec.env ?? {}).map(([k, v]) => `${k}=${v}`)],
@@ -193,6 +216,21 @@ export class RuncRuntime implements ContainerRuntime {
     return file;
   }
 
+  /** The bundle's process spec, read again only when config.json changed (a VE start rewrites it). */
+  private async bundleProcess(id: string, bundle: string): Promise<Record<string, unknown>> {
+    const config = path.join(bundle, 'config.json');
+    try {
+      const { mtimeMs } = await fs.stat(config);
+      const cached = this.baseProcess.get(id);
+      if (cached && cached.mtimeMs === mtimeMs) return cached.process;
+      const proc = (JSON.parse(await fs.readFile(config, 'utf8')) as { process: Record<string, unknown> }).process;
+      this.baseProcess.set(id, { mtimeMs, process: proc });
+      return proc;
+    } catch (err) {
+      throw new VeshError(ErrorCodes.RUNTIME_FAILED, `cannot read the process spec of container ${id} in ${bundle}: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
   private async removeOldProcessFiles(bundle: string): Promise<void> {
     const cutoff = Date.now() - PROCESS_FILE_TTL_MS;
     const names = await fs.readdir(bundle).catch(() => [] as string[]);
@@ -204,10 +242,23 @@ export class RuncRuntime implements ContainerRuntime {
     }
   }
 
-  /** The bundle a container was made from: remembered from create/run, else asked of runc. */
+  /**
+   * The bundle a container was made from: remembered from create/run, else
+   * read from runc's own state file (ROOT/ID/state.json, written by runc as
+   * host root; its "bundle=" label), else asked of runc.
+   */
   private async bundleOf(id: string): Promise<string> {
     const known = this.bundles.get(id);
     if (known) return known;
+    const saved = await fs.readFile(path.join(this.root, id, 'state.json'), 'utf8').then((t) => {
+      const labels = (JSON.parse(t) as { config?: { labels?: unknown } }).config?.labels;
+      const label = Array.isArray(labels) ? labels.find((l): l is string => typeof l === 'string' && l.startsWith('bundle=')) : undefined;
+      return label ? label.slice('bundle='.length) : null;
+    }, () => null).catch(() => null);
+    if (saved) {
+      this.bundles.set(id, saved);
+      return saved;
+    }
     const st = await this.state(id);
     if (!st) throw new VeshError(ErrorCodes.RUNTIME_FAILED, `container ${id} does not exist`);
     this.bundles.set(id, st.bundle);

@@ -53,6 +53,12 @@ export interface HostCommand {
    * `runc exec` does (128+N for death by signal N).
    */
   exitReporting?: 'exact';
+  /**
+   * Variables to add to the command's own environment (not the process's in
+   * the container): what must not be on its command line, which every host
+   * user can read with ps, while a root process's environment only root can.
+   */
+  env?: Record<string, string>;
 }
 
 export interface ContainerRuntime {
@@ -91,4 +97,11 @@ export interface ContainerRuntime {
    * gets the container's namespaces, cgroups, capabilities and seccomp filter.
    */
   execCommand(id: string, spec: ExecSpec): Promise<HostCommand>;
+  /**
+   * `cmd`, made to run charged to the host-side limits of container `id`
+   * (its relay cgroup: pids and memory) from its first instruction on. For
+   * host processes that serve the container, such as a session relay;
+   * execCommand's commands are charged already. Never throws.
+   */
+  chargeToContainer(id: string, cmd: HostCommand): HostCommand;
 }

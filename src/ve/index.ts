@@ -1,7 +1,10 @@
 import type { Logger } from '../audit/logger.js';
 import type { ServerConfig } from '../config/server-config.js';
 import { VeNetwork } from '../net/network.js';
+import { existsSync } from 'node:fs';
+import { detectCgroupLayout } from '../runtime/cgroups.js';
 import { RuncRuntime } from '../runtime/runc.js';
+import { sessionHelperPath } from '../system/native-helpers.js';
 import { makeLayout, type Layout } from '../system/layout.js';
 import { TemplateStore } from '../template/store.js';
 import { VeManager } from './manager.js';
@@ -24,7 +27,13 @@ export function createVeManager(config: ServerConfig, logger: Logger): VeManager
     config,
     layout,
     logger,
-    runtime: new RuncRuntime(config.runtime.binary, layout.runtimeRoot),
+    runtime: new RuncRuntime(config.runtime.binary, layout.runtimeRoot, {
+      parent: layout.cgroupParent,
+      layout: detectCgroupLayout(),
+      pids: config.runtime.relayPids,
+      memoryBytes: config.runtime.relayMemoryBytes,
+      helper: () => (existsSync(sessionHelperPath()) ? sessionHelperPath() : null),
+    }),
     templates: createTemplateStore(config, layout, logger),
     network: createVeNetwork(config, layout, logger),
   });
