@@ -6,7 +6,8 @@ import { exitReport, relaySignal, type ExitReport } from './exit-status.js';
 import { HANGUP_GRACE_MS, PTY_INPUT_QUEUE_MAX, clampPtySize } from './limits.js';
 
 /**
- * The host-side process of a session: `runc exec` (from VeAccess), which
+ * The host-side process of a session: `runc exec` or our session relay
+ * (from VeAccess, already charged to the VE's relay cgroup), which
  * runs the real program inside the VE and relays its stdio, exit status,
  * window size and signals. We start it in one of two ways:
  *
@@ -29,11 +30,15 @@ export interface SessionProcess {
   hangup(): void;
 }
 
-/** The environment of runc itself (not of the VE process, which gets its env through runc's --env). */
-function relayEnv(term?: string): Record<string, string> {
+/**
+ * The environment of the relay itself (not of the VE process, whose env
+ * travels in its request): a fixed allow-list, plus what the command asks
+ * for (the session request, kept off the command line that ps shows).
+ */
+function relayEnv(cmd: HostCommand, term?: string): Record<string, string> {
   const env: Record<string, string> = { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', LANG: 'C.UTF-8' };
   if (term) env.TERM = term;
-  return env;
+  return { ...cmd.env, ...env };
 }
 
 function scheduleKill(kill: () => void, isDone: () => boolean): void {
@@ -61,7 +66,7 @@ export function startPtyProcess(
     rows: size.rows,
     cwd: '/',
     // Never node-pty's default (our own process.env).
-    env: relayEnv(opts.term),
+    env: relayEnv(cmd, opts.term),
     // Raw bytes both ways: the channel carries bytes, not text.
     encoding: null,
   });
@@ -136,7 +141,7 @@ export function startPipeProcess(
   onError: (err: Error) => void,
   opts: { onStderr?: (chunk: Buffer) => void } = {},
 ): SessionProcess {
-  const child: ChildProcess = spawn(cmd.file, cmd.args, { stdio: ['pipe', 'pipe', 'pipe'], env: relayEnv(), cwd: '/' });
+  const child: ChildProcess = spawn(cmd.file, cmd.args, { stdio: ['pipe', 'pipe', 'pipe'], env: relayEnv(cmd), cwd: '/' });
   let exited = false;
   child.on('error', (err) => {
     onError(err);

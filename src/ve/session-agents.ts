@@ -62,6 +62,29 @@ interface Launch {
   done: Promise<void>;
 }
 
+/** Where `vesh-session attach` takes its request from (REQ_ENV in vesh-session.c). */
+const ATTACH_REQUEST_ENV = 'VESH_SESSION_REQUEST';
+/** The decoded request must fit the agent's message (REQ_MAX, 60 KiB, in vesh-session.c) with its header. */
+const ATTACH_REQUEST_MAX = 56 * 1024;
+
+/**
+ * The request for `vesh-session attach` (UID GID GROUPS CWD NENV ENV... NARGV
+ * ARGV..., each ended by a NUL) in base64, for its environment: the command
+ * line would show the session's command and its SSH_CONNECTION (the client's
+ * address) to every host user through ps. null when it is too large for the
+ * agent, or holds a NUL (which no exec could pass on either).
+ */
+export function encodeAttachRequest(spec: AgentProcessSpec): string | null {
+  const env = Object.entries(spec.env).map(([k, v]) => `${k}=${v}`);
+  const fields = [
+    String(spec.uid), String(spec.gid), spec.groups.length ? spec.groups.join(',') : '-', spec.cwd || '',
+    String(env.length), ...env, String(spec.argv.length), ...spec.argv,
+  ];
+  if (fields.some((f) => f.includes('\0'))) return null;
+  const bytes = Buffer.from(`${fields.join('\0')}\0`, 'utf8');
+  return bytes.length > ATTACH_REQUEST_MAX ? null : bytes.toString('base64');
+}
+
 export class SessionAgents {
   private readonly agents = new Map<string, AgentRecord>();
   private readonly launching = new Map<string, Launch>();
@@ -109,17 +132,17 @@ export class SessionAgents {
     if (!helper) return fallback;
     const agent = this.agents.get(ve);
     if (agent && agent.init === init && (await processStartTime(agent.pid)) === agent.start) {
-      const env = Object.entries(spec.env).map(([k, v]) => `${k}=${v}`);
-      return {
+      const request = encodeAttachRequest(spec);
+      // Too big for the agent: the engine takes it (and its own limits apply).
+      if (request === null) return fallback;
+      // The relay joins the VE's relay cgroup before it runs (see
+      // chargeToContainer), and so does its fallback, which it runs as a child.
+      return this.deps.runtime.chargeToContainer(ve, {
         file: helper,
-        args: [
-          'attach', this.socketPath(ve), spec.tty ? '1' : '0', String(spec.uid), String(spec.gid),
-          spec.groups.length ? spec.groups.join(',') : '-', spec.cwd || '-',
-          String(env.length), ...env, String(spec.argv.length), ...spec.argv,
-          fallback.file, ...fallback.args,
-        ],
+        args: ['attach', this.socketPath(ve), spec.tty ? '1' : '0', fallback.file, ...fallback.args],
+        env: { ...fallback.env, [ATTACH_REQUEST_ENV]: request },
         exitReporting: 'exact',
-      };
+      });
     }
     if (!this.launching.has(ve)) {
       // A second later, not now: the login that asked for it is starting its
