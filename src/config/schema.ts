@@ -75,26 +75,6 @@ export const serverConfigSchema = z.strictObject({
      */
     maxStartupsPerSource: z.number().int().min(1).max(100_000).default(10),
     /**
-     * Per-source penalties after repeated failures (OpenSSH PerSourcePenalties
-     * style). A failure is a wrong password or signature, a connection cut at
-     * the login grace time, garbage / a failed key exchange before login, or
-     * a connection that left without logging in ("noauth").
-     */
-    penalties: z.strictObject({
-      failuresBeforePenalty: z.number().int().min(1).default(10),
-      penalty: parsed((v) => parseDuration(v, 'penalty')).default(30_000),
-      maxPenalty: parsed((v) => parseDuration(v, 'maxPenalty')).default(600_000),
-    }).prefault({}),
-  }).prefault({}),
-  runtime: z.strictObject({
-    engine: z.enum(['runc']).default('runc'),
-    binary: z.string().default('runc'),
-    /** Host uid/gid that VE root maps to, and how many ids a VE has. */
-    idmapBase: z.number().int().min(1).default(100_000),
-    idmapSize: z.number().int().min(65_536).default(65_536),
-    stopTimeout: parsed((v) => parseDuration(v, 'stopTimeout')).default(10_000),
-    /** A session agent in each VE in use (one small process there) instead of one engine exec per session. */
-    /**
      * New connections one source may open per second, on average (bursts of
      * five seconds' worth pass). Each handshake costs a host-key signature on
      * the shared event loop (RSA: ~1.5 ms), so a source that connects faster
@@ -120,7 +100,10 @@ export const serverConfigSchema = z.strictObject({
       failuresBeforePenalty: z.number().int().min(1).default(10),
       /** Failures from one source in all (any account, and connections that never logged in) before the whole source waits; logins do not clear them. */
       sourceFailuresBeforePenalty: z.number().int().min(1).default(20),
-export type ServerConfigFile = z.infer<typeof serverConfigSchema>;
+      penalty: parsed((v) => parseDuration(v, 'penalty')).default(30_000),
+      maxPenalty: parsed((v) => parseDuration(v, 'maxPenalty')).default(600_000),
+    }).prefault({}),
+  }).prefault({}),
   /**
    * What authenticated users may hold open. Every session is a host process
    * (and a pty for a terminal), every forward helper a process in the VE
@@ -141,6 +124,15 @@ export type ServerConfigFile = z.infer<typeof serverConfigSchema>;
     /** Sessions, all accounts together: kept below the host's pty pool (pty.max - pty.reserve = 3072 by default) and pid_max. */
     maxSessionsTotal: z.number().int().min(1).max(1_000_000).default(2000),
   }).prefault({}),
+  runtime: z.strictObject({
+    engine: z.enum(['runc']).default('runc'),
+    binary: z.string().default('runc'),
+    /** Host uid/gid that VE root maps to, and how many ids a VE has. */
+    idmapBase: z.number().int().min(1).default(100_000),
+    idmapSize: z.number().int().min(65_536).default(65_536),
+    stopTimeout: parsed((v) => parseDuration(v, 'stopTimeout')).default(10_000),
+    /** A session agent in each VE in use (one small process there) instead of one engine exec per session. */
+    sessionAgents: z.boolean().default(true),
     /**
      * Host processes that serve one VE's sessions (session relays, runc exec,
      * the forward helper's start) are charged to a cgroup of that VE with
@@ -157,3 +149,11 @@ export type ServerConfigFile = z.infer<typeof serverConfigSchema>;
      * vesh raises at start): without a cap one VE takes them all.
      */
     ptysPerVe: z.number().int().min(16).max(65_536).default(1024),
+  }).prefault({}),
+  logging: z.strictObject({
+    level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),
+    pretty: z.union([z.boolean(), z.literal('auto')]).default('auto'),
+  }).prefault({}),
+});
+
+export type ServerConfigFile = z.infer<typeof serverConfigSchema>;
