@@ -89,6 +89,9 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
       idmapSize: value.runtime.idmapSize,
       stopTimeoutMs: value.runtime.stopTimeout,
       sessionAgents: value.runtime.sessionAgents,
+      relayPids: value.runtime.relayPids,
+      relayMemoryBytes: value.runtime.relayMemory,
+      ptysPerVe: value.runtime.ptysPerVe,
     },
     logging: { ...value.logging },
   };
