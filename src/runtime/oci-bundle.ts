@@ -15,7 +15,43 @@ export interface VeBundleSpec {
   ctlDir: string;
   /** OCI createRuntime hooks: host programs run once the VE's namespaces exist, before its init runs. */
   createRuntimeHooks?: OciHook[];
+  /** Terminals the VE may have open at once (its devpts max=); DEFAULT_VE_PTYS when absent. */
+  ptys?: number;
+  /**
+   * The host's cgroup layout. On v1 (and hybrid) the kernel charges a
+   * cgroup's TCP buffers only once its TCP limit is set, so the bundle sets
+   * one; v2 charges socket memory to the VE's memory by itself.
+   */
+  cgroupLayout?: 'v1' | 'hybrid' | 'v2';
 }
+
+/** Terminals per VE when the caller names no number (runtime.ptysPerVe's default). */
+export const DEFAULT_VE_PTYS = 1024;
+
+/**
+ * Per-VE rlimits for counters the kernel also charges to the user that made
+ * the VE's user namespace (host root, through runc) and so shares between
+ * every VE and host root (review M2): POSIX message queue bytes, queued
+ * signals, SHM_LOCK'd memory. A VE process may use at most these (per VE uid);
+ * the kernel's defaults for an ordinary user, lowered to the supervisor's hard
+ * limit when that is lower (runc refuses more).
+ */
+const VE_SHARED_COUNTER_RLIMITS: Array<[type: string, limitsName: string, value: number]> = [
+  ['RLIMIT_MSGQUEUE', 'Max msgqueue size', 819_200],
+  ['RLIMIT_SIGPENDING', 'Max pending signals', 16_384],
+  ['RLIMIT_MEMLOCK', 'Max locked memory', 8 * 1024 * 1024],
+];
+
+/**
+ * Per-socket TCP buffer bounds in the VE's own network namespace (these
+ * sysctls are per netns; the kernel's defaults). The VE's total TCP buffer
+ * memory is bounded by its memory cgroup (kernelTCP on v1), these only keep
+ * one socket's autotuning at the kernel's usual size.
+ */
+const VE_NET_SYSCTLS: Record<string, string> = {
+  'net.ipv4.tcp_rmem': '4096 131072 6291456',
+  'net.ipv4.tcp_wmem': '4096 16384 4194304',
+};
 
 /** An OCI hook (runtime-spec config.md#posix-platform-hooks); its stdin is the container's state JSON. */
 export interface OciHook {
@@ -46,16 +82,37 @@ const MASKED_PATHS = [
 ];
 const READONLY_PATHS = ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'];
 
-/** The hard RLIMIT_NOFILE of this process: an OCI rlimit above it makes runc fail. */
-function hostNofileHardLimit(): number {
+/**
+ * A hard limit of this process ("Max open files" … as /proc/self/limits names
+ * it): an OCI rlimit above it makes runc fail. `fallback` when unreadable;
+ * Infinity for "unlimited".
+ */
+function hostHardLimit(name: string, fallback: number): number {
   try {
     const text = readFileSync('/proc/self/limits', 'utf8');
-    const m = /^Max open files\s+\S+\s+(\S+)/m.exec(text);
-    if (m && m[1] !== 'unlimited') return Number(m[1]);
+    const line = text.split('\n').find((l) => l.startsWith(name));
+    const m = line ? /^\S+(?:\s\S+)*?\s{2,}\S+\s+(\S+)/.exec(line) : null;
+    if (m) return m[1] === 'unlimited' ? Infinity : Number(m[1]);
   } catch {
-    // fall through to a conservative value
+    // fall through to the caller's value
   }
-  return 4096;
+  return fallback;
+}
+
+function hostNofileHardLimit(): number {
+  const n = hostHardLimit('Max open files', 4096);
+  return Number.isFinite(n) ? n : 1_048_576;
+}
+
+/** The rlimits of every VE process: open files, and the counters VEs share with host root (see VE_SHARED_COUNTER_RLIMITS). */
+export function veRlimits(): Array<{ type: string; hard: number; soft: number }> {
+  const nofileHard = Math.min(hostNofileHardLimit(), 65_536);
+  const out = [{ type: 'RLIMIT_NOFILE', hard: nofileHard, soft: Math.min(1024, nofileHard) }];
+  for (const [type, name, want] of VE_SHARED_COUNTER_RLIMITS) {
+    const v = Math.min(want, hostHardLimit(name, want));
+    out.push({ type, hard: v, soft: v });
+  }
+  return out;
 }
 
 /**
@@ -71,8 +128,12 @@ export const VE_PROCESS_ENV: Readonly<Record<string, string>> = {
 
 export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
   const caps = VE_CAPABILITIES;
-  const nofileHard = Math.min(hostNofileHardLimit(), 65_536);
   const period = 100_000;
+  const ptys = spec.ptys ?? DEFAULT_VE_PTYS;
+  // On v1 a VE's TCP buffers are charged (to memory.kmem.tcp) only with a
+  // limit set: without it they escape the VE's memory limit into the
+  // host-wide tcp_mem pool (review N1). As large as the VE's memory limit.
+  const kernelTcp = spec.cgroupLayout === 'v2' ? {} : { kernelTCP: spec.limits.memory };
   return {
     ociVersion: '1.0.2-dev',
     ...(spec.createRuntimeHooks?.length ? { hooks: { createRuntime: spec.createRuntimeHooks } } : {}),
@@ -83,7 +144,7 @@ export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
       env: Object.entries(VE_PROCESS_ENV).map(([k, v]) => `${k}=${v}`),
       cwd: '/',
       capabilities: { bounding: caps, effective: caps, permitted: caps, inheritable: [], ambient: [] },
-      rlimits: [{ type: 'RLIMIT_NOFILE', hard: nofileHard, soft: Math.min(1024, nofileHard) }],
+      rlimits: veRlimits(),
       // setuid programs (su, sudo, passwd) must work inside the VE.
       noNewPrivileges: false,
     },
@@ -92,7 +153,7 @@ export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
     mounts: [
       { destination: '/proc', type: 'proc', source: 'proc', options: ['nosuid', 'noexec', 'nodev'] },
       { destination: '/dev', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'strictatime', 'mode=755', 'size=65536k'] },
-      { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620', 'gid=5'] },
+      { destination: '/dev/pts', type: 'devpts', source: 'devpts', options: ['nosuid', 'noexec', 'newinstance', 'ptmxmode=0666', 'mode=0620', 'gid=5', `max=${ptys}`] },
       { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', `size=${Math.max(1, Math.floor(spec.limits.memory / 2 / 1024 / 1024))}m`] },
       { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
       { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
@@ -105,9 +166,10 @@ export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
       gidMappings: [{ containerID: 0, hostID: spec.idmap.base, size: spec.idmap.size }],
       namespaces: ['pid', 'network', 'ipc', 'uts', 'mount', 'user', 'cgroup'].map((type) => ({ type })),
       cgroupsPath: spec.cgroupsPath,
+      sysctl: { ...VE_NET_SYSCTLS },
       resources: {
         devices: [{ allow: false, access: 'rwm' }],
-        memory: { limit: spec.limits.memory, swap: spec.limits.memory },
+        memory: { limit: spec.limits.memory, swap: spec.limits.memory, ...kernelTcp },
         pids: { limit: spec.limits.pids },
         cpu: { quota: Math.round(spec.limits.cpus * period), period },
       },
