@@ -17,7 +17,7 @@ import { parseArgs } from 'node:util';
 import { silentLogger } from '../src/audit/logger.js';
 import { parseServerConfig } from '../src/config/server-config.js';
 import { buildOciConfig } from '../src/runtime/oci-bundle.js';
-import { raiseKeyQuotas } from '../src/system/host-tuning.js';
+import { tuneHost } from '../src/system/host-tuning.js';
 import { makeLayout } from '../src/system/layout.js';
 import { cgroupDirs, removeCgroupDirs } from '../src/runtime/cgroups.js';
 import { createTemplateStore, createVeManager } from '../src/ve/index.js';
@@ -72,7 +72,7 @@ async function main(): Promise<void> {
   const rawIds: string[] = [];
 
   // Both sides need it past ~200 VEs (one session keyring per container, all owned by one host uid).
-  await raiseKeyQuotas(logger);
+  await tuneHost(logger, { pidsPerVe: config.defaults.limits.pids, ptysPerVe: config.runtime.ptysPerVe });
   try {
     // ---- raw runc
     await fs.mkdir(rawDir, { recursive: true, mode: 0o711 });

@@ -2,27 +2,93 @@ import { promises as fs } from 'node:fs';
 import type { Logger } from '../audit/logger.js';
 
 /**
- * Kernel key quotas. runc gives each container a session keyring, owned by
- * the container's root — for every VE the same host uid (runtime.idmapBase).
- * The kernel's default quota for a non-root uid (kernel.keys.maxkeys 200,
- * maxbytes 20000) therefore stops the 201st VE from starting ("disk quota
- * exceeded" from runc). Raise both, never lower them, as LXD's production
- * settings do.
+ * Host-wide kernel settings that every VE draws on, raised (never lowered)
+ * when a vesh process first works with VEs, each for a reason a tenant or
+ * the VE count gives. `vesh doctor` reports the same list (hostSysctlNeeds)
+ * with the value each needs and why.
  */
-const KEY_QUOTAS: Array<[string, number]> = [
-  ['/proc/sys/kernel/keys/maxkeys', 100_000],
-  ['/proc/sys/kernel/keys/maxbytes', 10_000_000],
-];
 
-export async function raiseKeyQuotas(log: Logger): Promise<void> {
-  for (const [file, want] of KEY_QUOTAS) {
-    const now = Number((await fs.readFile(file, 'utf8').catch(() => '')).trim());
-    if (!Number.isFinite(now) || now >= want) continue;
+/** How many VEs a host is sized for (the density target), for settings that grow with it. */
+export const VES_PER_HOST = 1000;
+
+export interface SysctlNeed {
+  /** sysctl name, e.g. kernel.pid_max */
+  key: string;
+  /** At least this. */
+  want: number;
+  /** Why, in a sentence an admin can act on. */
+  why: string;
+  /** vesh raises it at start when below (false: doctor only reports it). */
+  raise: boolean;
+  /** Above this is more than vesh needs and widens something for every host user (doctor warns). */
+  tooHigh?: number;
+}
+
+export function sysctlPath(key: string): string {
+  return `/proc/sys/${key.replace(/\./g, '/')}`;
+}
+
+/**
+ * What vesh needs of the host's kernel settings, for VEs of `pidsPerVe`
+ * processes and `ptysPerVe` terminals.
+ */
+export function hostSysctlNeeds(opts: { pidsPerVe: number; ptysPerVe: number }): SysctlNeed[] {
+  // Kernel keys: runc gives each VE a session keyring owned by VE root, the
+  // same host uid for every VE (runtime.idmapBase), charged to that uid's key
+  // quota: about 60 bytes (description "_ses.<VE>" and the keyring), one
+  // key. The defaults (200 keys, 20000 bytes) stop the 201st VE. The quota
+  // applies to every non-root host uid alike, so it is raised only to what
+  // twice the density target needs, not further (review L4): keyctl and
+  // add_key are refused inside VEs, so VEs cannot add keys of their own.
+  const keys = 2 * VES_PER_HOST;
+  return [
+    {
+      key: 'kernel.pid_max', want: 4_194_304, raise: true,
+      why: `every VE process and thread is a host pid: ${VES_PER_HOST} VEs of ${opts.pidsPerVe} need ${VES_PER_HOST * opts.pidsPerVe} beyond the host's own (4194304 is the kernel's ceiling and systemd's default)`,
+    },
+    {
+      key: 'kernel.pty.max', want: 1_048_576, raise: true,
+      why: `every VE's terminals come from one pool of pty.max - pty.reserve; each VE holds at most runtime.ptysPerVe (${opts.ptysPerVe}) and pays for them from its own memory limit, so the pool is raised to the kernel's ceiling`,
+    },
+    {
+      key: 'fs.inotify.max_user_instances', want: 1_048_576, raise: true,
+      why: 'the kernel charges every VE\'s inotify instances to host root as well (one count shared by all VEs, systemd and vesh): at the default 128 one VE takes them all; LXD\'s production value, each instance is charged to the memory of the VE that made it',
+    },
+    {
+      key: 'fs.inotify.max_user_watches', want: 1_048_576, raise: true,
+      why: 'inotify watches are shared with host root in the same way (LXD\'s production value)',
+    },
+    {
+      key: 'kernel.keys.maxkeys', want: keys, raise: true, tooHigh: 10 * keys,
+      why: `runc gives each VE a session keyring charged to one host uid (VE root): ${keys} keys for up to ${keys} VEs; the quota holds for every non-root host uid, so no higher`,
+    },
+    {
+      key: 'kernel.keys.maxbytes', want: keys * 100, raise: true, tooHigh: 10 * keys * 100,
+      why: `the same keyrings take about 60 bytes each: ${keys * 100} bytes for ${keys} VEs; the quota holds for every non-root host uid, so no higher`,
+    },
+  ];
+}
+
+async function readSysctl(key: string): Promise<number | null> {
+  const text = await fs.readFile(sysctlPath(key), 'utf8').catch(() => null);
+  const n = text === null ? NaN : Number(text.trim().split(/\s+/)[0]);
+  return Number.isFinite(n) ? n : null;
+}
+
+/** The current value of a numeric sysctl (its first field), or null when unreadable. */
+export const currentSysctl = readSysctl;
+
+/** Raise every setting of hostSysctlNeeds that is below its need; log what changed and why. */
+export async function tuneHost(log: Logger, opts: { pidsPerVe: number; ptysPerVe: number }): Promise<void> {
+  for (const need of hostSysctlNeeds(opts)) {
+    if (!need.raise) continue;
+    const now = await readSysctl(need.key);
+    if (now === null || now >= need.want) continue;
     try {
-      await fs.writeFile(file, String(want));
-      log.info({ event: 'host.key_quota_raised', setting: file, from: now, to: want }, 'raised the kernel key quota so that more than a few hundred VEs can start');
+      await fs.writeFile(sysctlPath(need.key), String(need.want));
+      log.info({ event: 'host.sysctl_raised', setting: need.key, from: now, to: need.want }, `raised ${need.key} from ${now} to ${need.want}: ${need.why}`);
     } catch (err) {
-      log.warn({ event: 'host.key_quota_unchanged', setting: file, value: now, err: (err as Error).message }, `cannot raise ${file}: VEs beyond the first few hundred may fail to start`);
+      log.warn({ event: 'host.sysctl_unchanged', setting: need.key, value: now, want: need.want, err: (err as Error).message }, `cannot raise ${need.key} to ${need.want} (${need.why}); run "sysctl -w ${need.key}=${need.want}"`);
     }
   }
 }

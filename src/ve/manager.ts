@@ -11,7 +11,7 @@ import type { VeNetIdentity } from '../net/types.js';
 import type { TemplateInfo } from '../template/types.js';
 import { run } from '../system/exec.js';
 import { VE_TREE_DIR_MODE, prepareDataDir, secureVeTreeDir, type Layout } from '../system/layout.js';
-import { raiseKeyQuotas } from '../system/host-tuning.js';
+import { tuneHost } from '../system/host-tuning.js';
 import { forwardHelperPath, forwardRelayPath } from '../system/native-helpers.js';
 import { processStartTime } from '../system/proc.js';
 import { withRevert } from '../system/revert.js';
@@ -148,7 +148,7 @@ export class VeManager implements VeAccess {
 
   private preparing: Promise<void> | null = null;
   private prepared(): Promise<void> {
-    this.preparing ??= prepareDataDir(this.layout, this.cfg.runtime.idmapBase).then(() => raiseKeyQuotas(this.log));
+    this.preparing ??= prepareDataDir(this.layout, this.cfg.runtime.idmapBase).then(() => tuneHost(this.log, { pidsPerVe: this.cfg.defaults.limits.pids, ptysPerVe: this.cfg.runtime.ptysPerVe }));
     return this.preparing;
   }
 
@@ -318,6 +318,8 @@ export class VeManager implements VeAccess {
         idmap: { base: this.cfg.runtime.idmapBase, size: this.cfg.runtime.idmapSize },
         ctlDir: p.ctl,
         createRuntimeHooks: [this.network.attachHook(this.netId(rec))],
+        ptys: this.cfg.runtime.ptysPerVe,
+        cgroupLayout: this.cgroupLayout,
       });
       await writeJsonAtomic(path.join(p.dir, 'config.json'), oci);
       t('bundle');
