@@ -4,8 +4,10 @@ import path from 'node:path';
 import { ErrorCodes, errorMessage, isVeshError } from '../errors.js';
 import type { ServerConfig } from '../config/server-config.js';
 import { detectCgroupLayout, type CgroupLayout } from '../runtime/cgroups.js';
+import { veRlimits } from '../runtime/oci-bundle.js';
 import { run, safeEnv } from './exec.js';
 import { binaryLinkage } from './elf.js';
+import { currentSysctl, hostSysctlNeeds, sysctlPath, VES_PER_HOST, type SysctlNeed } from './host-tuning.js';
 import { firstUnsearchableAncestor, type Layout } from './layout.js';
 import { forwardHelperPath, sessionHelperPath, setupHelperPath } from './native-helpers.js';
 
@@ -121,6 +123,42 @@ export function presentControllers(layout: CgroupLayout, mountsText: string, v2C
   return wanted.filter((c) => have.has(c));
 }
 
+/** A kernel setting against what vesh needs of it (see host-tuning.ts): below is a warning (vesh serve raises it), far above one too when it widens a quota for every host user. */
+export function judgeSysctl(need: SysctlNeed, value: number | null): CheckResult {
+  const persist = `sysctl -w ${need.key}=${need.want} (and "${need.key} = ${need.want}" in /etc/sysctl.d/90-vesh.conf)`;
+  if (value === null) return warn(need.key, `cannot read ${sysctlPath(need.key)}; vesh needs at least ${need.want}: ${need.why}`, persist);
+  if (value < need.want) {
+    return warn(need.key, `${value}, below the ${need.want} vesh needs${need.raise ? ' (vesh serve raises it when it starts)' : ''}: ${need.why}`, persist);
+  }
+  if (need.tooHigh !== undefined && value > need.tooHigh) {
+    return warn(need.key, `${value}, far above the ${need.want} vesh needs; it holds for every non-root host user: ${need.why}`, `sysctl -w ${need.key}=${need.want}`);
+  }
+  return ok(need.key, `${value} (needs at least ${need.want}: ${need.why})`);
+}
+
+/**
+ * The per-VE rlimits for the counters VEs share with host root (review M2),
+ * as oci-bundle.ts sets them, against this process's own hard limits: runc
+ * refuses a bundle rlimit above its caller's, so vesh lowers them to it.
+ */
+export function judgeSharedCounterLimits(veLimits: Array<{ type: string; hard: number }>, hostHard: (type: string) => number | null): CheckResult[] {
+  const what: Record<string, string> = {
+    RLIMIT_MSGQUEUE: 'POSIX message queue bytes',
+    RLIMIT_SIGPENDING: 'queued signals',
+    RLIMIT_MEMLOCK: 'SHM_LOCK\'d memory',
+  };
+  const out: CheckResult[] = [];
+  for (const [type, label] of Object.entries(what)) {
+    const ve = veLimits.find((l) => l.type === type)?.hard;
+    const host = hostHard(type);
+    const name = `${type.replace('RLIMIT_', '').toLowerCase()} per VE`;
+    const why = `the kernel charges ${label} of every VE to host root too; each VE process is held to its own rlimit so that one VE cannot use up the count the others and host root share`;
+    if (ve === undefined) out.push(warn(name, `no ${type} in the VE bundle: ${why}`, 'report this: oci-bundle.ts sets it'));
+    else if (host !== null && host < ve) out.push(warn(name, `vesh's own hard ${type} is ${host}, so VEs get ${host}: ${why}`, `start vesh with a higher hard ${type} (systemd: Limit${type.replace('RLIMIT_', '')}=)`));
+    else out.push(ok(name, `${ve} (${why})`));
+  }
+  return out;
+}
 
 // ------------------------------------------------------------------ the checks
 
@@ -353,9 +391,57 @@ const checkSetupHelper: Check = async () => {
   return ok('setup helper', file);
 };
 
+/** Kernel settings every VE draws on (pid_max, pty.max, inotify, key quotas), each with the value vesh needs and why. */
+const checkHostSysctls: Check = async ({ config }) => {
+  const needs = hostSysctlNeeds({ pidsPerVe: config.defaults.limits.pids, ptysPerVe: config.runtime.ptysPerVe });
+  const out: CheckResult[] = [];
+  for (const need of needs) out.push(judgeSysctl(need, await currentSysctl(need.key)));
+  // Not raised by vesh: the kernel sizes it from RAM, and it is what keeps tasks from eating all memory.
+  const threads = await currentSysctl('kernel.threads-max');
+  const wantThreads = VES_PER_HOST * config.defaults.limits.pids;
+  out.push(threads !== null && threads < wantThreads
+    ? warn('kernel.threads-max', `${threads}: ${VES_PER_HOST} VEs with their full ${config.defaults.limits.pids} tasks each would need ${wantThreads}; the kernel sizes this from RAM, so that many VEs at their limit need more memory (or lower pids limits)`, 'add memory, or lower defaults.limits.pids')
+    : ok('kernel.threads-max', `${threads ?? 'unknown'} (${VES_PER_HOST} VEs of ${config.defaults.limits.pids} tasks need ${wantThreads})`));
+  return out;
+};
+
+/** Host limits of vesh itself that cap the per-VE rlimits for counters shared with host root (review M2). */
+const checkSharedCounters: Check = async () => {
+  const limits = readFileSync('/proc/self/limits', 'utf8');
+  const names: Record<string, string> = { RLIMIT_MSGQUEUE: 'Max msgqueue size', RLIMIT_SIGPENDING: 'Max pending signals', RLIMIT_MEMLOCK: 'Max locked memory' };
+  const hostHard = (type: string): number | null => {
+    const line = limits.split('\n').find((l) => l.startsWith(names[type] ?? '\0'));
+    const m = line ? /^\S+(?:\s\S+)*?\s{2,}\S+\s+(\S+)/.exec(line) : null;
+    if (!m) return null;
+    return m[1] === 'unlimited' ? Infinity : Number(m[1]);
+  };
+  return judgeSharedCounterLimits(veRlimits(), hostHard);
+};
+
+/**
+ * Socket buffers (review N1). cgroup v2 charges them to the VE's memory; v1
+ * only TCP, and only with a TCP limit (the bundle sets kernelTCP). UDP
+ * buffers on v1 are charged nowhere: only the host-wide udp_mem bounds them.
+ */
+const checkSocketMemory: Check = async () => {
+  const layout = detectCgroupLayout();
+  if (layout === 'v2') return ok('socket memory', 'cgroup v2 charges TCP and UDP buffers to the memory limit of the VE that holds them');
+  const out: CheckResult[] = [];
+  const tcpKnob = await exists('/sys/fs/cgroup/memory/memory.kmem.tcp.limit_in_bytes');
+  out.push(tcpKnob
+    ? ok('tcp socket memory', 'cgroup v1: each VE\'s TCP buffers are charged to it and held to its memory limit (memory.kmem.tcp.limit_in_bytes)')
+    : warn('tcp socket memory', 'cgroup v1 without memory.kmem.tcp.limit_in_bytes: VE TCP buffers escape their memory limits into the host-wide tcp_mem pool', 'boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1), or a kernel with CONFIG_MEMCG_KMEM'));
+  const udp = (await fs.readFile('/proc/sys/net/ipv4/udp_mem', 'utf8').catch(() => '')).trim().split(/\s+/).map(Number);
+  const pages = udp[2];
+  const mib = pages && Number.isFinite(pages) ? Math.round((pages * 4096) / 1024 / 1024) : null;
+  out.push(warn('udp socket memory', `cgroup v1 charges UDP buffers to no cgroup: one VE can hold up to net.ipv4.udp_mem's ${mib ?? '?'} MiB host-wide (then UDP drops for every VE and the host); each socket holds at most 2 x net.core.rmem_max`, 'boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1), which charges them to the VE; or lower net.ipv4.udp_mem to what the host can spare'));
+  return out;
+};
+
 export const CHECKS: Check[] = [
   checkRoot, checkUserNsEnabled, checkNamespaces, checkOverlay, checkCgroups, checkRuntime, checkBridgeVeth, checkNftables,
   checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys, checkSetupHelper, checkSessionHelper, checkForwardHelper,
+  checkHostSysctls, checkSharedCounters, checkSocketMemory,
 ];
 
 /** Run every check in turn; one that throws is reported as failed and never stops the rest. */
