@@ -1,0 +1,170 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
+import net from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { waitFor } from '../helpers/ve-env.js';
+import { keyAuthArgs, serverBugRecords, sshBaseArgs } from '../helpers/ssh-harness.js';
+import { makeArena, plantAttack, serverAlive, type Arena } from './kit.js';
+
+/** Read what a TCP server on the host's loopback says on connect ('ERR:CODE' when the connect fails). */
+function readFrom(port: number): Promise<string> {
+  return new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1');
+    let out = '';
+    s.setTimeout(10_000, () => s.destroy());
+    s.on('data', (d: Buffer) => { out += d.toString(); });
+    s.on('error', (err: NodeJS.ErrnoException) => resolve(`ERR:${err.code}`));
+    s.on('close', () => resolve(out));
+    s.end();
+  });
+}
+
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  const p = (s.address() as net.AddressInfo).port;
+  await new Promise((r) => s.close(r));
+  return p;
+}
+
+/** Wait until a -L port relays the VE server's greeting. */
+async function untilGreets(port: number, greeting: string): Promise<string> {
+  let got = '';
+  for (let i = 0; i < 80 && got !== greeting; i++) {
+    await new Promise((r) => setTimeout(r, 250));
+    got = await readFrom(port);
+  }
+  return got;
+}
+
+const VE_PORT = 7080;
+const MALLORY_UID = 1500;
+const MODES = ['file', 'unix', 'listener', 'unterminated', 'garbage'] as const;
+type Mode = (typeof MODES)[number];
+/** Why the relay drops the first thing VE root sends in each mode (its first report says so). */
+const FIRST_REJECTED: Record<Mode, RegExp> = {
+  file: /not a socket/,
+  unix: /not AF_INET or AF_INET6/,
+  listener: /a listening socket/,
+  unterminated: /oversized/,
+  garbage: /wrong size|malformed|oversized|unknown type/,
+};
+const WHAT: Record<Mode, string> = {
+  file: 'a regular file\'s descriptor',
+  unix: 'a Unix socket where a TCP one is expected',
+  listener: 'a listening socket where a connected one is expected',
+  unterminated: 'an 8 MiB message with no terminator',
+  garbage: 'random bytes in messages of every size',
+};
+
+/**
+ * H1: the port-forward helper runs in the VE as the account's user, and the
+ * tenant can take its channel (pidfd_getfd) while `ssh -L/-R` is open. What
+ * it sends there must never reach the SSH server as anything but checked
+ * frames and connected TCP sockets: the server stays the same live process
+ * with no bug logged, bob is still served, alice's other forwards work as
+ * before and a new -L of hers works. VE root (CAP_SYS_PTRACE in the VE) can
+ * take the channel and the host relay drops what it sends; a plain user in
+ * the VE cannot take it at all.
+ */
+describe('adversarial: the port-forward helper\'s channel taken over from inside the VE', () => {
+  let arena: Arena;
+  let hostPort: number;
+  let hostServer: net.Server;
+  const children: ChildProcess[] = [];
+
+  /** ssh -N with forwards, as `account`; killed by afterAll if the test does not. */
+  const sshN = (account: string, fwd: string[]): ChildProcess => {
+    const child = spawn('ssh', [...sshBaseArgs(arena.serve.port), ...keyAuthArgs(arena.keys[account]!), '-N', '-o', 'ExitOnForwardFailure=yes', ...fwd, `${account}@127.0.0.1`], { stdio: ['ignore', 'ignore', 'pipe'] });
+    children.push(child);
+    return child;
+  };
+
+  /** Host pids of the forward helpers (and their lookup children) in alice's VE. */
+  const forwardHelpers = async (): Promise<string[]> => {
+    const init = (await arena.env.ves.status('alice')).pid!;
+    const initNs = readlinkSync(`/proc/${init}/ns/pid`);
+    return readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+      try { return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'vesh-forward' && readlinkSync(`/proc/${p}/ns/pid`) === initNs; } catch { return false; }
+    });
+  };
+
+  /** What a client inside the VE reads from 127.0.0.1:port there (the -R listener). */
+  const veRead = async (account: string, port: number): Promise<string> =>
+    (await arena.ssh(account, [`perl -MIO::Socket::INET -e '$c=IO::Socket::INET->new("127.0.0.1:${port}") or die "connect: $!\\n"; print <$c>'`])).stdout;
+
+  beforeAll(async () => {
+    arena = await makeArena({
+      template: 'debian',
+      accounts: { alice: [], bob: [], mallory: ['ve: alice', 'user: mallory'] },
+    });
+    arena.cleanup.add(() => {
+      for (const c of children) c.kill('SIGKILL');
+    });
+    // The far side of alice's -R: a server on the host's loopback, where her ssh client runs.
+    hostPort = await freePort();
+    hostServer = net.createServer((s) => s.end('from-client-side\n'));
+    await new Promise<void>((r) => hostServer.listen(hostPort, '127.0.0.1', () => r()));
+    arena.cleanup.add(() => new Promise<void>((r) => hostServer.close(() => r())));
+    // A plain user in alice's VE, for the account mallory; a TCP server in the VE for the -L.
+    await arena.expectServes('alice');
+    await arena.sh('alice', `useradd -m -u ${MALLORY_UID} -s /bin/sh mallory`);
+    const started = await arena.ssh('alice', [`setsid perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalAddr=>"127.0.0.1",LocalPort=>${VE_PORT},Listen=>5,ReuseAddr=>1) or die "listen: $!"; while($c=$s->accept){print $c "from-ve\\n"; close $c}' >/dev/null 2>&1 </dev/null & sleep 0.5; echo started`]);
+    expect(started.stdout).toContain('started');
+    await plantAttack(arena.env, 'alice', 'forward-hijack');
+  }, 600_000);
+
+  afterAll(() => arena?.cleanup.run(), 300_000);
+
+  const attackers = [
+    { who: 'VE root', account: 'alice', uid: 0 },
+    { who: 'a plain user in the VE', account: 'mallory', uid: MALLORY_UID },
+  ];
+
+  for (const a of attackers) {
+    for (const mode of MODES) {
+      it(`${a.who} sends ${WHAT[mode]} on the forward helper's channel: the server lives, nothing unchecked reaches it, forwards keep working`, async () => {
+        await waitFor('earlier forward helpers to exit', async () => (await forwardHelpers()).length === 0, 20_000);
+        const servePid = arena.serve.child.pid;
+        const local = await freePort();
+        const remote = 30_000 + Math.floor(Math.random() * 20_000);
+        const child = sshN(a.account, ['-L', `${local}:127.0.0.1:${VE_PORT}`, '-R', `${remote}:127.0.0.1:${hostPort}`]);
+        expect(await untilGreets(local, 'from-ve\n')).toBe('from-ve\n');
+        expect(await veRead(a.account, remote)).toBe('from-client-side\n');
+        const rejectedBefore = arena.serve.logs.filter((r) => r.event === 'forward.helper_rejected').length;
+
+        const attack = await arena.ssh(a.account, ['/usr/local/bin/forward-hijack', String(a.uid), mode]);
+        if (a.uid === 0) {
+          // VE root holds the channel and sent it all; the relay on the host dropped it and said so.
+          expect(attack.stdout).toContain('taken');
+          expect(attack.stdout).toContain('sent');
+          await waitFor('the relay to report what it dropped', async () => arena.serve.logs.filter((r) => r.event === 'forward.helper_rejected').length > rejectedBefore, 15_000);
+          const report = arena.serve.logs.filter((r) => r.event === 'forward.helper_rejected')[rejectedBefore]!;
+          expect(String(report.reason)).toMatch(FIRST_REJECTED[mode]);
+          expect(report.ve).toBe('alice');
+        } else {
+          // The helper is not dumpable: the account's own user cannot take its channel.
+          expect(attack.stdout).toContain('getfd: EPERM');
+        }
+        // The Unix socket never became a forwarded connection.
+        expect(attack.stdout).not.toContain('relayed:');
+
+        // The same server process, no bug it survived, bob served.
+        expect(serverAlive(arena)).toBe(true);
+        expect(arena.serve.child.pid).toBe(servePid);
+        expect(serverBugRecords(arena.serve.logs)).toEqual([]);
+        await arena.expectServes('bob');
+        // alice's forwards of that connection work as before, both ways.
+        expect(await readFrom(local)).toBe('from-ve\n');
+        expect(await veRead(a.account, remote)).toBe('from-client-side\n');
+        child.kill();
+        // And a new -L of hers works.
+        const local2 = await freePort();
+        const child2 = sshN(a.account, ['-L', `${local2}:127.0.0.1:${VE_PORT}`]);
+        expect(await untilGreets(local2, 'from-ve\n')).toBe('from-ve\n');
+        child2.kill();
+        expect(serverBugRecords(arena.serve.logs)).toEqual([]);
+      }, 240_000);
+    }
+  }
+});
