@@ -1,8 +1,9 @@
 import { describe, expect, it } from 'vitest';
 import {
-  doctorExitCode, formatCheck, idsInRange, listSome, parseRuncVersion, presentControllers, runChecks, runcIsNewEnough,
+  doctorExitCode, formatCheck, idsInRange, judgeSharedCounterLimits, judgeSysctl, listSome, parseRuncVersion, presentControllers, runChecks, runcIsNewEnough,
   type CheckResult,
 } from '../../src/system/doctor-checks.js';
+import { hostSysctlNeeds } from '../../src/system/host-tuning.js';
 import { elfIsDynamic } from '../../src/system/elf.js';
 
 describe('vesh doctor: printing and exit status', () => {
@@ -85,5 +86,36 @@ describe('vesh doctor: parsing what the host says', () => {
     expect(elfIsDynamic(elf64([1, 1, 4]))).toBe(false); // LOAD, LOAD, NOTE
     expect(elfIsDynamic(Buffer.from('#!/bin/sh\necho not elf\n'.padEnd(80)))).toBeNull();
     expect(elfIsDynamic(elf64([1, 3]).subarray(0, 100))).toBeNull(); // program headers cut off
+  });
+});
+
+describe('vesh doctor: host settings VEs share', () => {
+  const needs = hostSysctlNeeds({ pidsPerVe: 512, ptysPerVe: 1024 });
+  const need = (key: string) => needs.find((n) => n.key === key)!;
+
+  it('names pid_max, pty.max, the inotify limits and the key quotas, each with a value and a reason', () => {
+    expect(needs.map((n) => n.key)).toEqual(expect.arrayContaining([
+      'kernel.pid_max', 'kernel.pty.max', 'fs.inotify.max_user_instances', 'fs.inotify.max_user_watches', 'kernel.keys.maxkeys', 'kernel.keys.maxbytes',
+    ]));
+    // 1000 VEs of 512 pids fit under pid_max.
+    expect(need('kernel.pid_max').want).toBeGreaterThanOrEqual(1000 * 512);
+    for (const n of needs) expect(n.why.length, n.key).toBeGreaterThan(20);
+  });
+
+  it('warns below the need with the sysctl that fixes it, and warns when a key quota is far above it (L4)', () => {
+    expect(judgeSysctl(need('kernel.pid_max'), 32768)).toMatchObject({ status: 'warn', fix: expect.stringContaining('sysctl -w kernel.pid_max=4194304') });
+    expect(judgeSysctl(need('kernel.pid_max'), 4194304).status).toBe('ok');
+    expect(judgeSysctl(need('fs.inotify.max_user_instances'), 128).detail).toContain('128, below');
+    expect(judgeSysctl(need('kernel.keys.maxkeys'), need('kernel.keys.maxkeys').want).status).toBe('ok');
+    expect(judgeSysctl(need('kernel.keys.maxkeys'), 100_000)).toMatchObject({ status: 'warn', detail: expect.stringContaining('far above') });
+    expect(judgeSysctl(need('kernel.pty.max'), null).status).toBe('warn');
+  });
+
+  it('reports each per-VE limit for counters shared with host root, and when vesh\'s own hard limit lowers it (M2)', () => {
+    const ve = [{ type: 'RLIMIT_MSGQUEUE', hard: 819200 }, { type: 'RLIMIT_SIGPENDING', hard: 16384 }, { type: 'RLIMIT_MEMLOCK', hard: 8388608 }];
+    expect(judgeSharedCounterLimits(ve, () => Infinity).map((r) => r.status)).toEqual(['ok', 'ok', 'ok']);
+    const low = judgeSharedCounterLimits(ve, (t) => (t === 'RLIMIT_SIGPENDING' ? 1000 : Infinity));
+    expect(low[1]).toMatchObject({ name: 'sigpending per VE', status: 'warn', fix: expect.stringContaining('LimitSIGPENDING') });
+    expect(judgeSharedCounterLimits([], () => null).every((r) => r.status === 'warn')).toBe(true);
   });
 });

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { buildOciConfig, VE_CAPABILITIES } from '../../src/runtime/oci-bundle.js';
 import { parseGroup, parsePasswd } from '../../src/ve/passwd.js';
@@ -31,6 +32,29 @@ describe('OCI bundle of a VE', () => {
     expect(c.linux.maskedPaths).toContain('/proc/kcore');
     expect(c.linux.readonlyPaths).toContain('/proc/sys');
     expect(c.linux.seccomp.syscalls[0].names).toContain('kexec_load');
+  });
+  it('caps the terminals of the VE\'s own devpts (max=, review M1)', () => {
+    const pts = (cfg: any) => cfg.mounts.find((m: any) => m.destination === '/dev/pts').options as string[];
+    expect(pts(c)).toContain('newinstance');
+    expect(pts(c)).toContain('max=1024');
+    expect(pts(buildOciConfig({ ...spec, ptys: 64 }))).toContain('max=64');
+  });
+  it('holds each VE process to its own message-queue, pending-signal and locked-memory rlimits, never above ours (review M2)', () => {
+    const byType = new Map((c.process.rlimits as Array<{ type: string; hard: number; soft: number }>).map((r) => [r.type, r]));
+    for (const type of ['RLIMIT_NOFILE', 'RLIMIT_MSGQUEUE', 'RLIMIT_SIGPENDING', 'RLIMIT_MEMLOCK']) expect(byType.has(type), type).toBe(true);
+    expect(byType.get('RLIMIT_MSGQUEUE')!.hard).toBeLessThanOrEqual(819_200);
+    expect(byType.get('RLIMIT_MEMLOCK')!.hard).toBeLessThanOrEqual(8 * 1024 * 1024);
+    const limits = readFileSync('/proc/self/limits', 'utf8');
+    const hard = (name: string) => { const v = new RegExp(`^${name}\\s+\\S+\\s+(\\S+)`, 'm').exec(limits)![1]!; return v === 'unlimited' ? Infinity : Number(v); };
+    expect(byType.get('RLIMIT_SIGPENDING')!.hard).toBeLessThanOrEqual(hard('Max pending signals'));
+    expect(byType.get('RLIMIT_MSGQUEUE')!.hard).toBeLessThanOrEqual(hard('Max msgqueue size'));
+    for (const r of byType.values()) expect(r.soft).toBeLessThanOrEqual(r.hard);
+  });
+  it('charges TCP buffers to the VE on cgroup v1 (kernelTCP as large as its memory) and not on v2, where that is the default (review N1)', () => {
+    expect(buildOciConfig({ ...spec, cgroupLayout: 'hybrid' }).linux).toMatchObject({ resources: { memory: { kernelTCP: 256 * 1024 ** 2 } } });
+    expect(buildOciConfig({ ...spec, cgroupLayout: 'v1' }).linux).toMatchObject({ resources: { memory: { kernelTCP: 256 * 1024 ** 2 } } });
+    expect((buildOciConfig({ ...spec, cgroupLayout: 'v2' }) as any).linux.resources.memory.kernelTCP).toBeUndefined();
+    expect(c.linux.sysctl).toMatchObject({ 'net.ipv4.tcp_rmem': expect.any(String), 'net.ipv4.tcp_wmem': expect.any(String) });
   });
   it('binds the control directory at /run/vesh over a private /run', () => {
     const dests = c.mounts.map((m: any) => m.destination);
