@@ -121,7 +121,7 @@ export const DENIED = [
   'open_by_handle_at', 'fanotify_init',
   // Mounts, the new mount API and namespaces: a VE has no CAP_SYS_ADMIN; its namespaces are made for it.
   'mount', 'umount', 'umount2', 'pivot_root', 'fsconfig', 'fsmount', 'fsopen', 'fspick', 'mount_setattr',
-  'move_mount', 'open_tree', 'open_tree_attr', 'setns', 'sethostname', 'setdomainname', 'listmount', 'statmount',
+  'move_mount', 'open_tree', 'open_tree_attr', 'setns', 'sethostname', 'setdomainname',
   // Host-wide state: swap, process accounting, quotas, clocks, the kernel log, NUMA placement.
   'swapoff', 'swapon', 'acct', 'quotactl', 'quotactl_fd', 'adjtimex', 'clock_adjtime', 'clock_settime',
   'settimeofday', 'stime', 'syslog', 'mbind', 'migrate_pages', 'move_pages', 'set_mempolicy', 'set_mempolicy_home_node',
