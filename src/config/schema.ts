@@ -149,6 +149,14 @@ export const serverConfigSchema = z.strictObject({
      * vesh raises at start): without a cap one VE takes them all.
      */
     ptysPerVe: z.number().int().min(16).max(65_536).default(1024),
+    /**
+     * Whether VE root may configure netfilter (nft, iptables) in its own
+     * network. Off by default: nf_tables and x_tables are the main source of
+     * user-namespace-to-root kernel exploits, and the host's rules, not a
+     * VE's, keep VEs apart (see SeccompOptions in runtime/seccomp.ts).
+     * Applies to a VE at its next start.
+     */
+    veFirewall: z.boolean().default(false),
   }).prefault({}),
   logging: z.strictObject({
     level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),

@@ -25,7 +25,7 @@ export interface ServerConfig {
     penalties: { failuresBeforePenalty: number; sourceFailuresBeforePenalty: number; penaltyMs: number; maxPenaltyMs: number };
   };
   sessions: SessionLimits;
-  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number; sessionAgents: boolean; relayPids: number; relayMemoryBytes: number; ptysPerVe: number };
+  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number; sessionAgents: boolean; relayPids: number; relayMemoryBytes: number; ptysPerVe: number; veFirewall: boolean };
   logging: { level: string; pretty: boolean | 'auto' };
 }
 
@@ -92,6 +92,7 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
       relayPids: value.runtime.relayPids,
       relayMemoryBytes: value.runtime.relayMemory,
       ptysPerVe: value.runtime.ptysPerVe,
+      veFirewall: value.runtime.veFirewall,
     },
     logging: { ...value.logging },
   };

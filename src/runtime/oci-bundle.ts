@@ -23,6 +23,8 @@ export interface VeBundleSpec {
    * one; v2 charges socket memory to the VE's memory by itself.
    */
   cgroupLayout?: 'v1' | 'hybrid' | 'v2';
+  /** VE root may configure netfilter in its own network (runtime.veFirewall); off when absent. */
+  veFirewall?: boolean;
 }
 
 /** Terminals per VE when the caller names no number (runtime.ptysPerVe's default). */
@@ -175,7 +177,7 @@ export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
       },
       maskedPaths: MASKED_PATHS,
       readonlyPaths: READONLY_PATHS,
-      seccomp: vesSeccompProfile(),
+      seccomp: vesSeccompProfile({ veFirewall: spec.veFirewall === true }),
     },
   };
 }

@@ -320,6 +320,7 @@ export class VeManager implements VeAccess {
         createRuntimeHooks: [this.network.attachHook(this.netId(rec))],
         ptys: this.cfg.runtime.ptysPerVe,
         cgroupLayout: this.cgroupLayout,
+        veFirewall: this.cfg.runtime.veFirewall,
       });
       await writeJsonAtomic(path.join(p.dir, 'config.json'), oci);
       t('bundle');
