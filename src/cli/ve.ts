@@ -100,6 +100,7 @@ export function register(program: Command): void {
     .action(async (name: string, o: LimitOptions & { template?: string; onboot?: boolean }) => {
       const rec = await manager(program).create(name, { template: o.template, limits: limitsFrom(o), onBoot: o.onboot });
       console.log(`created VE ${rec.name} (template ${rec.template}, address ${rec.address})`);
+      if (rec.limits.disk === 0) console.error(`warning: VE ${rec.name} has no disk limit (disk 0): its files sit on the host disk without limit; "vesh doctor" lists such VEs`);
     });
 
   ve.command('start <name>').description('start a VE').action(async (name: string) => {

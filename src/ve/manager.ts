@@ -249,6 +249,10 @@ export class VeManager implements VeAccess {
       }, (failures) => this.log.error({ event: 've.create.undo_failed', ve: name, failures: failures.map((f) => `${f.what}: ${errorMessage(f.error)}`) }))
         .catch((err: unknown) => { throw asHostDiskFull(err, this.layout.vesDir, `create VE "${name}"`); });
       this.log.info({ event: 've.created', ve: name, template: template.name, address, limits });
+      if (limits.disk === 0) {
+        // Allowed (an admin may want it), but its files then count against nobody's limit; "vesh doctor" lists such VEs.
+        this.log.warn({ event: 've.no_disk_limit', ve: name, dir: this.layout.vesDir }, `VE "${name}" has no disk limit: its files sit on the host disk without limit`);
+      }
       return rec;
     }));
   }
