@@ -469,3 +469,49 @@ export function formatCheck(r: CheckResult): string {
 export function doctorExitCode(results: CheckResult[]): number {
   return results.some((r) => r.status === 'fail') ? 1 : 0;
 }
+
+/**
+ * VE disks (review L7). A VE with `disk: 0` keeps its files on the host's
+ * disk with no limit; and disk images are sparse, so limits that add up to
+ * more than the file system holding them overcommit it: VEs that fill their
+ * disks fill the host's first. Both are allowed (an admin may want them) but
+ * said here. Reads each VE's record (a root-owned host file, capped).
+ */
+const checkVeDisks: Check = async ({ config, layout }) => {
+  const out: CheckResult[] = [];
+  if (config.defaults.limits.disk === 0) {
+    out.push(warn('VE disks', 'defaults.limits.disk is 0: new VEs get no disk of their own and write to the host disk without limit', 'set defaults.limits.disk in vesh.yaml (e.g. 2G)'));
+  }
+  const names = (await fs.readdir(layout.vesDir).catch(() => [] as string[])).filter((n) => !n.startsWith('.'));
+  const unlimited: string[] = [];
+  let committed = 0;
+  for (const n of names) {
+    const fh = await fs.open(path.join(layout.vesDir, n, 've.json'), fsc.O_RDONLY | fsc.O_NOFOLLOW).catch(() => null);
+    if (!fh) continue;
+    try {
+      const buf = Buffer.alloc(64 * 1024);
+      const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+      const disk = (JSON.parse(buf.subarray(0, bytesRead).toString('utf8')) as { limits?: { disk?: unknown } }).limits?.disk;
+      if (typeof disk !== 'number') continue;
+      if (disk === 0) unlimited.push(n);
+      committed += disk;
+    } catch { /* a damaged record: "vesh ve list" names it */ } finally {
+      await fh.close();
+    }
+  }
+  if (unlimited.length > 0) {
+    out.push(warn('VE disks', `${unlimited.length} VE(s) have no disk limit (${listSome(unlimited)}): their files sit on the host disk holding ${layout.vesDir}, without limit`, 'recreate them with "vesh ve create NAME --disk SIZE" (copy the files over), or watch that disk'));
+  }
+  const st = await fs.statfs(layout.vesDir).catch(() => null);
+  if (st) {
+    const size = st.blocks * st.bsize;
+    const gib = (b: number) => `${(b / 1024 ** 3).toFixed(1)} GiB`;
+    if (committed > size) {
+      out.push(warn('VE disks', `VE disk limits add up to ${gib(committed)}, more than the ${gib(size)} file system holding ${layout.vesDir}: the sparse images overcommit it, and VEs filling their disks fill the host's first`, `lower disk limits, or put dataDir on a file system of at least ${gib(committed)}`));
+    } else if (unlimited.length === 0) {
+      out.push(ok('VE disks', `${names.length} VE(s), disk limits add up to ${gib(committed)} of the ${gib(size)} file system holding them`));
+    }
+  }
+  return out;
+};
+CHECKS.push(checkVeDisks);
