@@ -13,11 +13,11 @@
  *   unterminated a large message with no terminator
  *   garbage      random bytes, in messages of many sizes
  *
- * Each descriptor mode sends it both the way Node's IPC channel carries a
- * handle (a {"cmd":"NODE_HANDLE",...} line: what the old server spoke) and
- * as a well-formed frame of the current helper protocol (forward-frame.h,
- * copied here as a tenant would copy it) claiming to be a connection for
- * every small id, so whichever side listens gets a well-aimed message.
+ * Each descriptor mode sends it the way Node's IPC channel carries a handle
+ * (a {"cmd":"NODE_HANDLE",...} line: what the old server spoke) and, when the
+ * channel is a SOCK_SEQPACKET one (the current helper protocol), also as
+ * well-formed frames (forward-frame.h, copied here as a tenant would copy
+ * it) claiming to be a connection for every small id.
  *
  * In unix mode, prints "relayed: ..." when the server took the Unix socket
  * for a forwarded connection (what the forward's far end said came back).
@@ -117,9 +117,11 @@ static void send_with(const void *buf, size_t len, int fd) {
 }
 
 /* The descriptor both ways: as Node IPC carries a handle, and as frames for ids 1..16. */
+static int seqpacket; /* the current helper's channel; a stream is Node's IPC (the old server) */
+
 static void send_descriptor(int fd, const char *node_type) {
   /* Frames first, "accepted" first: the first listener's id (1) is the likeliest to be live. */
-  for (int k = 0; k < 2; k++) {
+  for (int k = 0; k < 2 && seqpacket; k++) {
     for (uint32_t id = 1; id <= 16; id++) {
       struct frame f;
       memset(&f, 0, sizeof f);
@@ -156,7 +158,10 @@ int main(int argc, char **argv) {
     printf("getfd: %s\n", errno == EPERM ? "EPERM" : strerror(errno));
     return 3;
   }
-  printf("taken\n");
+  int type = 0;
+  socklen_t tl = sizeof type;
+  seqpacket = getsockopt(chan, SOL_SOCKET, SO_TYPE, &type, &tl) == 0 && type == SOCK_SEQPACKET;
+  printf("taken (%s)\n", seqpacket ? "frames" : "Node IPC");
   fflush(stdout);
   const char *mode = argv[2];
   if (!strcmp(mode, "file")) {
@@ -189,11 +194,6 @@ int main(int argc, char **argv) {
     char *big = malloc(len);
     memset(big, 'a', len);
     big[0] = '"';
-    struct stat st;
-    int seqpacket = 0;
-    int type = 0;
-    socklen_t tl = sizeof type;
-    if (fstat(chan, &st) == 0 && getsockopt(chan, SOL_SOCKET, SO_TYPE, &type, &tl) == 0) seqpacket = type == SOCK_SEQPACKET;
     if (seqpacket) {
       /* A datagram socket takes one message up to its buffer size: halve until one goes. */
       for (size_t l = len; l >= 4096; l /= 2) {
