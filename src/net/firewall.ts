@@ -75,11 +75,19 @@ function elements(list: readonly string[]): string {
  * IPv6 address), 802.1Q/802.1ad-tagged frames (nft's `ether type` reads the
  * tag's type, so a tag — even VID 0, which the host treats as untagged —
  * never matches the allow-list) and unknown ether types, which would
- * otherwise be learned (MAC flooding). Nothing passes from one VE's port to
- * another's (port isolation; the net hook also marks each port isolated).
+ * otherwise be learned (MAC flooding). Frames to the IEEE 802.1D link-local
+ * group (01:80:c2:00:00:0X) are dropped whatever they carry: the bridge does
+ * not forward most of them but hands them, past the prerouting hook, to the
+ * receiving port's own stack, where the host's filters for the bridge do not
+ * apply (an IPv4 datagram sent that way reached a host service on the
+ * gateway address); the `input` hook catches them. Nothing passes from one
+ * VE's port to another's (port isolation; the net hook also marks each port
+ * isolated).
  *
  * `inet` keeps VEs off the host's own services and, unless outbound is on,
- * off every other network. With outbound on, a VE's new connections may go
+ * off every other network; anything that arrives on a VE port's own device
+ * rather than through the bridge is dropped too (a second line behind the
+ * link-local rule above). With outbound on, a VE's new connections may go
  * to the internet but not to OUTBOUND_BLOCKED (unless outboundAllow names the
  * destination, or it is a host name server on port 53), and each VE address
  * may hold at most maxConnectionsPerVe tracked connections, so one VE cannot
@@ -94,7 +102,12 @@ export function hostTables(o: RulesetOptions): HostTable[] {
     type filter hook prerouting priority -200; policy accept;
     iifname ${ves} jump from_ve
   }
+  chain input {
+    type filter hook input priority -200; policy accept;
+    iifname ${ves} jump from_ve
+  }
   chain from_ve {
+    ether daddr 01:80:c2:00:00:00-01:80:c2:00:00:0f drop
     ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . ether saddr . arp saddr ip @${ALLOWED_SET} iifname . arp saddr ether . arp saddr ip @${ALLOWED_SET} accept
     ether type ip iifname . ether saddr . ip saddr @${ALLOWED_SET} accept
     counter drop
@@ -125,11 +138,13 @@ export function hostTables(o: RulesetOptions): HostTable[] {
   const inetBody = `
   chain input {
     type filter hook input priority -10; policy accept;
+    iifname ${ves} drop
     iifname "${o.bridge}" ct state established,related accept
     iifname "${o.bridge}" drop
   }${egress}
   chain forward {
     type filter hook forward priority -10; policy accept;
+    iifname ${ves} drop
     iifname "${o.bridge}" oifname "${o.bridge}" drop
     oifname "${o.bridge}" ct state established,related accept
     oifname "${o.bridge}" drop${o.outbound ? `

@@ -1,5 +1,6 @@
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { createSocket } from 'node:dgram';
 import { promises as fs } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeVeTestEnv, shInVe, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
@@ -292,6 +293,31 @@ table arp ${obs} {
     expect(counter('bridge', 'tagged')).toBe(0);
     expect(counter('bridge', 'ipv6')).toBe(0);
     expect(counter('bridge', 'foreign_ip')).toBe(0);
+  });
+
+  it('keeps a VE off host services through frames to the 802.1D link-local group addresses, which a bridge hands to the port\'s own stack', async () => {
+    // A host service on the gateway address, which VEs must not reach (only replies to the host's own connections pass).
+    const port = MAGIC_PORT + 1;
+    const got: string[] = [];
+    const server = createSocket('udp4');
+    server.on('message', (m) => got.push(m.toString()));
+    await new Promise<void>((resolve) => server.bind(port, gateway, resolve));
+    try {
+      // Control: the service answers the host itself.
+      const local = createSocket('udp4');
+      await new Promise<void>((resolve) => local.send('control', port, gateway, () => resolve()));
+      local.close();
+      await waitFor('the control datagram', async () => got.includes('control'), 5000);
+      // The bridge does not forward 01:80:c2:00:00:0X (STP, LACP, LLDP…): it passes them to the
+      // receiving port's own stack, where the host's input filter for the bridge does not apply.
+      for (const dst of ['01:80:c2:00:00:02', '01:80:c2:00:00:03', '01:80:c2:00:00:0e']) {
+        await frames(a, 3, udp4Frame({ vlan: null, ethSrc: a.mac, ethDst: dst, src: a.address, dst: gateway, dport: port }));
+      }
+      await new Promise((resolve) => setTimeout(resolve, 1500));
+      expect(got.filter((m) => m === 'spoofed')).toEqual([]);
+    } finally {
+      server.close();
+    }
   });
 
   it('does not tell a VE the host\'s other addresses: ARP for an address the host holds off the bridge gets no answer', async () => {
