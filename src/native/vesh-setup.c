@@ -7,10 +7,12 @@
  *                    [--console FILE] [-- CMD ARG…]
  *       Attach IMAGE (the VE's ext4 disk image) to a free loop device in
  *       direct-I/O mode and mount it on PRIVATE ("-": no image, or already
- *       mounted), make UPPER, WORK and CTL owned by ROOTID (VE root), remove
- *       CTL/MARKER (the last run's shutdown marker, "-": none), and
- *       mount the overlay of LOWERDIR (the template) and UPPER on ROOTFS
- *       ("-": already mounted). Replaces `mount -o loop`, a later
+ *       mounted), make UPPER and CTL owned by ROOTID (VE root) and WORK
+ *       (all three direct children of PRIVATE, reached from its descriptor
+ *       without following a symlink), remove CTL/MARKER (the last run's
+ *       shutdown marker, "-": none), and mount the overlay of LOWERDIR (the
+ *       template) and UPPER on ROOTFS ("-": already mounted); both mounts
+ *       nosuid,nodev. Replaces `mount -o loop`, a later
  *       `losetup --direct-io=on` and `mount -t overlay`. With `-- CMD…`,
  *       execs CMD when all is mounted (the engine that starts the VE), so
  *       the start costs one process start less; CMD is searched on PATH.
