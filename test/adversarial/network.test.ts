@@ -281,6 +281,7 @@ table arp ${obs} {
     expect(fdbOn(a.veth).length).toBeLessThanOrEqual(before);
     expect(run('bridge', ['fdb', 'show', 'br', bridge]).split('\n').length).toBeLessThan(50);
     expect(counter('bridge', 'foreign_mac')).toBe(0);
+    expect(await httpGet(b.address)).toBe('b-ve\n');
   });
 
   it('drops IPv4 from another source address and all IPv6, tagged (VID 0) or not: none of it reaches the host', async () => {
