@@ -31,6 +31,46 @@ describe('sftp-server log lines → audit events', () => {
     expect(parseSftpLogLine('remove name "/root/x\\012remove name \\"/etc\\""')).toEqual({ op: 'remove', path: '/root/x\nremove name \\"/etc\\"' });
   });
 
+  it('takes the last separator as the end of a name, as the greedy patterns did, and refuses malformed tails', () => {
+    // A name may hold `" new "` itself (strnvis leaves quotes alone); what sftp-server appends comes last.
+    expect(parseSftpLogLine('rename old "/a" new "b" new "/c"')).toEqual({ op: 'rename', from: '/a" new "b', to: '/c' });
+    expect(parseSftpLogLine('open "/x" flags WRITE mode 1" flags READ mode 0666')).toBeNull();
+    expect(parseSftpLogLine('open "/x" flags READ mode 1" flags WRITE mode 0666')).toEqual({ op: 'write', path: '/x" flags READ mode 1', flags: 'WRITE' });
+    expect(parseSftpLogLine('rename old "/a" new "/b')).toBeNull();
+    expect(parseSftpLogLine('open "/x" flags WRITE mode 06x6')).toBeNull();
+    expect(parseSftpLogLine('close "/x" bytes read 1 written')).toBeNull();
+    expect(parseSftpLogLine('mkdir name "/d" mode ')).toBeNull();
+    expect(parseSftpLogLine('rename')).toBeNull();
+    expect(parseSftpLogLine('error: process_write: write failed')).toEqual({ op: 'error', message: 'error: process_write: write failed' });
+    expect(parseSftpLogLine('hardlink old "/a" new "/b"\r')).toEqual({ op: 'link', target: '/a', path: '/b' });
+  });
+
+  it('parses crafted lines in time linear in their length (review M3: a greedy regex was quadratic)', () => {
+    // The crafted shapes of the review: many separators and quotes, 8 KiB and 8x that.
+    const crafted = (n: number) => [
+      `rename old "${'" new "'.repeat(n)}"`,
+      `rename old "${'" new "'.repeat(n)}x`,
+      `open "${'" flags '.repeat(n)}x`,
+      `set "${'" '.repeat(n * 3)}`,
+      `close "${'" bytes read '.repeat(n)}1 written`,
+    ];
+    const timeFor = (lines: string[], reps: number): number => {
+      const t0 = process.hrtime.bigint();
+      for (let r = 0; r < reps; r++) for (const l of lines) parseSftpLogLine(l);
+      return Number(process.hrtime.bigint() - t0);
+    };
+    const small = crafted(1150);
+    const large = crafted(1150 * 8);
+    expect(small[0]!.length).toBeGreaterThan(8000);
+    timeFor(small, 20);
+    timeFor(large, 5);
+    // The best of several runs, so a busy machine does not decide it.
+    let ratio = Infinity;
+    for (let i = 0; i < 5; i++) ratio = Math.min(ratio, timeFor(large, 20) / timeFor(small, 20));
+    // Linear: about 8 times the work for 8 times the length; quadratic would be about 64.
+    expect(ratio).toBeLessThan(24);
+  });
+
   it('splits lines across chunks, including a split multi-byte character', () => {
     const lines: string[] = [];
     const s = new LineSplitter((l) => lines.push(l));
