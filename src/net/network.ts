@@ -54,8 +54,8 @@ export class VeNetwork {
   /**
    * Anti-spoofing elements known to be in the set. An element pairs a host
    * veth name with the VE address it is derived from (and the MAC derived
-   * from that address), so it is a fixed fact
-   * about the VE from its creation to its destruction, harmless while the VE
+   * from that address), so it is a fixed fact about the VE from its
+   * creation to its destruction, harmless while the VE
    * is stopped (no port has that name), and stays in the set across stops:
    * a start only adds it when this process has not seen it there.
    */
@@ -174,6 +174,22 @@ export class VeNetwork {
     }
     this.allowed.clear();
     for (const id of ids) this.allowed.add(allowedElement(id.hostVeth, macForAddress(id.address), id.address));
+    await this.warnAboutUnpinnedPorts(ids);
+  }
+
+  /**
+   * A VE started by a vesh before MAC pinning still runs with a random MAC on
+   * eth0 and a learning port: the anti-spoofing set (port . pinned MAC .
+   * address) now drops all it sends until it is restarted, which gives it the
+   * pinned MAC and port. Say so, once per VE, rather than leave it silent.
+   */
+  private async warnAboutUnpinnedPorts(ids: VeNetIdentity[]): Promise<void> {
+    for (const id of ids) {
+      const learning = await fs.readFile(`/sys/class/net/${id.hostVeth}/brport/learning`, 'utf8').catch(() => '');
+      if (learning.trim() === '1') {
+        this.log.warn({ event: 'net.ve_port_unpinned', ve: id.name, port: id.hostVeth }, `VE "${id.name}" was started by an older vesh and has no network until it is restarted: run "vesh ve restart ${id.name}"`);
+      }
+    }
   }
 
   /** Lowest free address of the subnet (the first one is the gateway's). */
