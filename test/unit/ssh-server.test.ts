@@ -1,10 +1,14 @@
 import { createRequire } from 'node:module';
+import { pino } from 'pino';
 import net from 'node:net';
 import path from 'node:path';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { Client } from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { VeshError, ErrorCodes } from '../../src/errors.js';
+import { parseServerConfig } from '../../src/config/server-config.js';
+import { CappedLog } from '../../src/ssh/capped-log.js';
+import { DEFAULT_SESSION_LIMITS, UsageCaps } from '../../src/ssh/usage-caps.js';
 import {
   Cleanup, FakeAuthenticator, HostFakeVes, makeClientKey, runProgram, serverBugRecords, sshBaseArgs, sshWithKey, sshWithPassword, startInProcessServer, tempDir,
   type ClientKey, type FakeAccount, type InProcessServer,
@@ -469,5 +473,55 @@ describe('test harness: a server bug fails the test file', () => {
     // Checks run once; a clean run resolves.
     await expect(c.run()).resolves.toBeUndefined();
     expect(serverBugRecords([{ event: 'serve.unhandled_rejection' }, { event: 'serve.sighup' }])).toHaveLength(1);
+  });
+});
+
+describe('caps on what logged-in users hold (sessions: in vesh.yaml)', () => {
+  const records: Array<Record<string, unknown>> = [];
+  const logger = pino({ level: 'debug' }, { write: (l: string) => void records.push(JSON.parse(l) as Record<string, unknown>) });
+
+  it('has OpenSSH-like defaults that hold 500 sessions of one account, and reads its settings', () => {
+    const c = parseServerConfig('/tmp/vesh.yaml', 'listen: "127.0.0.1:0"\n');
+    expect(c.sessions).toEqual(DEFAULT_SESSION_LIMITS);
+    expect(c.sessions.maxSessionsPerAccount).toBe(500);
+    expect(c.auth.disconnectOnLock).toBe(true);
+    const d = parseServerConfig('/tmp/vesh.yaml', 'sessions: { maxSessions: 4, maxConnectionsPerAccount: 2 }\n');
+    expect(d.sessions.maxSessions).toBe(4);
+    expect(d.sessions.maxConnectionsPerAccount).toBe(2);
+    expect(() => parseServerConfig('/tmp/vesh.yaml', 'sessions: { maxSesions: 4 }\n')).toThrow();
+  });
+
+  it('counts per account and in all, refuses with a message naming the account and cap, and logs refusals at a bounded rate', () => {
+    let now = 0;
+    records.length = 0;
+    const caps = new UsageCaps({ ...DEFAULT_SESSION_LIMITS, maxSessionsPerAccount: 2, maxSessionsTotal: 3 }, logger, () => now);
+    expect(caps.admit('session', 'alice')).toBeNull();
+    expect(caps.admit('session', 'alice')).toBeNull();
+    const refused = caps.admit('session', 'alice');
+    expect(refused?.setting).toBe('sessions.maxSessionsPerAccount');
+    expect(refused?.userMessage).toBe('too many sessions for account alice (2); close some and try again');
+    expect(caps.admit('session', 'bob')).toBeNull();
+    expect(caps.admit('session', 'carol')?.setting).toBe('sessions.maxSessionsTotal');
+    for (let i = 0; i < 100; i++) caps.admit('session', 'alice');
+    expect(records.filter((r) => r.event === 'ssh.limit_reached' && r.account === 'alice')).toHaveLength(1);
+    now += 10_000;
+    caps.admit('session', 'alice');
+    const lines = records.filter((r) => r.event === 'ssh.limit_reached' && r.account === 'alice');
+    expect(lines).toHaveLength(2);
+    expect(lines[1]!.refusedSinceLastLine).toBe(100);
+    caps.release('session', 'alice');
+    expect(caps.admit('session', 'alice')).toBeNull();
+    // A release that was never admitted changes nothing.
+    caps.release('connection', 'nobody');
+    expect(caps.usage('alice')).toEqual({ account: { connection: 0, session: 2, forwardHelper: 0 }, total: { connection: 0, session: 3, forwardHelper: 0 } });
+  });
+
+  it('logs client-caused lines up to a cap per connection and counts the rest', () => {
+    records.length = 0;
+    const capped = new CappedLog(() => logger, 3);
+    for (let i = 0; i < 50; i++) capped.info({ event: 'ssh.signal_refused', i });
+    expect(records.filter((r) => r.event === 'ssh.signal_refused')).toHaveLength(3);
+    expect(records.filter((r) => r.event === 'ssh.log_lines_suppressed')).toHaveLength(1);
+    expect(capped.suppressed).toBe(47);
   });
 });
