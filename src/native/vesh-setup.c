@@ -151,6 +151,22 @@ static int attach_loop(const char *image, char *dev, size_t devlen) {
   return -1;
 }
 
+/*
+ * The host's view of ROOTFS stays nosuid (no host user may gain VE root's
+ * host uid from a setuid file VE root made); the VE's own view must honour
+ * setuid (sudo, su, passwd and ping for plain users inside, where it only
+ * ever gives ids of the VE's own range). So the engine we exec runs in a
+ * mount namespace of its own, a slave of the host's (nothing we change
+ * there reaches the host), where ROOTFS is remounted without nosuid; the
+ * VE's mount namespace is made from that one. Once the engine has started
+ * the VE and exited, the namespace is gone with it.
+ */
+static void suid_view_for_engine(const char *rootfs) {
+  if (unshare(CLONE_NEWNS) != 0) die("unshare a mount namespace for the engine: %s", strerror(errno));
+  if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0) die("make the engine's mounts slaves of the host's: %s", strerror(errno));
+  if (mount(NULL, rootfs, NULL, MS_REMOUNT | MS_BIND | MS_NODEV, NULL) != 0) die("remount %s with setuid for the VE: %s", rootfs, strerror(errno));
+}
+
 static int cmd_mount(int argc, char **argv) {
   char **then = NULL;
   const char *console = NULL;
@@ -211,6 +227,7 @@ static int cmd_mount(int argc, char **argv) {
   close(upperfd);
   close(workfd);
   if (then) {
+    suid_view_for_engine(rootfs);
     if (console) {
       /* On the VE's disk: never follow a link or wait on a FIFO planted there; only a regular file will do. */
       int fd = open(console, O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);

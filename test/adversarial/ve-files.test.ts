@@ -78,19 +78,6 @@ describe('host code on VE trees: no symlink followed, no FIFO waited on, no VE f
     expect(statSync(hostPath).mode & 0o4000).toBe(0o4000);
     expect(statSync(hostPath).uid).toBe(IDMAP_BASE);
 
-    // Every mount holding VE files says nosuid and nodev.
-    for (const m of [path.join(veDir(), 'rootfs'), path.join(veDir(), 'private')]) {
-      const opts = execFileSync('findmnt', ['-no', 'OPTIONS', '--mountpoint', m], { encoding: 'utf8' }).trim().split(',');
-      expect(opts, m).toContain('nosuid');
-      expect(opts, m).toContain('nodev');
-    }
-
-    // Directories holding VE trees: root and VE root's host group only.
-    for (const d of [arena.env.layout.dataDir, arena.env.layout.vesDir, veDir()]) {
-      const st = statSync(d);
-      expect({ dir: d, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid }).toEqual({ dir: d, mode: 0o710, uid: 0, gid: IDMAP_BASE });
-    }
-    expect(statSync(arena.env.layout.templatesDir).mode & 0o077).toBe(0);
     // An unprivileged host user cannot even reach the file through the VE's directory ...
     const asNobody = ['--reuid=65534', '--regid=65534', '--clear-groups'];
     // (setpriv keeps its capabilities until its own exec: the walk is done by a shell that has none.)
@@ -107,6 +94,25 @@ describe('host code on VE trees: no symlink followed, no FIFO waited on, no VE f
     } finally {
       closeSync(fd);
     }
+
+    // Every mount holding VE files says nosuid and nodev.
+    for (const m of [path.join(veDir(), 'rootfs'), path.join(veDir(), 'private')]) {
+      const opts = execFileSync('findmnt', ['-no', 'OPTIONS', '--mountpoint', m], { encoding: 'utf8' }).trim().split(',');
+      expect(opts, m).toContain('nosuid');
+      expect(opts, m).toContain('nodev');
+    }
+
+    // Directories holding VE trees: root and VE root's host group only.
+    for (const d of [arena.env.layout.dataDir, arena.env.layout.vesDir, veDir()]) {
+      const st = statSync(d);
+      expect({ dir: d, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid }).toEqual({ dir: d, mode: 0o710, uid: 0, gid: IDMAP_BASE });
+    }
+    expect(statSync(arena.env.layout.templatesDir).mode & 0o077).toBe(0);
+
+    // Inside, the VE's own view still honours setuid (sudo, su, passwd for its plain users): it gives ids of the VE only.
+    const cmd = await arena.env.ves.execCommand('alice', { argv: [inVe], uid: 1000, gid: 1000, tty: false, env: { PATH: '/bin:/usr/bin' } });
+    const inside = spawnSync(cmd.file, cmd.args, { encoding: 'utf8', timeout: 60_000 });
+    expect(inside.stdout, inside.stderr).toMatch(/ruid=1000 euid=0/);
   });
 
   it('vesh ve stop and restart write nothing through a /run/vesh/shutdown symlink to a host file', async () => {
