@@ -21,9 +21,10 @@
  * buffer, accepts a frame only as an answer to a request it forwarded (or for
  * a listener the helper reported bound), and passes on only descriptors it
  * checked itself: connected, non-listening AF_INET/AF_INET6 SOCK_STREAM TCP
- * sockets, switched to non-blocking. Everything it writes to Node it wrote
- * itself. Forwarded data never passes through here: Node relays each socket
- * to its SSH channel directly, as before.
+ * sockets. Everything it writes to Node it wrote itself, and every socket it
+ * hands to Node it made itself: the bytes of each forwarded connection are
+ * copied here between the VE's socket and a socketpair whose other end the
+ * server holds (see "forwarded connections" for why).
  *
  * The helper's stderr (which the engine hands it) is read here with a cap
  * until the helper is ready, and shown only when the start fails; after that
@@ -70,6 +71,10 @@
 #define REJECT_REPORT_MS 10000
 /* Control-message room for more descriptors than any frame may carry, so extra ones arrive and are closed here. */
 #define CMSG_FDS 16
+/* Forwarded connections at once: the connection's channel budget (MAX_CHANNELS_PER_CONNECTION) and some room for -R arrivals the server refuses. */
+#define MAX_STREAMS 160
+/* Bytes held per direction of a connection: one read's worth, passed on before the next read. */
+#define STREAM_BUF 65536
 
 static int ve = -1;
 static pid_t engine_pid = -1;
@@ -317,13 +322,108 @@ static void handle_node_line(const char *line) {
   }
 }
 
-/* ------------------------------------------------------------ from the VE (frames) */
+/* ------------------------------------------------------------ forwarded connections */
 
 /*
- * Whether `fd` is what a forward may carry: a connected TCP socket over IPv4
- * or IPv6, not a listener. Then make it non-blocking: Node's event loop
- * reads and writes it, and libuv takes a received descriptor as it comes.
+ * Why the bytes of a forwarded connection pass through here instead of the
+ * VE's socket going to the server: whoever holds a descriptor of that socket
+ * shares its open file description, O_NONBLOCK included, and VE root can hold
+ * one (it can answer a connect with a socket of its own, or take the
+ * helper's with pidfd_getfd). A socket the server's event loop reads and
+ * writes could then be switched to blocking from inside the VE, and one
+ * write() to a peer that never reads would stop the server for every tenant.
+ * So the server gets one end of a socketpair made here, which nobody else
+ * ever holds, and we copy between it and the VE's socket with MSG_DONTWAIT,
+ * which does not block whatever the VE does to the socket's flags. A
+ * stalled or hostile peer stalls only its own connection; each direction
+ * holds at most STREAM_BUF bytes, and reading stops while they wait, so the
+ * kernel's socket buffers keep their backpressure end to end. EOF travels as
+ * a half-close each way; the pair closes when both directions are done, or
+ * at once on an error.
  */
+struct half {
+  char *buf;
+  size_t off, len;
+  int eof;  /* the source said EOF */
+  int shut; /* and we passed it on (shutdown SHUT_WR of the destination) */
+};
+
+struct stream {
+  int ve, node;
+  struct half down; /* VE → server */
+  struct half up;   /* server → VE */
+};
+
+static struct stream streams[MAX_STREAMS];
+static int nstreams;
+
+static void close_stream(int i) {
+  struct stream *st = &streams[i];
+  close(st->ve);
+  close(st->node);
+  free(st->down.buf);
+  free(st->up.buf);
+  streams[i] = streams[--nstreams];
+}
+
+/* Take `ve` (a checked connected socket) into a stream; returns the server's end of a new socketpair, or -1 (ve closed). */
+static int open_stream(int ve_fd) {
+  int sp[2];
+  if (nstreams >= MAX_STREAMS || socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sp) < 0) {
+    close(ve_fd);
+    return -1;
+  }
+  struct stream *st = &streams[nstreams];
+  memset(st, 0, sizeof *st);
+  st->down.buf = malloc(STREAM_BUF);
+  st->up.buf = malloc(STREAM_BUF);
+  if (!st->down.buf || !st->up.buf) {
+    free(st->down.buf);
+    free(st->up.buf);
+    close(sp[0]);
+    close(sp[1]);
+    close(ve_fd);
+    return -1;
+  }
+  st->ve = ve_fd;
+  st->node = sp[0];
+  nstreams++;
+  return sp[1];
+}
+
+/* Move what is there from src to dst through h, never blocking. -1: the connection failed. */
+static int pump(int src, int dst, struct half *h, int readable, int writable) {
+  if (readable && h->len == 0 && !h->eof) {
+    ssize_t n = recv(src, h->buf, STREAM_BUF, MSG_DONTWAIT);
+    if (n > 0) {
+      h->off = 0;
+      h->len = (size_t)n;
+      writable = 1; /* try at once: the destination has room more often than not */
+    } else if (n == 0) {
+      h->eof = 1;
+    } else if (errno != EAGAIN && errno != EINTR) {
+      return -1;
+    }
+  }
+  if (writable && h->len > 0) {
+    ssize_t n = send(dst, h->buf + h->off, h->len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n > 0) {
+      h->off += (size_t)n;
+      h->len -= (size_t)n;
+    } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+      return -1;
+    }
+  }
+  if (h->eof && h->len == 0 && !h->shut) {
+    shutdown(dst, SHUT_WR);
+    h->shut = 1;
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------ from the VE (frames) */
+
+/* Whether `fd` is what a forward may carry: a connected TCP socket over IPv4 or IPv6, not a listener. NULL when it is, else why not. */
 static const char *check_stream_socket(int fd) {
   struct stat st;
   if (fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode)) return "a descriptor that is not a socket";
@@ -339,8 +439,6 @@ static const char *check_stream_socket(int fd) {
   struct sockaddr_storage ss;
   socklen_t sl = sizeof ss;
   if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0) return "a socket that is not connected";
-  int fl = fcntl(fd, F_GETFL);
-  if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return "a socket that cannot be made non-blocking";
   return NULL;
 }
 
@@ -417,9 +515,14 @@ static void read_ve_frame(void) {
         reject(bad);
         return;
       }
+      int node_end = open_stream(fds[0]);
+      if (node_end < 0) {
+        node_failed(f->id, "EMFILE", "too many forwarded connections on this SSH connection");
+        return;
+      }
       snprintf(body, sizeof body, "{\"t\":\"connected\",\"id\":%u}", f->id);
-      node_msg(fds[0], body);
-      close(fds[0]); /* the server has its own now */
+      node_msg(node_end, body);
+      close(node_end); /* the server has its own now */
       return;
     }
     case FWD_ACCEPTED: {
@@ -428,9 +531,11 @@ static void read_ve_frame(void) {
       if (bad) { close(fds[0]); reject(bad); return; }
       char addr[FWD_ADDR_LEN];
       peer_address(f->addr, addr, sizeof addr);
+      int node_end = open_stream(fds[0]);
+      if (node_end < 0) { reject("more forwarded connections than the relay holds"); return; }
       snprintf(body, sizeof body, "{\"t\":\"accepted\",\"id\":%u,\"remoteAddress\":\"%s\",\"remotePort\":%u}", f->id, addr, f->port <= 65535 ? f->port : 0);
-      node_msg(fds[0], body);
-      close(fds[0]);
+      node_msg(node_end, body);
+      close(node_end);
       return;
     }
     case FWD_FAILED:
@@ -561,7 +666,7 @@ int main(int argc, char **argv) {
   static char in[NODE_LINE_MAX * 4];
   size_t inlen = 0;
   for (;;) {
-    struct pollfd pfd[4];
+    static struct pollfd pfd[4 + 2 * MAX_STREAMS];
     int np = 0, inode, ive = -1, ierr = -1, iengine = -1;
     inode = np;
     pfd[np++] = (struct pollfd){ .fd = NODE, .events = POLLIN };
@@ -569,9 +674,26 @@ int main(int argc, char **argv) {
     if (engine_pidfd < 0) { ive = np; pfd[np++] = (struct pollfd){ .fd = ve, .events = POLLIN }; }
     if (errfd >= 0) { ierr = np; pfd[np++] = (struct pollfd){ .fd = errfd, .events = POLLIN }; }
     if (engine_pidfd >= 0) { iengine = np; pfd[np++] = (struct pollfd){ .fd = engine_pidfd, .events = POLLIN }; }
+    /* Each stream: read a side only while its buffer is empty, wait to write only while the other's is not. */
+    int istreams = np;
+    for (int i = 0; i < nstreams; i++) {
+      struct stream *st = &streams[i];
+      short ve_ev = (short)((!st->down.eof && st->down.len == 0 ? POLLIN : 0) | (st->up.len > 0 ? POLLOUT : 0));
+      short node_ev = (short)((!st->up.eof && st->up.len == 0 ? POLLIN : 0) | (st->down.len > 0 ? POLLOUT : 0));
+      /* A side we wait for nothing on is left out, or its POLLHUP would wake us again and again while the other drains. */
+      pfd[np++] = (struct pollfd){ .fd = ve_ev ? st->ve : -1, .events = ve_ev };
+      pfd[np++] = (struct pollfd){ .fd = node_ev ? st->node : -1, .events = node_ev };
+    }
     if (poll(pfd, (nfds_t)np, -1) < 0) {
       if (errno == EINTR) continue;
       _exit(1);
+    }
+    /* Streams first, from the end (close_stream moves the last, already done, into the hole). */
+    for (int i = nstreams - 1; i >= 0; i--) {
+      struct stream *st = &streams[i];
+      short vr = pfd[istreams + 2 * i].revents, nr = pfd[istreams + 2 * i + 1].revents;
+      const short in = POLLIN | POLLHUP | POLLERR, out = POLLOUT | POLLHUP | POLLERR;
+      if (pump(st->ve, st->node, &st->down, vr & in, nr & out) < 0 || pump(st->node, st->ve, &st->up, nr & in, vr & out) < 0 || (st->down.shut && st->up.shut)) close_stream(i);
     }
     if (ierr >= 0 && (pfd[ierr].revents & (POLLIN | POLLHUP | POLLERR))) read_stderr();
     if (iengine >= 0 && (pfd[iengine].revents & POLLIN)) reap_engine();

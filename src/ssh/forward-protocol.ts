@@ -13,19 +13,27 @@
  *
  * Transport, relay ↔ helper: fixed-size frames over a SOCK_SEQPACKET
  * socketpair (src/native/forward-frame.h). The tenant can take over the
- * helper's end (VE root or the account's user can ptrace it), so the relay
- * checks every frame — an answer only to a request it forwarded, a
- * connection only for a listener the helper reported — and every descriptor:
- * only connected, non-listening AF_INET/AF_INET6 TCP sockets reach the
- * server, switched to non-blocking. What it drops it reports as 'rejected'.
+ * helper's end (VE root can ptrace it), so the relay checks every frame — an
+ * answer only to a request it forwarded, a connection only for a listener
+ * the helper reported — and every descriptor: only connected, non-listening
+ * AF_INET/AF_INET6 TCP sockets are taken. What it drops it reports as
+ * 'rejected'.
  *
- * Why descriptors and not data frames: the helper creates every socket in the
- * VE's namespace — so `localhost` is the VE's loopback and a listener is the
- * VE's — and then hands the connected socket over, and the server relays it
- * to the SSH channel directly. No byte passes through the helper or the
- * relay, the kernel socket buffers give both directions their natural
- * backpressure (a framed multiplexer would need its own per-stream flow
- * control), and one helper per SSH connection serves every -L and -R of it.
+ * What the server gets for a connection is never the VE's socket but one end
+ * of a Unix socketpair the relay made, non-blocking, which nobody else holds;
+ * the relay copies between it and the VE's socket without ever blocking. A
+ * socket the VE also holds could be switched to blocking from inside the VE
+ * (O_NONBLOCK belongs to the open file description, which every holder
+ * shares), and one write to it would then stop the server's event loop for
+ * every tenant. The copy costs one pass through the relay, which runs beside
+ * the server on another core; the kernel's socket buffers still give both
+ * directions their backpressure, and EOF travels as a half-close both ways.
+ *
+ * Why sockets and not data frames on the channel: the helper creates every
+ * socket in the VE's namespace — so `localhost` is the VE's loopback and a
+ * listener is the VE's — and one helper and one relay per SSH connection
+ * serve every -L and -R of it, each connection its own socket with its own
+ * flow control (a framed multiplexer would need its own per-stream windows).
  *
  * Server → relay (for the helper):
  *   { t: 'connect', id, host, port }     open a TCP connection (for -L)
