@@ -139,8 +139,18 @@ describe('adversarial: the port-forward helper\'s channel taken over from inside
         expect(arena.serve.child.pid).toBe(servePid);
         expect(serverBugRecords(arena.serve.logs)).toEqual([]);
         await arena.expectServes('bob');
-        // The Unix socket never became a forwarded connection.
+        // The Unix socket never became a forwarded connection, nor the listener a server in the host's process.
         expect(attack.stdout).not.toContain('relayed:');
+        expect(attack.stdout).not.toContain('accepted-by-server');
+        // alice's forwards of that connection work as before, both ways.
+        expect(await readFrom(local)).toBe('from-ve\n');
+        expect(await veRead(a.account, remote)).toBe('from-client-side\n');
+        child.kill();
+        // And a new -L of hers works.
+        const local2 = await freePort();
+        const child2 = sshN(a.account, ['-L', `${local2}:127.0.0.1:${VE_PORT}`]);
+        expect(await untilGreets(local2, 'from-ve\n')).toBe('from-ve\n');
+        child2.kill();
         if (a.uid === 0) {
           // VE root held the channel and sent it all; the relay on the host dropped it and said why.
           expect(attack.stdout).toContain('taken');
@@ -153,15 +163,6 @@ describe('adversarial: the port-forward helper\'s channel taken over from inside
           // The helper is not dumpable: the account's own user cannot take its channel.
           expect(attack.stdout).toContain('getfd: EPERM');
         }
-        // alice's forwards of that connection work as before, both ways.
-        expect(await readFrom(local)).toBe('from-ve\n');
-        expect(await veRead(a.account, remote)).toBe('from-client-side\n');
-        child.kill();
-        // And a new -L of hers works.
-        const local2 = await freePort();
-        const child2 = sshN(a.account, ['-L', `${local2}:127.0.0.1:${VE_PORT}`]);
-        expect(await untilGreets(local2, 'from-ve\n')).toBe('from-ve\n');
-        child2.kill();
         expect(serverBugRecords(arena.serve.logs)).toEqual([]);
       }, 240_000);
     }

@@ -19,6 +19,8 @@
  * well-formed frames (forward-frame.h, copied here as a tenant would copy
  * it) claiming to be a connection for every small id.
  *
+ * In listener mode, prints "accepted-by-server" when another process (the
+ * server) accepts connections on the listener it was handed.
  * In unix mode, prints "relayed: ..." when the server took the Unix socket
  * for a forwarded connection (what the forward's far end said came back).
  * Prints "taken" once it holds the channel and "sent" when done; exits 3
@@ -188,6 +190,17 @@ int main(int argc, char **argv) {
     if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, 8) < 0) perror("listen");
     /* As Node IPC: a server handle where the server expects a socket. */
     send_descriptor(fd, "net.Server");
+    /* Does anyone else accept on it now? Connect, give them time, and see whether our backlog still holds the connection. */
+    sleep(1);
+    struct sockaddr_in me;
+    socklen_t ml = sizeof me;
+    getsockname(fd, (struct sockaddr *)&me, &ml);
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(c, (struct sockaddr *)&me, ml) == 0) {
+      sleep(2);
+      int got = accept4(fd, NULL, NULL, SOCK_NONBLOCK);
+      if (got < 0 && errno == EAGAIN) printf("accepted-by-server: a connection to our listener was taken by someone else\n");
+    }
   } else if (!strcmp(mode, "unterminated")) {
     /* The biggest message the channel takes, of JSON-looking bytes and no newline or frame shape. */
     size_t len = 8 << 20;
