@@ -38,6 +38,8 @@ async function untilGreets(port: number, greeting: string): Promise<string> {
 }
 
 const VE_PORT = 7080;
+/** Where the blocking attack listens in the VE (and never accepts). */
+const TRAP_PORT = 7090;
 const MALLORY_UID = 1500;
 const MODES = ['file', 'unix', 'listener', 'unterminated', 'garbage'] as const;
 type Mode = (typeof MODES)[number];
@@ -120,6 +122,44 @@ describe('adversarial: the port-forward helper\'s channel taken over from inside
     { who: 'VE root', account: 'alice', uid: 0 },
     { who: 'a plain user in the VE', account: 'mallory', uid: MALLORY_UID },
   ];
+
+  it('VE root answers a -L connect with a socket it keeps and switches to blocking, its peer never reading: the server keeps serving everyone', async () => {
+    await waitFor('earlier forward helpers to exit', async () => (await forwardHelpers()).length === 0, 20_000);
+    const servePid = arena.serve.child.pid;
+    const local = await freePort();
+    const child = sshN('alice', ['-L', `${local}:127.0.0.1:${VE_PORT}`]);
+    expect(await untilGreets(local, 'from-ve\n')).toBe('from-ve\n');
+    await plantAttack(arena.env, 'alice', 'forward-blocking');
+    // Bounded: the attack gives up by itself after 90 s, and is told to stop below.
+    const started = await arena.sh('alice', `rm -f /tmp/fb.out; setsid /usr/local/bin/forward-blocking 0 ${TRAP_PORT} 90 >/tmp/fb.out 2>&1 </dev/null & echo $! > /tmp/fb.pid; for i in $(seq 100); do grep -q waiting /tmp/fb.out && break; sleep 0.1; done; cat /tmp/fb.out`);
+    expect(started.stdout).toContain('waiting');
+    const attackOut = async () => (await arena.sh('alice', 'cat /tmp/fb.out')).stdout;
+    const conn = net.connect(local, '127.0.0.1');
+    conn.on('error', () => undefined);
+    try {
+      // A new -L connection: its connect request is answered by the attack, and the client pushes 8 MiB at it.
+      const chunk = Buffer.alloc(64 * 1024, 0x61);
+      for (let i = 0; i < 128; i++) conn.write(chunk);
+      await waitFor('the attack to answer the connect', async () => (await attackOut()).includes('answered'), 30_000);
+      await new Promise((r) => setTimeout(r, 3_000));
+      // The server still answers: bob logs in and runs a command (a stuck event loop would not, for as long as the attack holds).
+      const tag = `alive-${Math.random().toString(36).slice(2, 8)}`;
+      const bob = await arena.ssh('bob', ['echo', tag], { timeoutMs: 45_000 });
+      expect(bob.stdout.trim()).toBe(tag);
+      expect(serverAlive(arena)).toBe(true);
+      expect(arena.serve.child.pid).toBe(servePid);
+      expect(serverBugRecords(arena.serve.logs)).toEqual([]);
+    } finally {
+      conn.destroy();
+      child.kill();
+      await arena.sh('alice', 'kill -TERM "$(cat /tmp/fb.pid)" 2>/dev/null; for i in $(seq 50); do grep -q "done\\|no connect\\|getfd" /tmp/fb.out && break; sleep 0.1; done; true', { allowFailure: true });
+    }
+    // And a new -L of alice's works.
+    const local2 = await freePort();
+    const child2 = sshN('alice', ['-L', `${local2}:127.0.0.1:${VE_PORT}`]);
+    expect(await untilGreets(local2, 'from-ve\n')).toBe('from-ve\n');
+    child2.kill();
+  }, 300_000);
 
   for (const a of attackers) {
     for (const mode of MODES) {
