@@ -843,6 +843,21 @@ static int write_cg_file(const char *dir, const char *name, const char *text) {
   return n == (ssize_t)strlen(text) ? 0 : -1;
 }
 
+/* A number in DIR/NAME; "max" and anything unreadable are LLONG_MAX (no limit known). */
+static long long read_cg_number(const char *dir, const char *name) {
+  char file[PATH_MAX], buf[64];
+  if (snprintf(file, sizeof file, "%s/%s", dir, name) >= (int)sizeof file) return LLONG_MAX;
+  int fd = open(file, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return strcmp(name, "pids.current") ? LLONG_MAX : 0; /* no pids controller here: nothing counted */
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return LLONG_MAX;
+  buf[n] = 0;
+  char *end;
+  long long v = strtoll(buf, &end, 10);
+  return end == buf ? LLONG_MAX : v;
+}
+
 /* mkdir -p for a cgroup directory (the instance's parent may not exist in a hierarchy yet). */
 static int make_cg_dir(char *dir) {
   if (mkdir(dir, 0755) == 0 || errno == EEXIST) return 0;
@@ -879,10 +894,13 @@ static int cmd_join(int argc, char **argv) {
     }
     if (write_cg_file(dir, "memory.limit_in_bytes", memory) < 0 && errno == ENOENT) write_cg_file(dir, "memory.max", memory);
     if (write_cg_file(dir, "cgroup.procs", "0") < 0) {
-      if (errno == EAGAIN)
-        fprintf(stderr, "vesh: this VE already has as many host processes serving its sessions as it may (%s): close some sessions and try again\r\n", pids);
-      else
-        fprintf(stderr, "vesh: cannot join the relay cgroup %s: %s\r\n", dir, strerror(errno));
+      fprintf(stderr, "vesh: cannot join the relay cgroup %s: %s\r\n", dir, strerror(errno));
+      return 255;
+    }
+    /* pids.max stops fork and clone in the cgroup, not a process moving in:
+       count ourselves, and leave (ending) when we made it one too many. */
+    if (read_cg_number(dir, "pids.current") > read_cg_number(dir, "pids.max")) {
+      fprintf(stderr, "vesh: this VE already has as many host processes serving its sessions as it may (%s): close some sessions and try again\r\n", pids);
       return 255;
     }
   }
