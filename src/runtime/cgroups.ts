@@ -103,3 +103,23 @@ export async function removeRelayCgroup(dirs: string[], graceMs = 2000): Promise
   }
   await removeCgroupDirs(dirs);
 }
+
+/**
+ * Set a VE's TCP buffer limit (memory.kmem.tcp.limit_in_bytes) on cgroup v1
+ * before its engine starts it. The kernel charges a cgroup's TCP buffers only
+ * once that limit is written, and only for sockets made after: runc 1.1
+ * ignores the bundle's kernelTCP, and after the start the VE's init (which VE
+ * root may replace) could already hold sockets that are never charged. So the
+ * cgroup is made here, empty, with its limit; runc joins it as it is. A
+ * kernel without the knob (no kmem accounting) is left alone: doctor says so.
+ */
+export async function presetTcpLimit(cgroupsPath: string, bytes: number, layout: CgroupLayout): Promise<void> {
+  if (layout === 'v2') return;
+  const dir = path.join('/sys/fs/cgroup/memory', cgroupsPath.replace(/^\/+/, ''));
+  await fs.mkdir(dir, { recursive: true });
+  try {
+    await fs.writeFile(path.join(dir, 'memory.kmem.tcp.limit_in_bytes'), String(bytes));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+  }
+}

@@ -135,6 +135,8 @@ export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
   // On v1 a VE's TCP buffers are charged (to memory.kmem.tcp) only with a
   // limit set: without it they escape the VE's memory limit into the
   // host-wide tcp_mem pool (review N1). As large as the VE's memory limit.
+  // runc 1.1 does not write it: RuncRuntime sets it from here before the
+  // engine runs (cgroups.ts presetTcpLimit).
   const kernelTcp = spec.cgroupLayout === 'v2' ? {} : { kernelTCP: spec.limits.memory };
   return {
     ociVersion: '1.0.2-dev',

@@ -3,7 +3,7 @@ import { spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { run, safeEnv } from '../system/exec.js';
-import { relayCgroupDirs, removeRelayCgroup, type CgroupLayout } from './cgroups.js';
+import { detectCgroupLayout, presetTcpLimit, relayCgroupDirs, removeRelayCgroup, type CgroupLayout } from './cgroups.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from './types.js';
 
 /**
@@ -84,6 +84,7 @@ export class RuncRuntime implements ContainerRuntime {
   private async launch(verb: 'create' | 'run', id: string, opts: { bundleDir: string; pidFile: string; consoleFile: string; prepare?: HostCommand }): Promise<void> {
     this.bundles.set(id, opts.bundleDir);
     this.baseProcess.delete(id);
+    await this.presetTcpLimit(id, opts.bundleDir);
     const missing = () => new VeshError(ErrorCodes.RUNTIME_MISSING, `the runtime binary "${this.binary}" was not found: install it with "apt-get install runc" (or set runtime.binary in vesh.yaml)`);
     // Through the session helper when built: it lifts the limits the VE's user
     // namespace takes from its creator (see raise-limits in vesh-session.c).
@@ -116,6 +117,23 @@ export class RuncRuntime implements ContainerRuntime {
       }
     } finally {
       await fh?.close();
+    }
+  }
+
+  /** The bundle's kernelTCP, applied before the engine runs (see presetTcpLimit: runc 1.1 drops it). */
+  private async presetTcpLimit(id: string, bundleDir: string): Promise<void> {
+    let linux: { cgroupsPath?: string; resources?: { memory?: { kernelTCP?: number } } } | undefined;
+    try {
+      linux = (JSON.parse(await fs.readFile(path.join(bundleDir, 'config.json'), 'utf8')) as { linux?: typeof linux }).linux;
+    } catch {
+      return; // no readable bundle: the engine says so itself
+    }
+    const bytes = linux?.resources?.memory?.kernelTCP;
+    if (!bytes || !linux?.cgroupsPath) return;
+    try {
+      await presetTcpLimit(linux.cgroupsPath, bytes, this.relays?.layout ?? detectCgroupLayout());
+    } catch (err) {
+      throw new VeshError(ErrorCodes.RUNTIME_FAILED, `cannot set the TCP buffer limit of container ${id} (${linux.cgroupsPath}): ${(err as Error).message}`, { cause: err });
     }
   }
 
