@@ -33,13 +33,15 @@ export function sysctlPath(key: string): string {
  * processes and `ptysPerVe` terminals.
  */
 export function hostSysctlNeeds(opts: { pidsPerVe: number; ptysPerVe: number }): SysctlNeed[] {
-  // Kernel keys: runc gives each VE a session keyring owned by VE root, the
-  // same host uid for every VE (runtime.idmapBase), charged to that uid's key
-  // quota: about 60 bytes (description "_ses.<VE>" and the keyring), one
-  // key. The defaults (200 keys, 20000 bytes) stop the 201st VE. The quota
+  // Kernel keys: runc itself gives each VE a session keyring (before the
+  // VE's seccomp filter applies, so refusing keyctl and add_key inside VEs
+  // does not remove it), owned by VE root: the same host uid for every VE
+  // (runtime.idmapBase), charged to that uid's key quota. Measured in
+  // /proc/key-users: one key and about 11 bytes per VE with 5-letter names
+  // (31 keys, 333 bytes for 31 VEs), so at most ~40 bytes with 32-letter
+  // ones. The defaults (200 keys, 20000 bytes) stop the 201st VE. The quota
   // applies to every non-root host uid alike, so it is raised only to what
-  // twice the density target needs, not further (review L4): keyctl and
-  // add_key are refused inside VEs, so VEs cannot add keys of their own.
+  // twice the density target needs, not further (review L4).
   const keys = 2 * VES_PER_HOST;
   return [
     {
@@ -63,8 +65,8 @@ export function hostSysctlNeeds(opts: { pidsPerVe: number; ptysPerVe: number }):
       why: `runc gives each VE a session keyring charged to one host uid (VE root): ${keys} keys for up to ${keys} VEs; the quota holds for every non-root host uid, so no higher`,
     },
     {
-      key: 'kernel.keys.maxbytes', want: keys * 100, raise: true, tooHigh: 10 * keys * 100,
-      why: `the same keyrings take about 60 bytes each: ${keys * 100} bytes for ${keys} VEs; the quota holds for every non-root host uid, so no higher`,
+      key: 'kernel.keys.maxbytes', want: keys * 50, raise: true, tooHigh: 10 * keys * 50,
+      why: `the same keyrings take at most ~40 bytes each: ${keys * 50} bytes for ${keys} VEs; the quota holds for every non-root host uid, so no higher`,
     },
   ];
 }
