@@ -9,7 +9,7 @@ import { run, safeEnv } from './exec.js';
 import { binaryLinkage } from './elf.js';
 import { currentSysctl, hostSysctlNeeds, sysctlPath, VES_PER_HOST, type SysctlNeed } from './host-tuning.js';
 import { firstUnsearchableAncestor, type Layout } from './layout.js';
-import { forwardHelperPath, sessionHelperPath, setupHelperPath } from './native-helpers.js';
+import { forwardHelperPath, forwardRelayPath, sessionHelperPath, setupHelperPath } from './native-helpers.js';
 
 /**
  * `vesh doctor`: can this host run VEs, and what to do if not. Each check is
@@ -382,6 +382,15 @@ const checkSessionHelper = staticInVeHelperCheck('session helper', sessionHelper
 /** The forward helper makes every -L/-R socket inside the VE. */
 const checkForwardHelper = staticInVeHelperCheck('forward helper', forwardHelperPath, 'port forwarding (ssh -L/-R) is refused');
 
+/** The forward relay is the host side of every forward: it checks what the helper in the VE sends before the server sees it. */
+const checkForwardRelay: Check = async () => {
+  const file = forwardRelayPath();
+  const kind = await binaryLinkage(file);
+  if (kind === 'missing') return warn('forward relay', `${file} is not built: port forwarding (ssh -L/-R) is refused`, 'npm run build (needs gcc and libc6-dev)');
+  if (kind === 'unknown') return warn('forward relay', `${file} is not an ELF binary we can read: port forwarding (ssh -L/-R) is refused`, 'npm run build');
+  return ok('forward relay', file);
+};
+
 /** The setup helper mounts a VE's file systems and is its network hook: no VE starts without it. */
 const checkSetupHelper: Check = async () => {
   const file = setupHelperPath();
@@ -440,7 +449,7 @@ const checkSocketMemory: Check = async () => {
 
 export const CHECKS: Check[] = [
   checkRoot, checkUserNsEnabled, checkNamespaces, checkOverlay, checkCgroups, checkRuntime, checkBridgeVeth, checkNftables,
-  checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys, checkSetupHelper, checkSessionHelper, checkForwardHelper,
+  checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys, checkSetupHelper, checkSessionHelper, checkForwardHelper, checkForwardRelay,
   checkHostSysctls, checkSharedCounters, checkSocketMemory,
 ];
 
