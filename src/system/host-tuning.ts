@@ -8,6 +8,9 @@ import type { Logger } from '../audit/logger.js';
  * with the value each needs and why.
  */
 
+/** The largest value an int sysctl takes. */
+const INT_MAX = 2_147_483_647;
+
 /** How many VEs a host is sized for (the density target), for settings that grow with it. */
 export const VES_PER_HOST = 1000;
 
@@ -52,13 +55,23 @@ export function hostSysctlNeeds(opts: { pidsPerVe: number; ptysPerVe: number }):
       key: 'kernel.pty.max', want: 1_048_576, raise: true,
       why: `every VE's terminals come from one pool of pty.max - pty.reserve; each VE holds at most runtime.ptysPerVe (${opts.ptysPerVe}) and pays for them from its own memory limit, so the pool is raised to the kernel's ceiling`,
     },
+    // inotify: the kernel counts every VE's instances and watches against
+    // host root too (the VEs' user namespaces are made by host root), in one
+    // count shared by all VEs, systemd and vesh. Any finite limit there can be
+    // used up by VEs together (measured: an instance costs ~1 KB, so a 512 MB
+    // VE holds ~500000, LXD's 1048576 falls to two VEs). Both are charged to
+    // the memory cgroup of whoever makes them, and every instance is an open
+    // file: memory and RLIMIT_NOFILE are the real bounds, per VE. So the
+    // shared count is lifted out of the way. The price: host users outside any
+    // memory-limited cgroup are bounded by their memory only, not by the
+    // kernel's RAM-sized watch default.
     {
-      key: 'fs.inotify.max_user_instances', want: 1_048_576, raise: true,
-      why: 'the kernel charges every VE\'s inotify instances to host root as well (one count shared by all VEs, systemd and vesh): at the default 128 one VE takes them all; LXD\'s production value, each instance is charged to the memory of the VE that made it',
+      key: 'fs.inotify.max_user_instances', want: INT_MAX, raise: true,
+      why: 'every VE\'s inotify instances also count against host root\'s, one count for all VEs, systemd and vesh: at the default 128 one VE takes them all; each instance (~1 KB) is charged to the memory of the VE that made it, which is the real per-VE bound',
     },
     {
-      key: 'fs.inotify.max_user_watches', want: 1_048_576, raise: true,
-      why: 'inotify watches are shared with host root in the same way (LXD\'s production value)',
+      key: 'fs.inotify.max_user_watches', want: INT_MAX, raise: true,
+      why: 'inotify watches are shared with host root in the same way; each is charged to the memory of the VE that made it',
     },
     {
       key: 'kernel.keys.maxkeys', want: keys, raise: true, tooHigh: 10 * keys,
