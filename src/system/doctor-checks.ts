@@ -447,10 +447,23 @@ const checkSocketMemory: Check = async () => {
   return out;
 };
 
+/**
+ * The host's /proc (review N2). vesh keeps session commands and client
+ * addresses off its own processes' command lines; the processes inside VEs
+ * are host processes too, and their command lines (a tenant's
+ * `mysql -pSECRET`) are readable by every host user unless /proc hides them.
+ */
+const checkProcHidepid: Check = async () => {
+  const line = (await fs.readFile('/proc/self/mounts', 'utf8').catch(() => '')).split('\n').map((l) => l.split(' ')).find((f) => f[1] === '/proc' && f[2] === 'proc');
+  const opts = line?.[3] ?? '';
+  if (/(^|,)hidepid=(2|invisible|noaccess|1)(,|$)/.test(opts)) return ok('host /proc', `mounted with ${/hidepid=[^,]+/.exec(opts)![0]}: host users see only their own processes`);
+  return warn('host /proc', 'mounted without hidepid: every host user can read the command lines of the processes in every VE (a tenant\'s passwords given on a command line)', 'mount -o remount,hidepid=invisible /proc (and hidepid=invisible in /etc/fstab; give monitoring tools a gid= exemption)');
+};
+
 export const CHECKS: Check[] = [
   checkRoot, checkUserNsEnabled, checkNamespaces, checkOverlay, checkCgroups, checkRuntime, checkBridgeVeth, checkNftables,
   checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys, checkSetupHelper, checkSessionHelper, checkForwardHelper, checkForwardRelay,
-  checkHostSysctls, checkSharedCounters, checkSocketMemory,
+  checkHostSysctls, checkSharedCounters, checkSocketMemory, checkProcHidepid,
 ];
 
 /** Run every check in turn; one that throws is reported as failed and never stops the rest. */
