@@ -155,7 +155,7 @@ describe('host resources: each capped per VE or charged to it', () => {
     // The relay did not stop itself: the session ended, with 128+SIGSTOP, and no relay sits stopped on the host.
     expect(r.signal, 'the session hung: the relay stopped itself').toBeNull();
     expect(r.code).toBe(128 + os.constants.signals.SIGSTOP);
-    const stopped = hostProcesses().filter((p) => p.args.includes('vesh-session') && processState(p.pid) === 'T');
+    const stopped = hostProcesses().filter((p) => p.args.includes('vesh-session') && p.args.includes(arena.env.layout.agentsDir) && processState(p.pid) === 'T');
     expect(stopped).toEqual([]);
     await arena.expectServes('alice');
   }, 120_000);
@@ -213,7 +213,8 @@ describe('host resources: each capped per VE or charged to it', () => {
     const first = await holdSession('alice', 'echo up; sleep 120', 'up');
     expect(first.up, first.stderr()).toBe(true);
     // The relay of that session (a host process) is charged to alice's relay cgroup, pids and memory alike.
-    const relays = hostProcesses().filter((p) => p.args.includes('vesh-session') && p.args.includes(' attach ') && p.args.includes('/alice.sock'));
+    const sock = path.join(arena.env.layout.agentsDir, 'alice.sock');
+    const relays = hostProcesses().filter((p) => p.args.includes('vesh-session') && p.args.includes(` attach ${sock} `));
     expect(relays.length).toBeGreaterThan(0);
     for (const r of relays) {
       const cg = readFileSync(`/proc/${r.pid}/cgroup`, 'utf8');
