@@ -1,8 +1,9 @@
 import { ErrorCodes, VeshError, isVeshError } from '../errors.js';
 import { spawn } from 'node:child_process';
-import { promises as fs } from 'node:fs';
+import { constants as fsConstants, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { run, safeEnv } from '../system/exec.js';
+import { readCappedNoFollow } from '../system/tree-read.js';
 import { detectCgroupLayout, presetTcpLimit, relayCgroupDirs, removeRelayCgroup, type CgroupLayout } from './cgroups.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from './types.js';
 
@@ -94,7 +95,7 @@ export class RuncRuntime implements ContainerRuntime {
     // that comes only when the VE stops, so its stdio is the console file.
     // With a prepare step, that step opens it (it may be on a disk the step
     // mounts) and makes it the engine's stdio; its own errors come on stderr.
-    const fh = opts.prepare ? null : await fs.open(opts.consoleFile, 'w', 0o600);
+    const fh = opts.prepare ? null : await openConsoleFile(opts.consoleFile);
     try {
       const res = await new Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>((resolve, reject) => {
         const [file, ...args] = opts.prepare ? [opts.prepare.file, ...opts.prepare.args, '--console', opts.consoleFile, '--', ...engine] : engine;
@@ -112,7 +113,8 @@ export class RuncRuntime implements ContainerRuntime {
       // The prepare step's own failure (the engine never ran): its line, as it is.
       if (res.code !== 0 && res.stderr.trim()) throw new VeshError(ErrorCodes.COMMAND_FAILED, res.stderr.trim().split('\n').pop()!);
       if (res.code !== 0) {
-        const text = await fs.readFile(opts.consoleFile, 'utf8').catch(() => '');
+        // The console is the VE's to write (and to replace): a capped tail, no symlink, no FIFO.
+        const text = (await readCappedNoFollow(path.dirname(opts.consoleFile), path.basename(opts.consoleFile), CONSOLE_TAIL_BYTES, 'end')) ?? '';
         throw new VeshError(ErrorCodes.RUNTIME_FAILED, `runc ${verb} ${id} failed: ${lastRuncLine(text) || `exit ${res.code ?? res.signal}`}`);
       }
     } finally {
@@ -281,6 +283,32 @@ export class RuncRuntime implements ContainerRuntime {
     if (!st) throw new VeshError(ErrorCodes.RUNTIME_FAILED, `container ${id} does not exist`);
     this.bundles.set(id, st.bundle);
     return st.bundle;
+  }
+}
+
+/** The end of a failed start's console that can hold runc's last error lines. */
+const CONSOLE_TAIL_BYTES = 64 * 1024;
+
+/**
+ * The init's console, truncated, for the engine's stdio. It lives on the
+ * VE's disk, where VE root may have left a symlink (O_NOFOLLOW: refused) or
+ * a FIFO (O_NONBLOCK: no wait for a reader; then not a regular file:
+ * refused), as vesh-setup's --console does it.
+ */
+async function openConsoleFile(file: string): Promise<fs.FileHandle> {
+  const fh = await fs.open(file, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK, 0o600)
+    .catch((err: NodeJS.ErrnoException) => {
+      throw new VeshError(ErrorCodes.RUNTIME_FAILED, `cannot open the console file ${file} (${err.code ?? err.message}): remove it if it is a symlink or not a regular file, then start again`, { cause: err });
+    });
+  try {
+    if (!(await fh.stat()).isFile()) {
+      throw new VeshError(ErrorCodes.RUNTIME_FAILED, `the console file ${file} is not a regular file: remove it, then start again`);
+    }
+    await fh.truncate(0);
+    return fh;
+  } catch (err) {
+    await fh.close();
+    throw err;
   }
 }
 
