@@ -81,6 +81,10 @@ export const VE_CAPABILITIES = [
 const MASKED_PATHS = [
   '/proc/acpi', '/proc/asound', '/proc/kcore', '/proc/keys', '/proc/latency_stats', '/proc/timer_list',
   '/proc/timer_stats', '/proc/sched_debug', '/proc/scsi', '/sys/firmware', '/sys/devices/virtual/powercap',
+  // Loop devices (every VE's disk image) live here; loop/backing_file names the
+  // host path of each image, so the data dir and every VE's name. /sys/block,
+  // /sys/class/block and /sys/dev/block only link here. Real disks stay visible.
+  '/sys/devices/virtual/block',
 ];
 const READONLY_PATHS = ['/proc/bus', '/proc/fs', '/proc/irq', '/proc/sys', '/proc/sysrq-trigger'];
 
