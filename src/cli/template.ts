@@ -67,6 +67,11 @@ export function register(program: Command): void {
       const { config, layout, logger } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
       const t = await withProgress(`template ${name}`, (onProgress) => createTemplateStore(config, layout, logger).importTar(name, file, { onProgress }));
       console.log(`imported template ${t.name} (${formatSize(t.sizeBytes)})`);
+      // What the archive had that a shared template may not (see template/sanitize.ts); the log names the paths.
+      const { skippedDevices, removedSpecialFiles, clampedModes } = t.imported;
+      if (skippedDevices + removedSpecialFiles + clampedModes > 0) {
+        console.log(`left out: ${skippedDevices} device node(s) (a VE gets its /dev from the engine), ${removedSpecialFiles} FIFO(s)/socket(s); narrowed the mode of ${clampedModes} file(s) (world-writable, or setuid/setgid not owned by root)`);
+      }
     });
 
   template.command('list').description('list templates').option('--json', 'machine-readable output').action(async (o: { json?: boolean }) => {

@@ -16,7 +16,8 @@ export async function shiftOwnership(root: string, base: number, size: number): 
       throw new Error(`${p} is owned by ${st.uid}:${st.gid}, outside the VE id range 0-${size - 1}; the template cannot be shifted`);
     }
     await fs.lchown(p, st.uid + base, st.gid + base);
-    if (!st.isSymbolicLink() && (st.mode & 0o6000) !== 0) await fs.chmod(p, st.mode & 0o7777);
+    // Only where a template may carry them at all (see sanitize.ts: imports are narrowed before this).
+    if ((st.isFile() || st.isDirectory()) && (st.mode & 0o6000) !== 0) await fs.chmod(p, st.mode & 0o7777);
     count++;
     return st.isDirectory();
   };

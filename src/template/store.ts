@@ -4,12 +4,14 @@ import path from 'node:path';
 import { z } from 'zod';
 import type { Logger } from '../audit/logger.js';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
-import { run } from '../system/exec.js';
+import { run, safeEnv } from '../system/exec.js';
+import { readBeneathNoFollow, resolveInRoot } from '../system/tree-read.js';
 import { TEMPLATES_DIR_MODE, type Layout } from '../system/layout.js';
 import { buildBusyboxRootfs } from './busybox.js';
 import { buildDebianRootfs } from './debian.js';
+import { sanitizeTree, type SanitizeReport } from './sanitize.js';
 import { shiftOwnership, treeSize } from './shift.js';
-import type { BuildProgress, TemplateInfo, TemplateKind } from './types.js';
+import type { BuildProgress, ImportedTemplateInfo, TemplateInfo, TemplateKind } from './types.js';
 
 export const TEMPLATE_NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,30}[a-z0-9])?$/;
 
@@ -118,24 +120,38 @@ export class TemplateStore {
    * Import a root filesystem from a tar archive (as made by `tar -C root -c .`
    * or `docker export`). It must have an init: /sbin/init (busybox or
    * sysvinit are recognised for clean shutdown; anything else gets SIGTERM).
+   *
+   * The archive is untrusted: GNU tar refuses members and hard-link targets
+   * with "..", a symlink that leaves the tree before something is written
+   * through it, and strips a leading "/" (such members land inside the new
+   * root). It runs without CAP_MKNOD, so the kernel refuses every device
+   * node (skipped, counted); FIFOs, sockets and unsafe modes are dealt with
+   * by sanitizeTree before the tree is shifted and shared.
    */
-  async importTar(name: string, file: string, opts: { onProgress?: (p: BuildProgress) => void } = {}): Promise<TemplateInfo> {
+  async importTar(name: string, file: string, opts: { onProgress?: (p: BuildProgress) => void } = {}): Promise<ImportedTemplateInfo> {
     const progress = opts.onProgress ?? (() => undefined);
     const st = await fs.stat(file).catch(() => null);
     if (!st?.isFile()) {
       throw new VeshError(ErrorCodes.INVALID_ARGUMENT, `${file} is not a readable file: give the path of a tar archive of a root filesystem`);
     }
+    let skippedDevices = 0;
+    let report: SanitizeReport | null = null;
     const info = await this.install(name, 'import', async (rootfs) => {
       await fs.mkdir(rootfs, { mode: 0o755 });
       progress({ fraction: 0.1, message: 'unpacking' });
-      const res = await run('tar', ['--numeric-owner', '--same-permissions', '--xattrs', '--xattrs-include=*', '-xf', path.resolve(file), '-C', rootfs], { allowFailure: true });
-      if (res.code !== 0) {
-        throw new VeshError(ErrorCodes.INVALID_ARGUMENT, `${file} could not be unpacked as a tar archive (${res.stderr.trim().split('\n').slice(-1)[0] ?? `exit ${res.code}`}): give a tar of a root filesystem`);
-      }
+      skippedDevices = await unpackUntrustedTar(path.resolve(file), rootfs);
+      progress({ fraction: 0.8, message: 'removing devices, FIFOs and unsafe permissions' });
+      report = await sanitizeTree(rootfs);
       return detectInit(rootfs, file);
     }, progress);
-    this.log.info({ event: 'template.imported', template: name, file, sizeBytes: info.sizeBytes });
-    return info;
+    const r = report as SanitizeReport | null;
+    this.log.info({
+      event: 'template.imported', template: name, file, sizeBytes: info.sizeBytes,
+      skippedDevices, removedSpecialFiles: r?.removedCount ?? 0, clampedModes: r?.clampedCount ?? 0,
+      ...(r && r.removedCount > 0 ? { removed: r.removed } : {}),
+      ...(r && r.clampedCount > 0 ? { clamped: r.clamped } : {}),
+    });
+    return { ...info, imported: { skippedDevices, removedSpecialFiles: r?.removedCount ?? 0, clampedModes: r?.clampedCount ?? 0 } };
   }
 
   /** Remove a template no VE uses. `usersOf` names the VEs built on it. */
@@ -197,16 +213,59 @@ export function assertTemplateName(name: string): void {
   }
 }
 
-async function detectInit(rootfs: string, file: string): Promise<{ init: string[]; stopSignal: string }> {
-  const init = path.join(rootfs, 'sbin/init');
-  const lst = await fs.lstat(init).catch(() => null);
-  if (!lst) {
-    throw new VeshError(ErrorCodes.INVALID_ARGUMENT, `${file} has no /sbin/init: a VE needs an init as PID 1 (install sysvinit-core, busybox or systemd in it before exporting)`);
+/**
+ * Unpack `file` into `rootfs` as root, keeping owners and modes (sanitizeTree
+ * and the ownership shift come after), but with only the capabilities that
+ * needs: without CAP_MKNOD the kernel refuses every device node, whatever
+ * the archive says; without CAP_SYS_ADMIN no trusted.* attribute (overlayfs
+ * reads those) can be set; only user.* attributes are restored at all.
+ * Returns how many device nodes were skipped; any other error refuses the
+ * archive.
+ */
+async function unpackUntrustedTar(file: string, rootfs: string): Promise<number> {
+  const res = await run('setpriv', [
+    '--bounding-set=-all,+chown,+dac_override,+dac_read_search,+fowner,+fsetid', '--inh-caps=-all', '--no-new-privs', '--',
+    'tar', '--numeric-owner', '--same-owner', '--same-permissions', '--no-overwrite-dir', '--xattrs', '--xattrs-include=user.*',
+    '-xf', file, '-C', rootfs,
+  ], { allowFailure: true, env: safeEnv({ LC_ALL: 'C' }), timeoutMs: UNPACK_TIMEOUT_MS, maxOutputBytes: 1024 * 1024 });
+  // tar quotes member names (a newline in one is "\n"), so each line is one message.
+  const lines = res.stderr.split('\n').filter((l) => l.trim() !== '');
+  const devices = lines.filter((l) => /^tar: .*: Cannot mknod: Operation not permitted$/.test(l)).length;
+  const errors = lines.filter((l) => !/^tar: .*: Cannot mknod: Operation not permitted$/.test(l)
+    && !/^tar: Exiting with failure status due to previous errors$/.test(l)
+    && !/^tar: Removing leading `\/' from (member names|hard link targets)$/.test(l));
+  if (res.code !== 0 && (errors.length > 0 || devices === 0)) {
+    const why = errors[0] ?? lines[lines.length - 1] ?? `exit ${res.code}`;
+    throw new VeshError(ErrorCodes.INVALID_ARGUMENT, `${file} was refused (${why.replace(/^tar: /, '')}${errors.length > 1 ? `, and ${errors.length - 1} more problem(s)` : ''}): give a tar of a root filesystem whose members stay inside it (no "..", no links out of it); nothing was imported`);
   }
-  const target = lst.isSymbolicLink() ? await fs.readlink(init) : '';
-  if (target.includes('busybox')) return { init: ['/sbin/init'], stopSignal: 'SIGUSR2' };
-  if (target.includes('systemd')) return { init: ['/sbin/init'], stopSignal: 'SIGRTMIN+3' };
-  const inittab = await fs.readFile(path.join(rootfs, 'etc/inittab'), 'utf8').catch(() => '');
+  return devices;
+}
+
+/** A tar of a whole distribution unpacks in a minute or two even on a slow disk; far beyond that, something is wrong. */
+const UNPACK_TIMEOUT_MS = 30 * 60_000;
+/** /etc/inittab is a few KiB; only whether it mentions ctrlaltdel matters. */
+const INITTAB_MAX_BYTES = 256 * 1024;
+
+/**
+ * Which init the imported root has, and how to ask it to power off. Every
+ * path is resolved inside the new root (an absolute symlink such as
+ * /sbin -> /usr/sbin means the root's own /usr/sbin, never the host's), and
+ * files are read with readBeneathNoFollow: a FIFO or device reads as
+ * nothing instead of hanging the import or touching hardware.
+ */
+async function detectInit(rootfs: string, file: string): Promise<{ init: string[]; stopSignal: string }> {
+  const initLink = await resolveInRoot(rootfs, 'sbin/init', { keepLast: true });
+  const lst = initLink ? await fs.lstat(path.join(rootfs, initLink)).catch(() => null) : null;
+  const resolved = await resolveInRoot(rootfs, 'sbin/init');
+  const target = resolved ? await fs.lstat(path.join(rootfs, resolved)).catch(() => null) : null;
+  if (!lst || !target?.isFile()) {
+    throw new VeshError(ErrorCodes.INVALID_ARGUMENT, `${file} has no /sbin/init${lst ? ' that is a regular file' : ''}: a VE needs an init as PID 1 (install sysvinit-core, busybox or systemd in it before exporting)`);
+  }
+  const link = lst.isSymbolicLink() ? await fs.readlink(path.join(rootfs, initLink!)) : '';
+  if (link.includes('busybox')) return { init: ['/sbin/init'], stopSignal: 'SIGUSR2' };
+  if (link.includes('systemd')) return { init: ['/sbin/init'], stopSignal: 'SIGRTMIN+3' };
+  const inittabPath = await resolveInRoot(rootfs, 'etc/inittab');
+  const inittab = inittabPath ? (await readBeneathNoFollow(rootfs, inittabPath, INITTAB_MAX_BYTES)) ?? '' : '';
   if (/ctrlaltdel/.test(inittab)) return { init: ['/sbin/init'], stopSignal: 'SIGINT' };
   return { init: ['/sbin/init'], stopSignal: 'SIGTERM' };
 }

@@ -22,3 +22,15 @@ export interface BuildProgress {
   fraction: number | null;
   message: string;
 }
+
+/** An imported template, with what the import left out of the archive. */
+export interface ImportedTemplateInfo extends TemplateInfo {
+  imported: {
+    /** Device nodes in the archive, never created (a VE's /dev comes from the engine). */
+    skippedDevices: number;
+    /** FIFOs and sockets (and any device) found after unpacking and removed. */
+    removedSpecialFiles: number;
+    /** Entries whose mode was narrowed: world-writable, or setuid/setgid not on a root-owned file. */
+    clampedModes: number;
+  };
+}
