@@ -1,4 +1,4 @@
-import { constants as fsConstants, existsSync, promises as fs } from 'node:fs';
+import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from '../audit/logger.js';
 import { resolveLimits, type Limits, type LimitsInput } from '../config/limits.js';
@@ -14,11 +14,13 @@ import { VE_TREE_DIR_MODE, prepareDataDir, secureVeTreeDir, type Layout } from '
 import { tuneHost } from '../system/host-tuning.js';
 import { forwardHelperPath, forwardRelayPath } from '../system/native-helpers.js';
 import { processStartTime } from '../system/proc.js';
+import { readCappedNoFollow } from '../system/tree-read.js';
 import { withRevert } from '../system/revert.js';
 import type { VeAccess, VeProcessSpec, VeUserInfo } from './access.js';
 import { withLock } from './lock.js';
 import { assertVeName } from './names.js';
 import { parseGroup, parsePasswd } from './passwd.js';
+import { DEFAULT_REBOOT_POLICY, decideReboot, type RebootPolicy } from './reboot-policy.js';
 import { SessionAgents } from './session-agents.js';
 import { readRecord, writeJsonAtomic, type VeRecord } from './record.js';
 import { canDestroy, canStart, canStop, needsCleanup, veStateOf, type VeState } from './state.js';
@@ -57,6 +59,8 @@ export interface VeManagerDeps {
   runtime: ContainerRuntime;
   templates: TemplateSource;
   network: NetworkPlane;
+  /** How reboot loops are slowed and ended (default DEFAULT_REBOOT_POLICY). */
+  rebootPolicy?: RebootPolicy;
 }
 
 export interface VeStatus {
@@ -105,6 +109,15 @@ export class VeManager implements VeAccess {
   private readonly agents: SessionAgents;
   private monitorTimer: NodeJS.Timeout | null = null;
   private monitorBusy = false;
+  /** VEs whose init's exit is being handled now: each on its own, so one slow or looping VE holds up no other. */
+  private readonly exiting = new Set<string>();
+  /** When this process last started each VE (for the reboot policy's uptime). */
+  private readonly startedAt = new Map<string, number>();
+  /** Quick reboots in a row per VE (see reboot-policy.ts); a start from outside the monitor ends the streak. */
+  private readonly rebootStreak = new Map<string, number>();
+  /** Restarts the reboot policy delayed: VE → timer. */
+  private readonly delayedRestarts = new Map<string, NodeJS.Timeout>();
+  private readonly rebootPolicy: RebootPolicy;
 
   constructor(deps: VeManagerDeps) {
     this.cfg = deps.config;
@@ -113,6 +126,7 @@ export class VeManager implements VeAccess {
     this.runtime = deps.runtime;
     this.templates = deps.templates;
     this.network = deps.network;
+    this.rebootPolicy = deps.rebootPolicy ?? DEFAULT_REBOOT_POLICY;
     this.cgroupLayout = detectCgroupLayout();
     this.agents = new SessionAgents({
       runtime: this.runtime,
@@ -285,6 +299,7 @@ export class VeManager implements VeAccess {
   // ---------------------------------------------------------------- start
 
   async start(name: string): Promise<void> {
+    this.rebootStreak.delete(name);
     await this.lock(name, () => this.startLocked(name));
   }
 
@@ -346,6 +361,7 @@ export class VeManager implements VeAccess {
       t('run');
       const pid = Number((await fs.readFile(p.pidFile, 'utf8')).trim());
       await this.watch(name, pid);
+      this.startedAt.set(name, Date.now());
     }, (failures) => this.log.error({ event: 've.start.undo_failed', ve: name, failures: failures.map((f) => `${f.what}: ${errorMessage(f.error)}`) })).catch((err) => {
       this.log.error({ event: 've.start_failed', ve: name, err: errorMessage(err) });
       if (isVeshError(err) && err.code !== ErrorCodes.RUNTIME_FAILED && err.code !== ErrorCodes.COMMAND_FAILED) throw err;
@@ -365,16 +381,23 @@ export class VeManager implements VeAccess {
     const st = await this.runtime.state(name);
     const state = veStateOf(st);
     if (!canStop(state)) {
+      // A reboot the monitor has delayed (reboot-policy.ts) must not start it after the admin said stop.
+      this.cancelDelayedRestart(name);
+      await writeJsonAtomic(this.paths(name).stopRequest, { requestedAt: new Date().toISOString(), signal: null, kill: Boolean(opts.kill) });
       if (needsCleanup(st)) await this.cleanupLocked(rec);
       throw new VeshError(ErrorCodes.VE_STATE, `VE "${name}" is not running, so there is nothing to stop: start it with "vesh ve start ${name}"`);
     }
     this.watched.delete(name);
+    this.cancelDelayedRestart(name);
+    const template = opts.kill ? null : await this.templates.get(rec.template).catch(() => null);
+    const signal = opts.kill ? 'SIGKILL' : template?.stopSignal ?? 'SIGTERM';
+    // Why it goes down is kept on the host side, where the VE cannot reach
+    // it (/run/vesh, ctl, is VE root's to fill with symlinks and FIFOs), and
+    // on every stop path, --kill and destroy included: a monitor in another
+    // process (vesh serve) must not take the init's exit for the reboot the
+    // VE may have asked for.
+    await writeJsonAtomic(this.paths(name).stopRequest, { requestedAt: new Date().toISOString(), signal, kill: Boolean(opts.kill) });
     if (state === 'running' && !opts.kill) {
-      const template = await this.templates.get(rec.template).catch(() => null);
-      const signal = template?.stopSignal ?? 'SIGTERM';
-      // Why it goes down is kept on the host side, where the VE cannot reach
-      // it: /run/vesh (ctl) is VE root's to fill with symlinks and FIFOs.
-      await writeJsonAtomic(this.paths(name).stopRequest, { requestedAt: new Date().toISOString(), signal });
       await this.runtime.kill(name, signal).catch(() => undefined);
       const deadline = Date.now() + (opts.timeoutMs ?? this.cfg.runtime.stopTimeoutMs);
       while (Date.now() < deadline && veStateOf(await this.runtime.state(name)) === 'running') {
@@ -403,6 +426,7 @@ export class VeManager implements VeAccess {
   }
 
   async restart(name: string): Promise<void> {
+    this.rebootStreak.delete(name);
     await this.lock(name, async () => {
       const st = veStateOf(await this.runtime.state(name));
       if (canStop(st)) await this.stopLocked(name);
@@ -516,7 +540,11 @@ export class VeManager implements VeAccess {
         }
       }
       await this.lock(ve, async () => {
-        if (veStateOf(await this.runtime.state(ve)) !== 'running') await this.startLocked(ve);
+        if (veStateOf(await this.runtime.state(ve)) !== 'running') {
+          // A login brings a VE left stopped by the reboot policy back, with a new count.
+          this.rebootStreak.delete(ve);
+          await this.startLocked(ve);
+        }
       });
     })().finally(() => this.inflight.delete(ve));
     this.inflight.set(ve, p);
@@ -718,6 +746,7 @@ export class VeManager implements VeAccess {
   stopMonitor(): void {
     if (this.monitorTimer) clearInterval(this.monitorTimer);
     this.monitorTimer = null;
+    for (const name of [...this.delayedRestarts.keys()]) this.cancelDelayedRestart(name);
   }
 
   private async monitorTick(): Promise<void> {
@@ -725,10 +754,16 @@ export class VeManager implements VeAccess {
     this.monitorBusy = true;
     try {
       for (const name of [...this.watched.keys()]) {
+        if (this.exiting.has(name)) continue;
         // Otherwise the init is gone, or its pid now names another process: it has exited either way.
         if (await this.knownRunning(name)) continue;
         this.watched.delete(name);
-        await this.handleInitExit(name).catch((err) => this.log.error({ event: 've.monitor_failed', ve: name, err: errorMessage(err) }));
+        // Not awaited: a VE's restart takes seconds, and the next tick must
+        // see every other VE's exit meanwhile (each VE has its own lock).
+        this.exiting.add(name);
+        void this.handleInitExit(name)
+          .catch((err) => this.log.error({ event: 've.monitor_failed', ve: name, err: errorMessage(err) }))
+          .finally(() => this.exiting.delete(name));
       }
     } finally {
       this.monitorBusy = false;
@@ -746,48 +781,63 @@ export class VeManager implements VeAccess {
       }
       const p = this.paths(name);
       // Stopped by the host (vesh ve stop in another process): stays stopped, whatever the VE wrote.
-      const stoppedByHost = await fs.lstat(p.stopRequest).then(() => true, () => false);
-      const marker = stoppedByHost ? 'poweroff' : (await readVeWrittenFile(p.ctl, SHUTDOWN_MARKER, 16, 'start')).trim()
+      const stoppedByHost = await this.stopRequested(name);
+      const marker = stoppedByHost ? 'poweroff' : ((await readCappedNoFollow(p.ctl, SHUTDOWN_MARKER, 16, 'start')) ?? '').trim()
         // busybox's own reboot applet (which its sh prefers to /sbin/reboot) signals init
         // directly; busybox init says on its console which way it went down.
-        || ((await readVeWrittenFile(p.private, path.basename(p.console), 4096, 'end')).includes('Requesting system reboot') ? 'reboot' : '');
+        || (((await readCappedNoFollow(p.private, path.basename(p.console), 4096, 'end')) ?? '').includes('Requesting system reboot') ? 'reboot' : '');
       await this.cleanupLocked(rec);
-      if (marker === 'reboot') {
+      if (marker !== 'reboot') {
+        this.rebootStreak.delete(name);
+        this.log.info({ event: 've.stopped', ve: name, reason: stoppedByHost ? 'stopped by the host' : marker || 'init exited' });
+        return;
+      }
+      const started = this.startedAt.get(name);
+      const decision = decideReboot(this.rebootPolicy, this.rebootStreak.get(name) ?? 0, started === undefined ? null : Date.now() - started);
+      this.rebootStreak.set(name, decision.streak);
+      if (decision.action === 'leave-stopped') {
+        this.rebootStreak.delete(name);
+        this.log.warn({ event: 've.reboot_loop', ve: name, reboots: decision.streak },
+          `VE "${name}" rebooted ${decision.streak} times in a row, each within ${this.rebootPolicy.quickUptimeMs / 1000} s of starting: left stopped; the next login or "vesh ve start ${name}" starts it again`);
+        return;
+      }
+      if (decision.delayMs === 0) {
         this.log.info({ event: 've.reboot', ve: name });
         await this.startLocked(name);
-      } else {
-        this.log.info({ event: 've.stopped', ve: name, reason: marker || 'init exited' });
+        return;
       }
+      this.log.warn({ event: 've.reboot_delayed', ve: name, reboots: decision.streak, delayMs: decision.delayMs },
+        `VE "${name}" keeps rebooting (${decision.streak} quick reboots in a row): starting it again in ${decision.delayMs / 1000} s`);
+      this.scheduleRestart(name, decision.delayMs);
     });
   }
-}
 
-/**
- * Up to `maxBytes` of a file the VE writes (its shutdown marker, its init's
- * console), from its start or its end. VE root controls these files (and
- * VE root's host uid the directory `dir` holding them), so neither the
- * directory nor the file may be a symlink (the directory is opened with
- * O_NOFOLLOW and the file through /proc/self/fd/N, which is openat(2) for
- * Node), a FIFO must not block us, and only a regular file is read;
- * anything odd reads as empty.
- */
-async function readVeWrittenFile(dir: string, name: string, maxBytes: number, from: 'start' | 'end'): Promise<string> {
-  let dh: fs.FileHandle | null = null;
-  let fh: fs.FileHandle | null = null;
-  try {
-    dh = await fs.open(dir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW);
-    fh = await fs.open(`/proc/self/fd/${dh.fd}/${name}`, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
-    const st = await fh.stat();
-    if (!st.isFile()) return '';
-    const len = Math.min(maxBytes, st.size);
-    const buf = Buffer.alloc(len);
-    const { bytesRead } = await fh.read(buf, 0, len, from === 'end' ? st.size - len : 0);
-    return buf.subarray(0, bytesRead).toString('utf8');
-  } catch {
-    return '';
-  } finally {
-    await fh?.close();
-    await dh?.close();
+  private async stopRequested(name: string): Promise<boolean> {
+    return fs.lstat(this.paths(name).stopRequest).then(() => true, () => false);
+  }
+
+  /** A delayed reboot, unless the VE was started (a login) or stopped by the host meanwhile. */
+  private scheduleRestart(name: string, delayMs: number): void {
+    this.cancelDelayedRestart(name);
+    const timer = setTimeout(() => {
+      this.delayedRestarts.delete(name);
+      this.exiting.add(name);
+      void this.lock(name, async () => {
+        if (!(await readRecord(this.paths(name).record)) || (await this.stopRequested(name))) return;
+        if (veStateOf(await this.runtime.state(name)) === 'running') return;
+        this.log.info({ event: 've.reboot', ve: name, delayedMs: delayMs });
+        await this.startLocked(name);
+      }).catch((err) => this.log.error({ event: 've.reboot_failed', ve: name, err: errorMessage(err) }))
+        .finally(() => this.exiting.delete(name));
+    }, delayMs);
+    timer.unref();
+    this.delayedRestarts.set(name, timer);
+  }
+
+  private cancelDelayedRestart(name: string): void {
+    const t = this.delayedRestarts.get(name);
+    if (t) clearTimeout(t);
+    this.delayedRestarts.delete(name);
   }
 }
 
