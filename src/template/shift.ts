@@ -10,8 +10,16 @@ import path from 'node:path';
  */
 export async function shiftOwnership(root: string, base: number, size: number): Promise<number> {
   let count = 0;
+  // A hard-linked file is one inode under several names: shifted once (a second
+  // pass would find it already shifted and call it outside the range).
+  const linked = new Set<string>();
   const shiftOne = async (p: string): Promise<boolean> => {
     const st = await fs.lstat(p);
+    if (!st.isDirectory() && st.nlink > 1) {
+      const key = `${st.dev}:${st.ino}`;
+      if (linked.has(key)) return false;
+      linked.add(key);
+    }
     if (st.uid >= size || st.gid >= size) {
       throw new Error(`${p} is owned by ${st.uid}:${st.gid}, outside the VE id range 0-${size - 1}; the template cannot be shifted`);
     }

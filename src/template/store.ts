@@ -140,6 +140,9 @@ export class TemplateStore {
       await fs.mkdir(rootfs, { mode: 0o755 });
       progress({ fraction: 0.1, message: 'unpacking' });
       skippedDevices = await unpackUntrustedTar(path.resolve(file), rootfs);
+      // A root directory is root's and 0755, whatever the archive's "./" said
+      // (GNU tar 1.34 leaves an existing directory 0700 with --no-overwrite-dir).
+      await fs.chmod(rootfs, 0o755);
       progress({ fraction: 0.8, message: 'removing devices, FIFOs and unsafe permissions' });
       report = await sanitizeTree(rootfs);
       return detectInit(rootfs, file);
@@ -233,7 +236,7 @@ async function unpackUntrustedTar(file: string, rootfs: string): Promise<number>
   const devices = lines.filter((l) => /^tar: .*: Cannot mknod: Operation not permitted$/.test(l)).length;
   const errors = lines.filter((l) => !/^tar: .*: Cannot mknod: Operation not permitted$/.test(l)
     && !/^tar: Exiting with failure status due to previous errors$/.test(l)
-    && !/^tar: Removing leading `\/' from (member names|hard link targets)$/.test(l));
+    && !/^tar: Removing leading `[^']*' from (member names|hard link targets)$/.test(l));
   if (res.code !== 0 && (errors.length > 0 || devices === 0)) {
     const why = errors[0] ?? lines[lines.length - 1] ?? `exit ${res.code}`;
     throw new VeshError(ErrorCodes.INVALID_ARGUMENT, `${file} was refused (${why.replace(/^tar: /, '')}${errors.length > 1 ? `, and ${errors.length - 1} more problem(s)` : ''}): give a tar of a root filesystem whose members stay inside it (no "..", no links out of it); nothing was imported`);
