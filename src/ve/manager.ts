@@ -344,10 +344,11 @@ export class VeManager implements VeAccess {
       await writeJsonAtomic(path.join(p.dir, 'config.json'), oci);
       t('bundle');
       await fs.rm(p.pidFile, { force: true });
-      r.add('delete container', async () => {
-        await this.runtime.delete(name, true);
-        await removeCgroupDirs(cgroupDirs(this.cgroupsPath(name), this.cgroupLayout));
-      });
+      // Two steps, run in reverse: the engine may make the VE's cgroup before it
+      // fails (the TCP limit is set in it first), and its delete may fail too (a
+      // missing engine binary), which must not keep the cgroup from going.
+      r.add('remove cgroups', () => removeCgroupDirs(cgroupDirs(this.cgroupsPath(name), this.cgroupLayout)));
+      r.add('delete container', () => this.runtime.delete(name, true));
       r.add('detach network', () => this.network.detach(this.netId(rec)));
       // The engine makes the namespaces, runs the network hook (veth, address,
       // route) and only then the VE's init; the anti-spoofing entry goes in
