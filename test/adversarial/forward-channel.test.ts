@@ -123,6 +123,25 @@ describe('adversarial: the port-forward helper\'s channel taken over from inside
     { who: 'a plain user in the VE', account: 'mallory', uid: MALLORY_UID },
   ];
 
+  it('L11: VE root writes 256 MiB to the forward helper\'s stderr once it runs: nothing on the host reads it any more (EPIPE), the server lives', async () => {
+    await waitFor('earlier forward helpers to exit', async () => (await forwardHelpers()).length === 0, 20_000);
+    const servePid = arena.serve.child.pid;
+    const local = await freePort();
+    const child = sshN('alice', ['-L', `${local}:127.0.0.1:${VE_PORT}`]);
+    try {
+      expect(await untilGreets(local, 'from-ve\n')).toBe('from-ve\n');
+      const attack = await arena.ssh('alice', ['/usr/local/bin/forward-hijack', '0', 'stderr']);
+      expect(attack.stdout).toMatch(/^stderr: EPIPE after \d+ bytes$/m);
+      expect(serverAlive(arena)).toBe(true);
+      expect(arena.serve.child.pid).toBe(servePid);
+      expect(serverBugRecords(arena.serve.logs)).toEqual([]);
+      expect(await readFrom(local)).toBe('from-ve\n');
+      await arena.expectServes('bob');
+    } finally {
+      child.kill();
+    }
+  }, 240_000);
+
   it('VE root answers a -L connect with a socket it keeps and switches to blocking, its peer never reading: the server keeps serving everyone', async () => {
     await waitFor('earlier forward helpers to exit', async () => (await forwardHelpers()).length === 0, 20_000);
     const servePid = arena.serve.child.pid;

@@ -12,6 +12,9 @@
  *   listener     a listening TCP socket where a connected one is expected
  *   unterminated a large message with no terminator
  *   garbage      random bytes, in messages of many sizes
+ *   stderr       not the channel: 256 MiB to the helper's stderr (fd 2), to
+ *                see whether the server side keeps reading it (prints
+ *                "stderr: EPIPE after N bytes" when nobody does any more)
  *
  * Each descriptor mode sends it the way Node's IPC channel carries a handle
  * (a {"cmd":"NODE_HANDLE",...} line: what the old server spoke) and, when the
@@ -32,6 +35,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -142,7 +146,7 @@ static void send_descriptor(int fd, const char *node_type) {
 
 int main(int argc, char **argv) {
   if (argc != 3) {
-    fprintf(stderr, "usage: forward-hijack UID file|unix|listener|unterminated|garbage\n");
+    fprintf(stderr, "usage: forward-hijack UID file|unix|listener|unterminated|garbage|stderr\n");
     return 2;
   }
   int pid = find_helper((uid_t)strtoul(argv[1], NULL, 10));
@@ -155,6 +159,29 @@ int main(int argc, char **argv) {
     printf("getfd: pidfd_open: %s\n", strerror(errno));
     return 3;
   }
+  const char *mode = argv[2];
+  if (!strcmp(mode, "stderr")) {
+    /* The helper's stderr, which the engine gave it: what reads the other end, and for how long? */
+    int err = (int)syscall(SYS_pidfd_getfd, pidfd, 2, 0);
+    if (err < 0) {
+      printf("getfd: %s\n", errno == EPERM ? "EPERM" : strerror(errno));
+      return 3;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    static char junk[65536];
+    memset(junk, 'e', sizeof junk);
+    size_t total = 0;
+    while (total < (256u << 20)) {
+      ssize_t n = write(err, junk, sizeof junk);
+      if (n < 0) {
+        printf("stderr: %s after %zu bytes\n", errno == EPIPE ? "EPIPE" : strerror(errno), total);
+        return 0;
+      }
+      total += (size_t)n;
+    }
+    printf("stderr: all %zu bytes taken\n", total);
+    return 0;
+  }
   chan = (int)syscall(SYS_pidfd_getfd, pidfd, 3, 0);
   if (chan < 0) {
     printf("getfd: %s\n", errno == EPERM ? "EPERM" : strerror(errno));
@@ -165,7 +192,6 @@ int main(int argc, char **argv) {
   seqpacket = getsockopt(chan, SOL_SOCKET, SO_TYPE, &type, &tl) == 0 && type == SOCK_SEQPACKET;
   printf("taken (%s)\n", seqpacket ? "frames" : "Node IPC");
   fflush(stdout);
-  const char *mode = argv[2];
   if (!strcmp(mode, "file")) {
     int fd = open("/etc/hostname", O_RDONLY);
     send_descriptor(fd, "net.Socket");
