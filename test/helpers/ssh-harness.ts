@@ -11,7 +11,7 @@ import { loadOrCreateHostKeys } from '../../src/ssh/host-keys.js';
 import type { SshAccount, SshAuthenticator, SshAuthorizedKey, PasswordResult } from '../../src/ssh/ports.js';
 import type { VeAccess, VeProcessSpec, VeUserInfo } from '../../src/ve/access.js';
 import type { HostCommand } from '../../src/runtime/types.js';
-import { forwardHelperPath } from '../../src/system/native-helpers.js';
+import { forwardHelperPath, forwardRelayPath } from '../../src/system/native-helpers.js';
 
 /**
  * Test harness for the SSH server: temp dirs and client keys, the real
@@ -247,10 +247,15 @@ export class HostFakeVes implements VeAccess {
     const cd = spec.cwd ? ['/bin/sh', '-c', 'cd -- "$1" || exit 1; shift; exec "$@"', 'fake-cd', spec.cwd] : [];
     return { file: '/usr/bin/env', args: ['-i', ...envArgs, ...cd, ...spec.argv] };
   }
-  /** The real helper program, run on the host (it takes its channel as fd 3 and ignores fd 4). */
+  /**
+   * The real relay and helper programs, run on the host. The relay's "engine"
+   * is a shell that starts the helper in the background and exits 0, as
+   * `runc exec --detach` does; the helper takes its channel as fd 3 and
+   * ignores fd 4.
+   */
   async forwardCommand(_ve: string, _user: VeUserInfo): Promise<HostCommand & { program: string }> {
     const program = forwardHelperPath();
-    return { file: program, args: [], program };
+    return { file: forwardRelayPath(), args: ['--', '/bin/sh', '-c', '"$0" &', program], program };
   }
 }
 
