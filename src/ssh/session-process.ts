@@ -185,7 +185,15 @@ export function startPipeProcess(
       if (exited) return;
       child.stdin!.destroy();
       kill('SIGHUP');
-      scheduleKill(() => kill('SIGKILL'), () => exited);
+      // The relay may be gone already while a process in the VE (a background
+      // job, or one VE root handed the descriptors to) still holds our ends of
+      // its stdout and stderr: the client has gone, so free them too, or a
+      // tenant keeps server descriptors for as long as it likes.
+      scheduleKill(() => {
+        kill('SIGKILL');
+        child.stdout!.destroy();
+        child.stderr!.destroy();
+      }, () => exited);
     },
   };
 }
