@@ -50,7 +50,7 @@ export class ForwardHelperClient {
     try {
       // fd 3: the IPC channel to the relay (a host process; never to the helper in
       // the VE); fd 4: the helper program, which the engine execs inside the VE.
-      child = spawn(cmd.file, cmd.args, { stdio: ['ignore', 'ignore', 'pipe', 'ipc', programFd], env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin' }, cwd: '/' });
+      child = spawn(cmd.file, cmd.args, { stdio: ['ignore', 'ignore', 'pipe', 'ipc', programFd], env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', ...cmd.env }, cwd: '/' });
     } finally {
       closeSync(programFd);
     }

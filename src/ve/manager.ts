@@ -701,7 +701,10 @@ export class VeManager implements VeAccess {
       detach: true,
       preserveFds: 2,
     });
-    return { file: relay, args: ['--', cmd.file, ...cmd.args], program };
+    // The relay is a host process that serves this VE (and holds its
+    // connections' buffers): charged to the VE's relay cgroup like the
+    // engine it starts, from its first instruction.
+    return { ...this.runtime.chargeToContainer(ve, { file: relay, args: ['--', cmd.file, ...cmd.args], env: cmd.env }), program };
   }
 
   // ---------------------------------------------------------------- boot and monitor

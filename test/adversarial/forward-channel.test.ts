@@ -123,6 +123,35 @@ describe('adversarial: the port-forward helper\'s channel taken over from inside
     { who: 'a plain user in the VE', account: 'mallory', uid: MALLORY_UID },
   ];
 
+  it('the forward relay runs on the host as nobody with no_new_privs, outside the VE, charged to alice\'s relay cgroup', async () => {
+    await waitFor('earlier forward helpers to exit', async () => (await forwardHelpers()).length === 0, 20_000);
+    const local = await freePort();
+    const child = sshN('alice', ['-L', `${local}:127.0.0.1:${VE_PORT}`]);
+    try {
+      expect(await untilGreets(local, 'from-ve\n')).toBe('from-ve\n');
+      // The server's children that are forward relays (comm is cut to 15 characters).
+      const servePid = String(arena.serve.child.pid);
+      const stat = (pid: string, field: string) => new RegExp(`^${field}:\\s*(.*)$`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1];
+      const relays = readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+        try { return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'vesh-forward-re' && stat(p, 'PPid') === servePid; } catch { return false; }
+      });
+      expect(relays).toHaveLength(1);
+      const r = relays[0]!;
+      expect(stat(r, 'Uid')).toBe('65534\t65534\t65534\t65534');
+      expect(stat(r, 'NoNewPrivs')).toBe('1');
+      expect(stat(r, 'CapEff')).toBe('0000000000000000');
+      // Host namespaces, not the VE's: nothing in the VE can see or trace it.
+      expect(readlinkSync(`/proc/${r}/ns/pid`)).toBe(readlinkSync('/proc/self/ns/pid'));
+      expect(readlinkSync(`/proc/${r}/ns/user`)).toBe(readlinkSync('/proc/self/ns/user'));
+      const parent = arena.env.layout.cgroupParent.replace(/^\/+/, '');
+      const cg = readFileSync(`/proc/${r}/cgroup`, 'utf8');
+      expect(cg).toMatch(new RegExp(`:pids:/${parent}/alice\\.relays$`, 'm'));
+      expect(cg).toMatch(new RegExp(`:memory:/${parent}/alice\\.relays$`, 'm'));
+    } finally {
+      child.kill();
+    }
+  }, 240_000);
+
   it('L11: VE root writes 256 MiB to the forward helper\'s stderr once it runs: nothing on the host reads it any more (EPIPE), the server lives', async () => {
     await waitFor('earlier forward helpers to exit', async () => (await forwardHelpers()).length === 0, 20_000);
     const servePid = arena.serve.child.pid;
