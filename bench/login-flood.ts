@@ -225,7 +225,21 @@ async function floodWorker(port: number): Promise<void> {
   process.stdout.write(`${JSON.stringify(counts)}\n`);
 }
 
-interface Phase { keyMs: number[]; passwordMs: number[] }
+interface Phase { keyMs: number[]; passwordMs: number[]; serverCpuPct?: number }
+
+/** CPU time (user + system, ms) process `pid` used so far; its threads included (argon2 runs on libuv's). */
+function cpuMs(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
+}
+
+/** Runs `phase` and returns the share of one core that `pid` used meanwhile (percent). */
+async function cpuShare(pid: number | undefined, phase: () => Promise<void>): Promise<number | undefined> {
+  const c0 = pid ? cpuMs(pid) : 0;
+  const t0 = performance.now();
+  await phase();
+  return pid ? (100 * (cpuMs(pid) - c0)) / (performance.now() - t0) : undefined;
+}
 
 async function main(): Promise<void> {
   const dir = mkdtempSync('/var/tmp/vesh-bench-flood-');
@@ -296,25 +310,31 @@ async function main(): Promise<void> {
     for (let r = 0; r < ROUNDS; r++) {
       const round: (typeof rounds)[number] = {};
       for (const t of targets) {
+        // vesh's own CPU use in each phase, to tell its work from the machine's load.
+        const pid = t.key === 'vesh' ? serve.pid : undefined;
         const idle: Phase = { keyMs: [], passwordMs: [] };
-        for (let i = 0; i < LOGINS; i++) idle.keyMs.push(await keyLogin(dir, t));
-        if (t.key === 'vesh') for (let i = 0; i < Math.ceil(LOGINS / 3); i++) idle.passwordMs.push(await passwordLogin(t));
+        idle.serverCpuPct = await cpuShare(pid, async () => {
+          for (let i = 0; i < LOGINS; i++) idle.keyMs.push(await keyLogin(dir, t));
+          if (t.key === 'vesh') for (let i = 0; i < Math.ceil(LOGINS / 3); i++) idle.passwordMs.push(await passwordLogin(t));
+        });
         const flood = startFlood(t);
         // Let the flood reach its steady state (queues full, penalties in force).
         await sleep(3000);
         const flooded: Phase = { keyMs: [], passwordMs: [] };
-        for (let i = 0; i < LOGINS; i++) flooded.keyMs.push(await keyLogin(dir, t));
-        if (t.key === 'vesh') for (let i = 0; i < Math.ceil(LOGINS / 3); i++) flooded.passwordMs.push(await passwordLogin(t));
+        flooded.serverCpuPct = await cpuShare(pid, async () => {
+          for (let i = 0; i < LOGINS; i++) flooded.keyMs.push(await keyLogin(dir, t));
+          if (t.key === 'vesh') for (let i = 0; i < Math.ceil(LOGINS / 3); i++) flooded.passwordMs.push(await passwordLogin(t));
+        });
         await flood.stop();
         round[t.key] = { idle, flooded, flood: { ...flood.counts } };
-        // Penalties of the flood source run out by themselves; the user's source was never penalized.
+        // A pause between phases; the user's source (127.0.0.1) is never penalized.
         await sleep(1000);
       }
       rounds.push(round);
       if (!args.json) process.stderr.write(`round ${r + 1}/${ROUNDS} done\n`);
     }
 
-    const fig = (k: 'vesh' | 'sshd', phase: 'idle' | 'flooded', what: keyof Phase, p: number) => rounds.map((rd) => pct(rd[k]![phase][what], p));
+    const fig = (k: 'vesh' | 'sshd', phase: 'idle' | 'flooded', what: 'keyMs' | 'passwordMs', p: number) => rounds.map((rd) => pct(rd[k]![phase][what], p));
     const summary = (xs: number[]) => ({ median: median(xs), min: Math.min(...xs), max: Math.max(...xs) });
     const result = {
       date: new Date().toISOString(),
@@ -325,6 +345,7 @@ async function main(): Promise<void> {
         floodedP50: summary(fig(k, 'flooded', 'keyMs', 50)), floodedP95: summary(fig(k, 'flooded', 'keyMs', 95)),
         p95RatioPerRound: rounds.map((rd) => pct(rd[k]!.flooded.keyMs, 95) / pct(rd[k]!.idle.keyMs, 95)),
       }])),
+      veshServerCpuPct: { idle: rounds.map((rd) => rd.vesh!.idle.serverCpuPct), flooded: rounds.map((rd) => rd.vesh!.flooded.serverCpuPct) },
       veshPasswordLogin: {
         idleP95: summary(fig('vesh', 'idle', 'passwordMs', 95)), floodedP95: summary(fig('vesh', 'flooded', 'passwordMs', 95)),
         p95RatioPerRound: rounds.map((rd) => pct(rd.vesh!.flooded.passwordMs, 95) / pct(rd.vesh!.idle.passwordMs, 95)),
@@ -341,6 +362,7 @@ async function main(): Promise<void> {
       }
       const p = result.veshPasswordLogin;
       console.log(`vesh          password login  idle p95 ${f(p.idleP95)} | flooded p95 ${f(p.floodedP95)} | flooded/idle p95 per round ${p.p95RatioPerRound.map((x) => x.toFixed(2)).join(' ')}`);
+      console.log(`vesh serve's own CPU (% of one core) per round: idle ${result.veshServerCpuPct.idle.map((x) => (x ?? 0).toFixed(0)).join(' ')} | flooded ${result.veshServerCpuPct.flooded.map((x) => (x ?? 0).toFixed(0)).join(' ')}`);
       console.log(`failed attempts of the real user (retried, their time included): vesh ${failures.vesh}, sshd ${failures.sshd}`);
       console.log(`target: vesh flooded p95 ≤ 2× idle p95 (worst round: key ${Math.max(...result.keyLogin.vesh!.p95RatioPerRound).toFixed(2)}×, password ${Math.max(...p.p95RatioPerRound).toFixed(2)}×)`);
       console.log(`flood volume per round (guess connections, handshakes, half-open opened): ${rounds.map((rd) => Object.entries(rd).map(([k, v]) => `${k} ${v.flood.guesses}/${v.flood.handshakes}/${v.flood.halfOpen}`).join(' ')).join('; ')}`);

@@ -73,13 +73,15 @@ export class Semaphore {
 }
 
 /**
- * A Semaphore whose queue is shared fairly between keys (here: client
- * sources). At most `max` tasks run at once; each key may have at most
- * `maxPerKey` tasks running or waiting, and the whole queue holds at most
- * `maxQueue`. A freed slot goes to the key that waited longest for its
- * turn, round robin, so one source flooding the queue delays another
- * source's single check by at most one task per busy key, not by its whole
- * backlog (review M5: one source could fill the argon2 queue).
+ * A Semaphore whose slots and queue are shared fairly between keys (here:
+ * client sources). At most `max` tasks run at once, and one key never runs
+ * more than `max - 1` of them (at least 1), so a slot is always left for
+ * another source; each key may have at most `maxPerKey` tasks running or
+ * waiting, and the whole queue holds at most `maxQueue`. A freed slot goes
+ * to the first key in line that may run one more, which then goes to the
+ * back of the line (round robin), so one source flooding the queue delays
+ * another source's single check by at most one task per busy key, not by
+ * its whole backlog (review M5: one source could fill the argon2 queue).
  */
 export class FairSemaphore {
   private active = 0;
@@ -88,8 +90,13 @@ export class FairSemaphore {
   private readonly waiting = new Map<string, Array<() => void>>();
   /** Tasks running or waiting, per key. */
   private readonly perKey = new Map<string, number>();
+  /** Tasks running, per key. */
+  private readonly runningByKey = new Map<string, number>();
+  private readonly maxRunningPerKey: number;
 
-  constructor(private readonly max: number, private readonly maxPerKey: number, private readonly maxQueue: number = Infinity) {}
+  constructor(private readonly max: number, private readonly maxPerKey: number, private readonly maxQueue: number = Infinity) {
+    this.maxRunningPerKey = Math.max(1, max - 1);
+  }
 
   /**
    * Runs fn when a slot is free and the key's turn comes; returns
@@ -99,42 +106,58 @@ export class FairSemaphore {
   async run<T>(key: string, fn: () => Promise<T>): Promise<{ value: T } | { refused: 'key' | 'queue' }> {
     const mine = this.perKey.get(key) ?? 0;
     if (mine >= this.maxPerKey) return { refused: 'key' };
-    if (this.active >= this.max) {
+    if (this.active < this.max && (this.runningByKey.get(key) ?? 0) < this.maxRunningPerKey) {
+      this.perKey.set(key, mine + 1);
+      this.start(key);
+    } else {
       if (this.queued >= this.maxQueue) return { refused: 'queue' };
       this.perKey.set(key, mine + 1);
       this.queued++;
+      // dispatch() starts it (counting it as running) when its turn comes.
       await new Promise<void>((resolve) => {
         const q = this.waiting.get(key);
         if (q) q.push(resolve);
         else this.waiting.set(key, [resolve]);
       });
-    } else {
-      this.perKey.set(key, mine + 1);
-      this.active++;
     }
     try {
       return { value: await fn() };
     } finally {
+      this.active--;
+      const running = (this.runningByKey.get(key) ?? 1) - 1;
+      if (running > 0) this.runningByKey.set(key, running);
+      else this.runningByKey.delete(key);
       const left = (this.perKey.get(key) ?? 1) - 1;
       if (left > 0) this.perKey.set(key, left);
       else this.perKey.delete(key);
-      this.handOn();
+      this.dispatch();
     }
   }
 
-  /** Give the freed slot to the first key in line, which then goes to the back of the line. */
-  private handOn(): void {
-    const first = this.waiting.entries().next();
-    if (first.done) {
-      this.active--;
-      return;
+  private start(key: string): void {
+    this.active++;
+    this.runningByKey.set(key, (this.runningByKey.get(key) ?? 0) + 1);
+  }
+
+  /** Fill free slots from the line: the first key that may run one more gets it and goes to the back. */
+  private dispatch(): void {
+    while (this.active < this.max) {
+      let picked: string | null = null;
+      for (const key of this.waiting.keys()) {
+        if ((this.runningByKey.get(key) ?? 0) < this.maxRunningPerKey) {
+          picked = key;
+          break;
+        }
+      }
+      if (picked === null) return;
+      const q = this.waiting.get(picked)!;
+      const next = q.shift()!;
+      this.waiting.delete(picked);
+      if (q.length > 0) this.waiting.set(picked, q);
+      this.queued--;
+      this.start(picked);
+      next();
     }
-    const [key, q] = first.value;
-    const next = q.shift()!;
-    this.waiting.delete(key);
-    if (q.length > 0) this.waiting.set(key, q);
-    this.queued--;
-    next();
   }
 
   get pending(): number {

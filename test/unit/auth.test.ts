@@ -345,6 +345,27 @@ describe('FairSemaphore (the password-check queue)', () => {
     expect(order).toEqual(['f1', 'f2', 'v1', 'f3', 'f4']);
   });
 
+  it('never gives one source every running slot: another source\'s check starts at once', async () => {
+    const sem = new FairSemaphore(2, 4, 100);
+    const releases: Array<() => void> = [];
+    const hold = () => new Promise<void>((r) => releases.push(r));
+    const f = [sem.run('flood', hold), sem.run('flood', hold), sem.run('flood', hold)];
+    // Two slots, but the flooder runs only one; its others wait.
+    expect(sem.running).toBe(1);
+    expect(sem.pending).toBe(2);
+    let started = false;
+    const v = sem.run('victim', async () => { started = true; });
+    await v;
+    expect(started).toBe(true);
+    while (releases.length > 0) {
+      releases.shift()!();
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    await Promise.all(f);
+    expect(sem.running).toBe(0);
+    expect(sem.pending).toBe(0);
+  });
+
   it('refuses when the whole queue is full', async () => {
     const sem = new FairSemaphore(1, 10, 1);
     let release!: () => void;
