@@ -80,7 +80,12 @@ export class TemplateStore {
       throw new VeshError(ErrorCodes.TEMPLATE_NOT_FOUND, `template "${name}" was made for VE ids from ${file.idmapBase}, but runtime.idmapBase is ${this.idmapBase}: rebuild it ("vesh template build") or set idmapBase back`);
     }
     // The rootfs is always the directory next to template.json (a template dir may be a symlink to a shared cache).
-    const rootfs = await fs.realpath(path.join(dir, 'rootfs'));
+    // Gone between the two reads: a "vesh template remove" renamed it away meanwhile.
+    const rootfs = await fs.realpath(path.join(dir, 'rootfs')).catch(() => null);
+    if (!rootfs) {
+      throw new VeshError(ErrorCodes.TEMPLATE_NOT_FOUND, `template "${name}" does not exist any more (it was being removed): build or import it again`,
+        { userMessage: 'The environment template is not available; the administrator has been told.' });
+    }
     return { ...file, name, rootfs };
   }
 
