@@ -82,12 +82,15 @@ describe('adversarial: the port-forward helper\'s channel taken over from inside
     return child;
   };
 
-  /** Host pids of the forward helpers (and their lookup children) in alice's VE. */
+  /** Host pids of the forward helpers (and their lookup children) in alice's VE; zombies have exited (the VE's init reaps them in its time). */
   const forwardHelpers = async (): Promise<string[]> => {
     const init = (await arena.env.ves.status('alice')).pid!;
     const initNs = readlinkSync(`/proc/${init}/ns/pid`);
     return readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
-      try { return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'vesh-forward' && readlinkSync(`/proc/${p}/ns/pid`) === initNs; } catch { return false; }
+      try {
+        const zombie = /^State:\s*Z/m.test(readFileSync(`/proc/${p}/status`, 'utf8'));
+        return !zombie && readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'vesh-forward' && readlinkSync(`/proc/${p}/ns/pid`) === initNs;
+      } catch { return false; }
     });
   };
 

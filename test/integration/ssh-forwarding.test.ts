@@ -90,12 +90,19 @@ describe('vesh serve: port forwarding stays inside the VE', () => {
 
   afterAll(() => cleanup.run());
 
-  /** Host pids of the forward helpers running in alice's VE. */
+  /**
+   * Host pids of the forward helpers running in alice's VE. A zombie has
+   * exited: the VE's init reaps it when it gets to it, which on a loaded host
+   * took over 10 s.
+   */
   const forwardHelpers = async (): Promise<string[]> => {
     const init = (await env.ves.status('alice')).pid!;
     const initNs = readlinkSync(`/proc/${init}/ns/pid`);
     return readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
-      try { return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'vesh-forward' && readlinkSync(`/proc/${p}/ns/pid`) === initNs; } catch { return false; }
+      try {
+        const zombie = /^State:\s*Z/m.test(readFileSync(`/proc/${p}/status`, 'utf8'));
+        return !zombie && readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'vesh-forward' && readlinkSync(`/proc/${p}/ns/pid`) === initNs;
+      } catch { return false; }
     });
   };
 
