@@ -1,8 +1,9 @@
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { RuncRuntime } from '../../src/runtime/runc.js';
 import { readBeneathNoFollow, readCappedNoFollow, resolveInRoot } from '../../src/system/tree-read.js';
 import { allowedMode, sanitizeTree } from '../../src/template/sanitize.js';
 import { DEFAULT_REBOOT_POLICY, decideReboot } from '../../src/ve/reboot-policy.js';
@@ -89,5 +90,24 @@ describe('reboot policy', () => {
   it('a run longer than the quick uptime, or of unknown length, starts a new count', () => {
     expect(decideReboot(p, 8, p.quickUptimeMs + 1)).toEqual({ action: 'restart', delayMs: 0, streak: 0 });
     expect(decideReboot(p, 8, null)).toEqual({ action: 'restart', delayMs: 0, streak: 0 });
+  });
+});
+
+describe('the VE console file at a start (it lives on the VE\'s disk)', () => {
+  const dir = path.join(tmp, 'console');
+  mkdirSync(dir, { recursive: true });
+  const victim = path.join(dir, 'host-file');
+  writeFileSync(victim, 'keep me\n');
+  const runtime = new RuncRuntime('/nonexistent/runc', path.join(dir, 'runc-root'));
+  const start = (consoleFile: string) => runtime.create('c1', { bundleDir: path.join(dir, 'no-bundle'), pidFile: path.join(dir, 'pid'), consoleFile });
+
+  it('is not opened through a symlink: the start fails and the link\'s target is untouched', async () => {
+    symlinkSync(victim, path.join(dir, 'link.log'));
+    await expect(start(path.join(dir, 'link.log'))).rejects.toThrow(/console file .*link\.log \(ELOOP\)/);
+    expect(readFileSync(victim, 'utf8')).toBe('keep me\n');
+  });
+  it('is not waited on when it is a FIFO: the start fails at once', async () => {
+    execFileSync('mkfifo', [path.join(dir, 'fifo.log')]);
+    await expect(start(path.join(dir, 'fifo.log'))).rejects.toThrow(/console file .*fifo\.log/);
   });
 });
