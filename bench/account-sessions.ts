@@ -17,13 +17,13 @@
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import ssh2 from 'ssh2';
 import { loadServerConfig } from '../src/config/server-config.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
 import { sharedTemplate } from '../test/helpers/templates.js';
+import { pct, sleep, freePort, waitForPort } from './lib.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -36,34 +36,6 @@ const { values: args } = parseArgs({
 const SESSIONS = Number(args.sessions);
 const PROBES = Number(args.probes);
 const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-
-const pct = (xs: number[], p: number) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
-};
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = net.createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-async function waitForPort(port: number, timeoutMs = 60_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    const ok = await new Promise<boolean>((r) => {
-      const c = net.connect(port, '127.0.0.1', () => { c.destroy(); r(true); });
-      c.on('error', () => r(false));
-    });
-    if (ok) return;
-    await sleep(100);
-  }
-  throw new Error(`nothing listens on 127.0.0.1:${port}`);
-}
 
 function sshArgs(dir: string, port: number): string[] {
   return ['-p', String(port), '-i', path.join(dir, 'id_ed25519'), '-o', 'BatchMode=yes', '-o', 'IdentitiesOnly=yes', '-o', 'StrictHostKeyChecking=no',

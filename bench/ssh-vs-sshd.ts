@@ -25,6 +25,7 @@ import { loadServerConfig } from '../src/config/server-config.js';
 import { makeLayout } from '../src/system/layout.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
 import { sharedTemplate } from '../test/helpers/templates.js';
+import { pct, median, sleep, freePort, waitForPort } from './lib.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -50,38 +51,6 @@ const SFTP_MIB = Number(args['sftp-mib']);
 const SFTP_ROUNDS = Math.max(1, Number(args['sftp-rounds']));
 const SFTP_ONLY = args['sftp-only'];
 const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-
-const pct = (xs: number[], p: number) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
-};
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = net.createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-async function waitForPort(port: number, timeoutMs = 60_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    const ok = await new Promise<boolean>((r) => {
-      const c = net.connect(port, '127.0.0.1', () => { c.destroy(); r(true); });
-      c.on('error', () => r(false));
-    });
-    if (ok) return;
-    await sleep(100);
-  }
-  throw new Error(`nothing listens on 127.0.0.1:${port}`);
-}
 
 interface Target { name: string; port: number; user: string; remoteDir: string }
 
