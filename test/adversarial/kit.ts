@@ -1,6 +1,7 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
+import { Client } from 'ssh2';
 import { makeVeTestEnv, shInVe, type VeTestEnv } from '../helpers/ve-env.js';
 import {
   Cleanup, makeClientKey, sshWithKey, startVeshServe, tempDir, writeAccounts, type ClientKey, type RunResult, type ServeProcess,
@@ -127,4 +128,22 @@ export async function makeArena(opts: {
 /** Whether the `vesh serve` of an arena is still the same live process. */
 export function serverAlive(arena: Arena): boolean {
   return arena.serve.child.exitCode === null && arena.serve.child.signalCode === null;
+}
+
+/**
+ * An ssh2 client logged in as `account` with its key, for requests the
+ * OpenSSH client will not send on demand; ended at the arena's cleanup.
+ */
+export async function ssh2Login(arena: Arena, account: string): Promise<Client> {
+  const key = arena.keys[account];
+  if (!key) throw new Error(`no key for account ${account}`);
+  const c = new Client();
+  c.on('error', () => undefined);
+  arena.cleanup.add(() => { c.end(); });
+  await new Promise<void>((resolve, reject) => {
+    c.once('ready', () => resolve());
+    c.once('error', reject);
+    c.connect({ host: '127.0.0.1', port: arena.serve.port, username: account, privateKey: readFileSync(key.file), readyTimeout: 60_000 });
+  });
+  return c;
 }

@@ -1,7 +1,7 @@
-import { readdirSync, readFileSync } from 'node:fs';
-import { Client } from 'ssh2';
+import { readdirSync } from 'node:fs';
+import type { Client } from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeArena, serverAlive, type Arena } from './kit.js';
+import { makeArena, serverAlive, ssh2Login, type Arena } from './kit.js';
 
 /**
  * A closed session must give back the server's descriptors even when a
@@ -23,18 +23,6 @@ describe('adversarial: sessions closed by the client free the server descriptors
 
   const serverFds = (): number => readdirSync(`/proc/${arena.serve.child.pid}/fd`).length;
 
-  async function connect(): Promise<Client> {
-    const c = new Client();
-    c.on('error', () => undefined);
-    arena.cleanup.add(() => { c.end(); });
-    await new Promise<void>((resolve, reject) => {
-      c.once('ready', () => resolve());
-      c.once('error', reject);
-      c.connect({ host: '127.0.0.1', port: arena.serve.port, username: 'alice', privateKey: readFileSync(arena.keys.alice!.file), readyTimeout: 60_000 });
-    });
-    return c;
-  }
-
   /** Run `cmd` on an exec channel, wait for `mark` on its stdout, then close the channel from the client's side. */
   function execAndClose(c: Client, cmd: string, mark: string): Promise<void> {
     return new Promise((resolve, reject) => {
@@ -55,7 +43,7 @@ describe('adversarial: sessions closed by the client free the server descriptors
   }
 
   it('frees them within the hang-up grace when background jobs keep the stdio of twenty closed sessions on one connection', async () => {
-    const c = await connect();
+    const c = await ssh2Login(arena, 'alice');
     // The session agent takes over from runc exec a moment after the first session.
     await execAndClose(c, 'echo warm', 'warm');
     await new Promise((r) => setTimeout(r, 2_000));

@@ -1,10 +1,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync } from 'node:fs';
 import os from 'node:os';
-import { Client } from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { keyAuthArgs, sshBaseArgs } from '../helpers/ssh-harness.js';
-import { makeArena, plantAttack, serverAlive, type Arena } from './kit.js';
+import { makeArena, plantAttack, serverAlive, ssh2Login, type Arena } from './kit.js';
 
 /**
  * The SSH front end against an authenticated tenant (alice) who tries to
@@ -56,19 +54,6 @@ describe('the SSH front end against a hostile tenant', () => {
     }
   }
 
-  /** An ssh2 client logged in as `account` with its key. */
-  async function ssh2Client(account: string): Promise<Client> {
-    const c = new Client();
-    c.on('error', () => undefined);
-    arena.cleanup.add(() => { c.end(); });
-    await new Promise<void>((resolve, reject) => {
-      c.once('ready', () => resolve());
-      c.once('error', reject);
-      c.connect({ host: '127.0.0.1', port: arena.serve.port, username: account, privateKey: readFileSync(arena.keys[account]!.file), readyTimeout: 60_000 });
-    });
-    return c;
-  }
-
   it('refuses alice a connection over sessions.maxConnectionsPerAccount with a message saying so, and still serves bob', async () => {
     const tag = `held-${Date.now()}`;
     const mine = Array.from({ length: CAP_CONNECTIONS }, () => holdSession('alice', `sleep 300 # ${tag}`));
@@ -92,7 +77,7 @@ describe('the SSH front end against a hostile tenant', () => {
   }, 300_000);
 
   it('refuses alice a session over sessions.maxSessionsPerAccount on one connection, telling her why', async () => {
-    const c = await ssh2Client('alice');
+    const c = await ssh2Login(arena, 'alice');
     const exec = (command: string) => new Promise<{ code: number | null; stderr: string; stream: import('ssh2').ClientChannel }>((resolve, reject) => {
       c.exec(command, (err, stream) => {
         if (err) return reject(err);
@@ -119,7 +104,7 @@ describe('the SSH front end against a hostile tenant', () => {
   }, 300_000);
 
   it('logs a bounded number of lines for a flood of clamped window sizes and refused signals, and counts the rest', async () => {
-    const c = await ssh2Client('alice');
+    const c = await ssh2Login(arena, 'alice');
     const before = arena.serve.logs.length;
     const FLOOD = 3000;
     await new Promise<void>((resolve, reject) => {
