@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -51,6 +51,8 @@ function tcpMemPages(): number {
   const m = /^TCP: .* mem (\d+)/m.exec(readFileSync('/proc/net/sockstat', 'utf8'));
   return m ? Number(m[1]) : 0;
 }
+
+const INOTIFY_INSTANCES = '/proc/sys/fs/inotify/max_user_instances';
 
 describe('host resources: each capped per VE or charged to it', () => {
   let arena: Arena;
@@ -104,7 +106,14 @@ describe('host resources: each capped per VE or charged to it', () => {
     }, 60_000);
   }
 
+  /** The host's inotify instance limit before this file lowered it (restored at the end). */
+  let inotifyInstancesBefore: string | null = null;
+
   beforeAll(async () => {
+    // Start from Debian's default (128), as on a fresh host: vesh must raise it
+    // itself, or one VE takes every instance that host root and all VEs share (M2).
+    inotifyInstancesBefore = readFileSync(INOTIFY_INSTANCES, 'utf8');
+    writeFileSync(INOTIFY_INSTANCES, '128');
     arena = await makeArena({ template: 'busybox', runtime: `relayPids: ${RELAY_PIDS}, ptysPerVe: ${PTYS_PER_VE}` });
     arena.cleanup.add(async () => endHeldSessions());
     cgroupParent = arena.env.layout.cgroupParent.replace(/^\/+/, '');
@@ -118,7 +127,11 @@ describe('host resources: each capped per VE or charged to it', () => {
 
   afterAll(async () => {
     endHeldSessions();
-    await arena?.cleanup.run();
+    try {
+      await arena?.cleanup.run();
+    } finally {
+      if (inotifyInstancesBefore !== null) writeFileSync(INOTIFY_INSTANCES, inotifyInstancesBefore);
+    }
   });
 
   it('shows no session command or client address in the host process list, through the agent or through runc exec (N2)', async () => {
@@ -176,7 +189,7 @@ describe('host resources: each capped per VE or charged to it', () => {
   it('leaves host root and other VEs inotify instances while one VE takes all it can (M2)', async () => {
     // vesh raised the host-wide limit, which every VE's instances count against as host root's too.
     const need = hostSysctlNeeds({ pidsPerVe: 128, ptysPerVe: PTYS_PER_VE }).find((n) => n.key === 'fs.inotify.max_user_instances')!;
-    expect(Number(readFileSync('/proc/sys/fs/inotify/max_user_instances', 'utf8'))).toBeGreaterThanOrEqual(need.want);
+    expect(Number(readFileSync(INOTIFY_INSTANCES, 'utf8'))).toBeGreaterThanOrEqual(need.want);
     await arena.sh('alice', 'rm -f /tmp/ino.out; nohup /usr/local/bin/res-inotify 20000 120 > /tmp/ino.out 2>&1 < /dev/null &');
     await waitFor('the inotify hog', async () => (await arena.sh('alice', 'cat /tmp/ino.out 2>/dev/null; true')).stdout.includes('took'), 60_000);
     const said = (await arena.sh('alice', 'cat /tmp/ino.out')).stdout;
