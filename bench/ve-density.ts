@@ -42,12 +42,31 @@ function percentile(xs: number[], p: number): number {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function settleAndMeasure(): Promise<number> {
-  await sleep(settleMs);
-  // Average a few reads: MemAvailable moves with unrelated activity.
+/** What the kernel cannot reclaim, in KiB: SUnreclaim, PageTables, KernelStack, AnonPages, Percpu, Shmem. */
+function unreclaimableKiB(): number {
+  const text = readFileSync('/proc/meminfo', 'utf8');
   let sum = 0;
-  for (let i = 0; i < 5; i++) { sum += memAvailableKiB(); await sleep(200); }
-  return sum / 5;
+  for (const key of ['SUnreclaim', 'PageTables', 'KernelStack', 'AnonPages', 'Percpu', 'Shmem']) {
+    const m = new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text);
+    sum += Number(m?.[1] ?? 0);
+  }
+  return sum;
+}
+
+interface MemReading { available: number; unreclaimable: number }
+
+async function settleAndMeasure(): Promise<MemReading> {
+  await sleep(settleMs);
+  // Average a few reads: both move with unrelated activity, MemAvailable by far the most.
+  let available = 0;
+  let unreclaimable = 0;
+  for (let i = 0; i < 5; i++) { available += memAvailableKiB(); unreclaimable += unreclaimableKiB(); await sleep(200); }
+  return { available: available / 5, unreclaimable: unreclaimable / 5 };
+}
+
+/** Per-VE MiB between two readings: MemAvailable's drop and the unreclaimable memory's growth. */
+function perVe(before: MemReading, after: MemReading, n: number): { memPerVeMiB: number; unreclaimablePerVeMiB: number } {
+  return { memPerVeMiB: (before.available - after.available) / n / 1024, unreclaimablePerVeMiB: (after.unreclaimable - before.unreclaimable) / n / 1024 };
 }
 
 async function main(): Promise<void> {
@@ -121,18 +140,18 @@ async function main(): Promise<void> {
     const result = {
       count: N,
       runningAtOnce: running,
-      vesh: { p50ms: percentile(veshTimes, 50), p95ms: percentile(veshTimes, 95), memPerVeMiB: (veshBefore - veshAfter) / N / 1024 },
-      rawRunc: { p50ms: percentile(rawTimes, 50), p95ms: percentile(rawTimes, 95), memPerVeMiB: (rawBefore - rawAfter) / N / 1024 },
+      vesh: { p50ms: percentile(veshTimes, 50), p95ms: percentile(veshTimes, 95), ...perVe(veshBefore, veshAfter, N) },
+      rawRunc: { p50ms: percentile(rawTimes, 50), p95ms: percentile(rawTimes, 95), ...perVe(rawBefore, rawAfter, N) },
     };
     if (args.json) {
       console.log(JSON.stringify(result, null, 2));
     } else {
       const f = (x: number) => x.toFixed(2);
       console.log(`VE density, ${N} VEs on the busybox template (${new Date().toISOString()})`);
-      console.log(`                 start p50   start p95   MemAvailable drop per VE`);
-      console.log(`vesh             ${f(result.vesh.p50ms).padStart(7)} ms  ${f(result.vesh.p95ms).padStart(7)} ms  ${f(result.vesh.memPerVeMiB)} MiB`);
-      console.log(`raw runc run -d  ${f(result.rawRunc.p50ms).padStart(7)} ms  ${f(result.rawRunc.p95ms).padStart(7)} ms  ${f(result.rawRunc.memPerVeMiB)} MiB`);
-      console.log(`vesh/raw memory ratio: ${(result.vesh.memPerVeMiB / result.rawRunc.memPerVeMiB).toFixed(2)}; running at once: ${running}`);
+      console.log(`                 start p50   start p95   MemAvailable drop per VE   unreclaimable growth per VE`);
+      console.log(`vesh             ${f(result.vesh.p50ms).padStart(7)} ms  ${f(result.vesh.p95ms).padStart(7)} ms  ${f(result.vesh.memPerVeMiB)} MiB                   ${f(result.vesh.unreclaimablePerVeMiB)} MiB`);
+      console.log(`raw runc run -d  ${f(result.rawRunc.p50ms).padStart(7)} ms  ${f(result.rawRunc.p95ms).padStart(7)} ms  ${f(result.rawRunc.memPerVeMiB)} MiB                   ${f(result.rawRunc.unreclaimablePerVeMiB)} MiB`);
+      console.log(`vesh/raw memory ratio: MemAvailable ${(result.vesh.memPerVeMiB / result.rawRunc.memPerVeMiB).toFixed(2)}, unreclaimable ${(result.vesh.unreclaimablePerVeMiB / result.rawRunc.unreclaimablePerVeMiB).toFixed(2)}; running at once: ${running}`);
     }
   } finally {
     for (const id of rawIds) {
