@@ -3,29 +3,8 @@ import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { waitFor } from '../helpers/ve-env.js';
-import { keyAuthArgs, serverBugRecords, sshBaseArgs } from '../helpers/ssh-harness.js';
+import { freePort, keyAuthArgs, readFrom, serverBugRecords, sshBaseArgs } from '../helpers/ssh-harness.js';
 import { makeArena, plantAttack, serverAlive, type Arena } from './kit.js';
-
-/** Read what a TCP server on the host's loopback says on connect ('ERR:CODE' when the connect fails). */
-function readFrom(port: number): Promise<string> {
-  return new Promise((resolve) => {
-    const s = net.connect(port, '127.0.0.1');
-    let out = '';
-    s.setTimeout(10_000, () => s.destroy());
-    s.on('data', (d: Buffer) => { out += d.toString(); });
-    s.on('error', (err: NodeJS.ErrnoException) => resolve(`ERR:${err.code}`));
-    s.on('close', () => resolve(out));
-    s.end();
-  });
-}
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const p = (s.address() as net.AddressInfo).port;
-  await new Promise((r) => s.close(r));
-  return p;
-}
 
 /** Wait until a -L port relays the VE server's greeting. */
 async function untilGreets(port: number, greeting: string): Promise<string> {

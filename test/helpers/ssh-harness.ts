@@ -1,5 +1,6 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, promises as fs, readdirSync, statSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
@@ -117,6 +118,28 @@ export interface RunResult {
   signal: NodeJS.Signals | null;
   stdout: string;
   stderr: string;
+}
+
+/** Connect to HOST:PORT, half-close, and resolve with everything read (or "ERR:CODE"); gives up after 10 s of silence. */
+export function readFrom(port: number, host = '127.0.0.1'): Promise<string> {
+  return new Promise((resolve) => {
+    const s = net.connect(port, host);
+    let out = '';
+    s.setTimeout(10_000, () => s.destroy());
+    s.on('data', (d: Buffer) => { out += d.toString(); });
+    s.on('error', (err: NodeJS.ErrnoException) => resolve(`ERR:${err.code}`));
+    s.on('close', () => resolve(out));
+    s.end();
+  });
+}
+
+/** A TCP port on 127.0.0.1 that nothing listens on right now (for ssh -L/-R). */
+export async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  const p = (s.address() as net.AddressInfo).port;
+  await new Promise((r) => s.close(r));
+  return p;
 }
 
 /** Run a program to its end with a timeout (killed and reported when it hangs). */

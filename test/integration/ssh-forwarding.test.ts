@@ -4,30 +4,9 @@ import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeVeTestEnv, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
 import {
-  Cleanup, keyAuthArgs, makeClientKey, sshBaseArgs, sshWithKey, startVeshServe, tempDir, writeAccounts,
+  Cleanup, freePort, keyAuthArgs, makeClientKey, readFrom, sshBaseArgs, sshWithKey, startVeshServe, tempDir, writeAccounts,
   type ClientKey, type ServeProcess,
 } from '../helpers/ssh-harness.js';
-
-/** Read what a TCP server says on connect (or the connect error's code). */
-function readFrom(port: number, host = '127.0.0.1'): Promise<string> {
-  return new Promise((resolve) => {
-    const s = net.connect(port, host);
-    let out = '';
-    s.setTimeout(10_000, () => s.destroy());
-    s.on('data', (d: Buffer) => { out += d.toString(); });
-    s.on('error', (err: NodeJS.ErrnoException) => resolve(`ERR:${err.code}`));
-    s.on('close', () => resolve(out));
-    s.end();
-  });
-}
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const p = (s.address() as net.AddressInfo).port;
-  await new Promise((r) => s.close(r));
-  return p;
-}
 
 /** A TCP server inside the VE (perl-base is in every Debian system) that greets each client. */
 const veServer = (port: number, greeting: string) =>
