@@ -1,7 +1,8 @@
 /*
  * vesh-forward-relay: the host side of port forwarding for one SSH
- * connection. The SSH server spawns it with its Node IPC channel as fd 3 and
- * the port-forward helper program (vesh-forward) opened read-only as fd 4:
+ * connection. The broker spawns it with one end of an AF_UNIX SOCK_SEQPACKET
+ * socketpair as fd 3 (the server's channel) and the port-forward helper
+ * program (vesh-forward) opened read-only as fd 4:
  *
  *   vesh-forward-relay -- ENGINE ARGS...
  *
@@ -10,21 +11,30 @@
  * its VE end as fd 3 (and the program as fd 4), so the helper runs inside the
  * VE with all of its confinement, and then translate between the two sides:
  *
- *   Node IPC (fd 3)  <->  this relay  <->  frames (forward-frame.h)  <->  helper in the VE
+ *   JSON frames (fd 3)  <->  this relay  <->  frames (forward-frame.h)  <->  helper in the VE
+ *
+ * On fd 3 every message is one SEQPACKET datagram holding one flat JSON
+ * object (src/ssh/forward-protocol.ts has the set), with the socket it
+ * carries, if any, as SCM_RIGHTS on that same datagram: the server's side
+ * (src/broker/forward-relay-client.ts, over src/system/frame-channel.ts)
+ * takes the descriptor as a raw fd and never reads from it itself, so the
+ * first bytes a VE service sends (an SSH or SMTP banner) reach whoever the
+ * fd is handed to. Node's own IPC channel is not used: it turns a received
+ * descriptor into a socket that starts reading at once, and it trusts its
+ * peer completely.
  *
  * Why a relay: the helper's end is reachable by the tenant (VE root, or the
- * account's user, can ptrace it or take its descriptors with pidfd_getfd),
- * and Node trusts its IPC peer completely — a regular-file descriptor makes
- * it abort(), a line without a newline grows its buffer without bound. This
- * process is host root outside the VE's namespaces, which the VE can neither
- * see nor trace; it reads fixed-size frames with a fixed-size control
- * buffer, accepts a frame only as an answer to a request it forwarded (or for
- * a listener the helper reported bound), and passes on only descriptors it
- * checked itself: connected, non-listening AF_INET/AF_INET6 SOCK_STREAM TCP
- * sockets. Everything it writes to Node it wrote itself, and every socket it
- * hands to Node it made itself: the bytes of each forwarded connection are
- * copied here between the VE's socket and a socketpair whose other end the
- * server holds (see "forwarded connections" for why).
+ * account's user, can ptrace it or take its descriptors with pidfd_getfd).
+ * This process is host root outside the VE's namespaces, which the VE can
+ * neither see nor trace; it reads fixed-size frames with a fixed-size
+ * control buffer, accepts a frame only as an answer to a request it
+ * forwarded (or for a listener the helper reported bound), and passes on
+ * only descriptors it checked itself: connected, non-listening
+ * AF_INET/AF_INET6 SOCK_STREAM TCP sockets. Everything it writes to the
+ * server it wrote itself, and every socket it hands to the server it made
+ * itself: the bytes of each forwarded connection are copied here between the
+ * VE's socket and a socketpair whose other end the server holds (see
+ * "forwarded connections" for why).
  *
  * The helper's stderr (which the engine hands it) is read here with a cap
  * until the helper is ready, and shown only when the start fails; after that
@@ -57,13 +67,14 @@
 #include "fd-passing.h"
 #include "forward-frame.h"
 
-#define NODE 3
+#define SERVER 3
 #define PROGRAM 4
 #define NOBODY 65534
 /* Requests in flight and listeners: beyond what one SSH connection may ask for (its channel budget, MAX_REMOTE_FORWARDS_PER_CONNECTION). */
 #define MAX_PENDING 256
 #define MAX_LISTENING 64
-#define NODE_LINE_MAX 4096
+/* The server's requests are small flat objects; a frame beyond this is malformed. */
+#define SERVER_FRAME_MAX 4096
 /* What we keep of the helper's stderr for a failed start, and how much we read of it at most. */
 #define ERR_TAIL 1024
 #define ERR_READ_MAX 65536
@@ -123,29 +134,29 @@ static int idset_remove(struct idset *s, uint32_t id) {
   return 0;
 }
 
-/* ------------------------------------------------------------ to the server (Node IPC) */
+/* ------------------------------------------------------------ to the server (frames) */
 
 /*
- * One line to the server, with `fd` passed alongside when fd >= 0 (Node's
- * framing: {"cmd":"NODE_HANDLE","type":"net.Socket","msg":…}, which it
- * answers with NODE_HANDLE_ACK). Blocking: the server always reads.
+ * One frame to the server: `body` (a JSON object) as one datagram, with `fd`
+ * as SCM_RIGHTS on it when fd >= 0. A datagram goes whole or not at all.
+ * Blocking: the server always reads. The server's socketpair is
+ * non-blocking (that flag is on our end's open file description, which only
+ * we hold), so a full queue is waited out with poll rather than spun on.
  */
-static void node_line(const char *line, int fd) {
-  size_t len = strlen(line);
-  struct iovec iov = { (void *)line, len };
+static void server_msg(int fd, const char *body) {
+  struct iovec iov = { (void *)body, strlen(body) };
   union fd_cmsg u;
   struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
   if (fd >= 0) attach_fds(&mh, &u, &fd, 1);
-  while (iov.iov_len > 0) {
-    ssize_t n = sendmsg(NODE, &mh, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR || errno == EAGAIN) continue;
-      _exit(0); /* the server is gone */
+  for (;;) {
+    if (sendmsg(SERVER, &mh, MSG_NOSIGNAL) >= 0) return;
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) {
+      struct pollfd p = { .fd = SERVER, .events = POLLOUT };
+      poll(&p, 1, -1);
+      continue;
     }
-    iov.iov_base = (char *)iov.iov_base + n;
-    iov.iov_len -= (size_t)n;
-    mh.msg_control = NULL; /* the descriptor went with the first bytes */
-    mh.msg_controllen = 0;
+    _exit(0); /* the server is gone */
   }
 }
 
@@ -161,19 +172,12 @@ static void json_escape(char *out, size_t cap, const char *s) {
   out[o] = 0;
 }
 
-static void node_msg(int fd, const char *body) {
-  char line[2048];
-  if (fd >= 0) snprintf(line, sizeof line, "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":%s}\n", body);
-  else snprintf(line, sizeof line, "%s\n", body);
-  node_line(line, fd);
-}
-
-static void node_failed(uint32_t id, const char *code, const char *message) {
+static void server_failed(uint32_t id, const char *code, const char *message) {
   char c[160], m[1100], body[1400];
   json_escape(c, sizeof c, code);
   json_escape(m, sizeof m, message);
   snprintf(body, sizeof body, "{\"t\":\"failed\",\"id\":%u,\"code\":\"%s\",\"message\":\"%s\"}", id, c, m);
-  node_msg(-1, body);
+  server_msg(-1, body);
 }
 
 /*
@@ -191,28 +195,27 @@ static void reject(const char *reason) {
   json_escape(r, sizeof r, last_reject_reason);
   snprintf(body, sizeof body, "{\"t\":\"rejected\",\"count\":%lu,\"reason\":\"%s\"}", rejected - rejected_reported, r);
   rejected_reported = rejected;
-  node_msg(-1, body);
+  server_msg(-1, body);
 }
 
-/* ------------------------------------------------------------ from the server (Node IPC) */
+/* ------------------------------------------------------------ from the server (frames) */
 
 /*
  * The server's messages are flat JSON objects of strings and integers
- * ({"t":"connect","id":1,"host":"localhost","port":80}), plus Node's own
- * channel messages ({"cmd":"NODE_HANDLE_ACK"}), which we ignore. Anything
- * else in a line (nested values, escapes beyond the simple ones) makes it
- * malformed, and a malformed line is ignored.
+ * ({"t":"connect","id":1,"host":"localhost","port":80}), one a frame.
+ * Anything else in a frame (nested values, escapes beyond the simple ones,
+ * text after the object, a NUL byte) makes it malformed, and a malformed
+ * frame is ignored.
  */
 struct req {
   char t[16];
-  char cmd[32];
   char host[FWD_ADDR_LEN];
   long id, port;
   int has_id, has_port;
 };
 
 static const char *skip_ws(const char *p) {
-  while (*p == ' ' || *p == '\t' || *p == '\r') p++;
+  while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n') p++;
   return p;
 }
 
@@ -241,7 +244,7 @@ static int parse_req(const char *p, struct req *r) {
   p = skip_ws(p);
   if (*p++ != '{') return -1;
   p = skip_ws(p);
-  if (*p == '}') return 0;
+  if (*p == '}') return *skip_ws(p + 1) ? -1 : 0;
   for (;;) {
     char key[32], sval[FWD_ADDR_LEN];
     p = parse_string(skip_ws(p), key, sizeof key);
@@ -252,10 +255,9 @@ static int parse_req(const char *p, struct req *r) {
     if (*p == '"') {
       p = parse_string(p, sval, sizeof sval);
       if (!p) return -1;
-      /* A value too long for its field makes the line malformed, never a truncated value. */
+      /* A value too long for its field makes the frame malformed, never a truncated value. */
       size_t len = strlen(sval);
       if (!strcmp(key, "t")) { if (len >= sizeof r->t) return -1; memcpy(r->t, sval, len + 1); }
-      else if (!strcmp(key, "cmd")) { if (len >= sizeof r->cmd) return -1; memcpy(r->cmd, sval, len + 1); }
       else if (!strcmp(key, "host")) { if (len >= sizeof r->host) return -1; memcpy(r->host, sval, len + 1); }
     } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
       char *end;
@@ -274,7 +276,7 @@ static int parse_req(const char *p, struct req *r) {
     }
     p = skip_ws(p);
     if (*p == ',') { p++; continue; }
-    if (*p == '}') return 0;
+    if (*p == '}') return *skip_ws(p + 1) ? -1 : 0;
     return -1;
   }
 }
@@ -289,10 +291,9 @@ static int ve_send(const struct fwd_frame *f) {
   }
 }
 
-static void handle_node_line(const char *line) {
+static void handle_server_request(const char *text) {
   struct req r;
-  if (parse_req(line, &r) < 0) return;
-  if (r.cmd[0]) return; /* Node's own channel messages */
+  if (parse_req(text, &r) < 0) return;
   if (!r.has_id || r.id < 0 || r.id > (long)UINT32_MAX) return;
   uint32_t id = (uint32_t)r.id;
   int port_ok = r.has_port && r.port >= 0 && r.port <= 65535;
@@ -301,7 +302,7 @@ static void handle_node_line(const char *line) {
   if (connect || listen) {
     struct idset *set = connect ? &pending_connect : &pending_listen;
     if (!idset_add(set, id)) {
-      node_failed(id, "EMFILE", connect ? "too many connections being opened at once" : "too many listeners being opened at once");
+      server_failed(id, "EMFILE", connect ? "too many connections being opened at once" : "too many listeners being opened at once");
       return;
     }
     struct fwd_frame f;
@@ -310,7 +311,7 @@ static void handle_node_line(const char *line) {
     snprintf(f.addr, sizeof f.addr, "%s", r.host);
     if (ve_send(&f) < 0) {
       idset_remove(set, id);
-      node_failed(id, "EAGAIN", "the port-forward helper in the VE is not taking requests");
+      server_failed(id, "EAGAIN", "the port-forward helper in the VE is not taking requests");
     }
   } else if (!strcmp(r.t, "unlisten")) {
     /* Forgotten here first: whatever the helper does, nothing more is accepted for this id. */
@@ -320,6 +321,40 @@ static void handle_node_line(const char *line) {
     fwd_frame_init(&f, FWD_UNLISTEN, id);
     ve_send(&f);
   }
+}
+
+/*
+ * Take one request frame from the server: one recvmsg is one datagram. A
+ * frame that does not fit SERVER_FRAME_MAX, carries control data (the server
+ * never sends us a descriptor) or holds a NUL is malformed: its descriptors
+ * are closed and the frame is ignored, as a malformed one is.
+ */
+static void read_server_frame(void) {
+  static char text[SERVER_FRAME_MAX + 1];
+  union { char buf[CMSG_SPACE(sizeof(int) * CMSG_FDS)]; struct cmsghdr align; } ctl;
+  struct iovec iov = { text, SERVER_FRAME_MAX };
+  struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf, .msg_controllen = sizeof ctl.buf };
+  ssize_t n = recvmsg(SERVER, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  if (n < 0) {
+    if (errno == EINTR || errno == EAGAIN) return;
+    _exit(0);
+  }
+  if (n == 0) _exit(0); /* the server closed the channel (it never sends an empty frame): we, and so the helper, are done */
+  int control = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+    control = 1;
+    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len >= CMSG_LEN(0)) {
+      size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < k; i++) {
+        int fd;
+        memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+        close(fd);
+      }
+    }
+  }
+  if (control || (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || memchr(text, 0, (size_t)n)) return;
+  text[n] = 0;
+  handle_server_request(text);
 }
 
 /* ------------------------------------------------------------ forwarded connections */
@@ -349,7 +384,7 @@ struct half {
 };
 
 struct stream {
-  int ve, node;
+  int ve, srv;
   struct half down; /* VE → server */
   struct half up;   /* server → VE */
 };
@@ -360,7 +395,7 @@ static int nstreams;
 static void close_stream(int i) {
   struct stream *st = &streams[i];
   close(st->ve);
-  close(st->node);
+  close(st->srv);
   free(st->down.buf);
   free(st->up.buf);
   streams[i] = streams[--nstreams];
@@ -386,7 +421,7 @@ static int open_stream(int ve_fd) {
     return -1;
   }
   st->ve = ve_fd;
-  st->node = sp[0];
+  st->srv = sp[0];
   nstreams++;
   return sp[1];
 }
@@ -490,7 +525,7 @@ static void read_ve_frame(void) {
   int carries = f->type == FWD_CONNECTED || f->type == FWD_ACCEPTED;
   if (nfds != (carries ? 1 : 0)) {
     close_all(fds, nfds);
-    if (f->type == FWD_CONNECTED && idset_remove(&pending_connect, f->id)) node_failed(f->id, "EPROTO", "the port-forward helper in the VE answered without exactly one socket");
+    if (f->type == FWD_CONNECTED && idset_remove(&pending_connect, f->id)) server_failed(f->id, "EPROTO", "the port-forward helper in the VE answered without exactly one socket");
     reject(carries ? "a connection frame without exactly one descriptor" : "a descriptor with a frame that carries none");
     return;
   }
@@ -502,7 +537,7 @@ static void read_ve_frame(void) {
       ready = 1;
       /* Started: what the VE writes to its stderr from now on is not ours to read (L11). */
       if (errfd >= 0) { close(errfd); errfd = -1; }
-      node_msg(-1, "{\"t\":\"ready\"}");
+      server_msg(-1, "{\"t\":\"ready\"}");
       return;
     case FWD_CONNECTED: {
       if (!idset_remove(&pending_connect, f->id)) { close(fds[0]); reject("a connection nobody asked for"); return; }
@@ -511,18 +546,18 @@ static void read_ve_frame(void) {
         close(fds[0]);
         char m[200];
         snprintf(m, sizeof m, "the port-forward helper in the VE handed over %s", bad);
-        node_failed(f->id, "EPROTO", m);
+        server_failed(f->id, "EPROTO", m);
         reject(bad);
         return;
       }
-      int node_end = open_stream(fds[0]);
-      if (node_end < 0) {
-        node_failed(f->id, "EMFILE", "too many forwarded connections on this SSH connection");
+      int server_end = open_stream(fds[0]);
+      if (server_end < 0) {
+        server_failed(f->id, "EMFILE", "too many forwarded connections on this SSH connection");
         return;
       }
       snprintf(body, sizeof body, "{\"t\":\"connected\",\"id\":%u}", f->id);
-      node_msg(node_end, body);
-      close(node_end); /* the server has its own now */
+      server_msg(server_end, body);
+      close(server_end); /* the server has its own now */
       return;
     }
     case FWD_ACCEPTED: {
@@ -531,24 +566,24 @@ static void read_ve_frame(void) {
       if (bad) { close(fds[0]); reject(bad); return; }
       char addr[FWD_ADDR_LEN];
       peer_address(f->addr, addr, sizeof addr);
-      int node_end = open_stream(fds[0]);
-      if (node_end < 0) { reject("more forwarded connections than the relay holds"); return; }
+      int server_end = open_stream(fds[0]);
+      if (server_end < 0) { reject("more forwarded connections than the relay holds"); return; }
       snprintf(body, sizeof body, "{\"t\":\"accepted\",\"id\":%u,\"remoteAddress\":\"%s\",\"remotePort\":%u}", f->id, addr, f->port <= 65535 ? f->port : 0);
-      node_msg(node_end, body);
-      close(node_end);
+      server_msg(server_end, body);
+      close(server_end);
       return;
     }
     case FWD_FAILED:
-      if (idset_remove(&pending_connect, f->id) || idset_remove(&pending_listen, f->id)) node_failed(f->id, f->addr, f->text);
+      if (idset_remove(&pending_connect, f->id) || idset_remove(&pending_listen, f->id)) server_failed(f->id, f->addr, f->text);
       else reject("an answer to no request");
       return;
     case FWD_LISTENING:
       if (!idset_has(&pending_listen, f->id)) { reject("an answer to no request"); return; }
       if (f->port < 1 || f->port > 65535) { reject("a listener on no port"); return; }
       idset_remove(&pending_listen, f->id);
-      if (!idset_add(&listening, f->id)) { node_failed(f->id, "EMFILE", "too many listeners on this connection"); return; }
+      if (!idset_add(&listening, f->id)) { server_failed(f->id, "EMFILE", "too many listeners on this connection"); return; }
       snprintf(body, sizeof body, "{\"t\":\"listening\",\"id\":%u,\"port\":%u}", f->id, f->port);
-      node_msg(-1, body);
+      server_msg(-1, body);
       return;
     case FWD_CLOSED:
       idset_remove(&listening, f->id);
@@ -617,7 +652,7 @@ static void start_engine(char **argv) {
   if (pid == 0) {
     /* fd 3: the VE's end of the channel (in place of the server's); fd 4: the program; 2: the pipe we read. */
     int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(devnull, 1) < 0 || dup2(ep[1], 2) < 0 || dup2(sv[1], NODE) < 0) _exit(127);
+    if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(devnull, 1) < 0 || dup2(ep[1], 2) < 0 || dup2(sv[1], SERVER) < 0) _exit(127);
     close_range(PROGRAM + 1, ~0U, 0);
     signal(SIGPIPE, SIG_DFL);
     execvp(argv[0], argv);
@@ -652,10 +687,24 @@ static void reap_engine(void) {
   drop_privileges();
 }
 
+/* Whether fd 3 is what the server must give us: one end of an AF_UNIX SOCK_SEQPACKET socketpair. */
+static int server_channel_ok(void) {
+  struct stat st;
+  int v = 0;
+  socklen_t len = sizeof v;
+  if (fstat(SERVER, &st) < 0 || !S_ISSOCK(st.st_mode)) return 0;
+  if (getsockopt(SERVER, SOL_SOCKET, SO_DOMAIN, &v, &len) < 0 || v != AF_UNIX) return 0;
+  len = sizeof v;
+  return getsockopt(SERVER, SOL_SOCKET, SO_TYPE, &v, &len) == 0 && v == SOCK_SEQPACKET;
+}
+
 int main(int argc, char **argv) {
   struct stat st;
-  if (argc < 3 || strcmp(argv[1], "--") != 0 || fstat(NODE, &st) < 0 || !S_ISSOCK(st.st_mode) || fstat(PROGRAM, &st) < 0) {
-    fprintf(stderr, "usage: vesh-forward-relay -- ENGINE ARGS... (fd 3: the SSH server's IPC channel, fd 4: the helper program); the SSH server starts this\n");
+  if (argc < 3 || strcmp(argv[1], "--") != 0 || !server_channel_ok() || fstat(PROGRAM, &st) < 0) {
+    fprintf(stderr, "usage: vesh-forward-relay -- ENGINE ARGS...\n"
+                    "  fd 3: the server's channel, an AF_UNIX SOCK_SEQPACKET socket (one JSON object a frame, a socket as SCM_RIGHTS);\n"
+                    "  fd 4: the port-forward helper program, opened read-only.\n"
+                    "The vesh broker starts this (src/broker/forward-relay-client.ts); it is not run by hand.\n");
     return 2;
   }
   signal(SIGPIPE, SIG_IGN);
@@ -663,13 +712,11 @@ int main(int argc, char **argv) {
   if (getppid() == 1) return 0;
   start_engine(argv + 2);
 
-  static char in[NODE_LINE_MAX * 4];
-  size_t inlen = 0;
   for (;;) {
     static struct pollfd pfd[4 + 2 * MAX_STREAMS];
-    int np = 0, inode, ive = -1, ierr = -1, iengine = -1;
-    inode = np;
-    pfd[np++] = (struct pollfd){ .fd = NODE, .events = POLLIN };
+    int np = 0, iserver, ive = -1, ierr = -1, iengine = -1;
+    iserver = np;
+    pfd[np++] = (struct pollfd){ .fd = SERVER, .events = POLLIN };
     /* Frames from the VE only once the engine is gone and we are nobody. */
     if (engine_pidfd < 0) { ive = np; pfd[np++] = (struct pollfd){ .fd = ve, .events = POLLIN }; }
     if (errfd >= 0) { ierr = np; pfd[np++] = (struct pollfd){ .fd = errfd, .events = POLLIN }; }
@@ -679,10 +726,10 @@ int main(int argc, char **argv) {
     for (int i = 0; i < nstreams; i++) {
       struct stream *st = &streams[i];
       short ve_ev = (short)((!st->down.eof && st->down.len == 0 ? POLLIN : 0) | (st->up.len > 0 ? POLLOUT : 0));
-      short node_ev = (short)((!st->up.eof && st->up.len == 0 ? POLLIN : 0) | (st->down.len > 0 ? POLLOUT : 0));
+      short srv_ev = (short)((!st->up.eof && st->up.len == 0 ? POLLIN : 0) | (st->down.len > 0 ? POLLOUT : 0));
       /* A side we wait for nothing on is left out, or its POLLHUP would wake us again and again while the other drains. */
       pfd[np++] = (struct pollfd){ .fd = ve_ev ? st->ve : -1, .events = ve_ev };
-      pfd[np++] = (struct pollfd){ .fd = node_ev ? st->node : -1, .events = node_ev };
+      pfd[np++] = (struct pollfd){ .fd = srv_ev ? st->srv : -1, .events = srv_ev };
     }
     if (poll(pfd, (nfds_t)np, -1) < 0) {
       if (errno == EINTR) continue;
@@ -693,7 +740,7 @@ int main(int argc, char **argv) {
       struct stream *st = &streams[i];
       short vr = pfd[istreams + 2 * i].revents, nr = pfd[istreams + 2 * i + 1].revents;
       const short in = POLLIN | POLLHUP | POLLERR, out = POLLOUT | POLLHUP | POLLERR;
-      if (pump(st->ve, st->node, &st->down, vr & in, nr & out) < 0 || pump(st->node, st->ve, &st->up, nr & in, vr & out) < 0 || (st->down.shut && st->up.shut)) close_stream(i);
+      if (pump(st->ve, st->srv, &st->down, vr & in, nr & out) < 0 || pump(st->srv, st->ve, &st->up, nr & in, vr & out) < 0 || (st->down.shut && st->up.shut)) close_stream(i);
     }
     if (ierr >= 0 && (pfd[ierr].revents & (POLLIN | POLLHUP | POLLERR))) read_stderr();
     if (iengine >= 0 && (pfd[iengine].revents & POLLIN)) reap_engine();
@@ -701,23 +748,6 @@ int main(int argc, char **argv) {
       if (!ready && (pfd[ive].revents & POLLHUP) && !(pfd[ive].revents & POLLIN)) fail_start("the port-forward helper closed its channel before it was ready");
       read_ve_frame();
     }
-    if (pfd[inode].revents & (POLLIN | POLLHUP | POLLERR)) {
-      ssize_t n = read(NODE, in + inlen, sizeof in - inlen - 1);
-      if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) _exit(0); /* the server closed the channel: we, and so the helper, are done */
-      if (n > 0) {
-        inlen += (size_t)n;
-        in[inlen] = 0;
-        char *start = in, *nl;
-        while ((nl = memchr(start, '\n', inlen - (size_t)(start - in)))) {
-          *nl = 0;
-          if (nl - start < NODE_LINE_MAX) handle_node_line(start);
-          start = nl + 1;
-        }
-        inlen -= (size_t)(start - in);
-        memmove(in, start, inlen);
-        /* A line longer than anything the server sends: drop it rather than stall. */
-        if (inlen >= sizeof in - 1) inlen = 0;
-      }
-    }
+    if (pfd[iserver].revents & (POLLIN | POLLHUP | POLLERR)) read_server_frame();
   }
 }
