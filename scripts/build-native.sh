@@ -33,3 +33,22 @@ for name in vesh-session vesh-setup vesh-forward vesh-forward-relay; do
   rm -f "$OUT.log"
   mv -f "$OUT.tmp" "$OUT"
 done
+
+# fdpass.node: the Node addon for broker/worker frames (SCM_RIGHTS), ptys and
+# the worker's seccomp filter. A shared object, dlopen'ed by node, so not
+# static; built against Node's own headers (N-API 8 + libuv).
+NODE_INCLUDE="${NODE_INCLUDE:-}"
+if [ -z "$NODE_INCLUDE" ]; then
+  for dir in "$(dirname "$(dirname "$(command -v node)")")/include/node" /usr/include/node "$HOME/.cache/node-gyp/$(node -p process.versions.node)/include/node"; do
+    if [ -f "$dir/node_api.h" ] && [ -f "$dir/uv.h" ]; then NODE_INCLUDE="$dir"; break; fi
+  done
+fi
+if [ -z "$NODE_INCLUDE" ]; then
+  echo "vesh: Node's C headers (node_api.h, uv.h) are missing, needed to build dist/fdpass.node." >&2
+  echo "  NodeSource's nodejs package installs them in /usr/include/node; with Debian's own nodejs: apt-get install libnode-dev;" >&2
+  echo "  with any Node: npx node-gyp install (downloads them to ~/.cache/node-gyp/<version>/include/node), or set NODE_INCLUDE=DIR." >&2
+  exit 1
+fi
+OUT="$ROOT/dist/fdpass.node"
+gcc -O2 -shared -fPIC -Wall -Wextra -Werror -I"$NODE_INCLUDE" -o "$OUT.tmp" "$ROOT/src/native/vesh-fdpass.c"
+mv -f "$OUT.tmp" "$OUT"
