@@ -1,0 +1,156 @@
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ErrorCodes, VeshError } from '../errors.js';
+
+/**
+ * Typed access to dist/fdpass.node (src/native/vesh-fdpass.c): SEQPACKET
+ * frames with SCM_RIGHTS between the broker and its workers, ptys, peer
+ * credentials, and the worker's seccomp lockdown. Node offers SCM_RIGHTS only
+ * through its IPC channel, which trusts its peer; these calls trust nothing
+ * that arrives.
+ *
+ * Every failure throws an Error whose `code` is the errno name ('EAGAIN',
+ * 'EPIPE', …), 'ETRUNC' for a truncated frame, and whose message names the call.
+ */
+
+export type SocketKind = 'seqpacket' | 'stream';
+
+export interface ReceivedFrame {
+  data: Buffer;
+  /** Descriptors that came with the frame (close-on-exec); the caller owns them. */
+  fds: number[];
+}
+
+export interface FdWatch {
+  /** Also report writability (until called with false); readability is always reported. */
+  setWritable(want: boolean): void;
+  /** Stops watching (does not close the descriptor); safe twice and from inside the callback. */
+  close(): void;
+}
+
+export interface Pty {
+  /** Nonblocking, close-on-exec. */
+  master: number;
+  /** Blocking, close-on-exec, not this process's controlling terminal. */
+  slave: number;
+}
+
+export interface PeerCred {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+interface FdpassAddon {
+  socketpair(kind: SocketKind): [number, number];
+  setBlocking(fd: number, blocking: boolean): void;
+  sendFrame(fd: number, data: Buffer, fds: number[]): boolean;
+  recvFrame(fd: number, maxBytes: number): ReceivedFrame | null | false;
+  watch(fd: number, onEvent: (readable: boolean, writable: boolean, error: boolean) => void): FdWatch;
+  callSync(fd: number, data: Buffer, timeoutMs: number, maxBytes: number): Buffer;
+  closeFd(fd: number): void;
+  dupFd(fd: number): number;
+  shutdownFd(fd: number, how: 'read' | 'write' | 'both'): void;
+  openPty(): Pty;
+  setWinsize(fd: number, cols: number, rows: number): void;
+  peerCred(fd: number): PeerCred;
+  lockdown(): void;
+}
+
+/** dist/fdpass.node, the same path from src/ (tests) and from dist/ (the installed command). */
+export function fdpassAddonPath(): string {
+  return path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../dist/fdpass.node');
+}
+
+let loaded: FdpassAddon | undefined;
+
+function addon(): FdpassAddon {
+  if (loaded === undefined) {
+    const file = fdpassAddonPath();
+    try {
+      loaded = createRequire(import.meta.url)(file) as FdpassAddon;
+    } catch (err) {
+      throw new VeshError(ErrorCodes.COMMAND_MISSING, `the native addon ${file} could not be loaded (${(err as Error).message}): run "npm run build" in the vesh directory (needs gcc and Node's headers)`, { cause: err });
+    }
+  }
+  return loaded;
+}
+
+/** An AF_UNIX socketpair, both ends nonblocking and close-on-exec; a seqpacket pair fits a 256 KiB frame. */
+export function socketpair(kind: SocketKind): [number, number] {
+  return addon().socketpair(kind);
+}
+
+export function setBlocking(fd: number, blocking: boolean): void {
+  addon().setBlocking(fd, blocking);
+}
+
+/**
+ * Sends one frame (nonempty) with up to 16 descriptors: true when sent whole,
+ * false when the socket is full (EAGAIN, nothing sent). The kernel takes its
+ * own references to `fds` at this call; the caller still owns its copies.
+ */
+export function sendFrame(fd: number, data: Buffer, fds: number[] = []): boolean {
+  return addon().sendFrame(fd, data, fds);
+}
+
+/**
+ * Receives one frame of at most maxBytes: null when none is waiting, false
+ * when the peer closed. A frame over maxBytes or 16 descriptors throws ETRUNC,
+ * control data other than descriptors throws EBADMSG; what arrived is closed.
+ */
+export function recvFrame(fd: number, maxBytes: number): ReceivedFrame | null | false {
+  return addon().recvFrame(fd, maxBytes);
+}
+
+/** Calls onEvent from the event loop when fd is readable (or hung up), or writable while asked for. */
+export function watch(fd: number, onEvent: (readable: boolean, writable: boolean, error: boolean) => void): FdWatch {
+  return addon().watch(fd, onEvent);
+}
+
+/**
+ * One blocking request and answer on a dedicated SEQPACKET socket (no
+ * descriptors either way): ETIMEDOUT after timeoutMs, EPIPE when the peer is gone.
+ */
+export function callSync(fd: number, data: Buffer, timeoutMs: number, maxBytes: number): Buffer {
+  return addon().callSync(fd, data, timeoutMs, maxBytes);
+}
+
+export function closeFd(fd: number): void {
+  addon().closeFd(fd);
+}
+
+/** A close-on-exec duplicate of fd. */
+export function dupFd(fd: number): number {
+  return addon().dupFd(fd);
+}
+
+/** shutdown(2); a socket that is not connected is not an error. */
+export function shutdownFd(fd: number, how: 'read' | 'write' | 'both'): void {
+  addon().shutdownFd(fd, how);
+}
+
+/** A new pty pair from /dev/ptmx (master nonblocking). */
+export function openPty(): Pty {
+  return addon().openPty();
+}
+
+/** TIOCSWINSZ on a pty (either end). */
+export function setWinsize(fd: number, cols: number, rows: number): void {
+  addon().setWinsize(fd, cols, rows);
+}
+
+/** The process that made the other end of a unix socket (SO_PEERCRED). */
+export function peerCred(fd: number): PeerCred {
+  return addon().peerCred(fd);
+}
+
+/**
+ * Installs the worker's seccomp filter on every thread of this process
+ * (no_new_privs first; irreversible): no new processes, no exec, no network
+ * sockets, no mounts or namespaces. Call once every module is loaded.
+ */
+export function lockdown(): void {
+  addon().lockdown();
+}
