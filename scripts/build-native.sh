@@ -7,6 +7,8 @@
 #   vesh-forward  the port-forward helper, run inside VEs by the engine;
 #   vesh-forward-relay  its host side: checks every frame and descriptor
 #                 from the VE before the SSH server sees it.
+#   vesh-worker-sandbox  starts each SSH worker unprivileged in its own
+#                 namespaces and a read-only root showing only what it needs.
 # All are linked statically (one build rule, no dependence on the host's
 # libc at run time). Needs gcc and libc6-dev (libc.a); scripts/ensure-system.sh
 # installs them when missing.
@@ -17,7 +19,7 @@ if ! command -v gcc >/dev/null 2>&1; then
   exit 1
 fi
 mkdir -p "$ROOT/dist"
-for name in vesh-session vesh-setup vesh-forward vesh-forward-relay; do
+for name in vesh-session vesh-setup vesh-forward vesh-forward-relay vesh-worker-sandbox; do
   OUT="$ROOT/dist/$name"
   # Build to a temporary name and rename: a running server never sees half a binary.
   # ld warns that a static getaddrinfo needs the C library's NSS modules at

@@ -31,6 +31,14 @@ export function forwardRelayPath(): string {
   return helperPath('vesh-forward-relay');
 }
 
+/**
+ * The worker launcher (src/native/vesh-worker-sandbox.c): starts an SSH
+ * worker unprivileged in its own namespaces and a read-only root.
+ */
+export function workerSandboxPath(): string {
+  return helperPath('vesh-worker-sandbox');
+}
+
 /** The VE setup helper (mounts, network hook). Required to start a VE. */
 export function setupHelperPath(): string {
   return helperPath('vesh-setup');
