@@ -117,7 +117,11 @@ export class ForwardRelayClient {
     channel.on('frame', (msg: unknown, fds: number[]) => client.onFrame(msg, fds));
     channel.on('malformed', (reason: string) => client.end(`sent a frame we could not take (${reason})`));
     channel.on('error', (err: unknown) => client.end(`channel failed: ${errorMessage(err)}`));
-    channel.on('close', () => client.end('closed its channel'));
+    // While starting, the channel closes only because the relay exited: its
+    // 'close' below follows, once its stderr (which says why) has been read.
+    channel.on('close', () => {
+      if (!client.starting) client.end('closed its channel');
+    });
     child.on('error', (err) => client.end(`could not be run: ${err.message}`));
     // 'close', not 'exit': by then its stderr, which says why a start failed, has been read.
     child.on('close', (code, signal) => {

@@ -232,4 +232,25 @@ describe('ForwardRelayClient: port forwarding in a VE, sockets handed back as ra
     await waitFor('the helper in the VE to exit', async () => (await forwardHelpers(env!)).length === 0, 20_000);
     expect(ended).toHaveLength(1);
   });
+
+  // Last: it stops the VE.
+  it('a start that fails (the VE stopped after the command was made) rejects with what the engine said and leaves nothing running', async () => {
+    const cmd = await env!.ves.forwardCommand(VE, user);
+    await env!.ves.stop(VE);
+    const fdsBefore = openFds();
+    const relaysOfOurs = () => readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+      try {
+        return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'vesh-forward-re' && new RegExp(`^PPid:\\s*${process.pid}$`, 'm').test(readFileSync(`/proc/${p}/status`, 'utf8'));
+      } catch { return false; }
+    });
+    const { events, ended } = makeEvents();
+    const err = await ForwardRelayClient.start(cmd, VE, events).then((c) => { clients.push(c); return null; }, (e: unknown) => e as VeshError);
+    expect(err?.code).toBe('VESH_COMMAND_FAILED');
+    expect(err?.message).toContain(`relay of VE "${VE}"`);
+    // The relay's and the engine's own words, read from the relay's stderr.
+    expect(err?.message).toMatch(/the engine exited with status \d+: .*container does not exist/);
+    expect(ended).toHaveLength(0);
+    expect(relaysOfOurs()).toEqual([]);
+    expect(openFds().length).toBeLessThanOrEqual(fdsBefore.length);
+  });
 });
