@@ -10,8 +10,8 @@
  * without a newline grows its buffer without bound). So the VE side speaks
  * this: fixed-size frames, one a datagram, at most one descriptor with a
  * frame that is meant to carry one. The relay, a host process the VE cannot
- * see or trace, checks each frame and each descriptor before Node sees
- * anything, and speaks Node IPC itself.
+ * see or trace, checks each frame and each descriptor before the server
+ * sees anything, and speaks its own JSON frames to the server.
  *
  * A frame is exactly sizeof(struct fwd_frame) bytes; a datagram of any other
  * length, or with a wrong magic, unknown type, or string without its NUL, is
