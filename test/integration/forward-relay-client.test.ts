@@ -1,9 +1,11 @@
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeVeTestEnv, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
 import { ForwardRelayClient, ForwardRequestError, type ForwardRelayEvents } from '../../src/broker/forward-relay-client.js';
+import { closeFd, sendFrame, socketpair } from '../../src/system/fdpass.js';
+import { FrameChannel } from '../../src/system/frame-channel.js';
 import { forwardHelperPath, forwardRelayPath } from '../../src/system/native-helpers.js';
 import type { VeUserInfo } from '../../src/ve/access.js';
 import type { VeshError } from '../../src/errors.js';
@@ -231,6 +233,50 @@ describe('ForwardRelayClient: port forwarding in a VE, sockets handed back as ra
     await expect(client.connect('127.0.0.1', BANNER_PORT)).rejects.toThrow(new RegExp(`relay of VE "${VE}"`));
     await waitFor('the helper in the VE to exit', async () => (await forwardHelpers(env!)).length === 0, 20_000);
     expect(ended).toHaveLength(1);
+  });
+
+  it('the relay ignores a request frame that carries a descriptor (closing it), is over 4 KiB, holds a NUL, has text after the object or is not JSON, and goes on', async () => {
+    // The relay driven by hand, without the client, to send what the client never would.
+    const cmd = await env!.ves.forwardCommand(VE, user);
+    const [mine, theirs] = socketpair('seqpacket');
+    const program = openSync(cmd.program, 'r');
+    const relay = spawn(cmd.file, cmd.args, { stdio: ['ignore', 'ignore', 'ignore', theirs, program], env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', ...cmd.env } });
+    closeFd(theirs);
+    closeSync(program);
+    const channel = new FrameChannel(mine, { maxFrameBytes: 4096, name: 'relay under test' });
+    const frames: Array<{ msg: Record<string, unknown>; fds: number[] }> = [];
+    channel.on('frame', (msg: Record<string, unknown>, fds: number[]) => frames.push({ msg, fds }));
+    channel.on('error', () => undefined);
+    const [probe, probePeer] = socketpair('stream');
+    const probeSocket = socketOf(probePeer);
+    try {
+      await waitFor('the relay to be ready', async () => frames.some((f) => f.msg.t === 'ready'), 30_000);
+      const connect = (id: number) => ({ t: 'connect', id, host: '127.0.0.1', port: BANNER_PORT });
+      const raw = (text: string) => expect(sendFrame(mine, Buffer.from(text, 'latin1'), [])).toBe(true);
+      expect(sendFrame(mine, Buffer.from(JSON.stringify(connect(1))), [probe])).toBe(true);
+      closeFd(probe);
+      raw(JSON.stringify(connect(2)).replace('}', `,"pad":"${'x'.repeat(5000)}"}`));
+      raw(`${JSON.stringify(connect(3))}\0`);
+      raw(`${JSON.stringify(connect(4))} {}`);
+      raw('connect 5');
+      channel.send(connect(6));
+      // The relay dropped its copy of the descriptor it was sent: ours was the last, so its peer sees EOF.
+      await new Promise<void>((resolve) => {
+        probeSocket.on('end', () => resolve());
+        probeSocket.resume();
+      });
+      await waitFor('the answer to the one good request', async () => frames.some((f) => f.msg.t === 'connected'), 30_000);
+      // One more round trip through the helper: an answer to 1-4 would be in by now.
+      channel.send({ t: 'connect', id: 7, host: '127.0.0.1', port: CLOSED_PORT });
+      await waitFor('the answer to the second good request', async () => frames.some((f) => f.msg.t === 'failed'), 30_000);
+      const answers = frames.filter((f) => f.msg.t !== 'ready').map((f) => ({ t: f.msg.t, id: f.msg.id, fds: f.fds.length }));
+      expect(answers).toEqual([{ t: 'connected', id: 6, fds: 1 }, { t: 'failed', id: 7, fds: 0 }]);
+      expect(relay.exitCode).toBeNull();
+    } finally {
+      for (const f of frames) for (const fd of f.fds) closeFd(fd);
+      channel.close();
+      await waitFor('the relay to exit with its channel', async () => relay.exitCode !== null || relay.signalCode !== null, 10_000).catch(() => relay.kill('SIGKILL'));
+    }
   });
 
   // Last: it stops the VE.
