@@ -208,6 +208,10 @@ describe('ForwardRelayClient: port forwarding in a VE, sockets handed back as ra
     const client = await startClient(events);
     const relay = client.pid!;
     expect(readFileSync(`/proc/${relay}/comm`, 'utf8').trim()).toBe('vesh-forward-re');
+    // As before the change of channel: once the helper runs, the relay is nobody with no_new_privs.
+    const relayStatus = readFileSync(`/proc/${relay}/status`, 'utf8');
+    expect(relayStatus).toMatch(/^Uid:\s+65534\s+65534\s+65534\s+65534$/m);
+    expect(relayStatus).toMatch(/^NoNewPrivs:\s+1$/m);
     expect(await forwardHelpers(env!)).toHaveLength(1);
     const s = socketOf(await client.connect('127.0.0.1', BANNER_PORT));
     expect(await readLines(s, 1)).toBe('220 banner from the VE\r\n');
