@@ -18,16 +18,24 @@ const STDERR_TAIL = 500;
 
 const UNAVAILABLE = 'Port forwarding is not available right now.';
 
+/** What an error name from the VE side must look like to be passed on (ECONNREFUSED, ENOTFOUND, ETIMEDOUT…). */
+const ERRNO_NAME = /^[A-Z][A-Z0-9_]{0,31}$/;
+
 /**
  * A connect or listen the helper in the VE could not do. `errno` is the
- * name the helper reported (ECONNREFUSED, EADDRINUSE, EAI_NONAME…) or one
- * the relay chose (EMFILE, EAGAIN, EPROTO); it is an errno name and safe to
- * show a user.
+ * name the helper reported (ECONNREFUSED, EADDRINUSE, ENOTFOUND…) or one
+ * the relay or this client chose (EMFILE, EAGAIN, EPROTO, ETIMEDOUT). The
+ * helper is the tenant's to tamper with, so a name that does not look like
+ * one becomes EPROTO: `errno` and the user message stay safe to show.
  */
 export class ForwardRequestError extends VeshError {
-  constructor(readonly errno: string, message: string) {
-    super(ErrorCodes.NETWORK_FAILED, message, { userMessage: `The connection could not be made inside the VE (${errno}).`, details: { errno } });
+  readonly errno: string;
+
+  constructor(errno: string, message: string) {
+    const name = ERRNO_NAME.test(errno) ? errno : 'EPROTO';
+    super(ErrorCodes.NETWORK_FAILED, message, { userMessage: `The connection could not be made inside the VE (${name}).`, details: { errno: name } });
     this.name = 'ForwardRequestError';
+    this.errno = name;
   }
 }
 
