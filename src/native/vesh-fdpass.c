@@ -719,6 +719,8 @@ static const int allowed_syscalls[] = {
   /* memory */
   __NR_mmap, __NR_munmap, __NR_mprotect, __NR_mremap, __NR_madvise, __NR_brk,
   __NR_msync, __NR_mincore, __NR_membarrier, __NR_mlock, __NR_munlock,
+  /* V8 write-protects JIT code with protection keys where the CPU has them. */
+  __NR_pkey_alloc, __NR_pkey_free, __NR_pkey_mprotect,
   /* signals */
   __NR_rt_sigaction, __NR_rt_sigprocmask, __NR_rt_sigreturn, __NR_rt_sigpending,
   __NR_rt_sigtimedwait, __NR_rt_sigsuspend, __NR_sigaltstack, __NR_restart_syscall,
