@@ -318,12 +318,30 @@ static int get_max_bytes(napi_env env, napi_value v, uint32_t *max) {
   return 0;
 }
 
+/*
+ * One receive buffer per thread (an addon may serve worker threads too),
+ * grown to the largest maxBytes asked for: a read loop then costs no
+ * allocation per frame.
+ */
+static __thread char *recv_buf;
+static __thread size_t recv_cap;
+
+static char *recv_buffer(size_t max) {
+  if (recv_cap < max) {
+    char *b = realloc(recv_buf, max);
+    if (b == NULL) return NULL;
+    recv_buf = b;
+    recv_cap = max;
+  }
+  return recv_buf;
+}
+
 static napi_value js_recv_frame(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   int fd;
   uint32_t max;
   if (get_args(env, info, 2, argv) || get_fd(env, argv[0], &fd) || get_max_bytes(env, argv[1], &max)) return NULL;
-  char *buf = malloc(max);
+  char *buf = recv_buffer(max);
   if (buf == NULL) return throw_errno(env, "malloc", ENOMEM);
   int fds[MAX_FDS], nfds;
   const char *why = NULL;
@@ -331,7 +349,6 @@ static napi_value js_recv_frame(napi_env env, napi_callback_info info) {
   napi_value result;
   if (n == -1) {
     int err = errno;
-    free(buf);
     if (err == EAGAIN || err == EWOULDBLOCK) {
       napi_get_null(env, &result);
       return result;
@@ -339,13 +356,11 @@ static napi_value js_recv_frame(napi_env env, napi_callback_info info) {
     return throw_errno(env, "recvmsg", err);
   }
   if (n == -2) {
-    free(buf);
     return throw_code(env, why, strcmp(why, "ETRUNC") == 0
       ? "recvmsg: the frame or its descriptors were truncated (over maxBytes or over 16 descriptors); the descriptors that arrived were closed"
       : "recvmsg: control data other than SCM_RIGHTS; the descriptors that arrived were closed");
   }
   if (n == 0) {
-    free(buf);
     close_fds(fds, nfds);
     napi_get_boolean(env, false, &result);
     return result;
@@ -353,11 +368,9 @@ static napi_value js_recv_frame(napi_env env, napi_callback_info info) {
   napi_value data, arr;
   void *copy;
   if (napi_create_buffer_copy(env, (size_t)n, buf, &copy, &data) != napi_ok) {
-    free(buf);
     close_fds(fds, nfds);
     return throw_errno(env, "recvFrame buffer", ENOMEM);
   }
-  free(buf);
   napi_create_array_with_length(env, (size_t)nfds, &arr);
   for (int i = 0; i < nfds; i++) napi_set_element(env, arr, (uint32_t)i, make_int(env, fds[i]));
   napi_create_object(env, &result);
@@ -807,6 +820,12 @@ static napi_value js_lockdown(napi_env env, napi_callback_info info) {
   emit(&p, BPF_RET | BPF_K, 0, 0, SECCOMP_RET_ERRNO | ENOSYS);
 
   struct sock_fprog fprog = { .len = p.n, .filter = p.ins };
+  /*
+   * Non-dumpable first: the filter allows openat, so without this another
+   * process of the worker's uid (a sibling worker serving other tenants)
+   * could open /proc/PID/mem of this one, with no Yama on some hosts.
+   */
+  if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) return throw_errno(env, "prctl(PR_SET_DUMPABLE)", errno);
   if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return throw_errno(env, "prctl(PR_SET_NO_NEW_PRIVS)", errno);
   long r = syscall(__NR_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &fprog);
   if (r < 0) return throw_errno(env, "seccomp(SECCOMP_SET_MODE_FILTER, TSYNC)", errno);

@@ -112,6 +112,8 @@ export function watch(fd: number, onEvent: (readable: boolean, writable: boolean
 /**
  * One blocking request and answer on a dedicated SEQPACKET socket (no
  * descriptors either way): ETIMEDOUT after timeoutMs, EPIPE when the peer is gone.
+ * After ETIMEDOUT (or ETRUNC/EBADMSG) the late answer may still come and would
+ * be read as the answer to the next request: close that socket, never reuse it.
  */
 export function callSync(fd: number, data: Buffer, timeoutMs: number, maxBytes: number): Buffer {
   return addon().callSync(fd, data, timeoutMs, maxBytes);
@@ -147,9 +149,11 @@ export function peerCred(fd: number): PeerCred {
 }
 
 /**
- * Installs the worker's seccomp filter on every thread of this process
- * (no_new_privs first; irreversible): no new processes, no exec, no network
- * sockets, no mounts or namespaces. Call once every module is loaded.
+ * Locks the worker down, irreversibly: non-dumpable (a sibling of the same
+ * uid cannot open its /proc/PID/mem or fds), no_new_privs, and the seccomp
+ * filter on every thread of the process: no new processes, no exec, no
+ * network sockets (AF_UNIX only), no connect/bind/listen/accept, no mounts or
+ * namespaces. Call once every module is loaded.
  */
 export function lockdown(): void {
   addon().lockdown();

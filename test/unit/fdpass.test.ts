@@ -1,5 +1,4 @@
-import { spawn, type ChildProcess } from 'node:child_process';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -17,6 +16,7 @@ import { FrameChannel } from '../../src/system/frame-channel.js';
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const WORKER = path.join(ROOT, 'test/helpers/fdpass-worker.mjs');
 const MAX_FRAME = 256 * 1024;
+const NOBODY = 65534;
 
 /**
  * A peer in another process, on fd 3 (frames) and fd 4 (blocking
@@ -282,7 +282,7 @@ describe('fdpass addon and FrameChannel', () => {
     undo.push(() => tx.close());
     undo.push(() => closeQuietly([recvFd]));
     tx.on('error', (err: Error) => { throw err; });
-    const pad = 'x'.repeat(1000);
+    const pad = 'x'.repeat(2000);
     const [keepA, keepB] = socketpair('stream');
     undo.push(() => closeQuietly([keepA, keepB]));
     for (let seq = 0; seq < 2000; seq++) {
@@ -420,6 +420,7 @@ describe('lockdown(): the worker serves SSH and can do nothing else', () => {
   });
 
   interface Worker {
+    pid: number;
     ready: Record<string, unknown>;
     port: number;
     probe(): Promise<Record<string, string>>;
@@ -429,7 +430,9 @@ describe('lockdown(): the worker serves SSH and can do nothing else', () => {
   /** The worker and a broker for it: accepts TCP, starts exec (socketpair) and shell (pty) sessions on the host. */
   async function startWorker(mode: 'lockdown' | 'plain'): Promise<Worker> {
     const [mine, theirs] = socketpair('seqpacket');
-    const child = spawn(process.execPath, [WORKER, mode], { stdio: ['ignore', 'ignore', 'inherit', theirs] });
+    // Unprivileged, as the worker pool runs it (when the test can choose).
+    const ids = process.getuid!() === 0 ? { uid: NOBODY, gid: NOBODY } : {};
+    const child = spawn(process.execPath, [WORKER, mode], { stdio: ['ignore', 'ignore', 'inherit', theirs], ...ids });
     closeFd(theirs);
     const ch = new FrameChannel(mine, { maxFrameBytes: MAX_FRAME, name: `worker ${mode}` });
     ch.on('error', () => undefined);
@@ -482,6 +485,7 @@ describe('lockdown(): the worker serves SSH and can do nothing else', () => {
       await new Promise<void>((r) => tcp.listen(0, '127.0.0.1', r));
       const port = (tcp.address() as net.AddressInfo).port;
       return {
+        pid: child.pid!,
         ready: await ready,
         port,
         probe: () => new Promise((resolve) => {
@@ -515,6 +519,12 @@ describe('lockdown(): the worker serves SSH and can do nothing else', () => {
       const w = await startWorker(mode);
       try {
         expect(w.ready).toMatchObject(mode === 'lockdown' ? { seccomp: '2', noNewPrivs: '1' } : { seccomp: '0', noNewPrivs: '0' });
+        if (process.getuid!() === 0) {
+          // Non-dumpable after lockdown: its /proc entries turn root's, out of a sibling worker's reach.
+          expect(fs.statSync(`/proc/${w.pid}/mem`).uid).toBe(mode === 'lockdown' ? 0 : NOBODY);
+          const sibling = spawnSync('sh', ['-c', `exec 3< /proc/${w.pid}/mem && echo opened`], { uid: NOBODY, gid: NOBODY, encoding: 'utf8' });
+          expect(sibling.stdout).toBe(mode === 'lockdown' ? '' : 'opened\n');
+        }
 
         const exec = await ssh(w.port, ['u@127.0.0.1', 'echo hello; cat; exit 3'], 'round-trip\n');
         expect(exec).toEqual({ code: 3, out: 'hello\nround-trip\n', err: '' });
