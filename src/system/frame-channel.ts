@@ -57,7 +57,9 @@ export class FrameChannel extends EventEmitter {
   private readonly maxQueuedBytes: number;
   readonly name: string;
   private readonly watcher: FdWatch;
-  private readonly queue: QueuedFrame[] = [];
+  /** Frames waiting for room, oldest at `queueHead` (Array#shift is linear in the length). */
+  private queue: Array<QueuedFrame | undefined> = [];
+  private queueHead = 0;
   private queuedBytes = 0;
   private closed = false;
 
@@ -92,7 +94,7 @@ export class FrameChannel extends EventEmitter {
       throw new VeshError(ErrorCodes.INTERNAL, `frame channel ${this.name}: a ${data.length}-byte message is over the ${this.maxFrameBytes}-byte frame limit`);
     }
     if (this.closed) return;
-    if (this.queue.length === 0) {
+    if (this.queueHead === this.queue.length) {
       try {
         if (sendFrame(this.fd, data, fds)) return;
       } catch (err) {
@@ -132,7 +134,9 @@ export class FrameChannel extends EventEmitter {
     this.closed = true;
     this.watcher.close();
     closeAll([this.fd]);
-    for (const q of this.queue.splice(0)) closeAll(q.fds);
+    for (let i = this.queueHead; i < this.queue.length; i++) closeAll(this.queue[i]!.fds);
+    this.queue = [];
+    this.queueHead = 0;
     this.queuedBytes = 0;
     process.nextTick(() => {
       if (err !== undefined) this.emit('error', err);
@@ -147,8 +151,8 @@ export class FrameChannel extends EventEmitter {
   }
 
   private flush(): void {
-    while (!this.closed && this.queue.length > 0) {
-      const head = this.queue[0]!;
+    while (!this.closed && this.queueHead < this.queue.length) {
+      const head = this.queue[this.queueHead]!;
       let sent: boolean;
       try {
         sent = sendFrame(this.fd, head.data, head.fds);
@@ -157,10 +161,16 @@ export class FrameChannel extends EventEmitter {
         return;
       }
       if (!sent) return;
-      this.queue.shift();
+      this.queue[this.queueHead++] = undefined;
       this.queuedBytes -= head.data.length;
       closeAll(head.fds);
+      if (this.queueHead >= 1024 && this.queueHead * 2 >= this.queue.length) {
+        this.queue = this.queue.slice(this.queueHead);
+        this.queueHead = 0;
+      }
     }
+    this.queue = [];
+    this.queueHead = 0;
     if (!this.closed) this.watcher.setWritable(false);
   }
 
