@@ -17,6 +17,9 @@ interface QueuedFrame {
   fds: number[];
 }
 
+/** SCM_RIGHTS descriptors per frame (the addon's fixed control buffer). */
+export const MAX_FDS_PER_FRAME = 16;
+
 /** Keys that must never reach an object built from a peer's frame (prototype pollution). */
 const FORBIDDEN_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
 
@@ -92,6 +95,9 @@ export class FrameChannel extends EventEmitter {
     const data = Buffer.from(text, 'utf8');
     if (data.length > this.maxFrameBytes) {
       throw new VeshError(ErrorCodes.INTERNAL, `frame channel ${this.name}: a ${data.length}-byte message is over the ${this.maxFrameBytes}-byte frame limit`);
+    }
+    if (fds.length > MAX_FDS_PER_FRAME) {
+      throw new VeshError(ErrorCodes.INTERNAL, `frame channel ${this.name}: ${fds.length} descriptors in one frame, at most ${MAX_FDS_PER_FRAME}`);
     }
     if (this.closed) return;
     if (this.queueHead === this.queue.length) {
@@ -206,7 +212,8 @@ export class FrameChannel extends EventEmitter {
         this.malformed('a frame that is not JSON');
         return;
       }
-      this.emit('frame', msg, got.fds);
+      // Nobody to own them: the descriptors would leak.
+      if (!this.emit('frame', msg, got.fds)) closeAll(got.fds);
     }
   }
 
