@@ -4,7 +4,9 @@ import { Authenticator } from '../auth/authenticator.js';
 import { AccountsStore } from '../config/accounts-store.js';
 import { errorMessage } from '../errors.js';
 import { loadOrCreateHostKeys } from '../ssh/host-keys.js';
-import { SshServer } from '../ssh/server.js';
+import { existsSync, mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { Broker } from '../broker/broker.js';
 import { createVeManager } from '../ve/index.js';
 import { buildContext, type GlobalOptions } from './context.js';
 
@@ -45,7 +47,16 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   const authenticator = new Authenticator(accounts, config.auth, logger, { dummySecret, maxHashesPerSource: config.auth.maxPasswordChecksPerSource });
   const ves = createVeManager(config, logger);
 
-  const server = new SshServer({ config, authenticator, ves, hostKeys, logger });
+  // The SSH protocol runs in sandboxed workers; this process is the broker.
+  // What the workers must never see, even where it lies under the program's
+  // own directory (their root shows that directory, read-only).
+  mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
+  const hide = [...new Set([config.dataDir, config.hostKeysDir, path.dirname(config.accountsFile), path.dirname(config.configFile)])].filter((d) => existsSync(d));
+  const server = new Broker({
+    config, authenticator, ves, hostKeys, logger, hide,
+    // Tests stand a hostile worker in here; an admin never needs to.
+    ...(process.env.VESH_WORKER_SCRIPT ? { workerScript: process.env.VESH_WORKER_SCRIPT } : {}),
+  });
   if (config.auth.disconnectOnLock) {
     // A lock or delete (vesh user lock|del edit accounts.yaml, which is
     // watched) takes effect on open connections too, not only on the next

@@ -158,6 +158,21 @@ export const serverConfigSchema = z.strictObject({
      */
     veFirewall: z.boolean().default(false),
   }).prefault({}),
+  /**
+   * The SSH workers: processes that run the SSH protocol (every byte a client
+   * sends is parsed there) with no privilege, each under its own uid, in its
+   * own mount, network, IPC and UTS namespaces, under a seccomp filter. The
+   * root process (the broker) hands them connections and answers a fixed set
+   * of requests; see docs/architecture.md.
+   */
+  workers: z.strictObject({
+    /** How many workers; 0 = one per CPU the server may use. Connections are spread over them. */
+    count: z.number().int().min(0).max(256).default(0),
+    /** Worker i runs as uid and gid firstUid + i: ids no user, file or VE on the host has. */
+    firstUid: z.number().int().min(1000).max(4_000_000_000).default(2_147_000_000),
+    /** Descriptors one worker may hold (each connection takes a few). */
+    maxFiles: z.number().int().min(256).max(1_048_576).default(65_536),
+  }).prefault({}),
   logging: z.strictObject({
     level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),
     pretty: z.union([z.boolean(), z.literal('auto')]).default('auto'),

@@ -26,6 +26,7 @@ export interface ServerConfig {
   };
   sessions: SessionLimits;
   runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number; sessionAgents: boolean; relayPids: number; relayMemoryBytes: number; ptysPerVe: number; veFirewall: boolean };
+  workers: { count: number; firstUid: number; maxFiles: number };
   logging: { level: string; pretty: boolean | 'auto' };
 }
 
@@ -58,6 +59,11 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
   const { value } = parseYamlWithSchema(abs, text, serverConfigSchema);
   const dir = path.dirname(abs);
   const rel = (p: string) => path.resolve(dir, p);
+  const w = value.workers;
+  const veIds = { from: value.runtime.idmapBase, to: value.runtime.idmapBase + value.runtime.idmapSize };
+  if (w.firstUid < veIds.to && w.firstUid + Math.max(w.count, 256) > veIds.from) {
+    throw new VeshError(ErrorCodes.CONFIG_INVALID, `${abs}: workers.firstUid ${w.firstUid} overlaps the VE ids (runtime.idmapBase ${veIds.from} to ${veIds.to - 1}): a worker must not share a uid with VE files; pick a firstUid outside that range`);
+  }
   return {
     configFile: abs,
     listen: splitListen(value.listen),
@@ -94,6 +100,7 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
       ptysPerVe: value.runtime.ptysPerVe,
       veFirewall: value.runtime.veFirewall,
     },
+    workers: { ...value.workers },
     logging: { ...value.logging },
   };
 }

@@ -1,39 +1,27 @@
 import type net from 'node:net';
 import type { ClientInfo, Connection, ServerChannel, Session, TcpipBindInfo, TcpipRequestInfo } from 'ssh2';
 import type { Logger } from '../audit/logger.js';
-import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
-import type { VeAccess } from '../ve/access.js';
-import { ConnectionAuthentication, type AuthResult } from './authentication.js';
+import type { AuthGrant } from '../broker/request-table.js';
+import { errorMessage } from '../errors.js';
+import type { ConnectionBroker } from '../worker/broker-client.js';
+import { ConnectionAuthentication } from './authentication.js';
 import { CappedLog } from './capped-log.js';
+import type { ExitReport } from './exit-status.js';
 import { ConnectionForwarding } from './forwarding.js';
 import {
   MAX_CHANNELS_PER_CONNECTION, MAX_REFUSAL_LOGS_PER_CONNECTION, MAX_REFUSED_CHANNEL_OPENS, MAX_SESSIONS_PER_CONNECTION,
 } from './limits.js';
-import { prepareLogin, type LoginContext } from './login.js';
-import type { SshAuthenticator } from './ports.js';
 import { SessionChannel } from './session.js';
 import { installProtocolGuards } from './ssh2-guards.js';
-import type { CapRefusal, UsageCaps } from './usage-caps.js';
-
-/** How long a connection whose VE failed may stay open for the user to read why, when no session asks. */
-const LOGIN_FAILURE_LINGER_MS = 10_000;
 
 /** How long a connection refused by a cap stays open for its first session to be told why. */
 const CAP_REFUSAL_LINGER_MS = 5_000;
 
 export interface ConnectionDeps {
-  authenticator: SshAuthenticator;
-  ves: VeAccess;
-  maxAuthTries: number;
-  /** Per-account and server-wide caps on connections, sessions and forward helpers. */
-  caps: UsageCaps;
+  /** The broker, for this connection only. */
+  broker: ConnectionBroker;
   /** Session channels per connection (sessions.maxSessions); MAX_SESSIONS_PER_CONNECTION when not given. */
   maxSessions?: number;
-}
-
-export interface ConnectionHooks {
-  /** Authentication succeeded: the connection no longer counts against MaxStartups or the grace timer. */
-  onAuthenticated(): void;
 }
 
 /**
@@ -45,19 +33,16 @@ export class SshConnection {
   private readonly startedAt = Date.now();
   private log: Logger;
   private readonly auth: ConnectionAuthentication;
-  private result: AuthResult | null = null;
-  private loginPromise: Promise<LoginContext> | null = null;
-  private readonly sessions = new Set<SessionChannel>();
+  private result: AuthGrant | null = null;
+  private readonly sessions = new Map<number, SessionChannel>();
+  private nextSessionId = 1;
   private sessionCount = 0;
   private channelCount = 0;
   private refusedOpens = 0;
   /** Client-caused log lines (refusals, clamps, signals), capped per connection. */
   private readonly noisy: CappedLog;
   /** Set when a cap refused this connection after it authenticated: it runs nothing and ends soon. */
-  private capRefusal: CapRefusal | null = null;
-  /** This connection is counted in the caps (as a connection; and with a forward helper). */
-  private countedAccount: string | null = null;
-  private helperCounted = false;
+  private capRefusal: string | null = null;
   private forwarding: ConnectionForwarding | null = null;
   private closed = false;
   /** The first key exchange completed (ssh2's 'handshake'). */
@@ -72,7 +57,6 @@ export class SshConnection {
     private readonly socket: net.Socket,
     private readonly deps: ConnectionDeps,
     baseLog: Logger,
-    private readonly hooks: ConnectionHooks,
   ) {
     this.log = baseLog;
     this.noisy = new CappedLog(() => this.log, MAX_REFUSAL_LOGS_PER_CONNECTION);
@@ -80,7 +64,7 @@ export class SshConnection {
       onViolation: (what, details, fatal) => this.log.warn({ event: 'ssh.protocol_violation', what, fatal, ...details }),
       onUnknownRequest: (kind, type) => this.noisy.info({ event: 'ssh.request_refused', kind, type: type.slice(0, 64) }),
     });
-    this.auth = new ConnectionAuthentication(deps.authenticator, deps.maxAuthTries, info.ip, this.log, () => this.drop('too many authentication failures'));
+    this.auth = new ConnectionAuthentication(deps.broker, this.log, () => this.drop('too many authentication failures'));
     conn.on('handshake', () => {
       this.keyExchangeDone = true;
     });
@@ -123,52 +107,33 @@ export class SshConnection {
 
   /** The account logged in on this connection, or null before login. */
   get account(): string | null {
-    return this.result?.account.name ?? null;
-  }
-
-  /** Failures of this connection's login attempts already held against its source. */
-  get authFailuresRecorded(): number {
-    return this.auth.recordedFailures;
+    return this.result?.account ?? null;
   }
 
   private onReady(): void {
-    const result = this.auth.result;
-    if (!result) {
-      // ssh2 said "ready" without our accept: cannot happen, but never run a session for nobody.
+    const grant = this.auth.grant;
+    if (!grant) {
+      // ssh2 said "ready" without the broker's yes: cannot happen, but never run a session for nobody.
       this.drop('ready without an accepted authentication');
       return;
     }
-    this.result = result;
-    this.hooks.onAuthenticated();
-    this.log = this.log.child({ account: result.account.name, ve: result.account.ve });
-    const key = result.key;
-    const refused = this.deps.caps.admit('connection', result.account.name);
-    if (refused) {
-      // Logged in, but over a cap: nothing is prepared or started for it.
-      // Its first session is told why (the client shows that text), then it ends.
-      this.capRefusal = refused;
-      this.log.info({ event: 'ssh.login', method: result.method, fingerprint: key?.fingerprint, source: this.info.ip, refused: refused.setting });
+    this.result = grant;
+    this.log = this.log.child({ account: grant.account, ve: grant.ve });
+    if (grant.refusal) {
+      // Logged in, but over a cap (the broker started nothing for it): its
+      // first session is told why (the client shows that text), then it ends.
+      this.capRefusal = grant.refusal;
       setTimeout(() => this.end(), CAP_REFUSAL_LINGER_MS).unref();
       return;
     }
-    this.countedAccount = result.account.name;
-    const refusal = !result.account.forwarding ? 'forwarding is off for this account' : key?.options.noPortForwarding ? 'no-port-forwarding key option' : null;
-    const connection = { clientIp: this.info.ip, clientPort: this.info.port, serverIp: this.socket.localAddress ?? '', serverPort: this.socket.localPort ?? 0 };
-    const login = prepareLogin(this.deps.ves, result.account, connection, this.log);
-    this.loginPromise = login;
-    login.catch(() => {
-      setTimeout(() => this.end(), LOGIN_FAILURE_LINGER_MS).unref();
-    });
     this.forwarding = new ConnectionForwarding({
       conn: this.conn,
-      ves: this.vesWithHelperCap(result.account.name),
-      login: () => login,
+      broker: this.deps.broker,
       log: this.log,
-      refusal,
+      refusal: grant.forwarding ? null : 'forwarding is off for this account or key',
       reserveChannel: () => this.reserveChannel(false),
       releaseChannel: () => this.releaseChannel(false),
     });
-    this.log.info({ event: 'ssh.login', method: result.method, fingerprint: key?.fingerprint, source: this.info.ip });
   }
 
   private onSession(accept: () => Session, reject: () => void): void {
@@ -180,34 +145,34 @@ export class SshConnection {
       this.refuseSession(accept, reject, this.capRefusal);
       return;
     }
-    if (!this.loginPromise || !this.reserveChannel(true)) {
+    if (!this.reserveChannel(true)) {
       reject();
       return;
     }
-    const account = this.result.account.name;
-    const refused = this.deps.caps.admit('session', account);
-    if (refused) {
-      this.releaseChannel(true);
-      this.refuseSession(accept, reject, refused);
-      return;
-    }
-    const login = this.loginPromise;
-    let session: SessionChannel | null = null;
+    const id = this.nextSessionId++;
     const s = accept();
-    session = new SessionChannel(s, {
-      ves: this.deps.ves,
-      login: () => login,
-      key: this.result.key,
+    const session = new SessionChannel(s, {
+      broker: this.deps.broker,
+      id,
+      noPty: this.result.noPty,
       log: this.log,
       noisy: this.noisy,
-      onLoginFailed: () => setTimeout(() => this.end(), 200).unref(),
     }, () => {
-      if (session && this.sessions.delete(session)) {
-        this.releaseChannel(true);
-        this.deps.caps.release('session', account);
-      }
+      if (this.sessions.delete(id)) this.releaseChannel(true);
     });
-    this.sessions.add(session);
+    this.sessions.set(id, session);
+  }
+
+  /** The broker says a session's process ended. */
+  sessionExited(id: number, report: ExitReport): void {
+    this.sessions.get(id)?.exited(report);
+  }
+
+  /** The broker passed a connection made to one of our -R listeners. */
+  forwardAccepted(listener: number, fd: number, remoteAddress: string, remotePort: number): boolean {
+    if (!this.forwarding || this.closed) return false;
+    this.forwarding.onAccepted(listener, fd, remoteAddress, remotePort);
+    return true;
   }
 
   /**
@@ -216,7 +181,7 @@ export class SshConnection {
    * then it exits 1. Nothing runs; it holds a channel slot until it closes,
    * so refusals count against the per-connection channel caps too.
    */
-  private refuseSession(accept: () => Session, reject: () => void, refusal: CapRefusal): void {
+  private refuseSession(accept: () => Session, reject: () => void, refusal: string): void {
     if (!this.reserveChannel(false)) {
       reject();
       return;
@@ -239,7 +204,7 @@ export class SshConnection {
       const channel = start();
       channel.on('error', () => undefined);
       channel.stderr.on('error', () => undefined);
-      channel.stderr.write(`vesh: ${refusal.userMessage}\r\n`);
+      channel.stderr.write(`vesh: ${refusal}\r\n`);
       channel.exit(1);
       channel.end();
     };
@@ -255,38 +220,13 @@ export class SshConnection {
   }
 
   /**
-   * The VE access that forwarding uses, with the per-account cap on forward
-   * helpers applied where a helper is asked for: a connection counts once,
-   * from its first helper until it closes (it has at most one at a time).
-   */
-  private vesWithHelperCap(account: string): VeAccess {
-    const ves = this.deps.ves;
-    return {
-      ensureRunning: (ve, opts) => ves.ensureRunning(ve, opts),
-      lookupUser: (ve, user) => ves.lookupUser(ve, user),
-      processCommand: (ve, spec) => ves.processCommand(ve, spec),
-      forwardCommand: async (ve, user) => {
-        if (!this.helperCounted) {
-          if (this.closed) throw new VeshError(ErrorCodes.INTERNAL, 'connection closed before its forward helper started', { userMessage: 'The connection is closing.' });
-          const refused = this.deps.caps.admit('forwardHelper', account);
-          if (refused) {
-            throw new VeshError(ErrorCodes.LIMIT_REACHED, `${refused.setting} (${refused.limit}) reached for account ${account}: no forward helper for this connection`, { userMessage: refused.userMessage });
-          }
-          this.helperCounted = true;
-        }
-        return ves.forwardCommand(ve, user);
-      },
-    };
-  }
-
-  /**
    * An admin locked or deleted the account (accounts.yaml reload): end this
    * connection and everything it runs. Logged once.
    */
   endByAdmin(reason: string): void {
     if (this.closed) return;
     this.log.warn({ event: 'ssh.connection_ended', reason }, `ending the connection of account ${this.account ?? '?'}: ${reason}`);
-    for (const s of this.sessions) s.close();
+    for (const s of this.sessions.values()) s.close();
     this.forwarding?.close();
     this.end();
     // A client that does not answer the disconnect is cut.
@@ -348,8 +288,9 @@ export class SshConnection {
    * process ended, then say goodbye. The VE keeps running.
    */
   async shutdown(timeoutMs: number): Promise<void> {
-    const done = [...this.sessions].map((s) => s.done);
-    for (const s of this.sessions) s.close();
+    // The broker hangs up every process; each session tells its client how
+    // its process ended as the exits come in.
+    const done = [...this.sessions.values()].map((s) => s.done);
     this.forwarding?.close();
     await Promise.race([Promise.all(done), new Promise((r) => setTimeout(r, timeoutMs).unref())]);
     this.end();
@@ -358,13 +299,13 @@ export class SshConnection {
   private onClose(): void {
     if (this.closed) return;
     this.closed = true;
-    for (const s of this.sessions) s.close();
+    for (const s of this.sessions.values()) s.close();
     this.sessions.clear();
     this.forwarding?.close();
-    if (this.countedAccount !== null) {
-      this.deps.caps.release('connection', this.countedAccount);
-      if (this.helperCounted) this.deps.caps.release('forwardHelper', this.countedAccount);
-    }
     this.log.info({ event: 'ssh.connection_closed', durationMs: Date.now() - this.startedAt, authenticated: this.result !== null, ...(this.noisy.suppressed > 0 ? { logLinesSuppressed: this.noisy.suppressed } : {}) });
+    this.onClosed?.();
   }
+
+  /** Called once when the connection is gone (the worker tells the broker). */
+  onClosed: (() => void) | null = null;
 }

@@ -1,18 +1,17 @@
-import type net from 'node:net';
+import net from 'node:net';
 import type { Connection, ServerChannel, TcpipBindInfo, TcpipRequestInfo } from 'ssh2';
 import type { Logger } from '../audit/logger.js';
 import { errorMessage } from '../errors.js';
-import type { VeAccess } from '../ve/access.js';
-import { ForwardHelperClient } from './forward-helper-client.js';
+import { closeFd } from '../system/fdpass.js';
+import type { ConnectionBroker } from '../worker/broker-client.js';
 import { isValidHost, isValidPort, listenHostFor } from './forward-protocol.js';
 import { MAX_REMOTE_FORWARDS_PER_CONNECTION } from './limits.js';
-import type { LoginContext } from './login.js';
 
 /** What forwarding needs from its connection. */
 export interface ForwardingContext {
   conn: Connection;
-  ves: VeAccess;
-  login(): Promise<LoginContext>;
+  /** The broker asks the VE's forward relay for us and hands back sockets. */
+  broker: ConnectionBroker;
   log: Logger;
   /** null when allowed, else why not (account setting or key option). */
   refusal: string | null;
@@ -29,12 +28,12 @@ interface RemoteListener {
 
 /**
  * Port forwarding for one connection. Every socket is made inside the VE's
- * network namespace by the forward helper: `ssh -L` connects from the VE
- * (so `localhost` is the VE's loopback), `ssh -R` listens in the VE. Nothing
- * ever connects or listens in the host's namespace on a user's behalf.
+ * network namespace by the forward helper that the broker starts there:
+ * `ssh -L` connects from the VE (so `localhost` is the VE's loopback),
+ * `ssh -R` listens in the VE. Nothing ever connects or listens in the
+ * host's namespace on a user's behalf; the worker only gets sockets.
  */
 export class ConnectionForwarding {
-  private helper: Promise<ForwardHelperClient> | null = null;
   private readonly listeners = new Map<string, RemoteListener>();
   private readonly byId = new Map<number, RemoteListener>();
   private closed = false;
@@ -59,14 +58,14 @@ export class ConnectionForwarding {
       reject();
       return;
     }
-    void this.helperClient()
-      .then((h) => h.connect(info.destIP, info.destPort))
-      .then((socket) => {
+    void this.ctx.broker.forwardConnect(info.destIP, info.destPort)
+      .then((fd) => {
         if (this.closed) {
-          socket.destroy();
+          closeFd(fd);
           this.ctx.releaseChannel();
           return;
         }
+        const socket = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
         const channel = accept();
         this.relay(channel, socket, { kind: 'local', target, origin });
       }, (err: unknown) => {
@@ -97,12 +96,11 @@ export class ConnectionForwarding {
       return;
     }
     try {
-      const h = await this.helperClient();
-      const l = await h.listen(host, info.bindPort);
+      const l = await this.ctx.broker.forwardListen(host, info.bindPort);
       if (this.closed) return;
-      const rl: RemoteListener = { id: l.id, bindAddr: info.bindAddr, port: l.port };
+      const rl: RemoteListener = { id: l.listener, bindAddr: info.bindAddr, port: l.port };
       this.listeners.set(`${info.bindAddr}:${l.port}`, rl);
-      this.byId.set(l.id, rl);
+      this.byId.set(l.listener, rl);
       this.ctx.log.info({ event: 'forward.listen', kind: 'remote', bind: { address: bind.address, port: l.port } });
       accept?.(l.port);
     } catch (err) {
@@ -114,25 +112,26 @@ export class ConnectionForwarding {
   private cancel(accept: (() => void) | undefined, reject: (() => void) | undefined, info: TcpipBindInfo): void {
     const key = `${info.bindAddr}:${info.bindPort}`;
     const rl = this.listeners.get(key);
-    if (!rl || !this.helper) {
+    if (!rl) {
       reject?.();
       return;
     }
     this.listeners.delete(key);
     this.byId.delete(rl.id);
-    void this.helper.then((h) => h.unlisten(rl.id)).catch(() => undefined);
+    this.ctx.broker.forwardUnlisten(rl.id);
     this.ctx.log.info({ event: 'forward.unlisten', kind: 'remote', bind: { address: String(info.bindAddr).slice(0, 64), port: info.bindPort } });
     accept?.();
   }
 
-  /** A connection arrived on a -R listener inside the VE: open a forwarded-tcpip channel for it. */
-  private onAccepted(listenerId: number, socket: net.Socket, remoteAddress: string, remotePort: number): void {
-    socket.on('error', () => undefined);
+  /** A connection arrived on a -R listener inside the VE (the broker passed its socket): open a forwarded-tcpip channel for it. */
+  onAccepted(listenerId: number, fd: number, remoteAddress: string, remotePort: number): void {
     const rl = this.byId.get(listenerId);
     if (!rl || this.closed || !this.ctx.reserveChannel()) {
-      socket.destroy();
+      closeFd(fd);
       return;
     }
+    const socket = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
+    socket.on('error', () => undefined);
     this.ctx.conn.forwardOut(rl.bindAddr, rl.port, remoteAddress || '0.0.0.0', remotePort, (err, channel) => {
       if (err || this.closed) {
         this.ctx.releaseChannel();
@@ -202,28 +201,9 @@ export class ConnectionForwarding {
     socket.resume();
   }
 
-  private helperClient(): Promise<ForwardHelperClient> {
-    if (!this.helper) {
-      this.helper = this.ctx.login().then((login) => ForwardHelperClient.start(this.ctx.ves, login.account.ve, login.user, {
-        accepted: (id, s, a, p) => this.onAccepted(id, s, a, p),
-        // The relay kept it from us; worth an admin's look: the tenant is tampering with its helper.
-        rejected: (count, reason) => this.ctx.log.warn({ event: 'forward.helper_rejected', ve: login.account.ve, count, reason }),
-      }));
-      this.helper.catch((err: unknown) => {
-        this.ctx.log.error({ event: 'forward.helper_failed', err: errorMessage(err) });
-        // Let a later request try again rather than remembering the failure.
-        this.helper = null;
-      });
-    }
-    return this.helper;
-  }
-
   close(): void {
     this.closed = true;
-    const h = this.helper;
-    this.helper = null;
     this.listeners.clear();
     this.byId.clear();
-    void h?.then((c) => c.stop()).catch(() => undefined);
   }
 }

@@ -1,199 +1,187 @@
-import { spawn, type ChildProcess } from 'node:child_process';
-import * as pty from 'node-pty';
+import { write as fsWrite } from 'node:fs';
+import net from 'node:net';
+import tty from 'node:tty';
 import type { ServerChannel } from 'ssh2';
-import type { HostCommand } from '../runtime/types.js';
-import { exitReport, relaySignal, type ExitReport } from './exit-status.js';
-import { HANGUP_GRACE_MS, PTY_INPUT_QUEUE_MAX, clampPtySize } from './limits.js';
+import { closeFd, setWinsize } from '../system/fdpass.js';
+import type { ExitReport } from './exit-status.js';
+import { clampPtySize } from './limits.js';
 
 /**
- * The host-side process of a session: `runc exec` or our session relay
- * (from VeAccess, already charged to the VE's relay cgroup), which
- * runs the real program inside the VE and relays its stdio, exit status,
- * window size and signals. We start it in one of two ways:
- *
- * - with a terminal: under node-pty; runc exec -t then takes a terminal from
- *   the VE's own devpts and copies between it and ours.
- * - without: with three pipes, so stdout and stderr stay apart.
- *
- * Signals go to the relay (runc, or our session relay), which forwards them
- * to the process in the VE; SIGKILL, which no relay can catch, is sent as
- * KILL_RELAY_SIGNAL (see exit-status.ts).
+ * A session's process, as the worker holds it: only descriptors the broker
+ * handed over (the process itself runs in the VE, its host-side relay is the
+ * broker's child). We relay between them and the channel; the exit status
+ * comes from the broker (`session.exit`), and the client is told it only
+ * after the last output byte went to the channel.
  */
 export interface SessionProcess {
-  readonly pid: number;
-  signal(sig: NodeJS.Signals): void;
+  /** The broker reported how the process ended. */
+  exited(report: ExitReport): void;
   resize(cols: number, rows: number): void;
-  /**
-   * The session is closing: SIGHUP, as a terminal hang-up does, and if the
-   * relay is still there after a grace period, SIGKILL it.
-   */
-  hangup(): void;
+  /** The session is closing: stop relaying and let go of the descriptors. */
+  close(): void;
 }
+
+/** How long output may still arrive after the broker reported the exit (a relay's last bytes). */
+const DRAIN_AFTER_EXIT_MS = 2_000;
+/** Bytes of input queued for a terminal that does not read, before the channel is paused. */
+const PTY_WRITE_QUEUE_MAX = 256 * 1024;
 
 /**
- * The environment of the relay itself (not of the VE process, whose env
- * travels in its request): a fixed allow-list, plus what the command asks
- * for (the session request, kept off the command line that ps shows).
+ * The terminal case: the broker made the pseudo-terminal and gave us the
+ * master. Reading: a tty.ReadStream (EIO when the relay's side closes);
+ * writing: fs.write, retried on EAGAIN, with the channel paused while
+ * input queues up. Window sizes are set on the master here (TIOCSWINSZ),
+ * which the kernel turns into SIGWINCH for the relay.
  */
-function relayEnv(cmd: HostCommand, term?: string): Record<string, string> {
-  const env: Record<string, string> = { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', LANG: 'C.UTF-8' };
-  if (term) env.TERM = term;
-  return { ...cmd.env, ...env };
-}
-
-function scheduleKill(kill: () => void, isDone: () => boolean): void {
-  const t = setTimeout(() => {
-    if (!isDone()) kill();
-  }, HANGUP_GRACE_MS);
-  t.unref();
-}
-
-/**
- * Start `cmd` under a pseudo-terminal and relay it to `channel`. `onExit` is
- * called once, after the last output byte was handed to the channel.
- */
-export function startPtyProcess(
-  cmd: HostCommand,
-  opts: { term: string; cols: number; rows: number },
-  channel: ServerChannel,
-  onExit: (report: ExitReport) => void,
-  onError: (err: Error) => void,
-): SessionProcess {
-  const size = clampPtySize(opts.cols, opts.rows);
-  const term = pty.spawn(cmd.file, cmd.args, {
-    name: opts.term,
-    cols: size.cols,
-    rows: size.rows,
-    cwd: '/',
-    // Never node-pty's default (our own process.env).
-    env: relayEnv(cmd, opts.term),
-    // Raw bytes both ways: the channel carries bytes, not text.
-    encoding: null,
+export function ptyProcess(master: number, channel: ServerChannel, onExit: (report: ExitReport) => void): SessionProcess {
+  const reader = new tty.ReadStream(master);
+  let report: ExitReport | null = null;
+  let eof = false;
+  let closed = false;
+  let finished = false;
+  let drainTimer: NodeJS.Timeout | null = null;
+  const finish = () => {
+    if (finished || !report) return;
+    finished = true;
+    if (drainTimer) clearTimeout(drainTimer);
+    onExit(report);
+  };
+  reader.on('error', () => {
+    // EIO: the slave side is closed (the relay ended). Whatever came before was delivered.
+    eof = true;
+    finish();
   });
-  let exited = false;
-  // node-pty rethrows socket errors other than EIO unless someone else listens.
-  (term as unknown as { on(e: 'error', l: (err: Error) => void): void }).on('error', (err) => onError(err));
-
-  term.onData((data: string | Buffer) => {
-    if (!channel.write(data)) {
-      term.pause();
-      channel.once('drain', () => term.resume());
+  reader.on('end', () => {
+    eof = true;
+    finish();
+  });
+  reader.on('data', (d: Buffer) => {
+    if (!channel.write(d)) {
+      reader.pause();
+      channel.once('drain', () => reader.resume());
     }
   });
-  // node-pty queues writes the terminal cannot take yet without limit; a
-  // client pasting into a program that does not read would grow our memory.
-  // Stop reading the channel (so its SSH window closes) while the queue is
-  // long. The queue is node-pty internal; without it we only lose this guard.
-  const queue = (term as unknown as { _writeStream?: { _writeQueue?: unknown[] } })._writeStream;
-  let polling: NodeJS.Timeout | null = null;
-  channel.on('data', (d: Buffer) => {
-    if (exited) return;
-    term.write(d);
-    if (!polling && (queue?._writeQueue?.length ?? 0) > PTY_INPUT_QUEUE_MAX) {
-      channel.pause();
-      polling = setInterval(() => {
-        if (exited || (queue?._writeQueue?.length ?? 0) <= PTY_INPUT_QUEUE_MAX / 2) {
-          clearInterval(polling!);
-          polling = null;
-          channel.resume();
+
+  const queue: Buffer[] = [];
+  let queued = 0;
+  let writing = false;
+  const pump = () => {
+    if (writing || closed) return;
+    const chunk = queue[0];
+    if (!chunk) {
+      if (channel.isPaused()) channel.resume();
+      return;
+    }
+    writing = true;
+    fsWrite(master, chunk, 0, chunk.length, null, (err, n) => {
+      writing = false;
+      if (closed) return;
+      if (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EAGAIN') {
+          setTimeout(pump, 5);
+          return;
         }
-      }, 20);
-    }
-  });
-  term.onExit(({ exitCode, signal }) => {
-    exited = true;
-    if (polling) clearInterval(polling);
-    onExit(exitReport(exitCode, signal ?? null, cmd.exitReporting));
+        queue.length = 0;
+        queued = 0;
+        return;
+      }
+      queued -= n;
+      if (n < chunk.length) queue[0] = chunk.subarray(n);
+      else queue.shift();
+      pump();
+    });
+  };
+  channel.on('data', (d: Buffer) => {
+    if (closed || report) return;
+    queue.push(d);
+    queued += d.length;
+    if (queued > PTY_WRITE_QUEUE_MAX) channel.pause();
+    pump();
   });
 
   return {
-    pid: term.pid,
-    signal: (sig) => {
-      // node-pty hands the signal to process.kill, which takes numbers too.
-      if (!exited) term.kill(relaySignal(sig) as NodeJS.Signals);
+    exited: (r) => {
+      report = r;
+      if (eof) finish();
+      else drainTimer = setTimeout(finish, DRAIN_AFTER_EXIT_MS);
     },
     resize: (cols, rows) => {
-      if (exited) return;
+      if (closed) return;
       const s = clampPtySize(cols, rows);
       try {
-        term.resize(s.cols, s.rows);
-      } catch (err) {
-        onError(err as Error);
-      }
+        setWinsize(master, s.cols, s.rows);
+      } catch { /* the terminal is gone */ }
     },
-    hangup: () => {
-      if (exited) return;
-      term.kill('SIGHUP');
-      scheduleKill(() => term.kill('SIGKILL'), () => exited);
+    close: () => {
+      if (closed) return;
+      closed = true;
+      if (drainTimer) clearTimeout(drainTimer);
+      // Destroying the stream closes the master: the relay sees its terminal hang up.
+      reader.destroy();
     },
   };
 }
 
 /**
- * Start `cmd` with pipes: stdin from the channel, stdout to it, stderr to its
- * extended-data stream (or to `onStderr`, for sftp-server's log). `onExit` is
- * called once, after stdout and stderr have both been read to their end.
+ * The pipe case: [stdio, stderr] stream sockets. stdin and stdout share one
+ * (our half-close is the process's EOF on stdin); stderr goes to the
+ * channel's extended data, or to `onStderr` (sftp-server's log). The exit is
+ * reported once stdout and stderr both reached their end and the broker
+ * said the process ended.
  */
-export function startPipeProcess(
-  cmd: HostCommand,
+export function pipeProcess(
+  fds: number[],
   channel: ServerChannel,
   onExit: (report: ExitReport) => void,
-  onError: (err: Error) => void,
   opts: { onStderr?: (chunk: Buffer) => void } = {},
 ): SessionProcess {
-  const child: ChildProcess = spawn(cmd.file, cmd.args, { stdio: ['pipe', 'pipe', 'pipe'], env: relayEnv(cmd), cwd: '/' });
-  let exited = false;
-  child.on('error', (err) => {
-    onError(err);
-    if (!exited) {
-      exited = true;
-      onExit({ kind: 'status', code: 127 });
-    }
-  });
-  // EPIPE when the program exits without reading all its input: normal.
-  child.stdin!.on('error', () => undefined);
-  child.stdout!.on('error', onError);
-  child.stderr!.on('error', onError);
-
-  channel.pipe(child.stdin!);
-  child.stdout!.pipe(channel, { end: false });
-  if (opts.onStderr) child.stderr!.on('data', opts.onStderr);
-  else child.stderr!.pipe(channel.stderr, { end: false });
-
-  child.on('close', (code, signal) => {
-    if (exited) return;
-    exited = true;
-    onExit(exitReport(code, signal, cmd.exitReporting));
-  });
-
-  const kill = (sig: NodeJS.Signals) => {
-    try {
-      child.kill(sig);
-    } catch { /* already gone */ }
+  const io = new net.Socket({ fd: fds[0]!, readable: true, writable: true, allowHalfOpen: true });
+  const err = new net.Socket({ fd: fds[1]!, readable: true, writable: false });
+  for (const extra of fds.slice(2)) closeFd(extra);
+  let report: ExitReport | null = null;
+  let outEnded = false;
+  let errEnded = false;
+  let finished = false;
+  // As sshd: the session ends when the process exited AND its output reached
+  // EOF (a background job that keeps stdout open keeps the session, until
+  // the client closes it).
+  const finish = () => {
+    if (finished || !report || !(outEnded && errEnded)) return;
+    finished = true;
+    onExit(report);
   };
+  io.on('error', () => undefined);
+  err.on('error', () => undefined);
+  io.on('end', () => {
+    outEnded = true;
+    finish();
+  });
+  io.on('close', () => {
+    outEnded = true;
+    finish();
+  });
+  err.on('end', () => {
+    errEnded = true;
+    finish();
+  });
+  err.on('close', () => {
+    errEnded = true;
+    finish();
+  });
+  // client → process; the client's EOF becomes a half-close (EOF on stdin).
+  channel.pipe(io);
+  io.pipe(channel, { end: false });
+  if (opts.onStderr) err.on('data', opts.onStderr);
+  else err.pipe(channel.stderr, { end: false });
   return {
-    pid: child.pid ?? -1,
-    signal: (sig) => {
-      if (exited || child.pid === undefined) return;
-      try {
-        // process.kill, not child.kill: only it takes a signal number Node has no name for.
-        process.kill(child.pid, relaySignal(sig));
-      } catch { /* already gone */ }
+    exited: (r) => {
+      report = r;
+      finish();
     },
     resize: () => undefined,
-    hangup: () => {
-      if (exited) return;
-      child.stdin!.destroy();
-      kill('SIGHUP');
-      // The relay may be gone already while a process in the VE (a background
-      // job, or one VE root handed the descriptors to) still holds our ends of
-      // its stdout and stderr: the client has gone, so free them too, or a
-      // tenant keeps server descriptors for as long as it likes.
-      scheduleKill(() => {
-        kill('SIGKILL');
-        child.stdout!.destroy();
-        child.stderr!.destroy();
-      }, () => exited);
+    close: () => {
+      io.destroy();
+      err.destroy();
     },
   };
 }

@@ -1,29 +1,27 @@
+import { closeFd } from '../system/fdpass.js';
 import type { PseudoTtyInfo, ServerChannel, Session, WindowChangeInfo } from 'ssh2';
 import type { Logger } from '../audit/logger.js';
 import { errorMessage, isVeshError } from '../errors.js';
-import type { VeAccess } from '../ve/access.js';
+import { BrokerRefusal, type ConnectionBroker } from '../worker/broker-client.js';
 import type { CappedLog } from './capped-log.js';
-import { acceptClientEnv, sanitizeTerm, sessionEnvironment } from './environment.js';
+import { acceptClientEnv, sanitizeTerm } from './environment.js';
 import { CLIENT_SIGNALS, type ExitReport } from './exit-status.js';
 import { ENV_LIMITS, MAX_COMMAND_LENGTH, clampPtySize } from './limits.js';
-import type { LoginContext } from './login.js';
-import type { SshAuthorizedKey } from './ports.js';
-import { startPipeProcess, startPtyProcess, type SessionProcess } from './session-process.js';
-import { SFTP_SERVER_PATH, sftpServerArgv, sftpStderrHandler } from './sftp.js';
+import { pipeProcess, ptyProcess, type SessionProcess } from './session-process.js';
+import { SFTP_SERVER_PATH, sftpStderrHandler } from './sftp.js';
 
 /** What a session needs from its connection. */
 export interface SessionContext {
-  ves: VeAccess;
-  /** The logged-in user's VE side, ready when the VE runs (memoized per connection). */
-  login(): Promise<LoginContext>;
-  /** The key that logged in (its options restrict the session), or null for a password login. */
-  key: SshAuthorizedKey | null;
+  /** The broker, for this connection: it starts the process and hands back descriptors. */
+  broker: ConnectionBroker;
+  /** This session's number on its connection (the broker's key for it). */
+  id: number;
+  /** The key that logged in said no-pty. */
+  noPty: boolean;
   /** Audit logger, already bound to the connection and account. */
   log: Logger;
   /** For lines a client can cause at will (refusals, clamps, signals): capped per connection. */
   noisy: Pick<CappedLog, 'info'>;
-  /** Called when a VE could not be made ready, after the user was told: the connection ends. */
-  onLoginFailed(): void;
 }
 
 type StartKind = 'shell' | 'exec' | 'subsystem';
@@ -74,10 +72,17 @@ export class SessionChannel {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    // A process that never started (VE still booting) will not start now.
-    if (this.proc) this.proc.hangup();
-    else this.resolveDone();
+    // The broker hangs the process up (SIGHUP, then SIGKILL); a process that
+    // never started (VE still booting) will not start now.
+    if (this.kind) this.ctx.broker.closeSession(this.ctx.id);
+    if (this.proc) this.proc.close();
+    this.resolveDone();
     this.onClosed();
+  }
+
+  /** The broker says the process ended. */
+  exited(report: ExitReport): void {
+    if (this.proc) this.proc.exited(report);
   }
 
   private onEnv(accept: (() => void) | undefined, reject: (() => void) | undefined, name: string, value: string): void {
@@ -96,7 +101,7 @@ export class SessionChannel {
       return;
     }
     // no-pty on the key that logged in (restrict implies it) refuses terminals.
-    if (this.ctx.key?.options.noPty) {
+    if (this.ctx.noPty) {
       this.ctx.noisy.info({ event: 'ssh.pty_refused', reason: 'no-pty key option' });
       reject?.();
       return;
@@ -128,7 +133,7 @@ export class SessionChannel {
       return;
     }
     this.ctx.noisy.info({ event: 'ssh.signal', signal: sig });
-    this.proc.signal(`SIG${sig}` as NodeJS.Signals);
+    this.ctx.broker.signal(this.ctx.id, sig).catch(() => undefined);
     accept?.();
   }
 
@@ -155,80 +160,42 @@ export class SessionChannel {
     channel.on('close', () => this.close());
     this.startedAt = Date.now();
 
-    let login: LoginContext;
+    const env: Record<string, string> = {};
+    for (const [k, v] of this.env) env[k] = v;
+    const size = this.pty ? clampPtySize(this.pty.cols, this.pty.rows) : undefined;
+    let fds: number[];
     try {
-      login = await this.ctx.login();
-    } catch (err) {
-      const msg = isVeshError(err) ? err.userMessage : 'The server could not prepare your environment.';
-      await this.finish({ kind: 'status', code: 1 }, `vesh: ${msg}\r\n`);
-      this.ctx.onLoginFailed();
-      return;
-    }
-    if (this.closed) return;
-
-    const forced = this.ctx.key?.options.command;
-    const shell = login.user.shell || '/bin/sh';
-    let argv: string[];
-    let original: string | undefined;
-    if (forced !== undefined) {
-      argv = [shell, '-c', forced];
-      original = kind === 'exec' ? detail : kind === 'subsystem' ? SFTP_SERVER_PATH : undefined;
-    } else if (kind === 'exec') {
-      argv = [shell, '-c', detail!];
-    } else if (kind === 'subsystem') {
-      argv = sftpServerArgv();
-    } else if (this.pty) {
-      // The message of the day is shown by the VE itself, as part of the
-      // login, unless the user asked for quiet with ~/.hushlogin; the server
-      // never reads the VE's files. Then the login shell replaces the sh.
-      argv = ['/bin/sh', '-c', '[ -e "$HOME/.hushlogin" ] || cat /etc/motd 2>/dev/null; exec "$0" -l', shell];
-    } else {
-      argv = [shell, '-l'];
-    }
-
-    const env = sessionEnvironment({ user: login.user, clientEnv: this.env, term: this.pty?.term, connection: login.connection, originalCommand: original });
-    const tty = this.pty !== null;
-    const log = this.ctx.log;
-    log.info({
-      event: 'ssh.session_start',
-      kind,
-      pty: tty,
-      ...(kind === 'exec' ? { command: detail } : {}),
-      ...(kind === 'subsystem' ? { subsystem: detail } : {}),
-      ...(forced !== undefined ? { forcedCommand: forced } : {}),
-    });
-
-    let cmd;
-    try {
-      const size = this.pty ? clampPtySize(this.pty.cols, this.pty.rows) : undefined;
-      cmd = await this.ctx.ves.processCommand(login.account.ve, {
-        user: login.user, argv, env, cwd: login.user.home, tty,
-        ...(size ? { consoleSize: { rows: size.rows, cols: size.cols } } : {}),
+      fds = await this.ctx.broker.openSession({
+        session: this.ctx.id, kind, env,
+        ...(kind === 'exec' ? { command: detail } : {}),
+        ...(kind === 'subsystem' ? { subsystem: detail } : {}),
+        ...(this.pty && size ? { pty: { term: this.pty.term, cols: size.cols, rows: size.rows } } : {}),
       });
     } catch (err) {
-      log.error({ event: 'ssh.session_spawn_failed', err: errorMessage(err) });
-      const msg = isVeshError(err) ? err.userMessage : 'The server could not start your session.';
+      if (!(err instanceof BrokerRefusal)) this.ctx.log.error({ event: 'ssh.session_spawn_failed', err: errorMessage(err) });
+      const msg = err instanceof BrokerRefusal ? err.message : isVeshError(err) ? err.userMessage : 'The server could not start your session.';
       await this.finish({ kind: 'status', code: 1 }, `vesh: ${msg}\r\n`);
       return;
     }
-    if (this.closed) return;
-
+    if (this.closed) {
+      for (const fd of fds) closeFd(fd);
+      return;
+    }
+    const log = this.ctx.log;
     const onExit = (report: ExitReport) => void this.finish(report);
-    const onError = (err: Error) => log.warn({ event: 'ssh.session_process_error', err: errorMessage(err) });
-    if (tty) {
-      const p = this.pty!;
-      this.proc = startPtyProcess(cmd, { term: p.term, cols: p.cols, rows: p.rows }, channel, onExit, onError);
-    } else if (kind === 'subsystem' && forced === undefined) {
-      this.proc = startPipeProcess(cmd, channel, (report) => {
+    if (this.pty) {
+      this.proc = ptyProcess(fds[0]!, channel, onExit);
+    } else if (kind === 'subsystem') {
+      this.proc = pipeProcess(fds, channel, (report) => {
         if (report.kind === 'status' && report.code === 127) {
-          log.error({ event: 'sftp.server_missing', path: SFTP_SERVER_PATH }, `${SFTP_SERVER_PATH} is missing in VE ${login.account.ve}: install openssh-sftp-server in its template or inside the VE`);
+          log.error({ event: 'sftp.server_missing', path: SFTP_SERVER_PATH }, `${SFTP_SERVER_PATH} is missing in the VE: install openssh-sftp-server in its template or inside the VE`);
           void this.finish(report, `vesh: SFTP is not available: ${SFTP_SERVER_PATH} is not installed in your environment (apt-get install openssh-sftp-server).\r\n`);
           return;
         }
         onExit(report);
-      }, onError, { onStderr: sftpStderrHandler(log) });
+      }, { onStderr: sftpStderrHandler(log) });
     } else {
-      this.proc = startPipeProcess(cmd, channel, onExit, onError);
+      this.proc = pipeProcess(fds, channel, onExit);
     }
   }
 
@@ -241,7 +208,8 @@ export class SessionChannel {
     this.ended = true;
     const channel = this.channel;
     const durationMs = Date.now() - this.startedAt;
-    this.ctx.log.info({ event: 'ssh.session_end', kind: this.kind, durationMs, ...(report.kind === 'status' ? { exitStatus: report.code } : { exitSignal: report.signal }) });
+    // The broker logs ssh.session_end (it ran the process); this is the client's side of it.
+    this.ctx.log.debug({ event: 'ssh.session_told', kind: this.kind, durationMs, ...(report.kind === 'status' ? { exitStatus: report.code } : { exitSignal: report.signal }) });
     if (!channel) {
       this.resolveDone();
       return;

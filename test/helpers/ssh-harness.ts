@@ -7,7 +7,7 @@ import { Writable } from 'node:stream';
 import { spawn as ptySpawn, type IPty } from 'node-pty';
 import { pino, type Logger } from 'pino';
 import { utils } from 'ssh2';
-import { SshServer } from '../../src/ssh/server.js';
+import { Broker } from '../../src/broker/broker.js';
 import { loadOrCreateHostKeys } from '../../src/ssh/host-keys.js';
 import type { SshAccount, SshAuthenticator, SshAuthorizedKey, PasswordResult } from '../../src/ssh/ports.js';
 import type { VeAccess, VeProcessSpec, VeUserInfo } from '../../src/ve/access.js';
@@ -284,7 +284,7 @@ export class HostFakeVes implements VeAccess {
 
 export interface InProcessServer {
   port: number;
-  server: SshServer;
+  server: Broker;
   logs: LogCapture;
   hostKeysDir: string;
 }
@@ -300,7 +300,7 @@ export async function startInProcessServer(cleanup: Cleanup, opts: {
   const logs = new LogCapture();
   const hostKeysDir = path.join(dir, 'keys');
   const hostKeys = await loadOrCreateHostKeys(hostKeysDir, logs.logger);
-  const server = new SshServer({
+  const server = new Broker({
     config: {
       listen: { host: '127.0.0.1', port: 0 },
       auth: {

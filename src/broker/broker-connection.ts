@@ -1,0 +1,438 @@
+import type { Logger } from '../audit/logger.js';
+import { ErrorCodes, VeshError, errorMessage, isVeshError } from '../errors.js';
+import { sessionEnvironment, sanitizeTerm } from '../ssh/environment.js';
+import { CLIENT_SIGNALS, type ExitReport } from '../ssh/exit-status.js';
+import { isValidHost, isValidPort } from '../ssh/forward-protocol.js';
+import { MAX_REMOTE_FORWARDS_PER_CONNECTION, MAX_SESSIONS_PER_CONNECTION, clampPtySize } from '../ssh/limits.js';
+import { prepareLogin, type LoginContext } from '../ssh/login.js';
+import type { SshAccount, SshAuthenticator, SshAuthorizedKey } from '../ssh/ports.js';
+import { SFTP_SERVER_PATH, sftpServerArgv } from '../ssh/sftp.js';
+import type { CapRefusal, UsageCaps } from '../ssh/usage-caps.js';
+import { sshFingerprint } from '../ssh/host-keys.js';
+import { closeFd, shutdownFd } from '../system/fdpass.js';
+import type { VeAccess } from '../ve/access.js';
+import { ForwardRelayClient } from './forward-relay-client.js';
+import type { Admitted } from './admission.js';
+import type { AuthGrant, BrokerEvent, ConnState, Request } from './request-table.js';
+import { spawnSession, type SpawnedSession } from './session-spawn.js';
+import { parseUserauthBlob } from './userauth-blob.js';
+
+/** What a connection record needs from the broker. */
+export interface ConnectionDeps {
+  authenticator: SshAuthenticator;
+  ves: VeAccess;
+  caps: UsageCaps;
+  maxAuthTries: number;
+  maxSessions?: number;
+  /** Send an event to the worker that holds this connection. */
+  send(ev: BrokerEvent, fds?: number[]): void;
+  /** Authentication succeeded: the connection leaves the pre-auth caps and its grace timer. */
+  onAuthenticated(): void;
+}
+
+/** A refusal the worker passes on to its client; the worker itself did nothing wrong. */
+export class Refused extends Error {}
+
+/** Who logged in, and with which key (when it was a key). */
+interface AuthResult {
+  account: SshAccount;
+  key: SshAuthorizedKey | null;
+  method: 'publickey' | 'password' | 'keyboard-interactive';
+}
+
+/** How long a connection refused by a cap may stay before the broker cuts it (the worker ends it after 5 s). */
+const CAP_REFUSAL_CUT_MS = 8_000;
+
+/**
+ * The broker's record of one client connection, held by one worker: its
+ * authentication (decided here, from what the worker relays), then the
+ * sessions and forwards it runs. The account, VE, user and limits come from
+ * `result`, set only by a successful check here.
+ *
+ * `cutFd` is our own copy of the client's TCP socket: we never read it, but
+ * with it we can end the connection whatever the worker does (grace time,
+ * lock, a cap refusal, a worker that went bad).
+ */
+export class BrokerConnection {
+  state: ConnState = 'preauth';
+  /** The first exchange hash we signed for it: the session identifier client signatures must name. */
+  sessionId: Buffer | null = null;
+  private result: AuthResult | null = null;
+  private failures = 0;
+  private authDone = false;
+  /** Failures already held against the source (so closing is not counted again as "noauth"). */
+  recordedFailures = 0;
+  private login: Promise<LoginContext> | null = null;
+  private capRefusal: CapRefusal | null = null;
+  private countedAccount: string | null = null;
+  private helperCounted = false;
+  private readonly sessions = new Map<number, SpawnedSession>();
+  private readonly sessionIds = new Set<number>();
+  private relay: Promise<ForwardRelayClient> | null = null;
+  private readonly listeners = new Set<number>();
+  private timers: NodeJS.Timeout[] = [];
+  /** Its place in the pre-auth caps (set by the broker once handed over). */
+  admission: Admitted | null = null;
+  log: Logger;
+
+  constructor(
+    readonly id: string,
+    readonly worker: number,
+    readonly source: string,
+    readonly port: number,
+    readonly local: { address: string; port: number },
+    private cutFd: number,
+    private readonly deps: ConnectionDeps,
+    baseLog: Logger,
+  ) {
+    this.log = baseLog;
+  }
+
+  get account(): string | null {
+    return this.result?.account.name ?? null;
+  }
+
+  // ------------------------------------------------------------ authentication
+
+  keyQuery(r: Request<'auth.key_query'>): { acceptable: boolean } {
+    const key = Buffer.from(r.key, 'base64');
+    const found = this.deps.authenticator.findKey(r.user, r.algo, key, this.source);
+    const fingerprint = sshFingerprint(key);
+    if (found) {
+      this.audit('key-acceptable', 'publickey', r.user, { account: found.account.name, fingerprint, algo: r.algo });
+      return { acceptable: true };
+    }
+    // An unknown key counts against MaxAuthTries as in OpenSSH, not as a
+    // penalty failure: clients routinely offer several keys.
+    this.audit('key-refused', 'publickey', r.user, { fingerprint, algo: r.algo });
+    this.countFailure();
+    return { acceptable: false };
+  }
+
+  publickey(r: Request<'auth.publickey'>): { success: boolean; grant?: AuthGrant; disconnect?: boolean } {
+    if (this.authDone) return { success: false, disconnect: true };
+    const key = Buffer.from(r.key, 'base64');
+    const blob = Buffer.from(r.blob, 'base64');
+    const fingerprint = sshFingerprint(key);
+    const found = this.deps.authenticator.findKey(r.user, r.algo, key, this.source);
+    const parsed = parseUserauthBlob(blob);
+    const bound = !!parsed && !!this.sessionId && parsed.sessionId.equals(this.sessionId)
+      && parsed.user === r.user && parsed.key.equals(key) && parsed.service === 'ssh-connection';
+    const ok = !!found && bound && this.deps.authenticator.verifySignature(found.key, blob, Buffer.from(r.signature, 'base64'), r.hashAlgo);
+    if (ok && found) {
+      this.audit('success', 'publickey', r.user, { account: found.account.name, fingerprint, algo: r.algo });
+      return { success: true, grant: this.succeed({ account: found.account, key: found.key, method: 'publickey' }) };
+    }
+    this.audit('failure', 'publickey', r.user, { account: found?.account.name, fingerprint, algo: r.algo, ...(found && !bound ? { reason: 'signed data does not name this connection' } : {}) });
+    this.holdAgainstSource(r.user);
+    return { success: false, disconnect: this.countFailure() };
+  }
+
+  async password(r: Request<'auth.password'>): Promise<{ success: boolean; grant?: AuthGrant; disconnect?: boolean }> {
+    if (this.authDone) return { success: false, disconnect: true };
+    const a = this.deps.authenticator;
+    const penalty = a.penaltyRemaining(this.source, r.user);
+    if (penalty > 0) {
+      // A source under penalty gets no password checks and costs us no
+      // hashing; trying on anyway is a failure too, so the penalty grows.
+      this.audit('penalized', r.method, r.user, { penaltyMs: penalty });
+      this.holdAgainstSource(r.user);
+      return { success: false, disconnect: this.countFailure() };
+    }
+    let res;
+    try {
+      res = await a.verifyPassword(r.user, r.password, this.source);
+    } catch (err) {
+      // Our fault, not the source's: not held against it, but it still
+      // counts against MaxAuthTries, or a client that can make checks fail
+      // would get unlimited attempts.
+      this.log.error({ event: 'ssh.auth_error', source: this.source, user: r.user, err: errorMessage(err) }, 'authentication check failed inside the server');
+      return { success: false, disconnect: this.countFailure() };
+    }
+    if (this.authDone || this.state !== 'preauth') return { success: false, disconnect: true };
+    if (res.ok) {
+      this.audit('success', r.method, r.user, { account: res.account.name });
+      return { success: true, grant: this.succeed({ account: res.account, key: null, method: r.method }) };
+    }
+    this.audit('failure', r.method, r.user, {});
+    this.holdAgainstSource(r.user);
+    return { success: false, disconnect: this.countFailure() };
+  }
+
+  failure(r: Request<'auth.failure'>): { disconnect: boolean } {
+    this.audit('failure', r.method, r.user, { reason: r.reason });
+    if (r.method === 'keyboard-interactive') this.holdAgainstSource(r.user);
+    return { disconnect: this.countFailure() };
+  }
+
+  private succeed(result: AuthResult): AuthGrant {
+    this.authDone = true;
+    this.result = result;
+    this.state = 'authenticated';
+    this.deps.authenticator.recordSuccess(this.source, result.account.name);
+    this.deps.onAuthenticated();
+    this.log = this.log.child({ account: result.account.name, ve: result.account.ve });
+    const key = result.key;
+    const grant: AuthGrant = {
+      account: result.account.name,
+      ve: result.account.ve,
+      forwarding: result.account.forwarding && !key?.options.noPortForwarding,
+      noPty: !!key?.options.noPty,
+      ...(key ? { fingerprint: key.fingerprint } : {}),
+    };
+    const refused = this.deps.caps.admit('connection', result.account.name);
+    if (refused) {
+      // Logged in, but over a cap: nothing is prepared or started for it.
+      this.capRefusal = refused;
+      this.log.info({ event: 'ssh.login', method: result.method, fingerprint: key?.fingerprint, source: this.source, refused: refused.setting });
+      this.timers.push(setTimeout(() => this.cut(), CAP_REFUSAL_CUT_MS));
+      return { ...grant, refusal: refused.userMessage };
+    }
+    this.countedAccount = result.account.name;
+    const connection = { clientIp: this.source, clientPort: this.port, serverIp: this.local.address, serverPort: this.local.port };
+    // The VE boots while the client is still opening its first channel.
+    this.login = prepareLogin(this.deps.ves, result.account, connection, this.log);
+    this.login.catch(() => undefined);
+    this.log.info({ event: 'ssh.login', method: result.method, fingerprint: key?.fingerprint, source: this.source });
+    return grant;
+  }
+
+  private holdAgainstSource(user: string): void {
+    this.recordedFailures += 1;
+    this.deps.authenticator.recordFailure(this.source, user);
+  }
+
+  /** Count a failed attempt; true when MaxAuthTries is used up (the worker disconnects, and we stop answering). */
+  private countFailure(): boolean {
+    this.failures += 1;
+    if (this.failures >= this.deps.maxAuthTries) {
+      if (!this.authDone) this.log.warn({ event: 'ssh.auth_too_many', source: this.source, failures: this.failures }, 'too many authentication failures: disconnecting');
+      this.authDone = true;
+      // A worker that does not disconnect is not obeyed: we cut it ourselves.
+      this.timers.push(setTimeout(() => this.cut(), 2_000));
+      return true;
+    }
+    return false;
+  }
+
+  private audit(result: string, method: string, user: string, extra: Record<string, unknown>): void {
+    this.log.info({ event: 'ssh.auth', method, user, source: this.source, result, ...extra });
+  }
+
+  // ------------------------------------------------------------ sessions
+
+  private authenticated(): AuthResult {
+    if (!this.result || this.state !== 'authenticated') throw new Error('not authenticated');
+    if (this.capRefusal) throw new Refused(this.capRefusal.userMessage);
+    return this.result;
+  }
+
+  /** Open a session for this connection's account; resolves with the worker's descriptors. */
+  async openSession(r: Request<'session.open'>): Promise<{ fds: number[]; pid: number }> {
+    const result = this.authenticated();
+    if (this.sessionIds.has(r.session)) throw new ProtocolViolation(`session id ${r.session} used twice`);
+    const maxSessions = this.deps.maxSessions ?? MAX_SESSIONS_PER_CONNECTION;
+    if (this.sessions.size >= maxSessions) throw new Refused(`too many sessions on this connection (sessions.maxSessions ${maxSessions})`);
+    if (r.kind === 'subsystem' && r.subsystem !== 'sftp') throw new Refused(`unknown subsystem ${JSON.stringify(r.subsystem ?? '').slice(0, 66)}`);
+    if (r.kind === 'exec' && (r.command === undefined || r.command.includes('\0'))) throw new Refused('empty command or one with NUL');
+    if (r.pty && result.key?.options.noPty) throw new Refused('no-pty key option');
+    this.sessionIds.add(r.session);
+    const refused = this.deps.caps.admit('session', result.account.name);
+    if (refused) throw new Refused(refused.userMessage);
+    let counted = true;
+    const release = () => {
+      if (!counted) return;
+      counted = false;
+      this.deps.caps.release('session', result.account.name);
+    };
+    try {
+      let login: LoginContext;
+      try {
+        login = await this.login!;
+      } catch (err) {
+        throw new Refused(isVeshError(err) ? err.userMessage : 'The server could not prepare your environment.', { cause: err });
+      }
+      if (this.state !== 'authenticated') throw new Refused('the connection is closing');
+      const forced = result.key?.options.command;
+      const shell = login.user.shell || '/bin/sh';
+      let argv: string[];
+      let original: string | undefined;
+      if (forced !== undefined) {
+        argv = [shell, '-c', forced];
+        original = r.kind === 'exec' ? r.command : r.kind === 'subsystem' ? SFTP_SERVER_PATH : undefined;
+      } else if (r.kind === 'exec') {
+        argv = [shell, '-c', r.command!];
+      } else if (r.kind === 'subsystem') {
+        argv = sftpServerArgv();
+      } else if (r.pty) {
+        // The message of the day is shown by the VE itself unless ~/.hushlogin
+        // asks for quiet (the server never reads VE files); then the login shell.
+        argv = ['/bin/sh', '-c', '[ -e "$HOME/.hushlogin" ] || cat /etc/motd 2>/dev/null; exec "$0" -l', shell];
+      } else {
+        argv = [shell, '-l'];
+      }
+      const term = r.pty ? sanitizeTerm(r.pty.term) : undefined;
+      const clientEnv = new Map(Object.entries(r.env).filter(([k]) => /^(TERM|LANG|LC_[A-Z_]{1,40})$/.test(k)));
+      const env = sessionEnvironment({ user: login.user, clientEnv, term, connection: login.connection, originalCommand: original });
+      const size = r.pty ? clampPtySize(r.pty.cols, r.pty.rows) : undefined;
+      this.log.info({
+        event: 'ssh.session_start', kind: r.kind, pty: !!r.pty,
+        ...(r.kind === 'exec' ? { command: r.command } : {}),
+        ...(r.kind === 'subsystem' ? { subsystem: r.subsystem } : {}),
+        ...(forced !== undefined ? { forcedCommand: forced } : {}),
+      });
+      let cmd;
+      try {
+        cmd = await this.deps.ves.processCommand(login.account.ve, {
+          user: login.user, argv, env, cwd: login.user.home, tty: !!r.pty,
+          ...(size ? { consoleSize: { rows: size.rows, cols: size.cols } } : {}),
+        });
+      } catch (err) {
+        this.log.error({ event: 'ssh.session_spawn_failed', err: errorMessage(err) });
+        throw new Refused(isVeshError(err) ? err.userMessage : 'The server could not start your session.', { cause: err });
+      }
+      if (this.state !== 'authenticated') throw new Refused('the connection is closing');
+      const startedAt = Date.now();
+      const s = spawnSession(cmd, r.pty && size ? { term: term!, cols: size.cols, rows: size.rows } : null, (report: ExitReport) => {
+        this.sessions.delete(r.session);
+        release();
+        // Logged here, by the process that ran it, whether or not the client is still there to be told.
+        this.log.info({ event: 'ssh.session_end', kind: r.kind, durationMs: Date.now() - startedAt, ...(report.kind === 'status' ? { exitStatus: report.code } : { exitSignal: report.signal }) });
+        this.deps.send({ ev: 'session.exit', conn: this.id, session: r.session, report });
+      });
+      this.sessions.set(r.session, s);
+      return { fds: s.fds, pid: s.pid };
+    } catch (err) {
+      release();
+      throw err;
+    }
+  }
+
+  signalSession(r: Request<'session.signal'>): void {
+    this.authenticated();
+    const sig = r.signal.replace(/^SIG/, '');
+    const s = this.sessions.get(r.session);
+    if (!s || !CLIENT_SIGNALS.has(sig)) throw new Refused('no such session or signal');
+    s.signal(`SIG${sig}` as NodeJS.Signals);
+  }
+
+  closeSession(r: Request<'session.close'>): void {
+    if (this.state !== 'authenticated') return;
+    this.sessions.get(r.session)?.hangup();
+  }
+
+  // ------------------------------------------------------------ forwarding
+
+  private forwardingAllowed(): AuthResult {
+    const result = this.authenticated();
+    if (!result.account.forwarding) throw new Refused('forwarding is off for this account');
+    if (result.key?.options.noPortForwarding) throw new Refused('no-port-forwarding key option');
+    return result;
+  }
+
+  private relayClient(): Promise<ForwardRelayClient> {
+    if (!this.relay) {
+      const account = this.result!.account.name;
+      this.relay = (async () => {
+        const login = await this.login!;
+        if (!this.helperCounted) {
+          const refused = this.deps.caps.admit('forwardHelper', account);
+          if (refused) throw new VeshError(ErrorCodes.LIMIT_REACHED, `${refused.setting} (${refused.limit}) reached for account ${account}: no forward helper for this connection`, { userMessage: refused.userMessage });
+          this.helperCounted = true;
+        }
+        const cmd = await this.deps.ves.forwardCommand(login.account.ve, login.user);
+        if (this.state !== 'authenticated') throw new Refused('the connection is closing');
+        return ForwardRelayClient.start(cmd, login.account.ve, {
+          accepted: (listener, fd, remoteAddress, remotePort) => {
+            if (this.state !== 'authenticated' || !this.listeners.has(listener)) {
+              closeFd(fd);
+              return;
+            }
+            this.deps.send({ ev: 'forward.accepted', conn: this.id, listener, remoteAddress, remotePort }, [fd]);
+            closeFd(fd);
+          },
+          // The relay kept it from us; worth an admin's look: the tenant is tampering with its helper.
+          rejected: (count, reason) => this.log.warn({ event: 'forward.helper_rejected', ve: login.account.ve, count, reason }),
+          // Gone by itself: a later request starts another.
+          ended: (err) => {
+            this.log.warn({ event: 'forward.helper_ended', ve: login.account.ve, err: errorMessage(err) });
+            this.relay = null;
+          },
+        });
+      })();
+      this.relay.catch((err: unknown) => {
+        this.log.error({ event: 'forward.helper_failed', err: errorMessage(err) });
+        this.relay = null;
+      });
+    }
+    return this.relay;
+  }
+
+  async forwardConnect(r: Request<'forward.connect'>): Promise<number> {
+    this.forwardingAllowed();
+    if (!isValidHost(r.host) || !isValidPort(r.port, false)) throw new Refused('invalid target');
+    const relay = await this.relayClient();
+    const fd = await relay.connect(r.host, r.port);
+    if (this.state !== 'authenticated') {
+      closeFd(fd);
+      throw new Refused('the connection is closing');
+    }
+    return fd;
+  }
+
+  async forwardListen(r: Request<'forward.listen'>): Promise<{ listener: number; port: number }> {
+    this.forwardingAllowed();
+    if (!isValidHost(r.host) || !isValidPort(r.port, true)) throw new Refused('invalid bind address');
+    if (this.listeners.size >= MAX_REMOTE_FORWARDS_PER_CONNECTION) throw new Refused('too many remote forwards');
+    const relay = await this.relayClient();
+    const l = await relay.listen(r.host, r.port);
+    this.listeners.add(l.id);
+    return { listener: l.id, port: l.port };
+  }
+
+  forwardUnlisten(r: Request<'forward.unlisten'>): void {
+    this.authenticated();
+    if (!this.listeners.delete(r.listener)) throw new Refused('no such listener');
+    void this.relay?.then((c) => c.unlisten(r.listener)).catch(() => undefined);
+  }
+
+  // ------------------------------------------------------------ ending
+
+  /** End the client's TCP connection from our side, whatever the worker does. */
+  cut(): void {
+    if (this.cutFd < 0) return;
+    try {
+      shutdownFd(this.cutFd, 'both');
+    } catch { /* already gone */ }
+  }
+
+  /** Hang up every session and stop forwarding (admin lock, server stop). */
+  hangupAll(): void {
+    for (const s of this.sessions.values()) s.hangup();
+    const relay = this.relay;
+    this.relay = null;
+    void relay?.then((c) => c.stop()).catch(() => undefined);
+  }
+
+  /** The connection is gone (the worker said so, or the worker died): release everything it held. */
+  dispose(): void {
+    if (this.state === 'closed') return;
+    this.state = 'closed';
+    for (const t of this.timers) clearTimeout(t);
+    this.timers = [];
+    this.hangupAll();
+    this.listeners.clear();
+    if (this.cutFd >= 0) {
+      closeFd(this.cutFd);
+      this.cutFd = -1;
+    }
+    if (this.countedAccount !== null) {
+      this.deps.caps.release('connection', this.countedAccount);
+      if (this.helperCounted) this.deps.caps.release('forwardHelper', this.countedAccount);
+      this.countedAccount = null;
+    }
+  }
+}
+
+/** A request that no honest worker sends in this state: the worker is ended. */
+export class ProtocolViolation extends Error {}

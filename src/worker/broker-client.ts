@@ -1,0 +1,137 @@
+import { ErrorCodes, VeshError } from '../errors.js';
+import type { FrameChannel } from '../system/frame-channel.js';
+import { closeFd } from '../system/fdpass.js';
+import type { AuthGrant, RequestName } from '../broker/request-table.js';
+
+/** The broker said no (its text is for the client); the request was in order. */
+export class BrokerRefusal extends Error {}
+
+/** Answers that can take long: a session waits for its VE to boot. */
+const SLOW_TIMEOUT_MS = 300_000;
+const FAST_TIMEOUT_MS = 60_000;
+
+interface Pending {
+  resolve: (v: { body: Record<string, unknown>; fds: number[] }) => void;
+  reject: (e: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+/**
+ * The worker's side of the request table: one request, one answer (matched
+ * by id). The broker is trusted here; what it answers is used as it is.
+ */
+export class BrokerClient {
+  private nextId = 1;
+  private readonly pending = new Map<number, Pending>();
+
+  constructor(private readonly channel: FrameChannel) {}
+
+  /** An answer frame ({re, ok, ...}); false if it answers nothing we asked. */
+  settle(msg: { re: number; ok: boolean; error?: string } & Record<string, unknown>, fds: number[]): boolean {
+    const p = this.pending.get(msg.re);
+    if (!p) {
+      for (const fd of fds) closeFd(fd);
+      return false;
+    }
+    this.pending.delete(msg.re);
+    clearTimeout(p.timer);
+    if (msg.ok) p.resolve({ body: msg, fds });
+    else {
+      for (const fd of fds) closeFd(fd);
+      p.reject(new BrokerRefusal(String(msg.error ?? 'refused')));
+    }
+    return true;
+  }
+
+  request(req: RequestName, conn: string, fields: Record<string, unknown> = {}): Promise<{ body: Record<string, unknown>; fds: number[] }> {
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      const slow = req === 'session.open' || req === 'forward.connect' || req === 'forward.listen' || req === 'auth.password';
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new VeshError(ErrorCodes.INTERNAL, `the broker did not answer ${req} in time`, { userMessage: 'The server did not answer in time.' }));
+      }, slow ? SLOW_TIMEOUT_MS : FAST_TIMEOUT_MS);
+      timer.unref();
+      this.pending.set(id, { resolve, reject, timer });
+      this.channel.send({ req, id, conn, ...fields });
+    });
+  }
+
+  /** A request with no answer (conn.closed). */
+  tell(req: RequestName, conn: string, fields: Record<string, unknown> = {}): void {
+    this.channel.send({ req, id: this.nextId++, conn, ...fields });
+  }
+}
+
+/** What one connection may ask, bound to its id. */
+export class ConnectionBroker {
+  constructor(private readonly client: BrokerClient, readonly conn: string) {}
+
+  async keyQuery(user: string, algo: string, key: Buffer): Promise<boolean> {
+    const r = await this.client.request('auth.key_query', this.conn, { user, algo, key: key.toString('base64') });
+    return r.body.acceptable === true;
+  }
+
+  async publickey(p: { user: string; algo: string; key: Buffer; blob: Buffer; signature: Buffer; hashAlgo?: string }): Promise<AuthAnswer> {
+    const r = await this.client.request('auth.publickey', this.conn, {
+      user: p.user, algo: p.algo, key: p.key.toString('base64'), blob: p.blob.toString('base64'), signature: p.signature.toString('base64'),
+      ...(p.hashAlgo ? { hashAlgo: p.hashAlgo } : {}),
+    });
+    return authAnswer(r.body);
+  }
+
+  async password(user: string, password: string, method: 'password' | 'keyboard-interactive'): Promise<AuthAnswer> {
+    const r = await this.client.request('auth.password', this.conn, { user, password, method });
+    return authAnswer(r.body);
+  }
+
+  async failure(user: string, method: string, reason: string): Promise<boolean> {
+    const r = await this.client.request('auth.failure', this.conn, { user, method, reason });
+    return r.body.disconnect === true;
+  }
+
+  async openSession(spec: { session: number; kind: 'shell' | 'exec' | 'subsystem'; command?: string; subsystem?: string; pty?: { term: string; cols: number; rows: number }; env: Record<string, string> }): Promise<number[]> {
+    const r = await this.client.request('session.open', this.conn, spec);
+    return r.fds;
+  }
+
+  signal(session: number, signal: string): Promise<unknown> {
+    return this.client.request('session.signal', this.conn, { session, signal });
+  }
+
+  closeSession(session: number): void {
+    this.client.request('session.close', this.conn, { session }).catch(() => undefined);
+  }
+
+  async forwardConnect(host: string, port: number): Promise<number> {
+    const r = await this.client.request('forward.connect', this.conn, { host, port });
+    const [fd, ...extra] = r.fds;
+    for (const x of extra) closeFd(x);
+    if (fd === undefined) throw new BrokerRefusal('no socket in the answer');
+    return fd;
+  }
+
+  async forwardListen(host: string, port: number): Promise<{ listener: number; port: number }> {
+    const r = await this.client.request('forward.listen', this.conn, { host, port });
+    return { listener: Number(r.body.listener), port: Number(r.body.port) };
+  }
+
+  forwardUnlisten(listener: number): void {
+    this.client.request('forward.unlisten', this.conn, { listener }).catch(() => undefined);
+  }
+
+  closed(info: { stage: 'before identification' | 'protocol error' | 'normal'; bytesRead: number; firstBytes?: string; protocolError?: string }): void {
+    this.client.tell('conn.closed', this.conn, info);
+  }
+}
+
+export interface AuthAnswer {
+  success: boolean;
+  grant?: AuthGrant;
+  /** MaxAuthTries used up: disconnect. */
+  disconnect: boolean;
+}
+
+function authAnswer(body: Record<string, unknown>): AuthAnswer {
+  return { success: body.success === true, grant: body.grant as AuthGrant | undefined, disconnect: body.disconnect === true };
+}
