@@ -771,15 +771,20 @@ static const int allowed_syscalls[] = {
 #endif
 };
 
-/* Pushes one instruction; the program's size is fixed at compile time. */
-#define MAX_PROG 512
+/* Room for the program: two instructions per allowed syscall plus the rules around them. */
+#define MAX_PROG (2 * (sizeof allowed_syscalls / sizeof allowed_syscalls[0]) + 32)
 struct prog {
   struct sock_filter ins[MAX_PROG];
   unsigned short n;
+  bool overflow;
 };
 
 static void emit(struct prog *p, unsigned short code, unsigned char jt, unsigned char jf, unsigned int k) {
   struct sock_filter f = BPF_JUMP(code, k, jt, jf);
+  if (p->n >= MAX_PROG) {
+    p->overflow = true;
+    return;
+  }
   p->ins[p->n++] = f;
 }
 
@@ -797,8 +802,7 @@ static void emit_arg0_rule(struct prog *p, int nr, unsigned short jmp, unsigned 
 
 static napi_value js_lockdown(napi_env env, napi_callback_info info) {
   (void)info;
-  static struct prog p;
-  p.n = 0;
+  struct prog p = { .n = 0, .overflow = false };
   emit(&p, BPF_LD | BPF_W | BPF_ABS, 0, 0, offsetof(struct seccomp_data, arch));
   emit(&p, BPF_JMP | BPF_JEQ | BPF_K, 1, 0, FILTER_ARCH);
   emit(&p, BPF_RET | BPF_K, 0, 0, SECCOMP_RET_KILL_PROCESS);
@@ -819,6 +823,7 @@ static napi_value js_lockdown(napi_env env, napi_callback_info info) {
   emit_arg0_rule(&p, __NR_socketpair, BPF_JEQ, AF_UNIX);
   emit(&p, BPF_RET | BPF_K, 0, 0, SECCOMP_RET_ERRNO | ENOSYS);
 
+  if (p.overflow) return throw_code(env, "E2BIG", "lockdown: the seccomp program outgrew its buffer (a bug in vesh-fdpass.c)");
   struct sock_fprog fprog = { .len = p.n, .filter = p.ins };
   /*
    * Non-dumpable first: the filter allows openat, so without this another
