@@ -247,6 +247,31 @@ describe('fdpass addon and FrameChannel', () => {
     expect(isOpen(chFd)).toBe(false);
   });
 
+  it('a frame with more than 16 descriptors (sent by a process not bound by our sendFrame) is malformed, and none of them stays open', async () => {
+    const [mine, theirs] = socketpair('seqpacket');
+    const ch = new FrameChannel(mine, { maxFrameBytes: 1024, name: 'many' });
+    undo.push(() => ch.close());
+    const reasons: string[] = [];
+    ch.on('malformed', (why: string) => reasons.push(why));
+    const closed = once(ch, 'close');
+    const py = spawn('python3', ['-c', [
+      'import os, socket',
+      's = socket.socket(fileno=3)',
+      'r, w = os.pipe()',
+      'socket.send_fds(s, [b\'{"many":true}\'], [r] * 20)',
+    ].join('\n')], { stdio: ['ignore', 'inherit', 'inherit', theirs] });
+    undo.push(() => killAndWait(py));
+    closeFd(theirs);
+    // Nothing is read before the next await: the frame cannot have arrived here yet.
+    const before = fdCount();
+    const [code] = await once(py, 'exit');
+    expect(code).toBe(0);
+    await closed;
+    expect(reasons).toEqual(['frame channel many: a frame over 1024 bytes or 16 descriptors']);
+    // -1: the channel's own socket; the 16 that fit and the 4 the kernel dropped are all gone.
+    expect(fdCount()).toBe(before - 1);
+  });
+
   it('a frame that is not JSON is malformed with its descriptors closed; prototype keys never arrive', async () => {
     const [raw, chFd] = socketpair('seqpacket');
     undo.push(() => closeQuietly([raw]));
