@@ -49,6 +49,7 @@
 #include <grp.h>
 #include <limits.h>
 #include <linux/capability.h>
+#include <linux/keyctl.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -475,6 +476,12 @@ static void drop_privileges(const struct options *o, int last_cap, pid_t parent)
   if (setgroups(0, NULL) != 0) die_errno("setgroups (none)");
   if (setresgid(o->gid, o->gid, o->gid) != 0) die_errno("setresgid %u", (unsigned)o->gid);
   if (setresuid(o->uid, o->uid, o->uid) != 0) die_errno("setresuid %u", (unsigned)o->uid);
+  /*
+   * A session keyring of its own: the broker's would stay "possessed" by the
+   * worker whatever its uid, with the possessor's rights to every key in it.
+   * ENOSYS: a kernel without keyrings, nothing to leave behind.
+   */
+  if (syscall(SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, NULL) < 0 && errno != ENOSYS) die_errno("join a new session keyring");
   /* Leaving uid 0 clears the permitted set unless securebits say otherwise; clear it ourselves either way. */
   struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
   struct __user_cap_data_struct none[2];
