@@ -23,7 +23,7 @@ const GID = UID + 1;
 const children = new Set<ChildProcess>();
 const strayPids = new Set<number>();
 
-afterEach(() => {
+function killAll(): void {
   for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
   children.clear();
   for (const pid of strayPids) {
@@ -34,7 +34,9 @@ afterEach(() => {
     }
   }
   strayPids.clear();
-});
+}
+afterEach(killAll);
+afterAll(killAll);
 
 interface Run {
   report: Record<string, unknown> | null;
@@ -78,7 +80,10 @@ async function runReporting(file: string, args: string[], extra: number[] = [], 
   const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
   const line = await firstLine(child.stdio[3] as Readable, 30_000);
   const reportMs = Number(process.hrtime.bigint() - start) / 1e6;
+  // A probe that hangs must not hold the test until its hook timeout: it has 30 s to report and 30 s more to exit.
+  const killer = setTimeout(() => child.kill('SIGKILL'), line === null ? 0 : 30_000);
   const code = await exited;
+  clearTimeout(killer);
   return { report: line === null ? null : (JSON.parse(line) as Record<string, unknown>), code, stdout, stderr, reportMs };
 }
 
