@@ -538,7 +538,6 @@ int main(int argc, char **argv) {
   pid_t parent = getppid();
   struct options o;
   parse_args(argc, argv, &o);
-  if (!o.nofile_given) o.nofile = DEFAULT_NOFILE;
   if (geteuid() != 0) die("must run as root (it is started by vesh serve)");
 
   close_other_fds(&o);
