@@ -176,7 +176,7 @@ export class BrokerConnection {
     const grant: AuthGrant = {
       account: result.account.name,
       ve: result.account.ve,
-      forwarding: result.account.forwarding && !key?.options.noPortForwarding,
+      forwardingRefusal: !result.account.forwarding ? 'forwarding is off for this account' : key?.options.noPortForwarding ? 'no-port-forwarding key option' : null,
       noPty: !!key?.options.noPty,
       ...(key ? { fingerprint: key.fingerprint } : {}),
     };
@@ -185,7 +185,7 @@ export class BrokerConnection {
       // Logged in, but over a cap: nothing is prepared or started for it.
       this.capRefusal = refused;
       this.log.info({ event: 'ssh.login', method: result.method, fingerprint: key?.fingerprint, source: this.source, refused: refused.setting });
-      this.timers.push(setTimeout(() => this.cut(), CAP_REFUSAL_CUT_MS));
+      this.timers.push(setTimeout(() => this.cut(), CAP_REFUSAL_CUT_MS).unref());
       return { ...grant, refusal: refused.userMessage };
     }
     this.countedAccount = result.account.name;
@@ -209,7 +209,7 @@ export class BrokerConnection {
       if (!this.authDone) this.log.warn({ event: 'ssh.auth_too_many', source: this.source, failures: this.failures }, 'too many authentication failures: disconnecting');
       this.authDone = true;
       // A worker that does not disconnect is not obeyed: we cut it ourselves.
-      this.timers.push(setTimeout(() => this.cut(), 2_000));
+      this.timers.push(setTimeout(() => this.cut(), 2_000).unref());
       return true;
     }
     return false;
@@ -371,8 +371,14 @@ export class BrokerConnection {
   async forwardConnect(r: Request<'forward.connect'>): Promise<number> {
     this.forwardingAllowed();
     if (!isValidHost(r.host) || !isValidPort(r.port, false)) throw new Refused('invalid target');
-    const relay = await this.relayClient();
-    const fd = await relay.connect(r.host, r.port);
+    let fd: number;
+    try {
+      fd = await (await this.relayClient()).connect(r.host, r.port);
+    } catch (err) {
+      // The worker logs its side; this line has the VE's own words (a failed lookup, a refused port).
+      this.log.info({ event: 'forward.failed', kind: 'local', target: { host: r.host, port: r.port }, err: errorMessage(err) });
+      throw err;
+    }
     if (this.state !== 'authenticated') {
       closeFd(fd);
       throw new Refused('the connection is closing');
@@ -384,8 +390,13 @@ export class BrokerConnection {
     this.forwardingAllowed();
     if (!isValidHost(r.host) || !isValidPort(r.port, true)) throw new Refused('invalid bind address');
     if (this.listeners.size >= MAX_REMOTE_FORWARDS_PER_CONNECTION) throw new Refused('too many remote forwards');
-    const relay = await this.relayClient();
-    const l = await relay.listen(r.host, r.port);
+    let l: { id: number; port: number };
+    try {
+      l = await (await this.relayClient()).listen(r.host, r.port);
+    } catch (err) {
+      this.log.info({ event: 'forward.failed', kind: 'remote', bind: { address: r.host, port: r.port }, err: errorMessage(err) });
+      throw err;
+    }
     this.listeners.add(l.id);
     return { listener: l.id, port: l.port };
   }

@@ -33,6 +33,8 @@ export interface BrokerDeps {
   hide?: string[];
   /** The worker program; dist/worker/main.js unless a test stands in a hostile one. */
   workerScript?: string;
+  /** Where the workers' output (their JSON log lines) goes; our own stdout and stderr when not given. */
+  workerOutput?: (chunk: Buffer) => void;
 }
 
 /** Session ids remembered after their connection ended, so no later connection can take one over. */
@@ -77,6 +79,7 @@ export class Broker {
       maxFiles: w.maxFiles ?? 65_536,
       hide: deps.hide ?? [],
       script: deps.workerScript,
+      output: deps.workerOutput,
       logger: deps.logger,
       onStart: (wk) => this.hello(wk),
       onFrame: (wk, msg, fds) => this.onFrame(wk, msg, fds),

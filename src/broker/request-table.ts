@@ -155,8 +155,8 @@ export interface WorkerSettings {
 export interface AuthGrant {
   account: string;
   ve: string;
-  /** Port forwarding allowed (account setting and key options). */
-  forwarding: boolean;
+  /** Why port forwarding is refused (account setting, key option), or null when it is allowed. */
+  forwardingRefusal: string | null;
   /** The key said no-pty. */
   noPty: boolean;
   /** Logged in, but over a cap: sessions are refused with this text and the connection ends soon. */

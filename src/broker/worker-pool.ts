@@ -30,6 +30,8 @@ export interface WorkerPoolOptions {
   hide: string[];
   /** The worker program (tests put a hostile stand-in here); dist/worker/main.js by default. */
   script?: string;
+  /** The workers' stdout and stderr, when not our own (in-process tests). */
+  output?: (chunk: Buffer) => void;
   logger: Logger;
   /** A frame from a worker's control channel (fds: what it dared to attach; the handler closes them). */
   onFrame(w: Worker, msg: unknown, fds: number[]): void;
@@ -133,7 +135,12 @@ export class WorkerPool {
         keepFds: [3, 4], nofile: Math.min(this.opts.maxFiles, hardFileLimit()), hide: this.opts.hide,
       });
       // stdout/stderr: the broker's own, so the worker's log lines land where ours do.
-      child = spawn(cmd.file, cmd.args, { stdio: ['ignore', 'inherit', 'inherit', ctrl[1], sign[1]], cwd: '/' });
+      const out = this.opts.output ? 'pipe' : 'inherit';
+      child = spawn(cmd.file, cmd.args, { stdio: ['ignore', out, out, ctrl[1], sign[1]], cwd: '/' });
+      if (this.opts.output) {
+        child.stdout?.on('data', this.opts.output);
+        child.stderr?.on('data', this.opts.output);
+      }
     } catch (err) {
       for (const fd of [...ctrl, ...sign]) closeFd(fd);
       this.log.error({ event: 'broker.worker_start_failed', worker: index, err: errorMessage(err) });

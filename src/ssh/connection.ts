@@ -130,7 +130,7 @@ export class SshConnection {
       conn: this.conn,
       broker: this.deps.broker,
       log: this.log,
-      refusal: grant.forwarding ? null : 'forwarding is off for this account or key',
+      refusal: grant.forwardingRefusal,
       reserveChannel: () => this.reserveChannel(false),
       releaseChannel: () => this.releaseChannel(false),
     });

@@ -33,7 +33,15 @@ function main(): void {
   if (process.env.VESH_WORKER_NO_SECCOMP !== '1') lockdown();
 
   const sign = (conn: string, keyType: string, data: Buffer, hashAlgo?: string): Buffer => {
-    const answer = callSync(SIGN_FD, Buffer.from(JSON.stringify({ conn, keyType, data: data.toString('base64'), ...(hashAlgo ? { hashAlgo } : {}) })), SIGN_TIMEOUT_MS, 4096);
+    let answer: Buffer;
+    try {
+      answer = callSync(SIGN_FD, Buffer.from(JSON.stringify({ conn, keyType, data: data.toString('base64'), ...(hashAlgo ? { hashAlgo } : {}) })), SIGN_TIMEOUT_MS, 4096);
+    } catch (err) {
+      // A late answer would be taken for the next request's: this socket is
+      // out of step for good. Leave; the broker starts a fresh worker.
+      log.fatal({ event: 'worker.sign_failed', err: errorMessage(err) }, 'no answer from the broker to a key-exchange signature: exiting');
+      process.exit(1);
+    }
     const parsed = JSON.parse(answer.toString('utf8')) as { sig?: string; error?: string };
     if (!parsed.sig) throw new Error(`the broker did not sign: ${parsed.error ?? 'no answer'}`);
     return Buffer.from(parsed.sig, 'base64');

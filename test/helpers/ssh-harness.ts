@@ -192,7 +192,17 @@ export class LogCapture {
       },
     });
     this.logger = pino({ level }, sink);
+    this.sink = sink;
   }
+  /** Where the SSH workers' log lines go (they are separate processes): one JSON line each, split across chunks. */
+  readonly sink: Writable;
+  private pendingWorkerText = '';
+  workerOutput = (chunk: Buffer): void => {
+    const text = this.pendingWorkerText + chunk.toString();
+    const cut = text.lastIndexOf('\n');
+    this.pendingWorkerText = text.slice(cut + 1);
+    if (cut >= 0) this.sink.write(text.slice(0, cut + 1));
+  };
   events(name: string): Array<Record<string, unknown>> {
     return this.records.filter((r) => r.event === name);
   }
@@ -315,6 +325,7 @@ export async function startInProcessServer(cleanup: Cleanup, opts: {
     ves: opts.ves,
     hostKeys,
     logger: logs.logger,
+    workerOutput: logs.workerOutput,
   });
   const { port } = await server.listen();
   cleanup.add(() => server.close(2000));

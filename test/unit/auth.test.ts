@@ -6,7 +6,8 @@ import { Authenticator, hashPassword } from '../../src/auth/authenticator.js';
 import { costClassOf, FairSemaphore, MAX_PASSWORD_BYTES, Semaphore, type PasswordHashCost } from '../../src/auth/passwords.js';
 import { SourcePenalties } from '../../src/auth/penalties.js';
 import { parseServerConfig } from '../../src/config/server-config.js';
-import { ConnectionAuthentication } from '../../src/ssh/authentication.js';
+import { BrokerConnection } from '../../src/broker/broker-connection.js';
+import { DEFAULT_SESSION_LIMITS, UsageCaps } from '../../src/ssh/usage-caps.js';
 import { sourceBlock } from '../../src/auth/source-match.js';
 import type { SshAuthenticator } from '../../src/ssh/ports.js';
 import { parseAuthorizedKeyLine, type Account } from '../../src/config/accounts.js';
@@ -488,15 +489,6 @@ describe('answer time does not tell unknown or locked accounts from real ones', 
   });
 });
 
-/** A password AuthContext as ssh2 hands it over, recording what the server answered. */
-function passwordCtx(user: string, password: string) {
-  const ctx = { method: 'password' as const, username: user, password, answers: [] as string[] };
-  return Object.assign(ctx, {
-    accept: () => ctx.answers.push('accept'),
-    reject: () => ctx.answers.push('reject'),
-  });
-}
-
 describe('authentication phase of a connection', () => {
   const failingAuthenticator = (err: () => Promise<never>): SshAuthenticator => ({
     verifyPassword: err,
@@ -507,18 +499,21 @@ describe('authentication phase of a connection', () => {
     recordSuccess: () => undefined,
   });
 
+  /** n password attempts on one connection, as the broker sees them from a worker. */
   async function attempts(authenticator: SshAuthenticator, user: string, n: number, maxAuthTries: number) {
     let dropped = 0;
-    const phase = new ConnectionAuthentication(authenticator, maxAuthTries, '192.0.2.1', captureLogger().logger, () => { dropped++; });
-    const ctxs = [];
+    const logger = captureLogger().logger;
+    const conn = new BrokerConnection('0a0b0c0d', 0, '192.0.2.1', 40000, { address: '127.0.0.1', port: 22 }, -1, {
+      authenticator, ves: {} as never, caps: new UsageCaps(DEFAULT_SESSION_LIMITS, logger), maxAuthTries,
+      send: () => undefined, onAuthenticated: () => undefined,
+    }, logger);
+    const answers: string[][] = [];
     for (let i = 0; i < n; i++) {
-      const ctx = passwordCtx(user, `guess-${i}`);
-      phase.handle(ctx as never);
-      ctxs.push(ctx);
-      // Let the (failing) check settle before the next attempt, as a client waits for each answer.
-      await vi.waitFor(() => expect(ctx.answers).toHaveLength(1));
+      const a = await conn.password({ req: 'auth.password', id: i + 1, conn: '0a0b0c0d', user, password: `guess-${i}`, method: 'password' });
+      answers.push([a.success ? 'accept' : 'reject']);
+      if (a.disconnect) dropped++;
     }
-    return { dropped, answers: ctxs.map((c) => c.answers) };
+    return { dropped, answers };
   }
 
   it('counts a check that failed inside the server (argon2 threw) against MaxAuthTries', async () => {
