@@ -87,6 +87,8 @@ export async function makeArena(opts: {
   runtime?: string;
   /** Account name → extra YAML lines for that account (indented by two spaces). */
   accounts?: Record<string, string[]>;
+  /** Extra environment for `vesh serve` (VESH_WORKER_SCRIPT: a hostile stand-in for the SSH worker). */
+  serveEnv?: Record<string, string>;
 } = {}): Promise<Arena> {
   const cleanup = new Cleanup();
   try {
@@ -101,7 +103,7 @@ export async function makeArena(opts: {
       lines.push(`${name}:`, '  keys:', `    - ${keys[name]!.publicLine} ${name}@test`, ...extra.map((l) => `  ${l}`));
     }
     writeAccounts(env.config.accountsFile, `${lines.join('\n')}\n`);
-    const serve = await startVeshServe(cleanup, env.configFile);
+    const serve = await startVeshServe(cleanup, env.configFile, undefined, opts.serveEnv);
     const ssh: Arena['ssh'] = (account, cmd, o = {}) => {
       const key = keys[account];
       if (!key) throw new Error(`no key for account ${account}`);

@@ -370,11 +370,12 @@ export interface ServeProcess {
 }
 
 /** Start `vesh serve --config FILE` (listen must say port 0 or a free port) and wait until it listens. */
-export async function startVeshServe(cleanup: Cleanup, configFile: string, timeoutMs = 120_000): Promise<ServeProcess> {
+export async function startVeshServe(cleanup: Cleanup, configFile: string, timeoutMs = 120_000, env: Record<string, string> = {}): Promise<ServeProcess> {
   ensureBuilt();
   const child = spawn(process.execPath, [path.join(REPO, 'bin', 'vesh.js'), '--config', configFile, 'serve'], {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', HOME: os.tmpdir(), LANG: 'C.UTF-8' },
+    // `env`: e.g. VESH_WORKER_SCRIPT, for a test that stands a hostile worker in.
+    env: { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', HOME: os.tmpdir(), LANG: 'C.UTF-8', ...env },
   });
   const logs: Array<Record<string, unknown>> = [];
   let text = '';
