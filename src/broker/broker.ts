@@ -37,6 +37,9 @@ export interface BrokerDeps {
   workerOutput?: (chunk: Buffer) => void;
 }
 
+/** Closed connections a worker may still name in a request already on its way (per worker). */
+const MAX_REMEMBERED_CLOSED = 10_000;
+
 /** Session ids remembered after their connection ended, so no later connection can take one over. */
 const MAX_REMEMBERED_SESSION_IDS = 200_000;
 
@@ -213,6 +216,12 @@ export class Broker {
     const r = parsed.request;
     const c = this.conns.get(r.conn);
     if (!c || c.worker !== w.index || !w.conns.has(r.conn)) {
+      // A request that crossed the worker's own "closed" for it (a session
+      // hung up as its connection went) is answered, not held against it.
+      if (w.closedConns.has(r.conn)) {
+        if (r.req !== 'conn.closed') this.sendTo(w, { re: r.id, ok: false, error: 'the connection is closed' });
+        return;
+      }
       this.pool.kill(w, `${r.req} for a connection that is not its own`);
       return;
     }
@@ -294,7 +303,10 @@ export class Broker {
     if (c.admission) this.admission.leave(c.admission);
     c.dispose();
     this.conns.delete(c.id);
-    w?.conns.delete(c.id);
+    if (w?.conns.delete(c.id)) {
+      w.closedConns.add(c.id);
+      if (w.closedConns.size > MAX_REMEMBERED_CLOSED) w.closedConns.delete(w.closedConns.values().next().value as string);
+    }
   }
 
   // ------------------------------------------------------------ key exchange signatures

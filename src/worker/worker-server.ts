@@ -132,12 +132,14 @@ export class WorkerServer {
     this.bySocket.delete(h.socket);
     if (this.current === h.id) this.current = null;
     const protocolError = h.connection?.protocolError ?? undefined;
-    new ConnectionBroker(this.client, h.id).closed({
+    // After ssh2's own 'close' handlers (our SshConnection hangs up its
+    // sessions there), so the broker hears of those before the close.
+    setImmediate(() => new ConnectionBroker(this.client, h.id).closed({
       stage: !h.connection ? 'before identification' : protocolError ? 'protocol error' : 'normal',
       bytesRead: h.socket.bytesRead,
       ...(h.firstBytes ? { firstBytes: JSON.stringify(h.firstBytes.toString('latin1')).slice(0, 256) } : {}),
       ...(protocolError ? { protocolError: protocolError.slice(0, 300) } : {}),
-    });
+    }));
   }
 
   /** Server shutdown: sessions end as the broker hangs their processes up, then every connection says goodbye. */
