@@ -1,9 +1,9 @@
 import type { Logger } from '../audit/logger.js';
 import { ErrorCodes, VeshError, errorMessage, isVeshError } from '../errors.js';
-import { sessionEnvironment, sanitizeTerm } from '../ssh/environment.js';
+import { acceptClientEnv, sessionEnvironment, sanitizeTerm } from '../ssh/environment.js';
 import { CLIENT_SIGNALS, type ExitReport } from '../ssh/exit-status.js';
 import { isValidHost, isValidPort } from '../ssh/forward-protocol.js';
-import { MAX_REMOTE_FORWARDS_PER_CONNECTION, MAX_SESSIONS_PER_CONNECTION, clampPtySize } from '../ssh/limits.js';
+import { ENV_LIMITS, MAX_REMOTE_FORWARDS_PER_CONNECTION, MAX_SESSIONS_PER_CONNECTION, clampPtySize } from '../ssh/limits.js';
 import { prepareLogin, type LoginContext } from '../ssh/login.js';
 import type { SshAccount, SshAuthenticator, SshAuthorizedKey } from '../ssh/ports.js';
 import { SFTP_SERVER_PATH, sftpServerArgv } from '../ssh/sftp.js';
@@ -272,7 +272,8 @@ export class BrokerConnection {
         argv = [shell, '-l'];
       }
       const term = r.pty ? sanitizeTerm(r.pty.term) : undefined;
-      const clientEnv = new Map(Object.entries(r.env).filter(([k]) => /^(TERM|LANG|LC_[A-Z_]{1,40})$/.test(k)));
+      // The worker already filtered the client's env requests; checked again here, where it counts.
+      const clientEnv = new Map(Object.entries(r.env).filter(([k, v]) => acceptClientEnv(k, v)).slice(0, ENV_LIMITS.maxVars));
       const env = sessionEnvironment({ user: login.user, clientEnv, term, connection: login.connection, originalCommand: original });
       const size = r.pty ? clampPtySize(r.pty.cols, r.pty.rows) : undefined;
       this.log.info({

@@ -321,7 +321,10 @@ export class Broker {
       return null;
     }
     const c = this.conns.get(req.conn);
-    if (!c || c.worker !== w.index || c.state === 'closed') return null;
+    if (!c || c.worker !== w.index || c.state === 'closed') {
+      if (w.closedConns.has(req.conn)) return Buffer.from(JSON.stringify({ error: 'the connection is closed' }));
+      return null;
+    }
     const data = Buffer.from(req.data, 'base64');
     if (![20, 32, 48, 64].includes(data.length)) return null;
     const key = this.signingKeys.get(req.keyType === 'rsa-sha2-256' || req.keyType === 'rsa-sha2-512' ? 'ssh-rsa' : req.keyType);
