@@ -1,15 +1,15 @@
 /**
- * The message set between the SSH server and port forwarding in a VE: the
+ * The message set between the broker and port forwarding in a VE: the
  * helper (src/native/vesh-forward.c) runs inside the VE with all of the VE's
  * namespaces and confinement; the relay (src/native/vesh-forward-relay.c)
- * runs on the host, starts it, and is the only process the server talks to.
+ * runs on the host, starts it, and is the only process the broker talks to
+ * (src/broker/forward-relay-client.ts).
  *
- * Transport, server ↔ relay: Node's IPC channel (the 'ipc' stdio slot of
- * child_process.spawn). Each message is one JSON object a line; a message
- * that carries a connection also carries its socket descriptor (SCM_RIGHTS)
- * as the send handle, framed as Node frames handles. Node trusts its IPC peer
- * completely, so that peer must never be a process a tenant can reach: the
- * relay is a host process outside the VE's namespaces.
+ * Transport, broker ↔ relay: one JSON object per datagram on a
+ * SOCK_SEQPACKET socketpair (src/system/frame-channel.ts); a message that
+ * carries a connection also carries its socket descriptor (SCM_RIGHTS) on
+ * that datagram. The broker passes each such socket on to the SSH worker
+ * that asked, unread.
  *
  * Transport, relay ↔ helper: fixed-size frames over a SOCK_SEQPACKET
  * socketpair (src/native/forward-frame.h). The tenant can take over the
@@ -19,7 +19,7 @@
  * AF_INET/AF_INET6 TCP sockets are taken. What it drops it reports as
  * 'rejected'.
  *
- * What the server gets for a connection is never the VE's socket but one end
+ * What the broker gets for a connection is never the VE's socket but one end
  * of a Unix socketpair the relay made, non-blocking, which nobody else holds;
  * the relay copies between it and the VE's socket without ever blocking. A
  * socket the VE also holds could be switched to blocking from inside the VE

@@ -46,10 +46,10 @@ export interface VeAccess {
    * running VE as `user`, with everything a session process has there (all
    * the VE's namespaces, its cgroups, capabilities and seccomp filter), so
    * every socket it makes is the VE's and nothing connects from the host's
-   * network. Spawn it with a Node IPC channel as fd 3 (the relay is a host
-   * process the VE cannot reach; it checks every frame and descriptor from
-   * the helper) and `program` opened read-only as fd 4. It says
-   * {t:'ready'} once the helper runs, and lives until the channel closes.
+   * network. Spawn it with a SOCK_SEQPACKET frame channel as fd 3 (the relay
+   * is a host process the VE cannot reach; it checks every frame and
+   * descriptor from the helper) and `program` opened read-only as fd 4. It
+   * says {t:'ready'} once the helper runs, and lives until the channel closes.
    */
   forwardCommand(ve: string, user: VeUserInfo): Promise<HostCommand & { program: string }>;
 }

@@ -689,8 +689,8 @@ export class VeManager implements VeAccess {
     // VE's confinement; the program comes in as fd 4 (nothing of ours is put
     // in the VE's files) and fd 3 is the relay's frame channel. Detached: no
     // engine process stays on the host for the helper's lifetime. The relay
-    // runs the engine and is the only one that talks to the helper: the
-    // helper is reachable by the tenant, so Node's IPC never is.
+    // runs the engine and is the only one that talks to the helper, which
+    // the tenant can reach.
     const cmd = await this.runtime.execCommand(ve, {
       argv: ['/proc/self/fd/4'],
       uid: user.uid,
