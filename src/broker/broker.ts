@@ -37,6 +37,9 @@ export interface BrokerDeps {
   workerOutput?: (chunk: Buffer) => void;
 }
 
+/** workers.stallTimeout's default. */
+const DEFAULT_STALL_MS = 30_000;
+
 /** Closed connections a worker may still name in a request already on its way (per worker). */
 const MAX_REMEMBERED_CLOSED = 10_000;
 
@@ -62,6 +65,7 @@ export class Broker {
   private readonly usedSessionIds = new Set<string>();
   readonly caps: UsageCaps;
   private closing = false;
+  private watchdog: NodeJS.Timeout | null = null;
 
   constructor(private readonly deps: BrokerDeps) {
     this.log = deps.logger.child({ component: 'broker' });
@@ -96,6 +100,21 @@ export class Broker {
   /** Start the workers and listen; resolves with the bound address (port 0 picks a free one). */
   listen(): Promise<{ host: string; port: number }> {
     this.pool.start();
+    // A worker stuck in a loop answers nothing: its connections are stuck
+    // with it. Ping each one; one that stays silent past stallTimeout is
+    // ended and replaced (its connections drop, the others go on).
+    const stallMs = this.deps.config.workers?.stallTimeoutMs ?? DEFAULT_STALL_MS;
+    let seq = 0;
+    this.watchdog = setInterval(() => {
+      seq += 1;
+      const now = Date.now();
+      for (const w of this.pool.list()) {
+        if (!w.alive) continue;
+        if (now - w.lastAlive > stallMs) this.pool.kill(w, `no answer to the broker's ping for ${Math.round((now - w.lastAlive) / 1000)} s (workers.stallTimeout): taken for stuck`);
+        else this.sendTo(w, { ev: 'ping', seq });
+      }
+    }, Math.max(200, Math.min(5_000, stallMs / 4)));
+    this.watchdog.unref();
     const { host, port } = this.deps.config.listen;
     return new Promise((resolve, reject) => {
       const onError = (err: NodeJS.ErrnoException) => {
@@ -214,6 +233,10 @@ export class Broker {
       return;
     }
     const r = parsed.request;
+    if (r.req === 'worker.alive') {
+      w.lastAlive = Date.now();
+      return;
+    }
     const c = this.conns.get(r.conn);
     if (!c || c.worker !== w.index || !w.conns.has(r.conn)) {
       // A request that crossed the worker's own "closed" for it (a session
@@ -277,6 +300,8 @@ export class Broker {
         return { body: {} };
       case 'conn.closed':
         this.connectionClosed(w, c, r);
+        return null;
+      case 'worker.alive':
         return null;
     }
   }
@@ -390,6 +415,7 @@ export class Broker {
   async close(timeoutMs = 5000): Promise<void> {
     if (this.closing) return;
     this.closing = true;
+    if (this.watchdog) clearInterval(this.watchdog);
     const stopped = new Promise<void>((r) => this.tcp.close(() => r()));
     this.log.info({ event: 'ssh.shutdown', connections: this.conns.size });
     for (const c of this.conns.values()) c.hangupAll();

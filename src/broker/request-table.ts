@@ -35,6 +35,7 @@ import { z } from 'zod';
  * | forward.listen    | authenticated  |      | listener id and bound port inside the VE             |
  * | forward.unlisten  | authenticated  |      | —                                                    |
  * | conn.closed       | any but closed | once | no answer: the broker forgets the connection         |
+ * | worker.alive      | (no conn)      |      | no answer: the pong to the broker's ping             |
  *
  * The key exchange is signed over a second socket (see SignRequest): the
  * first exchange hash signed for a connection becomes its session id.
@@ -114,6 +115,10 @@ export const REQUESTS = {
       protocolError: z.string().max(300).optional(),
     }),
   },
+  'worker.alive': {
+    states: [], once: false,
+    schema: z.strictObject({ req: z.literal('worker.alive'), id, seq: z.number().int().min(0) }),
+  },
 } as const;
 
 export type RequestName = keyof typeof REQUESTS;
@@ -142,7 +147,8 @@ export type BrokerEvent =
   | { ev: 'session.exit'; conn: string; session: number; report: { kind: 'status'; code: number } | { kind: 'signal'; signal: string } }
   | { ev: 'forward.accepted'; conn: string; listener: number; remoteAddress: string; remotePort: number }
   | { ev: 'forward.gone'; conn: string; reason: string }
-  | { ev: 'shutdown'; timeoutMs: number };
+  | { ev: 'shutdown'; timeoutMs: number }
+  | { ev: 'ping'; seq: number };
 
 /** What a worker needs to know of vesh.yaml (it never reads the file). */
 export interface WorkerSettings {

@@ -17,6 +17,8 @@ export interface Worker {
   channel: FrameChannel;
   /** Connections it holds (broker ids). */
   conns: Set<string>;
+  /** When it last answered a ping (or started). */
+  lastAlive: number;
   /** Connections it held that are closed now, most recent last (bounded by the broker). */
   closedConns: Set<string>;
   alive: boolean;
@@ -153,7 +155,7 @@ export class WorkerPool {
     closeFd(ctrl[1]);
     closeFd(sign[1]);
     const channel = new FrameChannel(ctrl[0], { maxFrameBytes: MAX_FRAME_BYTES, name: `worker ${index}` });
-    const w: Worker = { index, pid: child.pid ?? -1, uid, channel, conns: new Set(), closedConns: new Set(), alive: true, startedAt: Date.now() };
+    const w: Worker = { index, pid: child.pid ?? -1, uid, channel, conns: new Set(), closedConns: new Set(), lastAlive: Date.now(), alive: true, startedAt: Date.now() };
     this.workers[index] = w;
     this.children.set(index, child);
     this.log.info({ event: 'broker.worker_started', worker: index, pid: w.pid, uid });

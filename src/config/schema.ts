@@ -172,6 +172,8 @@ export const serverConfigSchema = z.strictObject({
     firstUid: z.number().int().min(1000).max(4_000_000_000).default(2_147_000_000),
     /** Descriptors one worker may hold (each connection takes a few). */
     maxFiles: z.number().int().min(256).max(1_048_576).default(65_536),
+    /** A worker that has not answered the broker's ping for this long is taken for stuck, ended and replaced. */
+    stallTimeout: parsed((v) => parseDuration(v, 'stallTimeout')).default(30_000),
   }).prefault({}),
   logging: z.strictObject({
     level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),

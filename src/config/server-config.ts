@@ -26,7 +26,7 @@ export interface ServerConfig {
   };
   sessions: SessionLimits;
   runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number; sessionAgents: boolean; relayPids: number; relayMemoryBytes: number; ptysPerVe: number; veFirewall: boolean };
-  workers: { count: number; firstUid: number; maxFiles: number };
+  workers: { count: number; firstUid: number; maxFiles: number; stallTimeoutMs: number };
   logging: { level: string; pretty: boolean | 'auto' };
 }
 
@@ -100,7 +100,7 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
       ptysPerVe: value.runtime.ptysPerVe,
       veFirewall: value.runtime.veFirewall,
     },
-    workers: { ...value.workers },
+    workers: { count: w.count, firstUid: w.firstUid, maxFiles: w.maxFiles, stallTimeoutMs: w.stallTimeout },
     logging: { ...value.logging },
   };
 }

@@ -60,6 +60,10 @@ function main(): void {
       log.info({ event: 'worker.ready', worker: ev.worker, uid: process.getuid?.() });
       return;
     }
+    if (ev.ev === 'ping') {
+      channel.send({ req: 'worker.alive', id: 1, seq: ev.seq });
+      return;
+    }
     if (!server) return;
     server.onEvent(ev, fds);
   });
