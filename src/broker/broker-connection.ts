@@ -71,6 +71,8 @@ export class BrokerConnection {
   private relay: Promise<ForwardRelayClient> | null = null;
   private readonly listeners = new Set<number>();
   private timers: NodeJS.Timeout[] = [];
+  /** The once-only requests (request-table.ts) this connection has had. */
+  readonly onceSeen = new Set<string>();
   /** Its place in the pre-auth caps (set by the broker once handed over). */
   admission: Admitted | null = null;
   log: Logger;

@@ -253,6 +253,13 @@ export class Broker {
       this.pool.kill(w, `${r.req} in state ${c.state}`);
       return;
     }
+    if (entry.once) {
+      if (c.onceSeen.has(r.req)) {
+        this.pool.kill(w, `${r.req} twice for one connection`);
+        return;
+      }
+      c.onceSeen.add(r.req);
+    }
     void this.answer(w, c, r).then(
       (reply) => {
         if (reply) this.sendTo(w, { re: r.id, ok: true, ...reply.body }, reply.fds);
