@@ -116,3 +116,25 @@ export function workerSandboxCommand(opts: WorkerSandboxOptions): { file: string
   args.push('--', node, script, ...(opts.args ?? []));
   return { file, args };
 }
+
+/**
+ * The directories of vesh.yaml that workers must not see (data, host keys,
+ * accounts, config), as far as they exist and do not hold the app root
+ * itself (which the workers must see; a config file kept at the top of the
+ * app root stays visible then, and keeps its file mode as its guard: the
+ * workers' uids own nothing).
+ */
+export function hiddenFromWorkers(config: { dataDir: string; hostKeysDir: string; accountsFile: string; configFile: string }, root: string = appRoot()): string[] {
+  const dirs = [config.dataDir, config.hostKeysDir, path.dirname(config.accountsFile), path.dirname(config.configFile)];
+  const out = new Set<string>();
+  for (const d of dirs) {
+    let real: string;
+    try {
+      real = realpathSync(d);
+    } catch {
+      continue;
+    }
+    if (!isWithin(root, real)) out.add(real);
+  }
+  return [...out];
+}

@@ -4,9 +4,9 @@ import { Authenticator } from '../auth/authenticator.js';
 import { AccountsStore } from '../config/accounts-store.js';
 import { errorMessage } from '../errors.js';
 import { loadOrCreateHostKeys } from '../ssh/host-keys.js';
-import { existsSync, mkdirSync } from 'node:fs';
-import path from 'node:path';
+import { mkdirSync } from 'node:fs';
 import { Broker } from '../broker/broker.js';
+import { hiddenFromWorkers } from '../broker/worker-sandbox.js';
 import { createVeManager } from '../ve/index.js';
 import { buildContext, type GlobalOptions } from './context.js';
 
@@ -51,7 +51,7 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   // What the workers must never see, even where it lies under the program's
   // own directory (their root shows that directory, read-only).
   mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
-  const hide = [...new Set([config.dataDir, config.hostKeysDir, path.dirname(config.accountsFile), path.dirname(config.configFile)])].filter((d) => existsSync(d));
+  const hide = hiddenFromWorkers(config);
   const server = new Broker({
     config, authenticator, ves, hostKeys, logger, hide,
     // Tests stand a hostile worker in here; an admin never needs to.
