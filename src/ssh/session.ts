@@ -80,10 +80,16 @@ export class SessionChannel {
     this.onClosed();
   }
 
-  /** The broker says the process ended. */
+  /**
+   * The broker says the process ended. That frame can be read in the same
+   * batch as the answer that started it, before the code waiting for that
+   * answer ran: then it is kept until the process is set up.
+   */
   exited(report: ExitReport): void {
     if (this.proc) this.proc.exited(report);
+    else this.earlyExit = report;
   }
+  private earlyExit: ExitReport | null = null;
 
   private onEnv(accept: (() => void) | undefined, reject: (() => void) | undefined, name: string, value: string): void {
     if (this.kind || this.env.size >= ENV_LIMITS.maxVars || !acceptClientEnv(String(name), String(value))) {
@@ -197,6 +203,7 @@ export class SessionChannel {
     } else {
       this.proc = pipeProcess(fds, channel, onExit);
     }
+    if (this.earlyExit) this.proc.exited(this.earlyExit);
   }
 
   /**
