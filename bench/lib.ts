@@ -1,3 +1,4 @@
+import { readdirSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 
 /** Helpers every benchmark shares: percentiles, a free loopback port, waiting for a listener. */
@@ -37,4 +38,62 @@ export async function waitForPort(port: number, timeoutMs = 60_000): Promise<voi
     await sleep(100);
   }
   throw new Error(`nothing listens on 127.0.0.1:${port}`);
+}
+
+/** The spread of per-round figures: median, lowest and highest. */
+export const spread = (xs: number[]): { median: number; min: number; max: number } => ({
+  median: median(xs), min: Math.min(...xs), max: Math.max(...xs),
+});
+
+const USER_HZ = 100; // /proc/PID/stat counts CPU time in 1/100 s on Linux
+
+/** One process's CPU time while a sampler ran. */
+export interface ProcessCpu { pid: number; ppid: number; comm: string; cpuS: number }
+
+type ProcStat = Omit<ProcessCpu, 'pid'> & { startTicks: number };
+
+function readProcStats(): Map<number, ProcStat> {
+  const out = new Map<number, ProcStat>();
+  for (const e of readdirSync('/proc')) {
+    if (e.charCodeAt(0) < 48 || e.charCodeAt(0) > 57) continue;
+    let stat: string;
+    try { stat = readFileSync(`/proc/${e}/stat`, 'utf8'); } catch { continue; }
+    const close = stat.lastIndexOf(')');
+    const f = stat.slice(close + 2).split(' ');
+    // after the comm: state(0) ppid(1) … utime(11) stime(12) … starttime(19)
+    out.set(Number(e), { ppid: Number(f[1]), comm: stat.slice(stat.indexOf('(') + 1, close), cpuS: (Number(f[11]) + Number(f[12])) / USER_HZ, startTicks: Number(f[19]) });
+  }
+  return out;
+}
+
+/**
+ * CPU seconds each process spent between start and stop(), every process on
+ * the host (a transfer's client and server side are short-lived processes
+ * in different trees: the client's ssh, a VE's sftp-server). /proc is read
+ * every `intervalMs`, so a process that exits in between loses at most that
+ * much of its time; one born meanwhile counts from zero. The reads cost the
+ * calling process CPU: keep it off runs whose figures that would skew.
+ */
+export function sampleProcessCpu(intervalMs = 100): { stop(): ProcessCpu[] } {
+  const first = readProcStats();
+  const last = new Map(first);
+  const take = () => {
+    for (const [pid, p] of readProcStats()) last.set(pid, p);
+  };
+  const timer = setInterval(take, intervalMs);
+  return {
+    stop: () => {
+      clearInterval(timer);
+      take();
+      const out: ProcessCpu[] = [];
+      for (const [pid, p] of last) {
+        const before = first.get(pid);
+        // A pid reused by a new process (another start time) counts from
+        // zero; not the comm, which a kernel worker changes with its work.
+        const base = before && before.startTicks === p.startTicks ? before.cpuS : 0;
+        out.push({ pid, ppid: p.ppid, comm: p.comm, cpuS: p.cpuS - base });
+      }
+      return out.sort((a, b) => b.cpuS - a.cpuS);
+    },
+  };
 }

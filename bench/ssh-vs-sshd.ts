@@ -1,17 +1,33 @@
 /**
- * vesh beside OpenSSH's sshd (Debian) and a bare ssh2 server, in one run,
- * with the same OpenSSH client, key and key exchange (curve25519-sha256):
+ * vesh beside OpenSSH's sshd (Debian), a bare ssh2 server and, optionally,
+ * another build of vesh (--baseline-tree: the code before a change, e.g.
+ * the single-process server before privilege separation), in one run, with
+ * the same OpenSSH client, key and key exchange (curve25519-sha256):
  *   - login + `true` latency p50/p95, warm VE (running, in use: its session
- *     agent is up) and cold VE (stopped: boot on demand, the session goes
- *     through `runc exec`);
+ *     agent is up), and once at the end cold VE (stopped: boot on demand,
+ *     the session goes through `runc exec`);
  *   - logins per second with 8 clients in parallel;
- *   - SFTP upload and download of one file (1 GiB by default) in MB/s: the
- *     median of --sftp-rounds rounds, each round one transfer per target in
- *     turn, so that a slow spell of the machine falls on all of them.
+ *   - SFTP upload and download of one file (1 GiB by default) in MB/s.
+ * Every figure is taken in --rounds rounds, each round one measurement per
+ * target in turn (the order rotating), so that a slow spell of the machine
+ * falls on all of them; the report gives the median of the per-round
+ * figures, their spread, and the ratios round by round with the worst one.
  * sshd runs with its own port, config and host key; the bare ssh2 server
- * spawns `true` on the host (no VE): the floor for any ssh2-based server.
+ * runs in this process and spawns `true` on the host (no VE): the floor for
+ * any ssh2-based server. The baseline vesh gets its own data dir, port,
+ * bridge and VE, like the main one.
  *
- *   npx vite-node bench/ssh-vs-sshd.ts -- [--logins 30] [--parallel-logins 80] [--sftp-mib 1024] [--sftp-rounds 3] [--sftp-only] [--ve-memory 1G] [--cipher NAME] [--json]
+ *   npx vite-node bench/ssh-vs-sshd.ts -- [--rounds 3] [--logins 30] [--parallel-logins 80]
+ *     [--baseline-tree DIR] [--workers N] [--sftp-mib 1024] [--sftp-rounds N] [--sftp-only | --logins-only]
+ *     [--ve-memory 1G] [--cipher NAME] [--cpu] [--json]
+ *
+ * --baseline-tree DIR: a built checkout of another commit, e.g.
+ *   git worktree add /var/tmp/vesh-baseline 3f64454 && ln -s $PWD/node_modules /var/tmp/vesh-baseline/ &&
+ *   (cd /var/tmp/vesh-baseline && ./node_modules/.bin/tsc -p tsconfig.json && sh scripts/build-native.sh)
+ * --workers N: vesh's workers.count (default: the config's default, one per CPU).
+ * --cpu: CPU seconds per process during each SFTP transfer (client ssh, worker,
+ *   sftp-server, sshd…), read from /proc every 100 ms by this process, which
+ *   also hosts the bare ssh2 server: its own figures are then a little low.
  *
  * Not a test: shared, noisy machines; read the figures side by side.
  */
@@ -25,34 +41,50 @@ import { loadServerConfig } from '../src/config/server-config.js';
 import { makeLayout } from '../src/system/layout.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
 import { sharedTemplate } from '../test/helpers/templates.js';
-import { pct, median, sleep, freePort, waitForPort } from './lib.js';
+import { pct, median, sleep, freePort, waitForPort, spread, sampleProcessCpu, type ProcessCpu } from './lib.js';
 
 const { values: args } = parseArgs({
   options: {
+    rounds: { type: 'string', default: '3' },
     logins: { type: 'string', default: '30' },
     'parallel-logins': { type: 'string', default: '80' },
+    'baseline-tree': { type: 'string' },
+    workers: { type: 'string' },
     'sftp-mib': { type: 'string', default: '1024' },
-    'sftp-rounds': { type: 'string', default: '3' },
-    // Skip the login figures (for looking at SFTP alone).
+    // Default: --rounds.
+    'sftp-rounds': { type: 'string' },
+    // Skip the login figures (for looking at SFTP alone), or SFTP.
     'sftp-only': { type: 'boolean', default: false },
+    'logins-only': { type: 'boolean', default: false },
     // The VE's memory limit; its page cache counts against it, so whether the
     // transferred file stays cached (as it does for sshd) depends on it.
     've-memory': { type: 'string', default: '1G' },
     // The client's cipher for every target (default: the client's own choice,
     // chacha20-poly1305 for OpenSSH 9.2).
     cipher: { type: 'string' },
+    cpu: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
   },
   allowPositionals: true,
 });
+const ROUNDS = Math.max(1, Number(args.rounds));
 const LOGINS = Number(args.logins);
 const PAR_LOGINS = Number(args['parallel-logins']);
 const SFTP_MIB = Number(args['sftp-mib']);
-const SFTP_ROUNDS = Math.max(1, Number(args['sftp-rounds']));
+const SFTP_ROUNDS = Math.max(1, Number(args['sftp-rounds'] ?? ROUNDS));
 const SFTP_ONLY = args['sftp-only'];
+const LOGINS_ONLY = args['logins-only'];
+const WORKERS = args.workers === undefined ? null : Number(args.workers);
 const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+const BASELINE = args['baseline-tree'] ? path.resolve(args['baseline-tree']) : null;
+if (SFTP_ONLY && LOGINS_ONLY) throw new Error('--sftp-only and --logins-only leave nothing to measure');
+if (WORKERS !== null && !(Number.isInteger(WORKERS) && WORKERS >= 0)) throw new Error(`--workers ${args.workers}: a whole number of workers (0 = one per CPU)`);
+if (BASELINE && !existsSync(path.join(BASELINE, 'dist', 'cli'))) {
+  throw new Error(`--baseline-tree ${BASELINE}: no dist/cli there; build that checkout first (tsc -p tsconfig.json && sh scripts/build-native.sh)`);
+}
 
-interface Target { name: string; port: number; user: string; remoteDir: string }
+type Key = 'vesh' | 'baseline' | 'sshd' | 'bare';
+interface Target { key: Key; name: string; port: number; user: string; remoteDir: string }
 
 function sshArgs(dir: string, t: Target): string[] {
   return [
@@ -89,7 +121,7 @@ async function waitForAgent(dir: string, t: Target): Promise<void> {
     if (r.stdout.trim() === 'vesh-agent') return;
     await sleep(200);
   }
-  throw new Error('the warm VE has no session agent after 20 s: is dist/vesh-session built (npm run build)?');
+  throw new Error(`${t.name}: the warm VE has no session agent after 20 s: is dist/vesh-session built (npm run build)?`);
 }
 
 async function loginsPerSecond(dir: string, t: Target, total: number, parallel = 8): Promise<number> {
@@ -152,13 +184,56 @@ function startBareSsh2(dir: string, port: number): Promise<net.Server> {
   return new Promise((r) => tcp.listen(port, '127.0.0.1', () => r(tcp)));
 }
 
+/** Where the CPU of one transfer went: seconds per process kind, named by the tree it belongs to. */
+function cpuByRole(procs: ProcessCpu[], roots: Array<[number, string]>): Record<string, number> {
+  const byPid = new Map(procs.map((p) => [p.pid, p]));
+  const rootOf = (pid: number): string | null => {
+    for (let p = pid, hops = 0; p > 1 && hops < 64; hops++) {
+      const r = roots.find(([rp]) => rp === p);
+      if (r) return r[1];
+      p = byPid.get(p)?.ppid ?? 0;
+    }
+    return null;
+  };
+  const out: Record<string, number> = {};
+  for (const p of procs) {
+    if (p.cpuS < 0.02) continue;
+    const root = rootOf(p.pid);
+    // The roots' own pids: vesh serve (the broker, or the whole server before the split), sshd's listener.
+    const own = roots.find(([rp]) => rp === p.pid);
+    const comm = p.comm.startsWith('kworker/') ? 'kernel workers' : p.comm;
+    const label = p.pid === process.pid ? 'bench (bare ssh2)' : own ? `${own[1]} serve` : root === 'bench' ? `client ${comm}` : root ? `${root} ${comm}` : comm;
+    out[label] = (out[label] ?? 0) + p.cpuS;
+  }
+  return Object.fromEntries(Object.entries(out).sort((a, b) => b[1] - a[1]).slice(0, 8).map(([k, v]) => [k, Number(v.toFixed(2))]));
+}
+
+/** vesh's config file and accounts for one instance (its own data dir, port, bridge, subnet). */
+async function writeVeshInstance(dir: string, o: { port: number; bridge: string; subnet: string; pub: string; accounts: string[]; workers: number | null }): Promise<string> {
+  const data = path.join(dir, 'data');
+  mkdirSync(path.join(data, 'templates'), { recursive: true });
+  await fs.symlink((await sharedTemplate('debian')).dir, path.join(data, 'templates', 'debian'));
+  writeFileSync(path.join(dir, 'vesh.yaml'), [
+    `listen: "127.0.0.1:${o.port}"`, `dataDir: ${data}`, `hostKeysDir: ${dir}/keys`, `accountsFile: ${dir}/accounts.yaml`,
+    `defaults: { template: debian, limits: { memory: ${args['ve-memory']}, pids: 512, cpus: 2, disk: ${Math.ceil((SFTP_MIB * 2.2) / 1024) + 1}G } }`,
+    `network: { bridge: ${o.bridge}, subnet: ${o.subnet}, outbound: false }`,
+    `logging: { level: warn, pretty: false }`,
+    ...(o.workers === null ? [] : [`workers: { count: ${o.workers} }`]),
+  ].join('\n'));
+  writeFileSync(path.join(dir, 'accounts.yaml'), o.accounts.map((a) => `${a}:\n  keys:\n    - ${o.pub}\n`).join(''));
+  return path.join(dir, 'vesh.yaml');
+}
+
+/** The same list turned by `r` places: round r starts with a different target. */
+const rotate = <T>(xs: T[], r: number): T[] => xs.map((_, i) => xs[(i + r) % xs.length]!);
+
 async function main(): Promise<void> {
   const dir = mkdtempSync('/var/tmp/vesh-bench-ssh-');
   chmodSync(dir, 0o711);
   const children: ChildProcess[] = [];
+  const configs: string[] = [];
   let bare: net.Server | null = null;
-  const vesh = (...a: string[]) => execFileSync(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), ...a], { encoding: 'utf8' });
-  // Ctrl-C or a timeout still removes the VEs, bridge and files this run made.
+  // Ctrl-C or a timeout still removes the VEs, bridges and files this run made.
   const onSignal = () => {
     void cleanupAll().finally(() => process.exit(130));
   };
@@ -171,9 +246,10 @@ async function main(): Promise<void> {
     bare?.close();
     for (const c of children) c.kill('SIGTERM');
     await sleep(1000);
-    // vesh serve leaves VEs running by design: remove what the bench's instance made.
-    const configFile = path.join(dir, 'vesh.yaml');
-    if (existsSync(configFile)) await removeInstance(loadServerConfig(configFile));
+    // vesh serve leaves VEs running by design: remove what the bench's instances made.
+    for (const configFile of configs) {
+      if (existsSync(configFile)) await removeInstance(loadServerConfig(configFile)).catch((err: Error) => console.error(`cleanup of ${configFile}: ${err.message}`));
+    }
     await fs.rm(dir, { recursive: true, force: true });
   };
   try {
@@ -181,21 +257,27 @@ async function main(): Promise<void> {
     execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', path.join(dir, 'sshd_host_key')]);
     execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-m', 'PEM', '-f', path.join(dir, 'bare_host_key')]);
     const pub = readFileSync(path.join(dir, 'id_ed25519.pub'), 'utf8').trim();
+    const [pVesh, pBase, pSshd, pBare] = [await freePort(), await freePort(), await freePort(), await freePort()];
+    const id = process.pid % 10000;
 
-    // ---- vesh serve, Debian template (the shared cache the tests use), disk big enough for the SFTP file
-    const [pVesh, pSshd, pBare] = [await freePort(), await freePort(), await freePort()];
-    const data = path.join(dir, 'data');
-    mkdirSync(path.join(data, 'templates'), { recursive: true });
-    await fs.symlink((await sharedTemplate('debian')).dir, path.join(data, 'templates', 'debian'));
-    writeFileSync(path.join(dir, 'vesh.yaml'), [
-      `listen: "127.0.0.1:${pVesh}"`, `dataDir: ${data}`, `hostKeysDir: ${dir}/keys`, `accountsFile: ${dir}/accounts.yaml`,
-      `defaults: { template: debian, limits: { memory: ${args['ve-memory']}, pids: 512, cpus: 2, disk: ${Math.ceil((SFTP_MIB * 2.2) / 1024) + 1}G } }`,
-      `network: { bridge: vbs${process.pid % 10000}, subnet: 10.239.${process.pid % 250}.0/24, outbound: false }`,
-      `logging: { level: warn, pretty: false }`,
-    ].join('\n'));
-    writeFileSync(path.join(dir, 'accounts.yaml'), `warm:\n  keys:\n    - ${pub}\ncold:\n  keys:\n    - ${pub}\n`);
-    const serve = spawn(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
+    // ---- vesh serve (this tree), Debian template (the shared cache the tests use), disk big enough for the SFTP file
+    const veshConfig = await writeVeshInstance(path.join(dir, 'vesh'), { port: pVesh, bridge: `vbs${id}`, subnet: `10.239.${process.pid % 250}.0/24`, pub, accounts: ['warm', 'cold'], workers: WORKERS });
+    configs.push(veshConfig);
+    const serve = spawn(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', veshConfig, 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
     children.push(serve);
+    const vesh = (...a: string[]) => execFileSync(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', veshConfig, ...a], { encoding: 'utf8' });
+
+    // ---- the baseline build of vesh: its own everything, its own code
+    let baseServe: ChildProcess | null = null;
+    let baseLabel = '';
+    if (BASELINE) {
+      const baseConfig = await writeVeshInstance(path.join(dir, 'baseline'), { port: pBase, bridge: `vbb${id}`, subnet: `10.238.${process.pid % 250}.0/24`, pub, accounts: ['warm'], workers: null });
+      configs.push(baseConfig);
+      baseServe = spawn(process.execPath, [path.join(BASELINE, 'bin/vesh.js'), '--config', baseConfig, 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
+      children.push(baseServe);
+      baseLabel = execFileSync('git', ['-C', BASELINE, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim();
+      await waitForPort(pBase);
+    }
     await waitForPort(pVesh);
 
     // ---- OpenSSH sshd, its own port, config and host key
@@ -214,25 +296,35 @@ async function main(): Promise<void> {
 
     bare = await startBareSsh2(dir, pBare);
 
-    const targets: Record<string, Target> = {
-      vesh: { name: 'vesh', port: pVesh, user: 'warm', remoteDir: '/root' },
-      sshd: { name: 'OpenSSH sshd', port: pSshd, user: 'root', remoteDir: path.join(dir, 'sshd-home') },
-      bare: { name: 'bare ssh2 (host)', port: pBare, user: 'root', remoteDir: path.join(dir, 'sshd-home') },
+    const targets: Partial<Record<Key, Target>> = {
+      vesh: { key: 'vesh', name: 'vesh', port: pVesh, user: 'warm', remoteDir: '/root' },
+      ...(BASELINE ? { baseline: { key: 'baseline' as const, name: `vesh ${baseLabel}`, port: pBase, user: 'warm', remoteDir: '/root' } } : {}),
+      sshd: { key: 'sshd', name: 'OpenSSH sshd', port: pSshd, user: 'root', remoteDir: path.join(dir, 'sshd-home') },
+      bare: { key: 'bare', name: 'bare ssh2 (host)', port: pBare, user: 'root', remoteDir: path.join(dir, 'sshd-home') },
     };
+    const keys = Object.keys(targets) as Key[];
     // Warm up: the VE's first login creates and boots it; its session agent
     // starts a second later (session-agents.ts), as on any VE in use.
     for (const t of Object.values(targets)) await loginOnce(dir, t);
     await waitForAgent(dir, targets.vesh!);
+    if (targets.baseline) await waitForAgent(dir, targets.baseline);
 
-    const warm: Record<string, number[]> = {};
+    // Per round and target: warm login p50/p95 and logins/s with 8 clients.
+    const loginRounds = Object.fromEntries(keys.map((k) => [k, { p50: [] as number[], p95: [] as number[], lps: [] as number[] }])) as Record<Key, { p50: number[]; p95: number[]; lps: number[] }>;
     const execFloor: number[] = [];
     let cold: number[] = [];
-    const lps: Record<string, number> = {};
     if (!SFTP_ONLY) {
-      for (const [k, t] of Object.entries(targets)) warm[k] = await loginLatency(dir, t, LOGINS);
+      for (let round = 0; round < ROUNDS; round++) {
+        for (const k of rotate(keys, round)) {
+          const v = await loginLatency(dir, targets[k]!, LOGINS);
+          loginRounds[k].p50.push(pct(v, 50));
+          loginRounds[k].p95.push(pct(v, 95));
+        }
+        for (const k of rotate(keys, round)) loginRounds[k].lps.push(await loginsPerSecond(dir, targets[k]!, PAR_LOGINS));
+      }
 
       // What a session costs without the agent (the first login to a running VE, a cold login): one `runc exec`.
-      const runcRoot = makeLayout(data).runtimeRoot;
+      const runcRoot = makeLayout(loadServerConfig(veshConfig).dataDir).runtimeRoot;
       for (let i = 0; i < LOGINS; i++) {
         const t0 = performance.now();
         spawnSync('runc', ['--root', runcRoot, 'exec', 'warm', 'true'], { stdio: 'ignore' });
@@ -242,70 +334,109 @@ async function main(): Promise<void> {
       // Cold: the VE is stopped before every login, which boots it on demand.
       await loginOnce(dir, { ...targets.vesh!, user: 'cold' });
       cold = await loginLatency(dir, { ...targets.vesh!, user: 'cold' }, Math.max(5, Math.floor(LOGINS / 3)), () => vesh('ve', 'stop', '--kill', 'cold'));
-
-      for (const [k, t] of Object.entries(targets)) lps[k] = await loginsPerSecond(dir, t, PAR_LOGINS);
     }
 
-    const src = path.join(dir, 'payload');
-    execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SFTP_MIB}`, 'status=none']);
-    const mb = (SFTP_MIB * 1024 * 1024) / 1e6;
-    const rounds: Record<string, { upMBs: number[]; downMBs: number[] }> = { vesh: { upMBs: [], downMBs: [] }, sshd: { upMBs: [], downMBs: [] }, bare: { upMBs: [], downMBs: [] } };
-    for (let round = 0; round < SFTP_ROUNDS; round++) {
-      for (const k of ['vesh', 'sshd', 'bare'] as const) {
-        const t = targets[k]!;
-        const remote = `${t.remoteDir}/payload`;
-        // Each transfer starts with no dirty data of an earlier one: without
-        // the sync, the kernel writes a finished upload back some 30 s later,
-        // in the middle of whichever transfer runs then (untimed).
-        execFileSync('sync');
-        const up = await sftpTransfer(dir, t, `put ${src} ${remote}\n`);
-        execFileSync('sync');
-        const down = await sftpTransfer(dir, t, `get ${remote} ${dir}/down\nrm ${remote}\n`);
-        await fs.rm(path.join(dir, 'down'), { force: true });
-        rounds[k]!.upMBs.push(mb / (up / 1000));
-        rounds[k]!.downMBs.push(mb / (down / 1000));
+    const sftpRounds = Object.fromEntries(keys.map((k) => [k, { upMBs: [] as number[], downMBs: [] as number[] }])) as Record<Key, { upMBs: number[]; downMBs: number[] }>;
+    const cpu: Array<{ target: Key; round: number; dir: 'up' | 'down'; wallS: number; cpuS: Record<string, number> }> = [];
+    if (!LOGINS_ONLY) {
+      const src = path.join(dir, 'payload');
+      execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SFTP_MIB}`, 'status=none']);
+      const mb = (SFTP_MIB * 1024 * 1024) / 1e6;
+      const roots: Array<[number, string]> = [[serve.pid!, 'vesh'], [sshd.pid!, 'sshd'], [process.pid, 'bench'], ...(baseServe ? [[baseServe.pid!, 'baseline'] as [number, string]] : [])];
+      const timed = async (k: Key, round: number, d: 'up' | 'down', batch: string): Promise<number> => {
+        const sampler = args.cpu ? sampleProcessCpu() : null;
+        const ms = await sftpTransfer(dir, targets[k]!, batch);
+        if (sampler) cpu.push({ target: k, round, dir: d, wallS: Number((ms / 1000).toFixed(2)), cpuS: cpuByRole(sampler.stop(), roots) });
+        return ms;
+      };
+      for (let round = 0; round < SFTP_ROUNDS; round++) {
+        for (const k of rotate(keys, round)) {
+          const remote = `${targets[k]!.remoteDir}/payload`;
+          // Each transfer starts with no dirty data of an earlier one: without
+          // the sync, the kernel writes a finished upload back some 30 s later,
+          // in the middle of whichever transfer runs then (untimed).
+          execFileSync('sync');
+          const up = await timed(k, round, 'up', `put ${src} ${remote}\n`);
+          execFileSync('sync');
+          const down = await timed(k, round, 'down', `get ${remote} ${dir}/down\nrm ${remote}\n`);
+          await fs.rm(path.join(dir, 'down'), { force: true });
+          sftpRounds[k].upMBs.push(mb / (up / 1000));
+          sftpRounds[k].downMBs.push(mb / (down / 1000));
+        }
       }
     }
-    const sftp = Object.fromEntries(Object.entries(rounds).map(([k, r]) => [k, { upMBs: median(r.upMBs), downMBs: median(r.downMBs) }])) as Record<string, { upMBs: number; downMBs: number }>;
 
-    const logins = SFTP_ONLY ? null : {
-      loginMs: Object.fromEntries(Object.entries(warm).map(([k, v]) => [k, { p50: pct(v, 50), p95: pct(v, 95) }])),
-      coldLoginMs: { p50: pct(cold, 50), p95: pct(cold, 95) },
-      runcExecTrueMs: { p50: pct(execFloor, 50), p95: pct(execFloor, 95) },
-      loginsPerSecond8: lps,
+    // Ratios round by round (the same round's figures), and the worst round against its target.
+    const perRound = (a: number[], b: number[]) => a.map((x, i) => x / b[i]!);
+    const ratios = {
+      ...(SFTP_ONLY ? {} : {
+        warmP50VeshOverBare: perRound(loginRounds.vesh.p50, loginRounds.bare.p50),
+        ...(BASELINE ? { loginsPerSecondVeshOverBaseline: perRound(loginRounds.vesh.lps, loginRounds.baseline.lps) } : {}),
+      }),
+      ...(LOGINS_ONLY ? {} : {
+        sftpUpVeshOverSshd: perRound(sftpRounds.vesh.upMBs, sftpRounds.sshd.upMBs),
+        sftpDownVeshOverSshd: perRound(sftpRounds.vesh.downMBs, sftpRounds.sshd.downMBs),
+      }),
     };
     const result = {
       date: new Date().toISOString(),
-      ...(logins ?? {}),
-      sftpMiB: SFTP_MIB,
-      sftp,
-      sftpRounds: rounds,
+      load: readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' '),
+      workers: WORKERS ?? 'default',
+      baseline: BASELINE ? { tree: BASELINE, commit: baseLabel } : null,
+      rounds: ROUNDS,
+      ...(SFTP_ONLY ? {} : {
+        logins: Object.fromEntries(keys.map((k) => [k, { p50Ms: spread(loginRounds[k].p50), p95Ms: spread(loginRounds[k].p95), perSecond8: spread(loginRounds[k].lps) }])),
+        loginRounds,
+        coldLoginMs: { p50: pct(cold, 50), p95: pct(cold, 95) },
+        runcExecTrueMs: { p50: pct(execFloor, 50), p95: pct(execFloor, 95) },
+      }),
+      ...(LOGINS_ONLY ? {} : {
+        sftpMiB: SFTP_MIB,
+        sftp: Object.fromEntries(keys.map((k) => [k, { upMBs: median(sftpRounds[k].upMBs), downMBs: median(sftpRounds[k].downMBs) }])),
+        sftpRounds,
+        ...(args.cpu ? { sftpCpu: cpu } : {}),
+      }),
+      ratios: Object.fromEntries(Object.entries(ratios).map(([k, v]) => [k, { median: median(v), perRound: v.map((x) => Number(x.toFixed(3))) }])),
     };
     if (args.json) {
       console.log(JSON.stringify(result, null, 2));
       return;
     }
-    const f = (x: number) => x.toFixed(0).padStart(6);
-    const f1 = (x: number) => x.toFixed(1).padStart(6);
-    const ratio = (a: number, b: number) => (a / b).toFixed(2);
-    console.log(`SSH: vesh vs OpenSSH sshd vs bare ssh2, OpenSSH client, curve25519, VE memory ${args['ve-memory']} (${result.date})`);
-    const labels = [['vesh', 'vesh (warm VE)'], ['sshd', 'OpenSSH sshd'], ['bare', 'bare ssh2 on host']] as const;
-    if (logins) {
-      console.log('                         login p50  login p95  logins/s(8)');
+    const f = (x: number) => x.toFixed(0);
+    const f1 = (x: number) => x.toFixed(1);
+    const sp = (xs: number[], fmt: (x: number) => string) => {
+      const s = spread(xs);
+      return `${fmt(s.median)} [${fmt(s.min)}–${fmt(s.max)}]`.padEnd(18);
+    };
+    const rr = (xs: number[], worst: 'min' | 'max') => `${median(xs).toFixed(2)} (rounds ${xs.map((x) => x.toFixed(2)).join(' ')}; worst ${(worst === 'min' ? Math.min(...xs) : Math.max(...xs)).toFixed(2)})`;
+    const labels: Array<[Key, string]> = [
+      ['vesh', `vesh, warm VE (${WORKERS === null ? 'default' : WORKERS} workers)`],
+      ...(BASELINE ? [['baseline', `vesh ${baseLabel}, warm VE`] as [Key, string]] : []),
+      ['sshd', 'OpenSSH sshd'], ['bare', 'bare ssh2 on host'],
+    ];
+    console.log(`SSH: vesh vs OpenSSH sshd vs bare ssh2${BASELINE ? ` vs vesh ${baseLabel}` : ''}, OpenSSH client, curve25519${args.cipher ? `, ${args.cipher}` : ''}, VE memory ${args['ve-memory']} (${result.date}, load ${result.load})`);
+    if (!SFTP_ONLY) {
+      console.log(`Logins: median of ${ROUNDS} interleaved rounds [lowest–highest round]; ${LOGINS} logins per round for p50/p95, ${PAR_LOGINS} for logins/s`);
+      console.log(`${''.padEnd(34)} ${'login p50, ms'.padEnd(18)} ${'login p95, ms'.padEnd(18)} logins/s (8 clients)`);
       for (const [k, label] of labels) {
-        console.log(`${label.padEnd(24)} ${f(logins.loginMs[k]!.p50)} ms  ${f(logins.loginMs[k]!.p95)} ms  ${f1(lps[k]!)}`);
+        console.log(`${label.padEnd(34)} ${sp(loginRounds[k].p50, f)} ${sp(loginRounds[k].p95, f)} ${sp(loginRounds[k].lps, f1)}`);
       }
-      console.log(`${'vesh (cold VE)'.padEnd(24)} ${f(logins.coldLoginMs.p50)} ms  ${f(logins.coldLoginMs.p95)} ms`);
-      console.log(`${'runc exec true'.padEnd(24)} ${f(logins.runcExecTrueMs.p50)} ms  ${f(logins.runcExecTrueMs.p95)} ms`);
-      console.log(`ratios: warm/bare ${ratio(logins.loginMs.vesh!.p50, logins.loginMs.bare!.p50)} (target ≤ 1.3), cold/sshd-warm ${ratio(logins.coldLoginMs.p50, logins.loginMs.sshd!.p50)} (target ≤ 0.75)`);
+      console.log(`${'vesh, cold VE (once)'.padEnd(34)} ${f(pct(cold, 50)).padEnd(18)} ${f(pct(cold, 95)).padEnd(18)}`);
+      console.log(`${'runc exec true (once)'.padEnd(34)} ${f(pct(execFloor, 50)).padEnd(18)} ${f(pct(execFloor, 95)).padEnd(18)}`);
+      console.log(`ratio vesh/bare ssh2 warm p50: ${rr(ratios.warmP50VeshOverBare!, 'max')}, target ≤ 1.3`);
+      if (BASELINE) console.log(`ratio vesh/${baseLabel} logins/s: ${rr(ratios.loginsPerSecondVeshOverBaseline!, 'min')}, target ≥ 1.5`);
     }
-    console.log(`SFTP of ${SFTP_MIB} MiB, MB/s, median of ${SFTP_ROUNDS} interleaved rounds (each round's figure in brackets)`);
-    console.log('                         up                               down');
-    const each = (xs: number[]) => `[${xs.map((x) => x.toFixed(0)).join(' ')}]`.padEnd(22);
-    for (const [k, label] of labels) {
-      console.log(`${label.padEnd(24)} ${f1(sftp[k]!.upMBs)} ${each(rounds[k]!.upMBs)}  ${f1(sftp[k]!.downMBs)} ${each(rounds[k]!.downMBs)}`);
+    if (!LOGINS_ONLY) {
+      console.log(`SFTP of ${SFTP_MIB} MiB, MB/s: median of ${SFTP_ROUNDS} interleaved rounds [lowest–highest round]`);
+      console.log(`${''.padEnd(34)} ${'up'.padEnd(18)} down`);
+      for (const [k, label] of labels) console.log(`${label.padEnd(34)} ${sp(sftpRounds[k].upMBs, f)} ${sp(sftpRounds[k].downMBs, f)}`);
+      console.log(`ratio vesh/sshd SFTP up: ${rr(ratios.sftpUpVeshOverSshd!, 'min')}, target ≥ 1.2`);
+      console.log(`ratio vesh/sshd SFTP down: ${rr(ratios.sftpDownVeshOverSshd!, 'min')}, target ≥ 1.2`);
+      if (args.cpu) {
+        console.log('CPU seconds per process during each transfer (processes over 0.02 s; "client" = the sftp client and its ssh):');
+        for (const c of cpu) console.log(`  ${c.target} ${c.dir} round ${c.round + 1}, ${c.wallS} s: ${Object.entries(c.cpuS).map(([l, s]) => `${l} ${s}`).join(', ')}`);
+      }
     }
-    console.log(`ratios: sftp up ${ratio(sftp.vesh!.upMBs, sftp.sshd!.upMBs)} down ${ratio(sftp.vesh!.downMBs, sftp.sshd!.downMBs)} (target ≥ 0.9); bare ssh2/sshd up ${ratio(sftp.bare!.upMBs, sftp.sshd!.upMBs)} down ${ratio(sftp.bare!.downMBs, sftp.sshd!.downMBs)}`);
   } finally {
     await cleanupAll();
   }
