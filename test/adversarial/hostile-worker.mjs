@@ -177,7 +177,8 @@ const attacks = {
   },
   /** A request for a connection this worker does not hold (another worker's, or made up). */
   async 'foreign-conn'(conn, report, args) {
-    const frame = { req: 'session.open', id: 900004, conn: args.target, session: 1, kind: 'exec', command: 'touch /tmp/pwned-foreign; sleep 300', env: {} };
+    // A session number the target's own client is unlikely to have used.
+    const frame = { req: 'session.open', id: 900004, conn: args.target, session: 77, kind: 'exec', command: 'touch /tmp/pwned-foreign; sleep 300', env: {} };
     report({ step: 'send', frame });
     channel.send(frame);
     await linger();
