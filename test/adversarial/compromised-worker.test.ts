@@ -93,11 +93,16 @@ describe('adversarial: a compromised SSH worker', () => {
     return killed;
   }
 
-  /** The broker process is the same and serves: a real OpenSSH login of bob through a (restarted) worker. */
-  async function expectStillServing(): Promise<void> {
+  /**
+   * The broker process is the same and serves: a real OpenSSH login of bob
+   * through a (restarted) worker; returns the index of the worker that served it.
+   */
+  async function expectStillServing(): Promise<number> {
     expect(serverAlive(arena)).toBe(true);
     await waitFor('both workers up again', async () => poolReady(), 30_000);
+    const m = mark();
     await arena.expectServes('bob');
+    return Number(logs().slice(m).find((r) => r.event === 'ssh.connection')?.worker);
   }
 
   /** No process or file in either VE that an attack's command would have made. */
@@ -130,9 +135,13 @@ describe('adversarial: a compromised SSH worker', () => {
   it('ends a worker that asks for a session in preauth, and starts nothing in any VE', async () => {
     const m = mark();
     const steps = await runAttack('preauth-session-open');
-    await expectKilled(m, steps, /session\.open in state preauth/);
+    const killed = await expectKilled(m, steps, /session\.open in state preauth/);
     await expectNothingRanInVes();
-    await expectStillServing();
+    // Both workers idle: the pool gives bob's login the first, the one it
+    // just replaced, so the replacement takes new connections and serves them.
+    expect(killed.worker).toBe(0);
+    expect(await expectStillServing()).toBe(0);
+    expect(logs().slice(m).filter((r) => r.event === 'broker.worker_started' && r.worker === 0)).toHaveLength(1);
   }, 120_000);
 
   it('ends a worker that asks for a port forward in preauth', async () => {
