@@ -95,6 +95,7 @@ export class ConnectionForwarding {
       reject?.();
       return;
     }
+    this.listensInFlight += 1;
     try {
       const l = await this.ctx.broker.forwardListen(host, info.bindPort);
       if (this.closed) return;
@@ -106,8 +107,17 @@ export class ConnectionForwarding {
     } catch (err) {
       this.ctx.log.info({ event: 'forward.failed', kind: 'remote', bind, err: errorMessage(err) });
       reject?.();
+    } finally {
+      this.listensInFlight -= 1;
+      // Connections that reached a listener before we had read its answer.
+      const early = this.early.splice(0);
+      for (const e of early) this.onAccepted(e.listener, e.fd, e.remoteAddress, e.remotePort);
     }
   }
+
+  private listensInFlight = 0;
+  /** Connections the broker passed for a listener whose answer was not processed yet (same batch of frames). */
+  private readonly early: Array<{ listener: number; fd: number; remoteAddress: string; remotePort: number }> = [];
 
   private cancel(accept: (() => void) | undefined, reject: (() => void) | undefined, info: TcpipBindInfo): void {
     const key = `${info.bindAddr}:${info.bindPort}`;
@@ -125,6 +135,10 @@ export class ConnectionForwarding {
 
   /** A connection arrived on a -R listener inside the VE (the broker passed its socket): open a forwarded-tcpip channel for it. */
   onAccepted(listenerId: number, fd: number, remoteAddress: string, remotePort: number): void {
+    if (!this.byId.has(listenerId) && this.listensInFlight > 0 && !this.closed && this.early.length < MAX_REMOTE_FORWARDS_PER_CONNECTION) {
+      this.early.push({ listener: listenerId, fd, remoteAddress, remotePort });
+      return;
+    }
     const rl = this.byId.get(listenerId);
     if (!rl || this.closed || !this.ctx.reserveChannel()) {
       closeFd(fd);
@@ -203,6 +217,7 @@ export class ConnectionForwarding {
 
   close(): void {
     this.closed = true;
+    for (const e of this.early.splice(0)) closeFd(e.fd);
     this.listeners.clear();
     this.byId.clear();
   }
