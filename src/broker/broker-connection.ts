@@ -40,6 +40,10 @@ interface AuthResult {
   method: 'publickey' | 'password' | 'keyboard-interactive';
 }
 
+/** Re-key signatures one connection may have at once, and how often one more. */
+const RESIGN_BURST = 4;
+const RESIGN_INTERVAL_MS = 60_000;
+
 /** How long a connection refused by a cap may stay before the broker cuts it (the worker ends it after 5 s). */
 const CAP_REFUSAL_CUT_MS = 8_000;
 
@@ -71,6 +75,24 @@ export class BrokerConnection {
   private relay: Promise<ForwardRelayClient> | null = null;
   private readonly listeners = new Set<number>();
   private timers: NodeJS.Timeout[] = [];
+  private resignTokens = RESIGN_BURST;
+  private resignAt = Date.now();
+
+  /**
+   * May the key exchange be signed again (a re-key)? Never before login;
+   * after it, RESIGN_BURST at once and one more per RESIGN_INTERVAL_MS
+   * (OpenSSH re-keys after about a gigabyte or an hour).
+   */
+  mayResign(): boolean {
+    if (this.state !== 'authenticated') return false;
+    const now = Date.now();
+    this.resignTokens = Math.min(RESIGN_BURST, this.resignTokens + (now - this.resignAt) / RESIGN_INTERVAL_MS);
+    this.resignAt = now;
+    if (this.resignTokens < 1) return false;
+    this.resignTokens -= 1;
+    return true;
+  }
+
   /** The once-only requests (request-table.ts) this connection has had. */
   readonly onceSeen = new Set<string>();
   /** Its place in the pre-auth caps (set by the broker once handed over). */

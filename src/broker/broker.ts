@@ -361,6 +361,13 @@ export class Broker {
     if (![20, 32, 48, 64].includes(data.length)) return null;
     const key = this.signingKeys.get(req.keyType === 'rsa-sha2-256' || req.keyType === 'rsa-sha2-512' ? 'ssh-rsa' : req.keyType);
     if (!key) return Buffer.from(JSON.stringify({ error: `no ${req.keyType} host key` }));
+    if (c.sessionId && !c.mayResign()) {
+      // One signature before login (the key exchange), as OpenSSH's monitor
+      // allows; re-keys after it at a bounded rate. More would make the
+      // broker a host-key signing service for a compromised worker. The
+      // answer fails this key exchange only, not the worker's others.
+      return Buffer.from(JSON.stringify({ error: c.state === 'preauth' ? 'one key exchange before login' : 're-keying too often' }));
+    }
     if (!c.sessionId) {
       // The first exchange hash is the connection's session id for good
       // (RFC 4253 7.2). One already used by any connection is refused: a

@@ -105,13 +105,15 @@ export class WorkerPool {
   }
 
   /** End a worker now (it broke the protocol, or it is stuck): its connections drop, a new one starts. */
-  kill(w: Worker, reason: string): void {
+  kill(w: Worker, reason: string, quiet = false): void {
     if (!w.alive) return;
     if (this.stopping) {
       this.markDead(w);
       return;
     }
-    this.log.error({ event: 'broker.worker_killed', worker: w.index, pid: w.pid, reason }, `ending SSH worker ${w.index}: ${reason}`);
+    // quiet: the worker's channel closed, which is what a crash looks like
+    // too; its exit is logged (broker.worker_exit) when it comes.
+    if (!quiet) this.log.error({ event: 'broker.worker_killed', worker: w.index, pid: w.pid, reason }, `ending SSH worker ${w.index}: ${reason}`);
     try {
       process.kill(w.pid, 'SIGKILL');
     } catch { /* already gone */ }
@@ -166,7 +168,7 @@ export class WorkerPool {
     });
     channel.on('malformed', (why: string) => this.kill(w, `malformed frame: ${why}`));
     channel.on('error', (err: Error) => this.kill(w, `channel error: ${errorMessage(err)}`));
-    channel.on('close', () => this.kill(w, 'closed its channel'));
+    channel.on('close', () => this.kill(w, 'closed its channel', true));
 
     // Sign requests: one frame in, one frame out, answered at once (the
     // worker waits for the answer, blocking its loop for that time).

@@ -238,6 +238,18 @@ describe('adversarial: a compromised SSH worker', () => {
     await expectStillServing();
   }, 120_000);
 
+  it('signs one key exchange for a connection that has not logged in, and no more: no host-key signing service for a compromised worker', async () => {
+    await waitFor('both workers up', async () => poolReady(), 30_000);
+    const m = mark();
+    const steps = await runAttack('sign-many');
+    const answers = stepOf(steps, 'signs').answers as string[];
+    // The first is the key exchange; every later one is refused, and the worker is not ended for asking.
+    expect(answers[0]).toBe('sig');
+    expect(answers.slice(1).every((a) => a === 'error'), `answers: ${answers.join(',')}`).toBe(true);
+    expect(logs().slice(m).some((r) => r.event === 'broker.worker_killed')).toBe(false);
+    await expectStillServing();
+  }, 120_000);
+
   it('ends a worker whose request carries descriptors, and the broker holds no more descriptors after many tries', async () => {
     const pid = arena.serve.child.pid!;
     const fdCount = () => readdirSync(`/proc/${pid}/fd`).length;

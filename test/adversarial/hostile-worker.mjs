@@ -195,6 +195,15 @@ const attacks = {
     report({ step: 'answer', answer });
     await linger();
   },
+  /** A host-key signing service: sign many hashes for one connection that never logs in. */
+  async 'sign-many'(conn, report) {
+    const answers = [];
+    for (let i = 0; i < 20; i++) {
+      const a = signRaw(conn, randomBytes(32));
+      answers.push(a.sig ? 'sig' : a.error ? 'error' : 'failed');
+    }
+    report({ step: 'signs', answers });
+  },
   /** A request frame with descriptors attached: /dev/null and one end of a socketpair. */
   async 'fd-request'(conn, report) {
     const pair = socketpair('stream');
