@@ -97,3 +97,15 @@ export function sampleProcessCpu(intervalMs = 100): { stop(): ProcessCpu[] } {
     },
   };
 }
+
+/** The host's CPU time so far, busy and all, from /proc/stat (every process counted, short-lived ones too). */
+export function hostCpuTicks(): { busy: number; total: number } {
+  const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+  // user nice system idle iowait irq softirq steal (guest time is already inside user)
+  const total = f.slice(0, 8).reduce((a, b) => a + b, 0);
+  return { busy: total - f[3]! - f[4]!, total };
+}
+
+/** Share of the host's CPU capacity that was busy between two hostCpuTicks() readings (0 to 1). */
+export const busyShare = (a: { busy: number; total: number }, b: { busy: number; total: number }): number =>
+  (b.busy - a.busy) / Math.max(1, b.total - a.total);

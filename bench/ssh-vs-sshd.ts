@@ -25,8 +25,9 @@
  *   git worktree add /var/tmp/vesh-baseline 3f64454 && ln -s $PWD/node_modules /var/tmp/vesh-baseline/ &&
  *   (cd /var/tmp/vesh-baseline && ./node_modules/.bin/tsc -p tsconfig.json && sh scripts/build-native.sh)
  * --workers N: vesh's workers.count (default: the config's default, one per CPU).
- * --cpu: CPU seconds per process during each SFTP transfer (client ssh, worker,
- *   sftp-server, sshd…), read from /proc every 100 ms by this process, which
+ * --cpu: CPU seconds per process during each SFTP transfer and each logins/s
+ *   run (client ssh, worker, broker, sftp-server, sshd…) and how busy the
+ *   host's CPUs were, read from /proc every 100 ms by this process, which
  *   also hosts the bare ssh2 server: its own figures are then a little low.
  *
  * Not a test: shared, noisy machines; read the figures side by side.
@@ -34,6 +35,7 @@
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
+import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import ssh2 from 'ssh2';
@@ -41,7 +43,7 @@ import { loadServerConfig } from '../src/config/server-config.js';
 import { makeLayout } from '../src/system/layout.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
 import { sharedTemplate } from '../test/helpers/templates.js';
-import { pct, median, sleep, freePort, waitForPort, spread, sampleProcessCpu, type ProcessCpu } from './lib.js';
+import { pct, median, sleep, freePort, waitForPort, spread, sampleProcessCpu, hostCpuTicks, busyShare, type ProcessCpu } from './lib.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -313,6 +315,9 @@ async function main(): Promise<void> {
     const loginRounds = Object.fromEntries(keys.map((k) => [k, { p50: [] as number[], p95: [] as number[], lps: [] as number[] }])) as Record<Key, { p50: number[]; p95: number[]; lps: number[] }>;
     const execFloor: number[] = [];
     let cold: number[] = [];
+    // Whose CPU a phase used: the processes of each server's tree, the clients, the rest of the host.
+    const roots: Array<[number, string]> = [[serve.pid!, 'vesh'], [sshd.pid!, 'sshd'], [process.pid, 'bench'], ...(baseServe ? [[baseServe.pid!, 'baseline'] as [number, string]] : [])];
+    const loginCpu: Array<{ target: Key; round: number; wallS: number; busyShare: number; cpuS: Record<string, number> }> = [];
     if (!SFTP_ONLY) {
       for (let round = 0; round < ROUNDS; round++) {
         for (const k of rotate(keys, round)) {
@@ -320,7 +325,15 @@ async function main(): Promise<void> {
           loginRounds[k].p50.push(pct(v, 50));
           loginRounds[k].p95.push(pct(v, 95));
         }
-        for (const k of rotate(keys, round)) loginRounds[k].lps.push(await loginsPerSecond(dir, targets[k]!, PAR_LOGINS));
+        for (const k of rotate(keys, round)) {
+          const sampler = args.cpu ? sampleProcessCpu() : null;
+          const [t0, ticks0] = [performance.now(), hostCpuTicks()];
+          loginRounds[k].lps.push(await loginsPerSecond(dir, targets[k]!, PAR_LOGINS));
+          if (sampler) {
+            const busy = busyShare(ticks0, hostCpuTicks());
+            loginCpu.push({ target: k, round, wallS: Number(((performance.now() - t0) / 1000).toFixed(2)), busyShare: Number(busy.toFixed(2)), cpuS: cpuByRole(sampler.stop(), roots) });
+          }
+        }
       }
 
       // What a session costs without the agent (the first login to a running VE, a cold login): one `runc exec`.
@@ -342,7 +355,6 @@ async function main(): Promise<void> {
       const src = path.join(dir, 'payload');
       execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SFTP_MIB}`, 'status=none']);
       const mb = (SFTP_MIB * 1024 * 1024) / 1e6;
-      const roots: Array<[number, string]> = [[serve.pid!, 'vesh'], [sshd.pid!, 'sshd'], [process.pid, 'bench'], ...(baseServe ? [[baseServe.pid!, 'baseline'] as [number, string]] : [])];
       const timed = async (k: Key, round: number, d: 'up' | 'down', batch: string): Promise<number> => {
         const sampler = args.cpu ? sampleProcessCpu() : null;
         const ms = await sftpTransfer(dir, targets[k]!, batch);
@@ -389,6 +401,7 @@ async function main(): Promise<void> {
         loginRounds,
         coldLoginMs: { p50: pct(cold, 50), p95: pct(cold, 95) },
         runcExecTrueMs: { p50: pct(execFloor, 50), p95: pct(execFloor, 95) },
+        ...(args.cpu ? { loginsPerSecondCpu: loginCpu } : {}),
       }),
       ...(LOGINS_ONLY ? {} : {
         sftpMiB: SFTP_MIB,
@@ -425,6 +438,10 @@ async function main(): Promise<void> {
       console.log(`${'runc exec true (once)'.padEnd(34)} ${f(pct(execFloor, 50)).padEnd(18)} ${f(pct(execFloor, 95)).padEnd(18)}`);
       console.log(`ratio vesh/bare ssh2 warm p50: ${rr(ratios.warmP50VeshOverBare!, 'max')}, target ≤ 1.3`);
       if (BASELINE) console.log(`ratio vesh/${baseLabel} logins/s: ${rr(ratios.loginsPerSecondVeshOverBaseline!, 'min')}, target ≥ 1.5`);
+      if (args.cpu) {
+        console.log(`CPU during each logins/s run: busy = the host's busy share of its ${availableParallelism()} CPUs (/proc/stat); CPU seconds of the longer-lived processes (a client ssh lives ~0.1 s and mostly escapes the 100 ms sampling)`);
+        for (const c of loginCpu) console.log(`  ${c.target} round ${c.round + 1}, ${c.wallS} s, busy ${c.busyShare}: ${Object.entries(c.cpuS).map(([l, s]) => `${l} ${s}`).join(', ')}`);
+      }
     }
     if (!LOGINS_ONLY) {
       console.log(`SFTP of ${SFTP_MIB} MiB, MB/s: median of ${SFTP_ROUNDS} interleaved rounds [lowest–highest round]`);
