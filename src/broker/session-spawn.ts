@@ -1,8 +1,9 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import { accessSync, constants as fsc } from 'node:fs';
+import path from 'node:path';
 import type { HostCommand } from '../runtime/types.js';
 import { exitReport, relaySignal, type ExitReport } from '../ssh/exit-status.js';
 import { HANGUP_GRACE_MS, clampPtySize } from '../ssh/limits.js';
-import { closeFd, openPty, setWinsize, socketpair } from '../system/fdpass.js';
+import { closeFd, openPty, reap, setBlocking, setWinsize, socketpair, spawn, watch } from '../system/fdpass.js';
 
 /**
  * The broker's half of a session: start the host-side relay (`runc exec` or
@@ -18,7 +19,10 @@ import { closeFd, openPty, setWinsize, socketpair } from '../system/fdpass.js';
  *   half-closes it for EOF) and one for stderr, so the two stay apart.
  *
  * The broker keeps the process (signals, hang-up, exit status): the worker
- * cannot reach it, and asks.
+ * cannot reach it, and asks. It is started with posix_spawn (fdpass spawn),
+ * not Node's child_process, which forks the whole broker and stops its event
+ * loop for milliseconds per session (5 ms at 100 MB here) while workers wait
+ * on it for key-exchange signatures.
  */
 export interface SpawnedSession {
   readonly pid: number;
@@ -39,19 +43,38 @@ function relayEnv(cmd: HostCommand, term?: string): Record<string, string> {
 /** util-linux setsid: new session, and the inherited terminal (fd 0) made its controlling terminal. */
 const SETSID = '/usr/bin/setsid';
 
+const RELAY_PATH = ['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin'];
+const resolved = new Map<string, string>();
+
+/** An absolute path for `file` (posix_spawn does no PATH search): as given, or found on the relay's PATH. */
+function programPath(file: string): string {
+  if (path.isAbsolute(file)) return file;
+  const known = resolved.get(file);
+  if (known) return known;
+  for (const dir of RELAY_PATH) {
+    const p = path.join(dir, file);
+    try {
+      accessSync(p, fsc.X_OK);
+      resolved.set(file, p);
+      return p;
+    } catch { /* next */ }
+  }
+  return file;
+}
+
 export function spawnSession(
   cmd: HostCommand,
   pty: { term: string; cols: number; rows: number } | null,
   onExit: (report: ExitReport) => void,
 ): SpawnedSession {
-  let child: ChildProcess;
+  let child: { pid: number; pidfd: number };
   let workerFds: number[];
   if (pty) {
     const { master, slave } = openPty();
     try {
       const size = clampPtySize(pty.cols, pty.rows);
       setWinsize(master, size.cols, size.rows);
-      child = spawn(SETSID, ['--ctty', cmd.file, ...cmd.args], { stdio: [slave, slave, slave], env: relayEnv(cmd, pty.term), cwd: '/' });
+      child = spawn(SETSID, [SETSID, '--ctty', programPath(cmd.file), ...cmd.args], relayEnv(cmd, pty.term), [slave, slave, slave]);
     } catch (err) {
       closeFd(master);
       throw err;
@@ -63,7 +86,12 @@ export function spawnSession(
     const io = socketpair('stream');
     const err = socketpair('stream');
     try {
-      child = spawn(cmd.file, cmd.args, { stdio: [io[1], io[1], err[1]], env: relayEnv(cmd), cwd: '/' });
+      // The child's ends must block, as stdio does everywhere (socketpair()
+      // makes both ends non-blocking; a shell's `read` would see EOF).
+      setBlocking(io[1], true);
+      setBlocking(err[1], true);
+      const file = programPath(cmd.file);
+      child = spawn(file, [cmd.file, ...cmd.args], relayEnv(cmd), [io[1], io[1], err[1]]);
     } catch (e) {
       closeFd(io[0]);
       closeFd(err[0]);
@@ -75,22 +103,28 @@ export function spawnSession(
     workerFds = [io[0], err[0]];
   }
   let exited = false;
-  const finish = (report: ExitReport) => {
-    if (exited) return;
+  const w = watch(child.pidfd, () => {
+    let end;
+    try {
+      end = reap(child.pidfd);
+    } catch {
+      end = { code: 255, signal: 0 };
+    }
+    if (!end || exited) return;
     exited = true;
-    onExit(report);
-  };
-  // A failed exec (the relay binary gone) is reported as the shell's "not found".
-  child.on('error', () => finish({ kind: 'status', code: 127 }));
-  child.on('exit', (code, signal) => finish(exitReport(code, signal, cmd.exitReporting)));
+    w.close();
+    closeFd(child.pidfd);
+    onExit(exitReport(end.signal ? null : end.code, end.signal || null, cmd.exitReporting));
+  });
   const kill = (sig: NodeJS.Signals | number) => {
-    if (exited || child.pid === undefined) return;
+    // Never after the reap: the pid may belong to someone else by then.
+    if (exited) return;
     try {
       process.kill(child.pid, sig);
     } catch { /* already gone */ }
   };
   return {
-    pid: child.pid ?? -1,
+    pid: child.pid,
     fds: workerFds,
     signal: (sig) => kill(relaySignal(sig)),
     hangup: () => {

@@ -56,6 +56,8 @@ interface FdpassAddon {
   setWinsize(fd: number, cols: number, rows: number): void;
   peerCred(fd: number): PeerCred;
   lockdown(): void;
+  spawn(file: string, argv: string[], env: string[], stdio: [number, number, number]): SpawnedChild;
+  reap(pidfd: number): ProcessEnd | null;
 }
 
 /** dist/fdpass.node, the same path from src/ (tests) and from dist/ (the installed command). */
@@ -157,4 +159,32 @@ export function peerCred(fd: number): PeerCred {
  */
 export function lockdown(): void {
   addon().lockdown();
+}
+
+/** A process started by spawn(): its pid, and a pidfd that turns readable when it ends. */
+export interface SpawnedChild {
+  pid: number;
+  pidfd: number;
+}
+
+/** How a process ended: its exit code (-1 when a signal ended it) and that signal's number (0 when none). */
+export interface ProcessEnd {
+  code: number;
+  signal: number;
+}
+
+/**
+ * Start `file` (absolute) with `argv` (argv[0] included) and `env` ("K=V"),
+ * stdio[i] as its descriptor i, every signal at its default action, without
+ * forking this process (posix_spawn): a fork of a large Node process stops
+ * its event loop for milliseconds. Reap it with reap() once its pidfd is
+ * readable (watch()), then close the pidfd.
+ */
+export function spawn(file: string, argv: string[], env: Record<string, string>, stdio: [number, number, number]): SpawnedChild {
+  return addon().spawn(file, argv, Object.entries(env).map(([k, v]) => `${k}=${v}`), stdio);
+}
+
+/** How a spawn()ed process ended, or null while it runs (the pidfd stays open: close it). */
+export function reap(pidfd: number): ProcessEnd | null {
+  return addon().reap(pidfd);
 }

@@ -10,6 +10,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../src/errors.js';
 import {
   callSync, closeFd, dupFd, fdpassAddonPath, openPty, peerCred, recvFrame, sendFrame, setBlocking, setWinsize, shutdownFd, socketpair, watch,
+  reap, spawn as addonSpawn,
 } from '../../src/system/fdpass.js';
 import { FrameChannel } from '../../src/system/frame-channel.js';
 
@@ -571,4 +572,55 @@ describe('lockdown(): the worker serves SSH and can do nothing else', () => {
       }
     });
   }
+});
+
+describe('spawn(): a process start that does not fork the broker', () => {
+  /** Start `script` under /bin/sh with a socketpair as stdin+stdout; resolves with its output and how it ended. */
+  async function runSpawned(script: string): Promise<{ out: string; end: { code: number; signal: number } }> {
+    const io = socketpair('stream');
+    setBlocking(io[1], true);
+    const child = addonSpawn('/bin/sh', ['/bin/sh', '-c', script], { PATH: '/usr/bin:/bin' }, [io[1], io[1], io[1]]);
+    closeFd(io[1]);
+    const sock = new net.Socket({ fd: io[0], readable: true, writable: true, allowHalfOpen: true });
+    let out = '';
+    sock.on('error', () => undefined);
+    sock.on('data', (d: Buffer) => { out += d.toString(); });
+    const closed = new Promise<void>((r) => sock.once('close', () => r()));
+    sock.end('line-in\n');
+    const end = await new Promise<{ code: number; signal: number }>((resolve) => {
+      const w = watch(child.pidfd, () => {
+        const r = reap(child.pidfd);
+        if (!r) return;
+        w.close();
+        closeFd(child.pidfd);
+        resolve(r);
+      });
+    });
+    await closed;
+    return { out, end };
+  }
+
+  it('gives the child its stdio, blocking, and reports its exit code', async () => {
+    const r = await runSpawned('read x; echo "got-$x"; exit 7');
+    expect(r.out).toBe('got-line-in\n');
+    expect(r.end).toEqual({ code: 7, signal: 0 });
+  });
+
+  it('reports death by a signal with its number', async () => {
+    const r = await runSpawned('kill -TERM $$');
+    expect(r.end).toEqual({ code: -1, signal: 15 });
+  });
+
+  it('resets every standard signal to its default action and blocks none (this Node process ignores SIGPIPE)', async () => {
+    const r = await runSpawned('grep -E "^Sig(Ign|Blk)" /proc/self/status');
+    const mask = (name: string) => BigInt(`0x${new RegExp(`${name}:\\s+([0-9a-f]+)`).exec(r.out)![1]}`);
+    expect(mask('SigBlk')).toBe(0n);
+    // Signals 1-31 (bit n-1); 32 and 33 belong to the C library, which keeps them for itself.
+    expect(mask('SigIgn') & 0x7fffffffn).toBe(0n);
+  });
+
+  it('refuses a relative program and a missing one with errors', () => {
+    expect(() => addonSpawn('sh', ['sh'], {}, [0, 1, 2])).toThrow(/absolute/);
+    expect(() => addonSpawn('/nonexistent/prog', ['x'], {}, [0, 1, 2])).toThrow(expect.objectContaining({ code: 'ENOENT' }));
+  });
 });
