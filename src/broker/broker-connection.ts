@@ -74,6 +74,10 @@ export class BrokerConnection {
   private readonly sessionIds = new Set<number>();
   private relay: Promise<ForwardRelayClient> | null = null;
   private readonly listeners = new Set<number>();
+  /** Sessions asked for and not ended (starting or running): what sessions.maxSessions counts. */
+  private sessionsHeld = 0;
+  /** -R listens asked for and not answered yet: they count against the cap too. */
+  private listensPending = 0;
   private timers: NodeJS.Timeout[] = [];
   private resignTokens = RESIGN_BURST;
   private resignAt = Date.now();
@@ -256,17 +260,21 @@ export class BrokerConnection {
     const result = this.authenticated();
     if (this.sessionIds.has(r.session)) throw new ProtocolViolation(`session id ${r.session} used twice`);
     const maxSessions = this.deps.maxSessions ?? MAX_SESSIONS_PER_CONNECTION;
-    if (this.sessions.size >= maxSessions) throw new Refused(`too many sessions on this connection (sessions.maxSessions ${maxSessions})`);
+    // Counted from the request on, not from the start: requests sent all at
+    // once would otherwise each see the sessions not yet started.
+    if (this.sessionsHeld >= maxSessions) throw new Refused(`too many sessions on this connection (sessions.maxSessions ${maxSessions})`);
     if (r.kind === 'subsystem' && r.subsystem !== 'sftp') throw new Refused(`unknown subsystem ${JSON.stringify(r.subsystem ?? '').slice(0, 66)}`);
     if (r.kind === 'exec' && (r.command === undefined || r.command.includes('\0'))) throw new Refused('empty command or one with NUL');
     if (r.pty && result.key?.options.noPty) throw new Refused('no-pty key option');
     this.sessionIds.add(r.session);
     const refused = this.deps.caps.admit('session', result.account.name);
     if (refused) throw new Refused(refused.userMessage);
+    this.sessionsHeld += 1;
     let counted = true;
     const release = () => {
       if (!counted) return;
       counted = false;
+      this.sessionsHeld -= 1;
       this.deps.caps.release('session', result.account.name);
     };
     try {
@@ -414,13 +422,16 @@ export class BrokerConnection {
   async forwardListen(r: Request<'forward.listen'>): Promise<{ listener: number; port: number }> {
     this.forwardingAllowed();
     if (!isValidHost(r.host) || !isValidPort(r.port, true)) throw new Refused('invalid bind address');
-    if (this.listeners.size >= MAX_REMOTE_FORWARDS_PER_CONNECTION) throw new Refused('too many remote forwards');
+    if (this.listeners.size + this.listensPending >= MAX_REMOTE_FORWARDS_PER_CONNECTION) throw new Refused('too many remote forwards');
     let l: { id: number; port: number };
+    this.listensPending += 1;
     try {
       l = await (await this.relayClient()).listen(r.host, r.port);
     } catch (err) {
       this.log.info({ event: 'forward.failed', kind: 'remote', bind: { address: r.host, port: r.port }, err: errorMessage(err) });
       throw err;
+    } finally {
+      this.listensPending -= 1;
     }
     this.listeners.add(l.id);
     return { listener: l.id, port: l.port };

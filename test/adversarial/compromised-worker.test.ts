@@ -238,6 +238,19 @@ describe('adversarial: a compromised SSH worker', () => {
     await expectStillServing();
   }, 120_000);
 
+  it('holds a connection to sessions.maxSessions even when a worker asks for 16 sessions at once', async () => {
+    await waitFor('both workers up', async () => poolReady(), 30_000);
+    const m = mark();
+    const steps = await runAttack('session-burst', { user: 'alice', privateKey: alicePrivateKey });
+    expect(stepOf(steps, 'auth.publickey').success, JSON.stringify(steps)).toBe(true);
+    const burst = stepOf(steps, 'burst');
+    // The default sessions.maxSessions is 10: the other six are refused with the cap's reason.
+    expect(burst.ok, JSON.stringify(burst)).toBe(10);
+    expect((burst.refused as string[]).every((e) => /too many sessions on this connection/.test(e))).toBe(true);
+    expect(logs().slice(m).filter((r) => r.event === 'ssh.session_start').length).toBe(10);
+    await expectStillServing();
+  }, 120_000);
+
   it('signs one key exchange for a connection that has not logged in, and no more: no host-key signing service for a compromised worker', async () => {
     await waitFor('both workers up', async () => poolReady(), 30_000);
     const m = mark();

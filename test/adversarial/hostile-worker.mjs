@@ -195,6 +195,14 @@ const attacks = {
     report({ step: 'answer', answer });
     await linger();
   },
+  /** Many session.open at once on one authenticated connection: more than sessions.maxSessions. */
+  async 'session-burst'(conn, report, args) {
+    const r = await loginWithKey(conn, args);
+    report({ step: 'auth.publickey', ok: r.answer.ok, success: r.answer.body?.success === true });
+    const answers = await Promise.all(Array.from({ length: 16 }, (_, i) => ask('session.open', conn, { session: 100 + i, kind: 'exec', command: 'sleep 30', env: {} })));
+    for (const a of answers) for (const fd of a.fds) closeFd(fd);
+    report({ step: 'burst', ok: answers.filter((a) => a.ok).length, refused: answers.filter((a) => !a.ok).map((a) => a.error) });
+  },
   /** A host-key signing service: sign many hashes for one connection that never logs in. */
   async 'sign-many'(conn, report) {
     const answers = [];
