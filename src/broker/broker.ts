@@ -235,6 +235,7 @@ export class Broker {
     const r = parsed.request;
     if (r.req === 'worker.alive') {
       w.lastAlive = Date.now();
+      w.ready = true;
       return;
     }
     const c = this.conns.get(r.conn);

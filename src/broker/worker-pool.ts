@@ -19,6 +19,8 @@ export interface Worker {
   conns: Set<string>;
   /** When it last answered a ping (or started). */
   lastAlive: number;
+  /** It has said it serves (its first 'worker.alive', sent once it had the hello). */
+  ready: boolean;
   /** Connections it held that are closed now, most recent last (bounded by the broker). */
   closedConns: Set<string>;
   alive: boolean;
@@ -91,13 +93,20 @@ export class WorkerPool {
     for (let i = 0; i < this.workers.length; i++) this.spawnWorker(i);
   }
 
-  /** The live worker with the fewest connections, or null when none is up. */
+  /**
+   * The worker with the fewest connections among those that said they serve
+   * (a replacement still starting Node would keep a new login waiting for a
+   * second), else among those alive; null when none is up.
+   */
   pick(): Worker | null {
     let best: Worker | null = null;
-    for (const w of this.workers) {
-      if (w && w.alive && (!best || w.conns.size < best.conns.size)) best = w;
+    for (const readyOnly of [true, false]) {
+      for (const w of this.workers) {
+        if (w && w.alive && (!readyOnly || w.ready) && (!best || w.conns.size < best.conns.size)) best = w;
+      }
+      if (best) return best;
     }
-    return best;
+    return null;
   }
 
   list(): Worker[] {
@@ -157,7 +166,7 @@ export class WorkerPool {
     closeFd(ctrl[1]);
     closeFd(sign[1]);
     const channel = new FrameChannel(ctrl[0], { maxFrameBytes: MAX_FRAME_BYTES, name: `worker ${index}` });
-    const w: Worker = { index, pid: child.pid ?? -1, uid, channel, conns: new Set(), closedConns: new Set(), lastAlive: Date.now(), alive: true, startedAt: Date.now() };
+    const w: Worker = { index, pid: child.pid ?? -1, uid, channel, conns: new Set(), closedConns: new Set(), lastAlive: Date.now(), ready: false, alive: true, startedAt: Date.now() };
     this.workers[index] = w;
     this.children.set(index, child);
     this.log.info({ event: 'broker.worker_started', worker: index, pid: w.pid, uid });

@@ -58,6 +58,8 @@ function main(): void {
       log = pino({ level: ev.settings.logLevel, base: { pid: process.pid, component: 'worker', worker: ev.worker } });
       server = new WorkerServer(client, ev.hostKeys, sign, ev.settings, log);
       log.info({ event: 'worker.ready', worker: ev.worker, uid: process.getuid?.() });
+      // Tells the broker we serve now: it sends new connections to workers that do.
+      channel.send({ req: 'worker.alive', id: 1, seq: 0 });
       return;
     }
     if (ev.ev === 'ping') {

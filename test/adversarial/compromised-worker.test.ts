@@ -133,6 +133,8 @@ describe('adversarial: a compromised SSH worker', () => {
   }
 
   it('ends a worker that asks for a session in preauth, and starts nothing in any VE', async () => {
+    // Both workers serving, so the pool's choice (fewest connections, then the lower index) is known.
+    await waitFor('both workers up', async () => poolReady(), 30_000);
     const m = mark();
     const steps = await runAttack('preauth-session-open');
     const killed = await expectKilled(m, steps, /session\.open in state preauth/);

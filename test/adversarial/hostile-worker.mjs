@@ -355,6 +355,8 @@ channel.on('frame', (msg, fds) => {
     hostKeyType = msg.hostKeys[0]?.type ?? hostKeyType;
     server = new WorkerServer(client, msg.hostKeys, sign, msg.settings, pino({ level: msg.settings.logLevel, base: { pid: process.pid, component: 'worker', worker: msg.worker, hostile: true } }));
     log({ event: 'worker.ready', worker: msg.worker, uid: process.getuid(), hostile: true });
+    // As the real worker: say it serves, so the broker sends it connections.
+    channel.send({ req: 'worker.alive', id: 1, seq: 0 });
     return;
   }
   if (!server) {
