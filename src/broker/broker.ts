@@ -235,6 +235,7 @@ export class Broker {
     const r = parsed.request;
     if (r.req === 'worker.alive') {
       w.lastAlive = Date.now();
+      if (!w.ready) this.log.info({ event: 'broker.worker_serving', worker: w.index, pid: w.pid });
       w.ready = true;
       return;
     }

@@ -47,10 +47,11 @@ describe('adversarial: a compromised SSH worker', () => {
   const logs = () => arena.serve.logs;
 
   /** Both workers started and not ended since (by their last start/exit records). */
+  /** Both workers serve, as the broker sees it (it sends new connections only to those, when any does). */
   function poolReady(): boolean {
     return [0, 1].every((i) => {
-      const last = logs().filter((r) => r.worker === i && (r.event === 'broker.worker_started' || r.event === 'broker.worker_exit' || (r.event === 'worker.ready' && r.hostile === true))).at(-1);
-      return last?.event === 'worker.ready';
+      const last = logs().filter((r) => r.worker === i && (r.event === 'broker.worker_started' || r.event === 'broker.worker_exit' || r.event === 'broker.worker_serving')).at(-1);
+      return last?.event === 'broker.worker_serving';
     });
   }
 
@@ -89,7 +90,7 @@ describe('adversarial: a compromised SSH worker', () => {
     const killed = await arena.serve.waitForLog((r) => logs().indexOf(r) >= mark && r.event === 'broker.worker_killed' && r.worker === worker, 15_000);
     expect(String(killed.reason)).toMatch(reason);
     expect(steps.some((s) => s.step === 'done'), `the worker finished its attack alive: ${JSON.stringify(steps)}`).toBe(false);
-    await arena.serve.waitForLog((r) => logs().indexOf(r) >= mark && r.event === 'worker.ready' && r.worker === worker, 30_000);
+    await arena.serve.waitForLog((r) => logs().indexOf(r) >= mark && r.event === 'broker.worker_serving' && r.worker === worker, 30_000);
     return killed;
   }
 

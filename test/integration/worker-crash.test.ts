@@ -58,8 +58,8 @@ describe('vesh serve: a worker killed mid-session', () => {
   /** Both workers of `serve` ready (their last start is followed by a ready, and no exit since). */
   function poolReady(serve: ServeProcess): boolean {
     return [0, 1].every((i) => {
-      const last = serve.logs.filter((r) => r.worker === i && (r.event === 'broker.worker_started' || r.event === 'broker.worker_exit' || r.event === 'worker.ready')).at(-1);
-      return last?.event === 'worker.ready';
+      const last = serve.logs.filter((r) => r.worker === i && (r.event === 'broker.worker_started' || r.event === 'broker.worker_exit' || r.event === 'broker.worker_serving')).at(-1);
+      return last?.event === 'broker.worker_serving';
     });
   }
 
