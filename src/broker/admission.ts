@@ -38,9 +38,9 @@ export interface Admitted {
   onGrace: (() => void) | null;
 }
 
-/** "::ffff:127.0.0.1" → "127.0.0.1", so penalties and logs see one address per IPv4 client. */
-export function normalizeAddress(a: string | undefined): string {
-  if (!a) return 'unknown';
+/** "::ffff:127.0.0.1" → "127.0.0.1", so penalties and logs see one address per IPv4 client; `missing` when there is none. */
+export function normalizeAddress(a: string | undefined, missing = 'unknown'): string {
+  if (!a) return missing;
   return a.startsWith('::ffff:') && a.includes('.') ? a.slice(7) : a;
 }
 

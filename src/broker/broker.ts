@@ -10,7 +10,7 @@ import type { SshAuthenticator } from '../ssh/ports.js';
 import { DEFAULT_SESSION_LIMITS, UsageCaps } from '../ssh/usage-caps.js';
 import { closeFd, dupFd } from '../system/fdpass.js';
 import type { VeAccess } from '../ve/access.js';
-import { Admission, type AdmissionSettings } from './admission.js';
+import { Admission, normalizeAddress, type AdmissionSettings } from './admission.js';
 import { BrokerConnection, ProtocolViolation, Refused } from './broker-connection.js';
 import { REQUESTS, SignRequest, parseRequest, type BrokerEvent, type Request } from './request-table.js';
 import { WorkerPool, workerCount, type Worker } from './worker-pool.js';
@@ -179,7 +179,8 @@ export class Broker {
       return;
     }
     const log = this.log.child({ conn: id });
-    const c = new BrokerConnection(id, worker.index, adm.source, socket.remotePort ?? 0, { address: normalize(socket.localAddress), port: socket.localPort ?? 0 }, cutFd, {
+    const localAddress = normalizeAddress(socket.localAddress, '');
+    const c = new BrokerConnection(id, worker.index, adm.source, socket.remotePort ?? 0, { address: localAddress, port: socket.localPort ?? 0 }, cutFd, {
       authenticator: this.deps.authenticator,
       ves: this.deps.ves,
       caps: this.caps,
@@ -192,7 +193,7 @@ export class Broker {
     worker.conns.add(id);
     adm.onGrace = () => c.cut();
     log.info({ event: 'ssh.connection', source: adm.source, port: socket.remotePort, worker: worker.index });
-    this.sendTo(worker, { ev: 'conn.new', conn: id, source: adm.source, port: socket.remotePort ?? 0, localAddress: normalize(socket.localAddress), localPort: socket.localPort ?? 0 }, [fd]);
+    this.sendTo(worker, { ev: 'conn.new', conn: id, source: adm.source, port: socket.remotePort ?? 0, localAddress, localPort: socket.localPort ?? 0 }, [fd]);
     // Our handle goes; the worker has the socket, and cutFd stays to end it.
     socket.destroy();
     c.admission = adm;
@@ -447,7 +448,3 @@ export class Broker {
   }
 }
 
-function normalize(a: string | undefined): string {
-  if (!a) return '';
-  return a.startsWith('::ffff:') && a.includes('.') ? a.slice(7) : a;
-}
