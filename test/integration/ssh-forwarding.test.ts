@@ -100,6 +100,15 @@ describe('vesh serve: port forwarding stays inside the VE', () => {
     await serve.waitForLog((e) => e.event === 'forward.close' && e.kind === 'local');
   });
 
+  /** What the helpers still running are doing, for a failure message. */
+  const describeHelpers = async (): Promise<string> => (await forwardHelpers()).map((p) => {
+    try {
+      const st = readFileSync(`/proc/${p}/status`, 'utf8');
+      const f = (k: string) => new RegExp(`^${k}:\\s*(.*)$`, 'm').exec(st)?.[1];
+      return `pid ${p} state ${f('State')} ppid ${f('PPid')} wchan ${readFileSync(`/proc/${p}/wchan`, 'utf8')} fds ${readdirSync(`/proc/${p}/fd`).length}`;
+    } catch (e) { return `pid ${p}: ${(e as Error).message}`; }
+  }).join('; ') + ` (log: ${serve.logs.filter((e) => /forward|conn|session_end/.test(String(e.event))).slice(-8).map((e) => JSON.stringify(e)).join(' ')})`;
+
   it('runs the forward helper inside the VE with its confinement, resolving names through the VE\'s own /etc/hosts', async () => {
     // The helper of the connection in the test before ended with that connection.
     await waitFor('the earlier connection\'s forward helper to exit', async () => (await forwardHelpers()).length === 0, 10_000);
@@ -162,7 +171,9 @@ describe('vesh serve: port forwarding stays inside the VE', () => {
       // The failed lookup is reported as such, once it gives up.
       await serve.waitForLog((e) => e.event === 'forward.failed' && /cannot resolve vesh-silent-dns\.test in the VE|looking up vesh-silent-dns\.test in the VE took longer/.test(String(e.err)), 30_000);
       child.kill();
-      await waitFor('the forward helper and its lookup child to exit', async () => (await forwardHelpers()).length === 0, 10_000);
+      await waitFor('the forward helper and its lookup child to exit', async () => (await forwardHelpers()).length === 0, 30_000).catch(async (err: Error) => {
+        throw new Error(`${err.message}: ${await describeHelpers()}`);
+      });
     } finally {
       await sshWithKey(serve.port, 'alice', key, ['cp /root/resolv.conf.saved /etc/resolv.conf; pkill -f "LocalPort=>[5]3"; true']);
     }
