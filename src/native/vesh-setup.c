@@ -3,7 +3,7 @@
  * process start each (7-15 ms apiece on our 2-core VMs, measured), done with
  * direct system calls in one short-lived process.
  *
- *   vesh-setup mount IMAGE|- PRIVATE UPPER WORK CTL MARKER ROOTFS LOWERDIR|- ROOTID
+ *   vesh-setup mount IMAGE|- PRIVATE UPPER WORK CTL MARKER ROOTFS LOWERDIR|- ROOTID LOWERIDS|-
  *                    [--console FILE] [-- CMD ARG…]
  *       Attach IMAGE (the VE's ext4 disk image) to a free loop device in
  *       direct-I/O mode and mount it on PRIVATE ("-": no image, or already
@@ -12,7 +12,14 @@
  *       without following a symlink), remove CTL/MARKER (the last run's
  *       shutdown marker, "-": none), and mount the overlay of LOWERDIR (the
  *       template) and UPPER on ROOTFS ("-": already mounted); both mounts
- *       nosuid,nodev. Replaces `mount -o loop`, a later
+ *       nosuid,nodev. LOWERIDS "FROM:COUNT" shows LOWERDIR to the overlay
+ *       through an idmapped mount on which the template's ids FROM..
+ *       FROM+COUNT-1 appear as ROOTID..ROOTID+COUNT-1 (the VE's own range;
+ *       FROM is 0 for an unshifted template), so one template on disk serves
+ *       VEs of different ranges; "-": LOWERDIR as it is on disk. The idmapped
+ *       mount is never attached anywhere: the overlay holds the only
+ *       reference, so it goes with the overlay (or with this process when
+ *       the overlay mount fails). Replaces `mount -o loop`, a later
  *       `losetup --direct-io=on` and `mount -t overlay`. With `-- CMD…`,
  *       execs CMD when all is mounted (the engine that starts the VE), so
  *       the start costs one process start less; CMD is searched on PATH.
@@ -34,12 +41,24 @@
  *       end is deleted (which deletes the pair and its FDB entry). Replaces
  *       sh + nsenter + ip + bridge.
  *
+ *   vesh-setup shift DIR FROM TO COUNT
+ *       Give every file under DIR (DIR included) owned by a uid or gid in
+ *       FROM..FROM+COUNT-1 the same id in TO..TO+COUNT-1 instead: a VE made
+ *       when all VEs shared one range, moved to its own. The tree is VE
+ *       root's: it is walked by descriptor, never following a symlink
+ *       (entries are changed with AT_SYMLINK_NOFOLLOW or through an O_PATH
+ *       descriptor opened with O_NOFOLLOW), and the setuid/setgid bits that
+ *       chown clears are put back. Ids outside FROM's range are left alone,
+ *       so a hard-linked inode met twice is changed once. Prints the number
+ *       of entries changed.
+ *
  * Errors: one line on stderr naming the step and the reason; exit 1.
  * Nothing here decides policy: the TypeScript side chooses every name,
  * address and path.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if_link.h>
@@ -51,13 +70,17 @@
 #include <net/if.h>
 #include <sched.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static void die(const char *fmt, ...) {
@@ -152,6 +175,81 @@ static int attach_loop(const char *image, char *dev, size_t devlen) {
 }
 
 /*
+ * A user namespace whose uid and gid maps are "INSIDE OUTSIDE COUNT": what
+ * mount_setattr(MOUNT_ATTR_IDMAP) takes to map ids on a mount. A child made
+ * with clone(CLONE_NEWUSER) waits on a pipe while we (host root) write its
+ * maps and open its namespace; the namespace lives on in our descriptor
+ * after the child has gone. One short child, no program started.
+ */
+static int userns_with_map(unsigned long inside, unsigned long outside, unsigned long count) {
+  int sync[2];
+  if (pipe2(sync, O_CLOEXEC) != 0) die("pipe for the id-map namespace: %s", strerror(errno));
+  /* Raw clone without a new stack: the child runs on a copy of ours, as after fork. */
+  long pid = syscall(SYS_clone, (unsigned long)(CLONE_NEWUSER | SIGCHLD), NULL, NULL, NULL, NULL);
+  if (pid < 0) die("make a user namespace for the VE's id map: %s", strerror(errno));
+  if (pid == 0) {
+    char c;
+    close(sync[1]);
+    while (read(sync[0], &c, 1) < 0 && errno == EINTR) {}
+    _exit(0);
+  }
+  close(sync[0]);
+  char line[96], file[64];
+  int len = snprintf(line, sizeof line, "%lu %lu %lu\n", inside, outside, count);
+  const char *maps[] = {"uid_map", "gid_map"};
+  int ns = -1, failed = 0, err = 0;
+  for (int i = 0; i < 2 && !failed; i++) {
+    snprintf(file, sizeof file, "/proc/%ld/%s", pid, maps[i]);
+    int fd = open(file, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, line, (size_t)len) != len) {
+      failed = 1;
+      err = errno;
+    }
+    if (fd >= 0) close(fd);
+  }
+  if (!failed) {
+    snprintf(file, sizeof file, "/proc/%ld/ns/user", pid);
+    ns = open(file, O_RDONLY | O_CLOEXEC);
+    if (ns < 0) err = errno;
+  }
+  close(sync[1]);
+  while (waitpid((pid_t)pid, NULL, 0) < 0 && errno == EINTR) {}
+  if (ns < 0) die("id map %lu -> %lu (%lu ids) for the template: %s", inside, outside, count, strerror(err));
+  return ns;
+}
+
+/*
+ * LOWER as a detached, read-only mount on which ids FROM..FROM+COUNT-1 of
+ * the files appear as ROOT..ROOT+COUNT-1. Returns its descriptor; the
+ * overlay takes it as a layer by /proc/self/fd/N.
+ */
+static int idmapped_lower(const char *lower, unsigned long from, uid_t root, unsigned long count) {
+  int tree = open_tree(AT_FDCWD, lower, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
+  if (tree < 0) die("open_tree %s: %s", lower, strerror(errno));
+  int ns = userns_with_map(from, root, count);
+  struct mount_attr attr;
+  memset(&attr, 0, sizeof attr);
+  attr.attr_set = MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY;
+  attr.userns_fd = (uint64_t)ns;
+  if (mount_setattr(tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr, sizeof attr) != 0) {
+    die("idmapped mount of %s (template ids %lu.. as %lu..): %s (the template's file system must support idmapped mounts: ext4, xfs, btrfs, tmpfs)", lower, from, (unsigned long)root, strerror(errno));
+  }
+  close(ns);
+  return tree;
+}
+
+/* "FROM:COUNT" of LOWERIDS. */
+static void parse_lower_ids(const char *s, unsigned long *from, unsigned long *count) {
+  char *end;
+  errno = 0;
+  *from = strtoul(s, &end, 10);
+  if (errno || end == s || *end != ':' || *s == '-') die("LOWERIDS must be FROM:COUNT or -: %s", s);
+  const char *c = end + 1;
+  *count = strtoul(c, &end, 10);
+  if (errno || end == c || *end != '\0' || *c == '-' || *count == 0 || *count > UINT32_MAX || *from > UINT32_MAX - *count) die("LOWERIDS must be FROM:COUNT or -: %s", s);
+}
+
+/*
  * The host's view of ROOTFS stays nosuid (no host user may gain VE root's
  * host uid from a setuid file VE root made); the VE's own view must honour
  * setuid (sudo, su, passwd and ping for plain users inside, where it only
@@ -170,7 +268,7 @@ static void suid_view_for_engine(const char *rootfs) {
 static int cmd_mount(int argc, char **argv) {
   char **then = NULL;
   const char *console = NULL;
-  int i = 11;
+  int i = 12;
   if (i + 1 < argc && strcmp(argv[i], "--console") == 0) {
     console = argv[i + 1];
     i += 2;
@@ -179,9 +277,11 @@ static int cmd_mount(int argc, char **argv) {
     then = argv + i + 1;
     i = argc;
   }
-  if (argc < 11 || i != argc) die("usage: vesh-setup mount IMAGE|- PRIVATE UPPER WORK CTL MARKER ROOTFS LOWERDIR|- ROOTID [--console FILE] [-- CMD ARG…]");
+  if (argc < 12 || i != argc) die("usage: vesh-setup mount IMAGE|- PRIVATE UPPER WORK CTL MARKER ROOTFS LOWERDIR|- ROOTID LOWERIDS|- [--console FILE] [-- CMD ARG…]");
   const char *image = argv[2], *priv = argv[3], *upper = argv[4], *work = argv[5], *ctl = argv[6], *marker = argv[7], *rootfs = argv[8], *lower = argv[9];
   uid_t root = (uid_t)parse_num(argv[10], "ROOTID");
+  unsigned long lower_from = 0, lower_count = 0;
+  if (strcmp(argv[11], "-") != 0) parse_lower_ids(argv[11], &lower_from, &lower_count);
   if (strcmp(marker, "-") != 0 && (strchr(marker, '/') || strcmp(marker, ".") == 0 || strcmp(marker, "..") == 0)) die("MARKER must be a plain file name: %s", marker);
 
   if (mkdir(priv, 0711) != 0 && errno != EEXIST) die("mkdir %s: %s", priv, strerror(errno));
@@ -217,7 +317,7 @@ static int cmd_mount(int argc, char **argv) {
      * kernel keeps, which the VE reads in its /proc/self/mountinfo, name no
      * host path. nosuid, nodev: see the image mount above.
      */
-    int lowerfd = open(lower, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int lowerfd = lower_count ? idmapped_lower(lower, lower_from, root, lower_count) : open(lower, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (lowerfd < 0) die("open %s: %s", lower, strerror(errno));
     char opts[128];
     snprintf(opts, sizeof opts, "lowerdir=/proc/self/fd/%d,upperdir=/proc/self/fd/%d,workdir=/proc/self/fd/%d", lowerfd, upperfd, workfd);
@@ -475,9 +575,84 @@ static int cmd_net_hook(int argc, char **argv) {
   return 0;
 }
 
+/* ------------------------------------------------------------------ shift */
+
+struct shift_job {
+  unsigned long from, to, count, changed;
+};
+
+static int shifted(unsigned long id, const struct shift_job *j, unsigned long *out) {
+  if (id < j->from || id - j->from >= j->count) return 0;
+  *out = id - j->from + j->to;
+  return 1;
+}
+
+/*
+ * Shift the entry NAME of the directory open as DIR (PATH for messages),
+ * then, when it is a directory, everything in it. DEPTH bounds recursion: a
+ * VE's tree is at most as deep as its disk lets it be, and a stack overflow
+ * must not be the answer to a deep one.
+ */
+static void shift_entry(int dir, const char *name, const char *path, struct shift_job *j, int depth) {
+  if (depth > 4096) die("%s: deeper than 4096 directories; nothing beyond was changed", path);
+  int fd = openat(dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) die("open %s: %s", path, strerror(errno));
+  struct stat st;
+  if (fstat(fd, &st) != 0) die("stat %s: %s", path, strerror(errno));
+  unsigned long uid = st.st_uid, gid = st.st_gid;
+  int u = shifted(st.st_uid, j, &uid), g = shifted(st.st_gid, j, &gid);
+  if (u || g) {
+    /* Through the O_PATH descriptor: the inode just checked, whatever is renamed meanwhile; a symlink itself, never its target. */
+    if (fchownat(fd, "", (uid_t)uid, (gid_t)gid, AT_EMPTY_PATH) != 0) die("chown %s: %s", path, strerror(errno));
+    if (!S_ISLNK(st.st_mode) && (st.st_mode & (S_ISUID | S_ISGID))) {
+      char self[64];
+      snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+      if (chmod(self, st.st_mode & 07777) != 0) die("chmod %s: %s", path, strerror(errno));
+    }
+    j->changed++;
+  }
+  if (S_ISDIR(st.st_mode)) {
+    int sub = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (sub < 0) die("open directory %s: %s", path, strerror(errno));
+    DIR *d = fdopendir(sub);
+    if (!d) die("read directory %s: %s", path, strerror(errno));
+    struct dirent *e;
+    errno = 0;
+    while ((e = readdir(d)) != NULL) {
+      if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+      size_t n = strlen(path) + strlen(e->d_name) + 2;
+      char *child = malloc(n);
+      if (!child) die("out of memory");
+      snprintf(child, n, "%s/%s", path, e->d_name);
+      shift_entry(dirfd(d), e->d_name, child, j, depth + 1);
+      free(child);
+      errno = 0;
+    }
+    if (errno) die("read directory %s: %s", path, strerror(errno));
+    closedir(d);
+  }
+  close(fd);
+}
+
+static int cmd_shift(int argc, char **argv) {
+  if (argc != 6) die("usage: vesh-setup shift DIR FROM TO COUNT");
+  struct shift_job j = {
+    .from = (unsigned long)parse_num(argv[3], "FROM"),
+    .to = (unsigned long)parse_num(argv[4], "TO"),
+    .count = (unsigned long)parse_num(argv[5], "COUNT"),
+  };
+  if (j.count == 0 || j.from + j.count > UINT32_MAX || j.to + j.count > UINT32_MAX) die("id range out of bounds: %s %s %s", argv[3], argv[4], argv[5]);
+  if (j.from < j.to + j.count && j.to < j.from + j.count) die("the ranges %lu.. and %lu.. (%lu ids) overlap: a file could be shifted twice", j.from, j.to, j.count);
+  /* DIR itself is ours (the VE's directory on the host): resolved as given; everything below, by descriptor. */
+  shift_entry(AT_FDCWD, argv[2], argv[2], &j, 0);
+  printf("%lu\n", j.changed);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc >= 2 && strcmp(argv[1], "mount") == 0) return cmd_mount(argc, argv);
   if (argc >= 2 && strcmp(argv[1], "net-hook") == 0) return cmd_net_hook(argc, argv);
-  die("usage: vesh-setup mount … | net-hook … (see src/native/vesh-setup.c)");
+  if (argc >= 2 && strcmp(argv[1], "shift") == 0) return cmd_shift(argc, argv);
+  die("usage: vesh-setup mount … | net-hook … | shift … (see src/native/vesh-setup.c)");
   return 2;
 }
