@@ -127,9 +127,15 @@ export const serverConfigSchema = z.strictObject({
   runtime: z.strictObject({
     engine: z.enum(['runc']).default('runc'),
     binary: z.string().default('runc'),
-    /** Host uid/gid that VE root maps to, and how many ids a VE has. */
+    /**
+     * VE ids: every VE gets a range of its own of idmapSize host uids and
+     * gids (its root is the first), one of idRanges slots from idmapBase,
+     * chosen at create and kept while the VE exists. The default span,
+     * 100000 to 1073841823, leaves room below workers.firstUid.
+     */
     idmapBase: z.number().int().min(1).default(100_000),
     idmapSize: z.number().int().min(65_536).default(65_536),
+    idRanges: z.number().int().min(1).max(65_535).default(16_384),
     stopTimeout: parsed((v) => parseDuration(v, 'stopTimeout')).default(10_000),
     /** A session agent in each VE in use (one small process there) instead of one engine exec per session. */
     sessionAgents: z.boolean().default(true),

@@ -25,7 +25,7 @@ export interface ServerConfig {
     penalties: { failuresBeforePenalty: number; sourceFailuresBeforePenalty: number; penaltyMs: number; maxPenaltyMs: number };
   };
   sessions: SessionLimits;
-  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; stopTimeoutMs: number; sessionAgents: boolean; relayPids: number; relayMemoryBytes: number; ptysPerVe: number; veFirewall: boolean };
+  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; idRanges: number; stopTimeoutMs: number; sessionAgents: boolean; relayPids: number; relayMemoryBytes: number; ptysPerVe: number; veFirewall: boolean };
   workers: { count: number; firstUid: number; maxFiles: number; stallTimeoutMs: number };
   logging: { level: string; pretty: boolean | 'auto' };
 }
@@ -41,6 +41,9 @@ export interface SessionLimits {
 }
 
 export const DEFAULT_CONFIG_PATH = 'config/vesh.yaml';
+
+/** Ids run 0..2^32-2: (uid_t)-1 means "no change" to chown and is no one's. */
+const MAX_ID = 4_294_967_295;
 
 function splitListen(listen: string): { host: string; port: number } {
   const idx = listen.lastIndexOf(':');
@@ -60,9 +63,13 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
   const dir = path.dirname(abs);
   const rel = (p: string) => path.resolve(dir, p);
   const w = value.workers;
-  const veIds = { from: value.runtime.idmapBase, to: value.runtime.idmapBase + value.runtime.idmapSize };
+  // Every id any VE may be given, not only the first VE's.
+  const veIds = { from: value.runtime.idmapBase, to: value.runtime.idmapBase + value.runtime.idRanges * value.runtime.idmapSize };
+  if (veIds.to > MAX_ID) {
+    throw new VeshError(ErrorCodes.CONFIG_INVALID, `${abs}: the VE ids (runtime.idmapBase ${veIds.from} + idRanges ${value.runtime.idRanges} x idmapSize ${value.runtime.idmapSize}) would end at ${veIds.to - 1}, past the largest uid ${MAX_ID - 1}: lower runtime.idRanges`);
+  }
   if (w.firstUid < veIds.to && w.firstUid + Math.max(w.count, 256) > veIds.from) {
-    throw new VeshError(ErrorCodes.CONFIG_INVALID, `${abs}: workers.firstUid ${w.firstUid} overlaps the VE ids (runtime.idmapBase ${veIds.from} to ${veIds.to - 1}): a worker must not share a uid with VE files; pick a firstUid outside that range`);
+    throw new VeshError(ErrorCodes.CONFIG_INVALID, `${abs}: workers.firstUid ${w.firstUid} overlaps the VE ids (runtime.idmapBase ${veIds.from} to ${veIds.to - 1}, idRanges ${value.runtime.idRanges} of ${value.runtime.idmapSize}): a worker must not share a uid with VE files; pick a firstUid outside that span, or lower runtime.idRanges`);
   }
   return {
     configFile: abs,
@@ -93,6 +100,7 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
       binary: value.runtime.binary,
       idmapBase: value.runtime.idmapBase,
       idmapSize: value.runtime.idmapSize,
+      idRanges: value.runtime.idRanges,
       stopTimeoutMs: value.runtime.stopTimeout,
       sessionAgents: value.runtime.sessionAgents,
       relayPids: value.runtime.relayPids,

@@ -44,8 +44,8 @@ export function makeLayout(dataDir: string): Layout {
 }
 
 /**
- * Mode of the directories that hold VE trees (dataDir, ves/, ves/NAME/):
- * owner root, group the VEs' host gid (VE root's), 0710. runc's init runs
+ * Mode of the directory that holds a VE's tree (ves/NAME/): owner root,
+ * group the VE's host gid (VE root's), 0710. runc's init runs
  * as VE root's unprivileged host uid/gid while it mounts the VE's rootfs
  * and /run/vesh, so that group must pass through; no other host user may,
  * so none can reach a file VE root made (a setuid copy of a shell, say).
@@ -53,30 +53,40 @@ export function makeLayout(dataDir: string): Layout {
 export const VE_TREE_DIR_MODE = 0o710;
 
 /**
- * Give `dir` (made by us, root's) owner root, group `veGid` and mode
- * VE_TREE_DIR_MODE when it has anything else: a data dir from an older
- * vesh (0711, any user could pass) is fixed at its next use.
+ * Give `dir` (made by us, root's) owner root, group `veGid` and `mode`
+ * (VE_TREE_DIR_MODE unless said) when it has anything else: a directory
+ * from an older vesh (other modes, the one shared VE group) is fixed at
+ * its next use.
  */
-export async function secureVeTreeDir(dir: string, veGid: number): Promise<void> {
+export async function secureVeTreeDir(dir: string, veGid: number, mode: number = VE_TREE_DIR_MODE): Promise<void> {
   const st = await fs.lstat(dir);
   if (!st.isDirectory()) {
     throw new VeshError(ErrorCodes.CONFIG_INVALID, `${dir} is not a directory (a symlink or a file is there): vesh keeps VE trees in it; move that away`);
   }
   if (st.uid !== 0 || st.gid !== veGid) await fs.lchown(dir, 0, veGid);
-  if ((st.mode & 0o7777) !== VE_TREE_DIR_MODE) await fs.chmod(dir, VE_TREE_DIR_MODE);
+  if ((st.mode & 0o7777) !== mode) await fs.chmod(dir, mode);
 }
 
 /**
- * Make dataDir and ves/ (see VE_TREE_DIR_MODE) and templates/ (root only:
- * the overlay reads its lower layer with the mounting process's, root's,
- * credentials, and a template's setuid files belong to VE root's host uid,
- * so no other host user may reach them either).
+ * Mode of dataDir and ves/: every VE's init (each VE has host ids of its
+ * own) passes through them to its ves/NAME, so they cannot be closed to one
+ * group; search only, no listing. What holds VE files is closed below them:
+ * ves/NAME (VE_TREE_DIR_MODE, the VE's own group), templates/ and locks/
+ * (root only).
  */
-export async function prepareDataDir(layout: Layout, veGid: number): Promise<void> {
+export const VE_AREA_DIR_MODE = 0o711;
+
+/**
+ * Make dataDir and ves/ (see VE_AREA_DIR_MODE) and templates/ (root only:
+ * the overlay reads its lower layer with the mounting process's, root's,
+ * credentials, and a template is owned by host root's ids on disk, its
+ * setuid files included, so no other host user may reach them).
+ */
+export async function prepareDataDir(layout: Layout): Promise<void> {
   await assertAncestorsSearchable(layout.dataDir);
   for (const d of [layout.dataDir, layout.vesDir]) {
-    await fs.mkdir(d, { recursive: true, mode: VE_TREE_DIR_MODE });
-    await secureVeTreeDir(d, veGid);
+    await fs.mkdir(d, { recursive: true, mode: VE_AREA_DIR_MODE });
+    await secureVeTreeDir(d, 0, VE_AREA_DIR_MODE);
   }
   const templates = await fs.lstat(layout.templatesDir).catch(() => null);
   if (templates?.isDirectory() && (templates.mode & 0o077) !== 0) await fs.chmod(layout.templatesDir, TEMPLATES_DIR_MODE);

@@ -26,9 +26,11 @@ const KEEP_NAMES = 20;
  *   a world-writable file in the shared layer would let any user of a VE
  *   change what its root runs.
  * - setuid/setgid stay only on regular files owned by the template's root
- *   (sudo, su, passwd, crontab: a VE needs them for its plain users). They
- *   are shifted into the VE id range with everything else, so inside a VE
- *   they yield VE root at most, and every host view of VE files is nosuid.
+ *   (sudo, su, passwd, crontab: a VE needs them for its plain users). On
+ *   disk they are host root's setuid files, reachable by host root only
+ *   (templates/ is 0700); a VE sees them through an idmapped mount in its
+ *   own range, so inside a VE they yield VE root at most, and every host
+ *   view of VE files is nosuid.
  *   setgid stays on directories too (group inheritance, no privilege).
  */
 export async function sanitizeTree(root: string): Promise<SanitizeReport> {
@@ -59,7 +61,7 @@ export async function sanitizeTree(root: string): Promise<SanitizeReport> {
   return report;
 }
 
-/** The mode a template entry may keep (see sanitizeTree); `uid` is the owner as unpacked, before the shift. */
+/** The mode a template entry may keep (see sanitizeTree); `uid` is the owner as unpacked. */
 export function allowedMode(mode: number, isDirectory: boolean, uid: number): number {
   let m = mode & 0o7777;
   if (isDirectory) {

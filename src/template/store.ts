@@ -10,7 +10,7 @@ import { TEMPLATES_DIR_MODE, type Layout } from '../system/layout.js';
 import { buildBusyboxRootfs } from './busybox.js';
 import { buildDebianRootfs } from './debian.js';
 import { sanitizeTree, type SanitizeReport } from './sanitize.js';
-import { shiftOwnership, treeSize } from './shift.js';
+import { assertIdsInRange, treeSize } from './ownership.js';
 import type { BuildProgress, ImportedTemplateInfo, TemplateInfo, TemplateKind } from './types.js';
 
 export const TEMPLATE_NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,30}[a-z0-9])?$/;
@@ -21,14 +21,15 @@ const templateFileSchema = z.object({
   createdAt: z.string(),
   init: z.array(z.string()).min(1),
   stopSignal: z.string(),
-  idmapBase: z.number().int(),
+  /** Host id of the template's root on disk: 0 as built; an older vesh shifted templates to its one VE range. */
+  idmapBase: z.number().int().nonnegative(),
   sizeBytes: z.number().int().nonnegative(),
 });
 
 export interface TemplateStoreOptions {
   layout: Layout;
   logger: Logger;
-  idmapBase: number;
+  /** Ids a VE has (runtime.idmapSize): a template's files must be owned by 0..idmapSize-1. */
   idmapSize: number;
 }
 
@@ -41,20 +42,20 @@ export interface BuildOptions {
 /**
  * Templates: read-only root filesystems shared by every VE built on them
  * (the overlay lower layer), under dataDir/templates/NAME/{rootfs,template.json}.
- * Each is built or imported into a hidden temporary directory, shifted into
- * the VE id range, and only then renamed into place: an interrupted build
- * leaves no half template that VEs could be created on.
+ * Each is built or imported into a hidden temporary directory, checked to
+ * be owned by ids a VE has, and only then renamed into place: an
+ * interrupted build leaves no half template that VEs could be created on.
+ * Templates stay unshifted (owned by 0..65535 as built, on disk): every VE
+ * sees one through an idmapped mount in its own id range.
  */
 export class TemplateStore {
   private readonly layout: Layout;
   private readonly log: Logger;
-  private readonly idmapBase: number;
   private readonly idmapSize: number;
 
   constructor(opts: TemplateStoreOptions) {
     this.layout = opts.layout;
     this.log = opts.logger.child({ component: 'template' });
-    this.idmapBase = opts.idmapBase;
     this.idmapSize = opts.idmapSize;
   }
 
@@ -76,9 +77,8 @@ export class TemplateStore {
     } catch (err) {
       throw new VeshError(ErrorCodes.TEMPLATE_NOT_FOUND, `template "${name}" has a damaged template.json (${errorMessage(err)}): rebuild or re-import it`);
     }
-    if (file.idmapBase !== this.idmapBase) {
-      throw new VeshError(ErrorCodes.TEMPLATE_NOT_FOUND, `template "${name}" was made for VE ids from ${file.idmapBase}, but runtime.idmapBase is ${this.idmapBase}: rebuild it ("vesh template build") or set idmapBase back`);
-    }
+    // A template an older vesh shifted to its one VE range (idmapBase > 0) keeps working: the idmapped
+    // mount maps from there (see VeMountOptions.templateBase); "vesh doctor" suggests rebuilding it.
     // The rootfs is always the directory next to template.json (a template dir may be a symlink to a shared cache).
     // Gone between the two reads: a "vesh template remove" renamed it away meanwhile.
     const rootfs = await fs.realpath(path.join(dir, 'rootfs')).catch(() => null);
@@ -131,7 +131,7 @@ export class TemplateStore {
    * through it, and strips a leading "/" (such members land inside the new
    * root). It runs without CAP_MKNOD, so the kernel refuses every device
    * node (skipped, counted); FIFOs, sockets and unsafe modes are dealt with
-   * by sanitizeTree before the tree is shifted and shared.
+   * by sanitizeTree before the tree is checked and shared.
    */
   async importTar(name: string, file: string, opts: { onProgress?: (p: BuildProgress) => void } = {}): Promise<ImportedTemplateInfo> {
     const progress = opts.onProgress ?? (() => undefined);
@@ -188,7 +188,7 @@ export class TemplateStore {
     if (await fs.lstat(final).catch(() => null)) {
       throw new VeshError(ErrorCodes.TEMPLATE_EXISTS, `template "${name}" already exists: remove it first ("vesh template remove ${name}") or choose another name`);
     }
-    // Root only (see prepareDataDir): a template's setuid files belong to VE root's host uid.
+    // Root only (see prepareDataDir): a template is owned by host root's ids on disk, its setuid files included.
     await fs.mkdir(this.layout.templatesDir, { recursive: true, mode: TEMPLATES_DIR_MODE });
     await fs.chmod(this.layout.templatesDir, TEMPLATES_DIR_MODE);
     const tmp = path.join(this.layout.templatesDir, `.build-${name}-${randomBytes(4).toString('hex')}`);
@@ -196,10 +196,11 @@ export class TemplateStore {
     try {
       const rootfs = path.join(tmp, 'rootfs');
       const { init, stopSignal } = await make(rootfs);
-      progress({ fraction: 0.97, message: 'shifting ownership into the VE id range' });
-      await shiftOwnership(rootfs, this.idmapBase, this.idmapSize);
+      progress({ fraction: 0.97, message: 'checking ownership' });
+      await assertIdsInRange(rootfs, this.idmapSize);
       const sizeBytes = await treeSize(rootfs);
-      const file = { name, kind, createdAt: new Date().toISOString(), init, stopSignal, idmapBase: this.idmapBase, sizeBytes };
+      // Unshifted: template root is host root on disk (see the class comment).
+      const file = { name, kind, createdAt: new Date().toISOString(), init, stopSignal, idmapBase: 0, sizeBytes };
       await fs.writeFile(path.join(tmp, 'template.json'), `${JSON.stringify(file, null, 2)}\n`);
       if (await fs.lstat(final).catch(() => null)) {
         throw new VeshError(ErrorCodes.TEMPLATE_EXISTS, `template "${name}" was made by someone else meanwhile: nothing changed`);
@@ -223,7 +224,7 @@ export function assertTemplateName(name: string): void {
 
 /**
  * Unpack `file` into `rootfs` as root, keeping owners and modes (sanitizeTree
- * and the ownership shift come after), but with only the capabilities that
+ * and the ownership check come after), but with only the capabilities that
  * needs: without CAP_MKNOD the kernel refuses every device node, whatever
  * the archive says; without CAP_SYS_ADMIN no trusted.* attribute (overlayfs
  * reads those) can be set; only user.* attributes are restored at all.

@@ -10,7 +10,7 @@ export interface TemplateInfo {
   init: string[];
   /** Signal that asks this init for a clean power-off (busybox init: SIGUSR2; sysvinit: SIGPWR with our inittab). */
   stopSignal: string;
-  /** Host uid/gid that the template's uid/gid 0 was shifted to. */
+  /** Host uid/gid of the template's uid/gid 0 on disk: 0 (as built); an older vesh shifted templates to its one VE range. */
   idmapBase: number;
   sizeBytes: number;
 }

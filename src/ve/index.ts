@@ -14,7 +14,7 @@ import { VeManager } from './manager.js';
  * engine (runc), so callers (CLI, SSH server, tests, benchmarks) never name it.
  */
 export function createTemplateStore(config: ServerConfig, layout: Layout, logger: Logger): TemplateStore {
-  return new TemplateStore({ layout, logger, idmapBase: config.runtime.idmapBase, idmapSize: config.runtime.idmapSize });
+  return new TemplateStore({ layout, logger, idmapSize: config.runtime.idmapSize });
 }
 
 export function createVeNetwork(config: ServerConfig, layout: Layout, logger: Logger): VeNetwork {

@@ -4,6 +4,7 @@ import type { Logger } from '../audit/logger.js';
 import { resolveLimits, type Limits, type LimitsInput } from '../config/limits.js';
 import type { ServerConfig } from '../config/server-config.js';
 import { ErrorCodes, VeshError, errorMessage, isVeshError } from '../errors.js';
+import { allocateIdRange, legacyRange, type IdRange } from '../config/id-ranges.js';
 import { cgroupDirs, detectCgroupLayout, readCgroupStats, removeCgroupDirs, type CgroupLayout } from '../runtime/cgroups.js';
 import { VE_PROCESS_ENV, buildOciConfig, type OciHook } from '../runtime/oci-bundle.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from '../runtime/types.js';
@@ -25,7 +26,7 @@ import { SessionAgents } from './session-agents.js';
 import { readRecord, writeJsonAtomic, type VeRecord } from './record.js';
 import { canDestroy, canStart, canStop, needsCleanup, veStateOf, type VeState } from './state.js';
 import {
-  asHostDiskFull, createDiskImage, diskUsage, mountVeFileSystems, mountsUnder, veMountCommand, unmountAll, vePaths, type VePaths,
+  asHostDiskFull, createDiskImage, diskUsage, mountVeDisk, mountVeFileSystems, mountsUnder, shiftVeFiles, veMountCommand, unmountAll, vePaths, type VePaths,
 } from './storage.js';
 
 /** What the VE layer needs of the template module. */
@@ -75,6 +76,8 @@ export interface VeStatus {
   processes: number | null;
   disk: { used: number; total: number } | null;
   createdAt: string;
+  /** The VE's host uid/gid range; null for a VE made before per-VE ranges, until its next start. */
+  ids: IdRange | null;
 }
 
 export interface CreateOptions {
@@ -162,7 +165,7 @@ export class VeManager implements VeAccess {
 
   private preparing: Promise<void> | null = null;
   private prepared(): Promise<void> {
-    this.preparing ??= prepareDataDir(this.layout, this.cfg.runtime.idmapBase).then(() => tuneHost(this.log, { pidsPerVe: this.cfg.defaults.limits.pids, ptysPerVe: this.cfg.runtime.ptysPerVe }));
+    this.preparing ??= prepareDataDir(this.layout).then(() => tuneHost(this.log, { pidsPerVe: this.cfg.defaults.limits.pids, ptysPerVe: this.cfg.runtime.ptysPerVe }));
     return this.preparing;
   }
 
@@ -221,22 +224,29 @@ export class VeManager implements VeAccess {
     const templateName = opts.template ?? this.cfg.defaults.template;
     // Fails early, before the lock wait, when the template is unknown.
     await this.templates.get(templateName);
-    // Address allocation and the record's appearance are one step under a
-    // global lock, so two creates never take one address, and a template
-    // cannot be removed (removeTemplate) while a create is using it.
+    // Address and id range allocation and the record's appearance are one
+    // step under global locks, so two creates never take one address or
+    // range (nor a VE moving to a range of its own at its start: the ids
+    // lock), and a template cannot be removed (removeTemplate) while a
+    // create is using it.
     await this.prepared();
-    return withLock(this.layout.locksDir, 'create', () => this.lock(name, async () => {
+    return withLock(this.layout.locksDir, 'create', () => this.lock(name, () => withLock(this.layout.locksDir, IDS_LOCK, async () => {
       const template = await this.templates.get(templateName);
       const p = this.paths(name);
       if (await readRecord(p.record)) {
         throw new VeshError(ErrorCodes.VE_EXISTS, `VE "${name}" already exists: use "vesh ve start ${name}", or destroy it first`);
       }
       const used: string[] = [];
+      const held: IdRange[] = [];
       for (const n of await this.names()) {
         const r = await readRecord(this.paths(n).record);
-        if (r) used.push(r.address);
+        if (r) {
+          used.push(r.address);
+          held.push(r.ids ?? legacyRange(this.cfg.runtime));
+        }
       }
       const address = this.network.allocateAddress(used);
+      const ids = allocateIdRange(held, this.cfg.runtime);
       const rec: VeRecord = {
         name,
         template: template.name,
@@ -245,30 +255,30 @@ export class VeManager implements VeAccess {
         hostVeth: this.network.vethNameFor(address),
         onBoot: opts.onBoot ?? false,
         createdAt: new Date().toISOString(),
+        ids,
       };
       // Whichever step runs out of host disk (directory, image, identity files, record), the message names that disk.
       await withRevert(async (r) => {
         // Traversable by the VE's host gid only (see VE_TREE_DIR_MODE): runc's init
         // runs as VE root's host uid/gid when it bind-mounts the rootfs and /run/vesh.
         await fs.mkdir(p.dir, { mode: VE_TREE_DIR_MODE });
-        await secureVeTreeDir(p.dir, this.cfg.runtime.idmapBase);
+        await secureVeTreeDir(p.dir, ids.base);
         r.add('remove VE directory', () => fs.rm(p.dir, { recursive: true, force: true }));
         r.add('unmount VE file systems', () => unmountAll(p));
-        const root = this.cfg.runtime.idmapBase;
-        if (limits.disk > 0) await createDiskImage(p, limits.disk, root);
-        await mountVeFileSystems(p, { hasImage: limits.disk > 0, lowerdir: template.rootfs, rootId: root });
+        if (limits.disk > 0) await createDiskImage(p, limits.disk, ids.base);
+        await mountVeFileSystems(p, { hasImage: limits.disk > 0, lowerdir: template.rootfs, ids, templateBase: template.idmapBase });
         await this.writeIdentityFiles(p, rec);
         await unmountAll(p);
         await writeJsonAtomic(p.record, rec);
       }, (failures) => this.log.error({ event: 've.create.undo_failed', ve: name, failures: failures.map((f) => `${f.what}: ${errorMessage(f.error)}`) }))
         .catch((err: unknown) => { throw asHostDiskFull(err, this.layout.vesDir, `create VE "${name}"`); });
-      this.log.info({ event: 've.created', ve: name, template: template.name, address, limits });
+      this.log.info({ event: 've.created', ve: name, template: template.name, address, limits, ids });
       if (limits.disk === 0) {
         // Allowed (an admin may want it), but its files then count against nobody's limit; "vesh doctor" lists such VEs.
         this.log.warn({ event: 've.no_disk_limit', ve: name, dir: this.layout.vesDir }, `VE "${name}" has no disk limit: its files sit on the host disk without limit`);
       }
       return rec;
-    }));
+    })));
   }
 
   /**
@@ -282,7 +292,7 @@ export class VeManager implements VeAccess {
     if (!st?.isDirectory()) {
       throw new VeshError(ErrorCodes.TEMPLATE_NOT_FOUND, `template "${rec.template}" has no /etc directory: rebuild or re-import it`);
     }
-    const root = this.cfg.runtime.idmapBase;
+    const root = (rec.ids ?? legacyRange(this.cfg.runtime)).base;
     const files: Array<[string, string]> = [
       ['hostname', `${rec.name}\n`],
       ['hosts', this.network.hostsFile(rec.name, rec.address)],
@@ -313,8 +323,9 @@ export class VeManager implements VeAccess {
       throw new VeshError(ErrorCodes.VE_STATE, `VE "${name}" is already ${state}: stop it first if you want to restart it ("vesh ve restart ${name}")`);
     }
     if (needsCleanup(before)) await this.cleanupLocked(rec);
+    const ids = await this.ownIds(rec);
     // A VE made by an older vesh has a directory any host user could pass through.
-    await secureVeTreeDir(p.dir, this.cfg.runtime.idmapBase);
+    await secureVeTreeDir(p.dir, ids.base);
     // This run has not been asked to stop (see stopLocked).
     await fs.rm(p.stopRequest, { force: true });
     const template = await this.templates.get(rec.template);
@@ -323,7 +334,7 @@ export class VeManager implements VeAccess {
     await withRevert(async (r) => {
       r.add('unmount VE file systems', () => unmountAll(p));
       // Mounted by the engine's prepare step, in the same process start.
-      const mounts = await veMountCommand(p, { hasImage: rec.limits.disk > 0, lowerdir: template.rootfs, rootId: this.cfg.runtime.idmapBase, marker: SHUTDOWN_MARKER });
+      const mounts = await veMountCommand(p, { hasImage: rec.limits.disk > 0, lowerdir: template.rootfs, ids, templateBase: template.idmapBase, marker: SHUTDOWN_MARKER });
       t('fsck');
       await this.network.ensureHost(() => this.allNetIds());
       t('host_net');
@@ -334,7 +345,7 @@ export class VeManager implements VeAccess {
         init: template.init,
         limits: rec.limits,
         cgroupsPath: this.cgroupsPath(name),
-        idmap: { base: this.cfg.runtime.idmapBase, size: this.cfg.runtime.idmapSize },
+        idmap: ids,
         ctlDir: p.ctl,
         createRuntimeHooks: [this.network.attachHook(this.netId(rec))],
         ptys: this.cfg.runtime.ptysPerVe,
@@ -369,6 +380,46 @@ export class VeManager implements VeAccess {
       throw new VeshError(ErrorCodes.VE_START_FAILED, `VE "${name}" failed to start: ${errorMessage(err)}`, { cause: err, userMessage: 'Your environment failed to start; the administrator has been told why.' });
     });
     this.log.info({ event: 've.started', ve: name, ms: Date.now() - started, steps: t.steps });
+  }
+
+  /**
+   * The VE's own id range. A VE made when all VEs shared one range (its
+   * record has no `ids`; it is stopped here) gets the smallest free range
+   * now, and its files move there from the shared one: recorded first with
+   * `idsFrom`, so a move cut short is finished at the next start (only ids
+   * still in the old range move, so doing it twice changes nothing). The
+   * last such VE may get the shared range itself, slot 0: nothing moves.
+   */
+  private async ownIds(rec: VeRecord): Promise<IdRange> {
+    if (rec.ids && rec.idsFrom === undefined) return rec.ids;
+    const p = this.paths(rec.name);
+    const moved = rec.ids ? rec : await withLock(this.layout.locksDir, IDS_LOCK, async () => {
+      const held: IdRange[] = [];
+      for (const n of await this.names()) {
+        if (n === rec.name) continue;
+        const r = await readRecord(this.paths(n).record);
+        if (r) held.push(r.ids ?? legacyRange(this.cfg.runtime));
+      }
+      const ids = allocateIdRange(held, this.cfg.runtime);
+      const from = legacyRange(this.cfg.runtime).base;
+      const next: VeRecord = ids.base === from ? { ...rec, ids } : { ...rec, ids, idsFrom: from };
+      await writeJsonAtomic(p.record, next);
+      return next;
+    });
+    const ids = moved.ids!;
+    if (moved.idsFrom !== undefined) {
+      const started = Date.now();
+      await mountVeDisk(p, { hasImage: rec.limits.disk > 0, rootId: ids.base });
+      const changed = await shiftVeFiles(p, moved.idsFrom, ids.base, ids.size);
+      const done: VeRecord = { ...moved };
+      delete done.idsFrom;
+      await writeJsonAtomic(p.record, done);
+      this.log.info({ event: 've.ids_moved', ve: rec.name, from: moved.idsFrom, to: ids.base, size: ids.size, changed, ms: Date.now() - started },
+        `VE "${rec.name}" moved from the shared id range ${moved.idsFrom} to its own, ${ids.base}-${ids.base + ids.size - 1} (${changed} files)`);
+    } else if (!rec.ids) {
+      this.log.info({ event: 've.ids_moved', ve: rec.name, from: ids.base, to: ids.base, size: ids.size, changed: 0 }, `VE "${rec.name}" keeps the id range ${ids.base}-${ids.base + ids.size - 1} as its own`);
+    }
+    return ids;
   }
 
   // ---------------------------------------------------------------- stop
@@ -507,6 +558,7 @@ export class VeManager implements VeAccess {
       processes: stats.pids,
       disk: running ? await diskUsage(this.paths(rec.name)) : null,
       createdAt: rec.createdAt,
+      ids: rec.ids ?? null,
     };
   }
 
@@ -857,6 +909,8 @@ function stepTimer(): ((step: string) => void) & { steps: Record<string, number>
   return Object.assign(mark, { steps });
 }
 
+/** Taken innermost (after a VE's lock) by whatever chooses an id range and records it. */
+const IDS_LOCK = 'ids';
 const USERDB_SEPARATOR = '--vesh-userdb-separator--';
 /** /etc/passwd plus /etc/group of a VE: a few KiB normally, 1 MiB is far beyond any real one. */
 const READ_INSIDE_MAX_BYTES = 1024 * 1024;

@@ -12,6 +12,14 @@ export const veRecordSchema = z.object({
   hostVeth: z.string(),
   onBoot: z.boolean().default(false),
   createdAt: z.string(),
+  /**
+   * The VE's own host uid/gid range (its root is `base`), chosen at create,
+   * kept while the VE exists. Absent in a record of a VE made when all VEs
+   * shared runtime.idmapBase: it gets one at its next start (see VeManager).
+   */
+  ids: z.object({ base: z.number().int().min(1), size: z.number().int().min(65_536) }).optional(),
+  /** Present while the VE's files are being moved from this base (the old shared range) to `ids`. */
+  idsFrom: z.number().int().min(1).optional(),
 });
 export type VeRecord = z.infer<typeof veRecordSchema>;
 

@@ -142,7 +142,7 @@ export async function createDiskImage(p: VePaths, sizeBytes: number, rootId: num
  * the loop device is made, it costs nothing (switching it on afterwards
  * froze the device for ~70 ms).
  */
-export async function veMountCommand(p: VePaths, opts: { hasImage: boolean; lowerdir: string; rootId: number; marker?: string }): Promise<HostCommand> {
+export async function veMountCommand(p: VePaths, opts: VeMountOptions): Promise<HostCommand> {
   const mounted = await mountedPaths();
   let image = '-';
   if (opts.hasImage && !mounted.has(p.private)) {
@@ -156,11 +156,58 @@ export async function veMountCommand(p: VePaths, opts: { hasImage: boolean; lowe
     image = p.image;
   }
   const lower = mounted.has(p.rootfs) ? '-' : opts.lowerdir;
-  return { file: requireSetupHelper(), args: ['mount', image, p.private, p.upper, p.work, p.ctl, opts.marker ?? '-', p.rootfs, lower, String(opts.rootId)] };
+  return {
+    file: requireSetupHelper(),
+    args: ['mount', image, p.private, p.upper, p.work, p.ctl, opts.marker ?? '-', p.rootfs, lower, String(opts.ids.base), `${opts.templateBase}:${opts.ids.size}`],
+  };
+}
+
+export interface VeMountOptions {
+  hasImage: boolean;
+  /** The template's root file system, the overlay's lower layer. */
+  lowerdir: string;
+  /** The VE's host ids: VE root owns upper/ and ctl/, and the template is shown to the VE in this range. */
+  ids: { base: number; size: number };
+  /**
+   * Host id that the template's own root has on disk: 0 for a template as
+   * built (unshifted), the old shared runtime.idmapBase for one shifted by
+   * an older vesh. The template is shown through an idmapped mount that
+   * maps templateBase.. to ids.base.., so one template on disk serves every
+   * range, and is never changed.
+   */
+  templateBase: number;
+  /** File in ctl/ to remove first (the last run's shutdown marker). */
+  marker?: string;
+}
+
+/**
+ * Give every file of a stopped VE's own file system (its disk image, or
+ * private/ without one) owned by ids in `from` the same ids in `to`: a VE
+ * made when all VEs shared one range, moved to its own. Done by the setup
+ * helper, by descriptor without following a symlink (the tree is VE root's).
+ * Returns how many entries changed. The image must be mounted (mount it
+ * with veMountCommand's helper first).
+ */
+export async function shiftVeFiles(p: VePaths, from: number, to: number, size: number): Promise<number> {
+  const res = await run(requireSetupHelper(), ['shift', p.private, String(from), String(to), String(size)], { timeoutMs: SHIFT_TIMEOUT_MS });
+  return Number(res.stdout.trim());
+}
+
+/** A VE's disk holds at most a few million entries; one chown each takes microseconds. */
+const SHIFT_TIMEOUT_MS = 30 * 60_000;
+
+/**
+ * Mount a VE's disk image on private/ (when it has one and it is not
+ * mounted) and make upper/, work/ and ctl/, without the overlay: for work on
+ * the VE's own files while it is stopped (see shiftVeFiles).
+ */
+export async function mountVeDisk(p: VePaths, opts: { hasImage: boolean; rootId: number }): Promise<void> {
+  const image = opts.hasImage && !(await isMounted(p.private)) ? p.image : '-';
+  await run(requireSetupHelper(), ['mount', image, p.private, p.upper, p.work, p.ctl, '-', p.rootfs, '-', String(opts.rootId), '-']);
 }
 
 /** Mount a VE's file systems now (see veMountCommand). */
-export async function mountVeFileSystems(p: VePaths, opts: { hasImage: boolean; lowerdir: string; rootId: number }): Promise<void> {
+export async function mountVeFileSystems(p: VePaths, opts: VeMountOptions): Promise<void> {
   const cmd = await veMountCommand(p, opts);
   await run(cmd.file, cmd.args).catch((err: unknown) => {
     // The helper makes the upper and work directories: on the host's disk without a disk image, and a sparse image's writes land there too.
