@@ -3,6 +3,7 @@ import { constants as fsc, promises as fs, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { ErrorCodes, errorMessage, isVeshError } from '../errors.js';
 import type { ServerConfig } from '../config/server-config.js';
+import { rangeProblems, type IdRange } from '../config/id-ranges.js';
 import { detectCgroupLayout, type CgroupLayout } from '../runtime/cgroups.js';
 import { veRlimits } from '../runtime/oci-bundle.js';
 import { run, safeEnv } from './exec.js';
@@ -100,6 +101,19 @@ export function idsInRange(text: string, lo: number, hi: number): string[] {
     if (f.length < 3 || line.startsWith('#') || !/^\d+$/.test(f[2]!)) continue;
     const id = Number(f[2]);
     if (id >= lo && id <= hi) out.push(`${f[0]} (${id})`);
+  }
+  return out;
+}
+
+/** Entries of an /etc/subuid or /etc/subgid text (name:start:count) that overlap [lo, hi]. */
+export function subIdsInRange(text: string, lo: number, hi: number): string[] {
+  const out: string[] = [];
+  for (const line of text.split('\n')) {
+    const f = line.trim().split(':');
+    if (f.length !== 3 || line.startsWith('#') || !/^\d+$/.test(f[1]!) || !/^\d+$/.test(f[2]!)) continue;
+    const start = Number(f[1]);
+    const end = start + Number(f[2]) - 1;
+    if (Number(f[2]) > 0 && start <= hi && end >= lo) out.push(`${f[0]} (${start}-${end})`);
   }
   return out;
 }
@@ -314,17 +328,79 @@ const checkDataDir: Check = async ({ layout }) => {
   return ok('dataDir', `${layout.dataDir}: every directory above it lets VE inits pass`);
 };
 
-const checkIdmap: Check = async ({ config }) => {
-  const lo = config.runtime.idmapBase;
-  const hi = lo + config.runtime.idmapSize - 1;
+/**
+ * The span every VE's own id range is taken from (runtime.idmapBase,
+ * idmapSize x idRanges) against the host's users and groups and the
+ * subordinate ids the host hands out (/etc/subuid, /etc/subgid: rootless
+ * containers of a host user run as those ids), and the ranges the VEs hold.
+ */
+const checkIdmap: Check = async ({ config, layout }) => {
+  const out: CheckResult[] = [];
+  const span = config.runtime;
+  const lo = span.idmapBase;
+  const hi = lo + span.idRanges * span.idmapSize - 1;
   const users = idsInRange(await fs.readFile('/etc/passwd', 'utf8').catch(() => ''), lo, hi);
   const groups = idsInRange(await fs.readFile('/etc/group', 'utf8').catch(() => ''), lo, hi);
+  const subuids = subIdsInRange(await fs.readFile('/etc/subuid', 'utf8').catch(() => ''), lo, hi);
+  const subgids = subIdsInRange(await fs.readFile('/etc/subgid', 'utf8').catch(() => ''), lo, hi);
   if (users.length || groups.length) {
     const who = [users.length ? `users ${listSome(users)}` : '', groups.length ? `groups ${listSome(groups)}` : ''].filter(Boolean).join('; ');
-    return warn('id range', `host ${who} have ids in the VE range ${lo}-${hi}: they would own VE files`, 'set runtime.idmapBase in vesh.yaml to a range no host user or group uses (then rebuild templates)');
+    out.push(warn('id range', `host ${who} have ids in the VE span ${lo}-${hi}: they would own a VE's files`, 'set runtime.idmapBase (or idRanges) in vesh.yaml to a span no host user or group uses'));
   }
-  return ok('id range', `VE ids map to host ${lo}-${hi}, used by no host user or group`);
+  if (subuids.length || subgids.length) {
+    const who = [subuids.length ? `/etc/subuid ${listSome(subuids)}` : '', subgids.length ? `/etc/subgid ${listSome(subgids)}` : ''].filter(Boolean).join('; ');
+    out.push(warn('id range', `${who} overlap the VE span ${lo}-${hi}: that host user's rootless containers could run as a VE's ids and own its files`, 'move those subordinate ids out of the span (usermod --del-subuids/--add-subuids), or move the span (runtime.idmapBase)'));
+  }
+  if (out.length === 0) out.push(ok('id range', `VE ids: ${span.idRanges} ranges of ${span.idmapSize} in host ${lo}-${hi}, used by no host user, group or subordinate id`));
+  // Each VE's recorded range: inside the span, its own.
+  const ranges: Array<{ ve: string; ids: IdRange | null }> = [];
+  for (const n of (await fs.readdir(layout.vesDir).catch(() => [] as string[])).filter((e) => !e.startsWith('.'))) {
+    const rec = await readRecordCapped(path.join(layout.vesDir, n, 've.json'));
+    if (!rec) continue;
+    const ids = rec.ids as { base?: unknown; size?: unknown } | undefined;
+    ranges.push({ ve: n, ids: ids && typeof ids.base === 'number' && typeof ids.size === 'number' ? { base: ids.base, size: ids.size } : null });
+  }
+  const problems = rangeProblems(ranges, span);
+  const legacy = ranges.filter((r) => !r.ids).map((r) => r.ve);
+  for (const p of problems) out.push(fail('VE id ranges', p, 'restore the VE\'s ve.json from a backup or destroy it; do not change runtime.idmapBase, idmapSize or idRanges while VEs exist'));
+  if (legacy.length > 0) {
+    out.push(warn('VE id ranges', `${legacy.length} VE(s) still share the ids ${lo}-${lo + span.idmapSize - 1} (made by an older vesh: ${listSome(legacy)})`, 'restart them ("vesh ve restart NAME"): each moves to a range of its own at its next start'));
+  } else if (problems.length === 0) {
+    out.push(ok('VE id ranges', `${ranges.length} VE(s), each with a range of its own inside the span`));
+  }
+  // Templates an older vesh shifted to the old shared range still work (mapped from there), but slot 0's VE owns them on the host.
+  const shifted: string[] = [];
+  for (const t of (await fs.readdir(layout.templatesDir).catch(() => [] as string[])).filter((e) => !e.startsWith('.'))) {
+    const meta = await readRecordCapped(path.join(layout.templatesDir, t, 'template.json'), true);
+    if (meta && typeof meta.idmapBase === 'number' && meta.idmapBase !== 0) shifted.push(`${t} (${meta.idmapBase})`);
+  }
+  if (shifted.length > 0) {
+    out.push(warn('templates', `template(s) ${listSome(shifted)} were shifted to one VE range by an older vesh: on the host the VE holding that range owns their files`, 'rebuild or re-import them under a new name when convenient (templates are now kept as built and shown to each VE in its own range)'));
+  }
+  return out;
 };
+
+/**
+ * A small JSON state file (ve.json, template.json): root's, on the host;
+ * read without following a symlink (a template directory may be one, into a
+ * shared cache: `followDir`), capped; null when absent or damaged ("vesh ve
+ * list" names a damaged record).
+ */
+async function readRecordCapped(file: string, followDir = false): Promise<Record<string, unknown> | null> {
+  const target = followDir ? path.join(await fs.realpath(path.dirname(file)).catch(() => path.dirname(file)), path.basename(file)) : file;
+  const fh = await fs.open(target, fsc.O_RDONLY | fsc.O_NOFOLLOW).catch(() => null);
+  if (!fh) return null;
+  try {
+    const buf = Buffer.alloc(64 * 1024);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    const v: unknown = JSON.parse(buf.subarray(0, bytesRead).toString('utf8'));
+    return v && typeof v === 'object' ? (v as Record<string, unknown>) : null;
+  } catch {
+    return null;
+  } finally {
+    await fh.close();
+  }
+}
 
 const checkTemplates: Check = async ({ config, layout }) => {
   const want = config.defaults.template;

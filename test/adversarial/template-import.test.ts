@@ -113,11 +113,10 @@ add('./etc/imported', data=b'from-the-tar\\n')
     expect(r.code, r.stderr).toBe(0);
     const rootfs = path.join(env.layout.templateDir('hostile'), 'rootfs');
     expect(specialFiles(rootfs)).toEqual([]);
-    const base = env.config.runtime.idmapBase;
     const mode = (rel: string) => lstatSync(path.join(rootfs, rel)).mode & 0o7777;
-    // setuid/setgid kept only where template root owns the file (shifted to VE root's host uid).
+    // setuid/setgid kept only where template root owns the file (unshifted on disk: host root's, in a root-only directory).
     expect(mode('usr/bin/suid-root')).toBe(0o4755);
-    expect(lstatSync(path.join(rootfs, 'usr/bin/suid-root')).uid).toBe(base);
+    expect(lstatSync(path.join(rootfs, 'usr/bin/suid-root')).uid).toBe(0);
     expect(mode('usr/bin/sgid-root')).toBe(0o2755);
     expect(mode('usr/bin/suid-user')).toBe(0o755);
     expect(mode('etc/world-writable')).toBe(0o664);

@@ -102,11 +102,13 @@ describe('host code on VE trees: no symlink followed, no FIFO waited on, no VE f
       expect(opts, m).toContain('nodev');
     }
 
-    // Directories holding VE trees: root and VE root's host group only.
-    for (const d of [arena.env.layout.dataDir, arena.env.layout.vesDir, veDir()]) {
+    // The VE's directory: root and VE root's host group only; above it, every VE's init passes (search only, no listing).
+    for (const d of [arena.env.layout.dataDir, arena.env.layout.vesDir]) {
       const st = statSync(d);
-      expect({ dir: d, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid }).toEqual({ dir: d, mode: 0o710, uid: 0, gid: IDMAP_BASE });
+      expect({ dir: d, mode: st.mode & 0o7777, uid: st.uid, gid: st.gid }).toEqual({ dir: d, mode: 0o711, uid: 0, gid: 0 });
     }
+    const veSt = statSync(veDir());
+    expect({ mode: veSt.mode & 0o7777, uid: veSt.uid, gid: veSt.gid }).toEqual({ mode: 0o710, uid: 0, gid: IDMAP_BASE });
     expect(statSync(arena.env.layout.templatesDir).mode & 0o077).toBe(0);
 
     // Inside, the VE's own view still honours setuid (sudo, su, passwd for its plain users): it gives ids of the VE only.

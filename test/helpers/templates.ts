@@ -9,12 +9,15 @@ import { TemplateStore } from '../../src/template/store.js';
 /**
  * The Debian template takes a minute or more to build, so test files share one,
  * built once per machine under /var/tmp (kept between runs, keyed on the
- * recipe version). Each test instance links it into its own data dir.
+ * recipe version and on the ownership layout: "-u" templates are unshifted,
+ * owned by 0..65535 as built; older entries without it were shifted to
+ * 100000 and are never handed to this code). Each test instance links it
+ * into its own data dir.
  */
 const CACHE = '/var/tmp/vesh-test-cache';
 
 export async function sharedTemplate(kind: 'debian'): Promise<{ dir: string }> {
-  const name = `${kind}-r${DEBIAN_RECIPE_VERSION}`;
+  const name = `${kind}-r${DEBIAN_RECIPE_VERSION}-u`;
   const layout = makeLayout(CACHE);
   const dir = layout.templateDir(name);
   await fs.mkdir(CACHE, { recursive: true, mode: 0o711 });
@@ -23,7 +26,7 @@ export async function sharedTemplate(kind: 'debian'): Promise<{ dir: string }> {
   try {
     if (!(await fs.stat(path.join(dir, 'template.json')).catch(() => null))) {
       process.stderr.write(`building the shared Debian test template in ${dir} (once per machine)\n`);
-      const store = new TemplateStore({ layout, logger: silentLogger(), idmapBase: 100_000, idmapSize: 65_536 });
+      const store = new TemplateStore({ layout, logger: silentLogger(), idmapSize: 65_536 });
       await store.build(kind, { name });
     }
   } finally {

@@ -166,7 +166,7 @@ function runtimeConformance(engine: EngineFactory): void {
       const box: Box = { id, paths, bundleDir: dir, pidFile: paths.pidFile, consoleFile: path.join(dir, 'console.log'), cgroupsPath: `${cgroupParent}/${id}` };
       owner.push(box); // before the first step that leaves something on the host
       await fs.mkdir(dir, { mode: 0o711 });
-      if (opts.mount !== false) await mountVeFileSystems(paths, { hasImage: false, lowerdir: template.rootfs, rootId: IDMAP.base });
+      if (opts.mount !== false) await mountVeFileSystems(paths, { hasImage: false, lowerdir: template.rootfs, ids: IDMAP, templateBase: template.idmapBase });
       const oci = buildOciConfig({
         name: id, hostname: id, rootfs: paths.rootfs, init: opts.init ?? template.init, limits: LIMITS,
         cgroupsPath: box.cgroupsPath, idmap: IDMAP, ctlDir: paths.ctl,
@@ -200,7 +200,7 @@ function runtimeConformance(engine: EngineFactory): void {
       work = mkdtempSync('/var/tmp/vesh-rtconf-');
       // The container's init (an unprivileged host uid) must pass through every directory above its root.
       await fs.chmod(work, 0o711);
-      const store = new TemplateStore({ layout: makeLayout(path.join(work, 'data')), logger: silentLogger(), idmapBase: IDMAP.base, idmapSize: IDMAP.size });
+      const store = new TemplateStore({ layout: makeLayout(path.join(work, 'data')), logger: silentLogger(), idmapSize: IDMAP.size });
       template = await store.build('busybox', {});
       rt = engine.make(stateRoot);
     });
