@@ -38,8 +38,10 @@ export function sysctlPath(key: string): string {
 export function hostSysctlNeeds(opts: { pidsPerVe: number; ptysPerVe: number }): SysctlNeed[] {
   // Kernel keys: runc itself gives each VE a session keyring (before the
   // VE's seccomp filter applies, so refusing keyctl and add_key inside VEs
-  // does not remove it), owned by VE root: the same host uid for every VE
-  // (runtime.idmapBase), charged to that uid's key quota. Measured in
+  // does not remove it), owned by VE root and charged to that host uid's key
+  // quota. Each VE has a uid of its own now (one key each), but VEs made by
+  // an older vesh share runtime.idmapBase until their next start, so the
+  // raise below stays for a host upgraded with many running VEs. Measured in
   // /proc/key-users: one key and about 11 bytes per VE with 5-letter names
   // (31 keys, 333 bytes for 31 VEs), so at most ~40 bytes with 32-letter
   // ones. The defaults (200 keys, 20000 bytes) stop the 201st VE. The quota
