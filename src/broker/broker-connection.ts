@@ -10,7 +10,8 @@ import { SFTP_SERVER_PATH, sftpServerArgv } from '../ssh/sftp.js';
 import type { CapRefusal, UsageCaps } from '../ssh/usage-caps.js';
 import { sshFingerprint } from '../ssh/host-keys.js';
 import { closeFd, shutdownFd } from '../system/fdpass.js';
-import type { VeAccess } from '../ve/access.js';
+import type { VeAccess, VeProcessSpec } from '../ve/access.js';
+import { AgentUnavailable, startAgentSession } from './agent-session.js';
 import { ForwardRelayClient } from './forward-relay-client.js';
 import type { Admitted } from './admission.js';
 import type { AuthGrant, BrokerEvent, ConnState, Request } from './request-table.js';
@@ -314,19 +315,12 @@ export class BrokerConnection {
         ...(r.kind === 'subsystem' ? { subsystem: r.subsystem } : {}),
         ...(forced !== undefined ? { forcedCommand: forced } : {}),
       });
-      let cmd;
-      try {
-        cmd = await this.deps.ves.processCommand(login.account.ve, {
-          user: login.user, argv, env, cwd: login.user.home, tty: !!r.pty,
-          ...(size ? { consoleSize: { rows: size.rows, cols: size.cols } } : {}),
-        });
-      } catch (err) {
-        this.log.error({ event: 'ssh.session_spawn_failed', err: errorMessage(err) });
-        throw new Refused(isVeshError(err) ? err.userMessage : 'The server could not start your session.', { cause: err });
-      }
-      if (this.state !== 'authenticated') throw new Refused('the connection is closing');
+      const spec: VeProcessSpec = {
+        user: login.user, argv, env, cwd: login.user.home, tty: !!r.pty,
+        ...(size ? { consoleSize: { rows: size.rows, cols: size.cols } } : {}),
+      };
       const startedAt = Date.now();
-      const s = spawnSession(cmd, r.pty && size ? { term: term!, cols: size.cols, rows: size.rows } : null, (report: ExitReport) => {
+      const s = await this.startProcess(login.account.ve, spec, r.pty && size ? { term: term!, cols: size.cols, rows: size.rows } : null, (report: ExitReport) => {
         this.sessions.delete(r.session);
         release();
         // Logged here, by the process that ran it, whether or not the client is still there to be told.
@@ -339,6 +333,50 @@ export class BrokerConnection {
       release();
       throw err;
     }
+  }
+
+  /**
+   * Start the session's process in the VE: through the VE's session agent,
+   * asked by us (agent-session.ts: no host process), when one runs; else, or
+   * when it no longer answers, through a host relay (session-spawn.ts), which
+   * falls back to `runc exec` itself.
+   */
+  private async startProcess(
+    ve: string,
+    spec: VeProcessSpec,
+    pty: { term: string; cols: number; rows: number } | null,
+    onExit: (report: ExitReport) => void,
+  ): Promise<SpawnedSession> {
+    const route = await this.deps.ves.agentRoute?.(ve, spec).catch(() => null);
+    if (route) {
+      if (this.state !== 'authenticated') throw new Refused('the connection is closing');
+      let s: SpawnedSession | null = null;
+      try {
+        s = await startAgentSession(route, onExit);
+      } catch (err) {
+        if (!(err instanceof AgentUnavailable)) {
+          this.log.warn({ event: 'ssh.session_spawn_failed', via: 'agent', err: errorMessage(err) });
+          throw new Refused(`${errorMessage(err)}`, { cause: err });
+        }
+        this.log.debug({ event: 'ssh.session_agent_unavailable', err: errorMessage(err) });
+      }
+      if (s) {
+        if (this.state === 'authenticated') return s;
+        // The connection went while the agent started it: hung up like the connection's others.
+        for (const fd of s.fds) closeFd(fd);
+        s.hangup();
+        throw new Refused('the connection is closing');
+      }
+    }
+    let cmd;
+    try {
+      cmd = await this.deps.ves.processCommand(ve, spec);
+    } catch (err) {
+      this.log.error({ event: 'ssh.session_spawn_failed', err: errorMessage(err) });
+      throw new Refused(isVeshError(err) ? err.userMessage : 'The server could not start your session.', { cause: err });
+    }
+    if (this.state !== 'authenticated') throw new Refused('the connection is closing');
+    return spawnSession(cmd, pty, onExit);
   }
 
   signalSession(r: Request<'session.signal'>): void {

@@ -35,6 +35,7 @@
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -699,6 +700,48 @@ static napi_value js_peer_cred(napi_env env, napi_callback_info info) {
   return obj;
 }
 
+/* ---- a VE's session agent: connect, and the terminal it hands back ----- */
+
+/*
+ * connectUnix(path): a SOCK_SEQPACKET connection to the listening socket at
+ * path, nonblocking and close-on-exec. Unix connects complete at once or not
+ * at all: a full backlog is EAGAIN, never a wait in the event loop.
+ */
+static napi_value js_connect_unix(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  struct sockaddr_un sa = { .sun_family = AF_UNIX };
+  size_t len;
+  if (get_args(env, info, 1, argv)) return NULL;
+  if (napi_get_value_string_utf8(env, argv[0], sa.sun_path, sizeof sa.sun_path, &len) != napi_ok) return throw_type(env, "connectUnix path must be a string");
+  if (len == 0 || len >= sizeof sa.sun_path - 1) return throw_type(env, "connectUnix path is empty or too long for a unix socket");
+  int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (s < 0) return throw_errno(env, "socket", errno);
+  if (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
+    int err = errno;
+    close(s);
+    return throw_errno(env, "connect", err);
+  }
+  return make_int(env, s);
+}
+
+/*
+ * isPtyMaster(fd): whether fd is the master side of a pseudo-terminal (a
+ * character device on which TIOCGPTN answers, which only a master does).
+ * A VE's agent hands one back for a terminal session; anything else it
+ * sends (a FIFO, a socket, a file of its tree) must not reach a worker.
+ */
+static napi_value js_is_pty_master(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd;
+  if (get_args(env, info, 1, argv) || get_fd(env, argv[0], &fd)) return NULL;
+  struct stat st;
+  unsigned int n;
+  bool ok = fstat(fd, &st) == 0 && S_ISCHR(st.st_mode) && ioctl(fd, TIOCGPTN, &n) == 0;
+  napi_value result;
+  napi_get_boolean(env, ok, &result);
+  return result;
+}
+
 /* ---- lockdown: the worker's seccomp filter --------------------------- */
 
 #if defined(__x86_64__)
@@ -999,6 +1042,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "openPty", js_open_pty }, { "setWinsize", js_set_winsize },
     { "peerCred", js_peer_cred }, { "lockdown", js_lockdown },
     { "spawn", js_spawn }, { "reap", js_reap },
+    { "connectUnix", js_connect_unix }, { "isPtyMaster", js_is_pty_master },
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

@@ -58,6 +58,8 @@ interface FdpassAddon {
   lockdown(): void;
   spawn(file: string, argv: string[], env: string[], stdio: [number, number, number]): SpawnedChild;
   reap(pidfd: number): ProcessEnd | null;
+  connectUnix(path: string): number;
+  isPtyMaster(fd: number): boolean;
 }
 
 /** dist/fdpass.node, the same path from src/ (tests) and from dist/ (the installed command). */
@@ -187,4 +189,18 @@ export function spawn(file: string, argv: string[], env: Record<string, string>,
 /** How a spawn()ed process ended, or null while it runs (the pidfd stays open: close it). */
 export function reap(pidfd: number): ProcessEnd | null {
   return addon().reap(pidfd);
+}
+
+/**
+ * A SOCK_SEQPACKET connection to the unix socket listening at `path`
+ * (nonblocking, close-on-exec); throws ECONNREFUSED, ENOENT, or EAGAIN when
+ * its backlog is full (a unix connect never waits).
+ */
+export function connectUnix(path: string): number {
+  return addon().connectUnix(path);
+}
+
+/** Whether fd is a pseudo-terminal's master (a character device that answers TIOCGPTN). */
+export function isPtyMaster(fd: number): boolean {
+  return addon().isPtyMaster(fd);
 }

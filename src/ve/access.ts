@@ -22,6 +22,24 @@ export interface VeProcessSpec {
   consoleSize?: { rows: number; cols: number };
 }
 
+/** Where to ask a VE's running session agent for a process directly, and the process as the agent takes it. */
+export interface AgentRoute {
+  /** The agent's socket (a root-only host directory, never in the VE). */
+  socket: string;
+  process: {
+    argv: string[];
+    /** uid, gid and groups inside the VE. */
+    uid: number;
+    gid: number;
+    groups: number[];
+    cwd?: string;
+    /** Complete: the VE's process environment under the session's. */
+    env: Record<string, string>;
+    tty: boolean;
+    consoleSize?: { rows: number; cols: number };
+  };
+}
+
 /**
  * The narrow interface the SSH side uses to reach VEs. It holds every
  * root-only operation the SSH layer needs, so that privilege separation is a
@@ -40,6 +58,14 @@ export interface VeAccess {
   lookupUser(ve: string, user: string): Promise<VeUserInfo>;
   /** Host command that runs the process inside the running VE (stdio and exit status pass through). */
   processCommand(ve: string, spec: VeProcessSpec): Promise<HostCommand>;
+  /**
+   * The VE's session agent when one runs under the VE's current init: its
+   * socket and `spec` as the agent takes it, for a caller that asks the agent
+   * itself (no host process per session; src/broker/agent-session.ts). null
+   * when there is none: then processCommand, which also has one started for
+   * the next session. Optional: a VeAccess without agents leaves it out.
+   */
+  agentRoute?(ve: string, spec: VeProcessSpec): Promise<AgentRoute | null>;
   /**
    * Host command that starts the port-forward relay on the host
    * (src/native/vesh-forward-relay.c), which starts the helper inside the

@@ -17,7 +17,7 @@ import { forwardHelperPath, forwardRelayPath } from '../system/native-helpers.js
 import { processStartTime } from '../system/proc.js';
 import { readCappedNoFollow } from '../system/tree-read.js';
 import { withRevert } from '../system/revert.js';
-import type { VeAccess, VeProcessSpec, VeUserInfo } from './access.js';
+import type { AgentRoute, VeAccess, VeProcessSpec, VeUserInfo } from './access.js';
 import { withLock } from './lock.js';
 import { assertVeName } from './names.js';
 import { parseGroup, parsePasswd } from './passwd.js';
@@ -723,6 +723,26 @@ export class VeManager implements VeAccess {
       env: { ...VE_PROCESS_ENV, ...spec.env },
       tty: spec.tty,
     }, await this.runtime.execCommand(ve, viaRunc));
+  }
+
+  async agentRoute(ve: string, spec: VeProcessSpec): Promise<AgentRoute | null> {
+    const init = await this.knownInit(ve);
+    const socket = init ? await this.agents.liveSocket(ve, init) : null;
+    if (!socket) return null;
+    return {
+      socket,
+      process: {
+        argv: spec.argv,
+        uid: spec.user.uid,
+        gid: spec.user.gid,
+        groups: [spec.user.gid, ...spec.user.groups.filter((g) => g !== spec.user.gid)],
+        cwd: spec.cwd,
+        // What runc exec would give: the VE's process environment under the session's.
+        env: { ...VE_PROCESS_ENV, ...spec.env },
+        tty: spec.tty,
+        ...(spec.consoleSize ? { consoleSize: spec.consoleSize } : {}),
+      },
+    };
   }
 
   async forwardCommand(ve: string, user: VeUserInfo): Promise<HostCommand & { program: string }> {

@@ -160,6 +160,16 @@ export class SessionAgents {
     return fallback;
   }
 
+  /**
+   * The socket of the agent that runs in `ve` under its init `init` (its pid
+   * and start time checked, so a reused pid is not taken for it), or null.
+   */
+  async liveSocket(ve: string, init: string): Promise<string | null> {
+    const agent = this.deps.enabled ? this.agents.get(ve) : undefined;
+    if (!agent || agent.init !== init || (await processStartTime(agent.pid)) !== agent.start) return null;
+    return this.socketPath(ve);
+  }
+
   private async launch(ve: string, init: string, helper: string): Promise<void> {
     // The VE stopped or restarted meanwhile: the next session asks again.
     if ((await this.deps.currentInit(ve)) !== init) return;
