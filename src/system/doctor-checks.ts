@@ -236,6 +236,33 @@ const checkOverlay: Check = async () => {
   }
 };
 
+/**
+ * The template as each VE sees it: an idmapped mount as the overlay's lower
+ * layer, made by the setup helper exactly as a start makes it, in a scratch
+ * directory on the file system that holds dataDir (idmapped mounts depend on
+ * the file system: ext4, xfs, btrfs, tmpfs have them; NFS does not).
+ */
+const checkIdmappedLower: Check = async ({ config, layout }) => {
+  const helper = setupHelperPath();
+  if (!(await exists(helper))) return warn('idmapped template', `${helper} is not built, so it cannot be tried`, 'npm run build');
+  const near = (await exists(layout.dataDir)) ? layout.dataDir : '/var/tmp';
+  const dir = await fs.mkdtemp(path.join(near, '.vesh-doctor-idmap-'));
+  const [lower, priv, merged] = ['lower', 'private', 'merged'].map((d) => path.join(dir, d)) as [string, string, string];
+  const root = config.runtime.idmapBase;
+  try {
+    await fs.mkdir(lower);
+    await fs.writeFile(path.join(lower, 'probe'), 'lower\n');
+    const r = await attempt(helper, ['mount', '-', priv, path.join(priv, 'upper'), path.join(priv, 'work'), path.join(priv, 'ctl'), '-', merged, lower, String(root), `0:${config.runtime.idmapSize}`]);
+    if (r.code !== 0) return fail('idmapped template', `${why(r)}`, fixFor(r, `put dataDir (${layout.dataDir}) on ext4, xfs or btrfs, on a kernel with idmapped mounts (5.12 or later; overlay over a detached idmapped mount needs 6.15 or later)`));
+    const st = await fs.stat(path.join(merged, 'probe')).catch(() => null);
+    if (st?.uid !== root) return fail('idmapped template', `a template file owned by root showed as uid ${st?.uid ?? '?'} through the idmapped mount, not as VE root (${root})`, 'run vesh doctor on a kernel with idmapped mounts (6.15 or later)');
+    return ok('idmapped template', `templates on ${near}'s file system show in each VE's own id range (tried: root's file seen as ${root})`);
+  } finally {
+    if ((await attempt('umount', [merged])).code !== 0) await attempt('umount', ['-l', merged]);
+    await fs.rm(dir, { recursive: true, force: true }).catch(() => undefined);
+  }
+};
+
 const checkCgroups: Check = async () => {
   const layout = detectCgroupLayout();
   const wanted = ['memory', 'pids', 'cpu'];
@@ -538,7 +565,7 @@ const checkProcHidepid: Check = async () => {
 
 export const CHECKS: Check[] = [
   checkRoot, checkUserNsEnabled, checkNamespaces, checkOverlay, checkCgroups, checkRuntime, checkBridgeVeth, checkNftables,
-  checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkTemplates, checkHostKeys, checkSetupHelper, checkSessionHelper, checkForwardHelper, checkForwardRelay,
+  checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkIdmappedLower, checkTemplates, checkHostKeys, checkSetupHelper, checkSessionHelper, checkForwardHelper, checkForwardRelay,
   checkHostSysctls, checkSharedCounters, checkSocketMemory, checkProcHidepid,
 ];
 
