@@ -211,10 +211,21 @@ function cpuByRole(procs: ProcessCpu[], roots: Array<[number, string]>): Record<
 }
 
 /** vesh's config file and accounts for one instance (its own data dir, port, bridge, subnet). */
-async function writeVeshInstance(dir: string, o: { port: number; bridge: string; subnet: string; pub: string; accounts: string[]; workers: number | null }): Promise<string> {
+/**
+ * The Debian test template as `tree`'s own code builds and names it: the
+ * template format moves with the code (VE id ranges, shifted or not), and
+ * an older build refuses a newer one. The current tree's is ours.
+ */
+async function templateFor(tree: string): Promise<string> {
+  if (tree === REPO) return (await sharedTemplate('debian')).dir;
+  const theirs = (await import(path.join(tree, 'test/helpers/templates.ts'))) as { sharedTemplate: typeof sharedTemplate };
+  return (await theirs.sharedTemplate('debian')).dir;
+}
+
+async function writeVeshInstance(dir: string, o: { tree: string; port: number; bridge: string; subnet: string; pub: string; accounts: string[]; workers: number | null }): Promise<string> {
   const data = path.join(dir, 'data');
   mkdirSync(path.join(data, 'templates'), { recursive: true });
-  await fs.symlink((await sharedTemplate('debian')).dir, path.join(data, 'templates', 'debian'));
+  await fs.symlink(await templateFor(o.tree), path.join(data, 'templates', 'debian'));
   writeFileSync(path.join(dir, 'vesh.yaml'), [
     `listen: "127.0.0.1:${o.port}"`, `dataDir: ${data}`, `hostKeysDir: ${dir}/keys`, `accountsFile: ${dir}/accounts.yaml`,
     `defaults: { template: debian, limits: { memory: ${args['ve-memory']}, pids: 512, cpus: 2, disk: ${Math.ceil((SFTP_MIB * 2.2) / 1024) + 1}G } }`,
@@ -263,7 +274,7 @@ async function main(): Promise<void> {
     const id = process.pid % 10000;
 
     // ---- vesh serve (this tree), Debian template (the shared cache the tests use), disk big enough for the SFTP file
-    const veshConfig = await writeVeshInstance(path.join(dir, 'vesh'), { port: pVesh, bridge: `vbs${id}`, subnet: `10.239.${process.pid % 250}.0/24`, pub, accounts: ['warm', 'cold'], workers: WORKERS });
+    const veshConfig = await writeVeshInstance(path.join(dir, 'vesh'), { tree: REPO, port: pVesh, bridge: `vbs${id}`, subnet: `10.239.${process.pid % 250}.0/24`, pub, accounts: ['warm', 'cold'], workers: WORKERS });
     configs.push(veshConfig);
     const serve = spawn(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', veshConfig, 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
     children.push(serve);
@@ -273,7 +284,7 @@ async function main(): Promise<void> {
     let baseServe: ChildProcess | null = null;
     let baseLabel = '';
     if (BASELINE) {
-      const baseConfig = await writeVeshInstance(path.join(dir, 'baseline'), { port: pBase, bridge: `vbb${id}`, subnet: `10.238.${process.pid % 250}.0/24`, pub, accounts: ['warm'], workers: null });
+      const baseConfig = await writeVeshInstance(path.join(dir, 'baseline'), { tree: BASELINE, port: pBase, bridge: `vbb${id}`, subnet: `10.238.${process.pid % 250}.0/24`, pub, accounts: ['warm'], workers: null });
       configs.push(baseConfig);
       baseServe = spawn(process.execPath, [path.join(BASELINE, 'bin/vesh.js'), '--config', baseConfig, 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
       children.push(baseServe);
