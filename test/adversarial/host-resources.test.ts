@@ -1,9 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync, renameSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { hostSysctlNeeds } from '../../src/system/host-tuning.js';
+import { sessionHelperPath } from '../../src/system/native-helpers.js';
 import { keyAuthArgs, runProgram, sshBaseArgs } from '../helpers/ssh-harness.js';
 import { waitFor } from '../helpers/ve-env.js';
 import { buildAttack, makeArena, plantAttack, serverAlive, type Arena } from './kit.js';
@@ -220,14 +221,29 @@ describe('host resources: each capped per VE or charged to it', () => {
     await arena.expectServes('bob');
   }, 180_000);
 
-  it('runs host relays in the VE\'s relay cgroup; past its pids limit alice is told, bob still served (H4)', async () => {
+  it('holds no host process for a session through the agent; runs the relays that remain in the VE\'s relay cgroup, which refuses one past its pids limit; bob still served (H4)', async () => {
     await waitForAgent('alice');
     const pidsDir = path.join('/sys/fs/cgroup/pids', cgroupParent, 'alice.relays');
+    const memoryDir = path.join('/sys/fs/cgroup/memory', cgroupParent, 'alice.relays');
+    const sock = path.join(arena.env.layout.agentsDir, 'alice.sock');
+    const relaysOf = () => hostProcesses().filter((p) => p.args.includes('vesh-session') && p.args.includes(` attach ${sock} `));
+    const pidsNow = () => Number(readFileSync(path.join(pidsDir, 'pids.current'), 'utf8'));
+    // Through the agent, the broker asks it itself: the session holds no host
+    // process, only a socket in the broker (capped by sessions.maxSessionsPerAccount).
     const first = await holdSession('alice', 'echo up; sleep 120', 'up');
     expect(first.up, first.stderr()).toBe(true);
-    // The relay of that session (a host process) is charged to alice's relay cgroup, pids and memory alike.
-    const sock = path.join(arena.env.layout.agentsDir, 'alice.sock');
-    const relays = hostProcesses().filter((p) => p.args.includes('vesh-session') && p.args.includes(` attach ${sock} `));
+    expect(relaysOf()).toEqual([]);
+    // With the agent not answering (its socket moved away), a session takes a
+    // host relay, charged to alice's relay cgroup, pids and memory alike.
+    renameSync(sock, `${sock}.away`);
+    let viaRelay;
+    try {
+      viaRelay = await holdSession('alice', 'echo up; sleep 120', 'up');
+    } finally {
+      renameSync(`${sock}.away`, sock);
+    }
+    expect(viaRelay.up, viaRelay.stderr()).toBe(true);
+    const relays = relaysOf();
     expect(relays.length).toBeGreaterThan(0);
     for (const r of relays) {
       const cg = readFileSync(`/proc/${r.pid}/cgroup`, 'utf8');
@@ -236,21 +252,33 @@ describe('host resources: each capped per VE or charged to it', () => {
     }
     expect(readFileSync(path.join(pidsDir, 'pids.max'), 'utf8').trim()).toBe(String(RELAY_PIDS));
 
-    let refused: string | null = null;
-    for (let i = 0; i < RELAY_PIDS + 4 && refused === null; i++) {
-      const s = await holdSession('alice', 'echo up; sleep 120', 'up');
-      if (!s.up) refused = s.stderr();
+    // Past its pids limit the relay cgroup takes no more relay, and says why:
+    // filled with stand-ins that join it as every relay does, one more is refused.
+    const helper = sessionHelperPath();
+    const memory = readFileSync(path.join(memoryDir, 'memory.limit_in_bytes'), 'utf8').trim();
+    const join = (cmd: string[]) => [helper, ['join', String(RELAY_PIDS), memory, `${pidsDir}:${memoryDir}`, ...cmd]] as const;
+    const fillers: ChildProcess[] = [];
+    try {
+      const room = RELAY_PIDS - pidsNow();
+      for (let i = 0; i < room; i++) {
+        const [file, args] = join(['/bin/sleep', '120']);
+        fillers.push(spawn(file, args, { stdio: 'ignore' }));
+      }
+      await waitFor('alice\'s relay cgroup full', async () => pidsNow() >= RELAY_PIDS, 20_000);
+      const [file, args] = join(['/bin/true']);
+      const over = await runProgram(file, [...args]);
+      expect(over.code).toBe(255);
+      expect(over.stderr).toMatch(/as many host processes serving its sessions as it may/);
+      expect(pidsNow()).toBeLessThanOrEqual(RELAY_PIDS);
+    } finally {
+      for (const f of fillers) f.kill('SIGKILL');
     }
-    expect(refused, 'alice opened more sessions than her relay limit allows').not.toBeNull();
-    expect(refused).toMatch(/as many host processes serving its sessions as it may/);
-    expect(Number(readFileSync(path.join(pidsDir, 'pids.current'), 'utf8'))).toBeLessThanOrEqual(RELAY_PIDS);
-    // Her sessions so far still run, bob is served, and so is the server.
+    // Her session through the agent still runs, bob is served, and so is the server.
     expect(first.child.exitCode).toBeNull();
     await arena.expectServes('bob');
     expect(serverAlive(arena)).toBe(true);
     endHeldSessions();
-    // Once her sessions are gone, so are their relays: she is served again.
-    await waitFor('alice\'s relays to end', async () => Number(readFileSync(path.join(pidsDir, 'pids.current'), 'utf8')) === 0, 30_000);
+    await waitFor('alice\'s relays to end', async () => pidsNow() === 0, 30_000);
     await arena.expectServes('alice');
   }, 300_000);
 });
