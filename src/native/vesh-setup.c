@@ -494,6 +494,27 @@ static int pin_neighbour(int fd, int bridge, const struct in_addr *addr, const u
   return nl_talk(fd, &r);
 }
 
+/*
+ * IPv6 off on one device of the current network namespace (/proc/sys/net
+ * shows the namespace of the process that opens it), before the device comes
+ * up: no link-local address, no routes for it, no solicited-node group, no
+ * router solicitations or MLD reports. VEs get no IPv6 and the bridge table
+ * drops it from them; per device this saves the kernel memory of all of that
+ * (bench/README.md, "Lean VEs"). 0 when the kernel has no IPv6 (nothing to turn off).
+ */
+static int ipv6_off(const char *dev) {
+  char file[96];
+  snprintf(file, sizeof file, "/proc/sys/net/ipv6/conf/%s/disable_ipv6", dev);
+  int fd = open(file, O_WRONLY | O_CLOEXEC);
+  if (fd < 0) {
+    int err = errno;
+    return err == ENOENT && access("/proc/sys/net/ipv6", F_OK) != 0 ? 0 : err;
+  }
+  int err = write(fd, "1", 1) == 1 ? 0 : errno;
+  close(fd);
+  return err;
+}
+
 static int cmd_net_hook(int argc, char **argv) {
   if (argc != 8) die("usage: vesh-setup net-hook HOSTVETH BRIDGE_IFINDEX ADDRESS PREFIX GATEWAY MAC");
   const char *veth = argv[2];
@@ -520,7 +541,12 @@ static int cmd_net_hook(int argc, char **argv) {
     struct nlreq r;
     struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC};
     nl_init(&r, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, &ifi, sizeof ifi);
+    /* One queue pair per end: veth makes one per possible CPU by default,
+       each with its own sysfs directories, for a link that idles. */
+    unsigned one = 1;
     nl_add(&r, IFLA_IFNAME, veth, strlen(veth) + 1);
+    nl_add(&r, IFLA_NUM_TX_QUEUES, &one, sizeof one);
+    nl_add(&r, IFLA_NUM_RX_QUEUES, &one, sizeof one);
     nl_add(&r, IFLA_MASTER, &bridge, sizeof bridge);
     struct rtattr *info = nl_add(&r, IFLA_LINKINFO, NULL, 0);
     nl_add(&r, IFLA_INFO_KIND, "veth", 4);
@@ -533,6 +559,8 @@ static int cmd_net_hook(int argc, char **argv) {
     memcpy((char *)&r + off, &pifi, sizeof pifi);
     r.h.nlmsg_len = (unsigned)(off + NLMSG_ALIGN(sizeof pifi));
     nl_add(&r, IFLA_IFNAME, "eth0", 5);
+    nl_add(&r, IFLA_NUM_TX_QUEUES, &one, sizeof one);
+    nl_add(&r, IFLA_NUM_RX_QUEUES, &one, sizeof one);
     nl_add(&r, IFLA_ADDRESS, mac, 6);
     nl_add(&r, IFLA_NET_NS_FD, &ns, sizeof ns);
     nl_end(&r, peer);
@@ -549,6 +577,7 @@ static int cmd_net_hook(int argc, char **argv) {
   if ((err = harden_port(host_nl, port))) net_fail("bridge port %s: learning off, flood off, isolated: %s", veth, strerror(err));
   if ((err = pin_fdb(host_nl, port, mac))) net_fail("static FDB entry %s on %s: %s", argv[7], veth, strerror(err));
   if ((err = pin_neighbour(host_nl, bridge, &addr, mac))) net_fail("permanent neighbour %s -> %s on bridge %d: %s", argv[4], argv[7], bridge, strerror(err));
+  if ((err = ipv6_off(veth))) net_fail("IPv6 off on %s: %s", veth, strerror(err));
   if ((err = link_up(host_nl, port))) net_fail("%s up: %s", veth, strerror(err));
 
   if (setns(ns, CLONE_NEWNET) != 0) net_fail("enter the VE's network namespace: %s", strerror(errno));
@@ -564,6 +593,7 @@ static int cmd_net_hook(int argc, char **argv) {
     nl_add(&r, IFA_ADDRESS, &addr, sizeof addr);
     if ((err = nl_talk(ve_nl, &r))) net_fail("address %s/%ld on eth0: %s", argv[4], prefix, strerror(err));
   }
+  if ((err = ipv6_off("eth0"))) net_fail("IPv6 off on the VE's eth0: %s", strerror(err));
   if ((err = link_up(ve_nl, eth0))) net_fail("eth0 up: %s", strerror(err));
   {
     struct nlreq r;

@@ -245,7 +245,11 @@ export class VeNetwork {
    * port set to learn nothing, flood no unknown unicast and stay isolated,
    * a static FDB entry for the VE's MAC on that port and a permanent
    * neighbour entry for its address on the bridge, the host end up, then lo
-   * and eth0 up, the address and the default route inside. A shell + nsenter + ip did the same in ~35 ms here; the
+   * and eth0 up, the address and the default route inside. Both ends are
+   * made with one queue pair and come up with IPv6 off (VEs get none, and
+   * the bridge table drops it): no link-local addresses, routes or
+   * multicast groups for them, one queue's sysfs directories instead of one
+   * per possible CPU (bench/README.md, "Lean VEs", has what that saves). A shell + nsenter + ip did the same in ~35 ms here; the
    * helper takes ~3 ms. On failure it deletes the pair it made.
    */
   attachHook(id: VeNetIdentity): OciHook {
