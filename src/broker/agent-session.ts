@@ -165,7 +165,10 @@ export function startAgentSession(route: AgentRoute, onExit: (report: ExitReport
     const finish = (report: ExitReport) => {
       if (state !== 'running') return;
       end();
-      onExit(report);
+      // Not before the code that awaits the start has run (it may arrive in
+      // the same read as "started"): the caller records the session and sends
+      // its descriptors first, as with a relay, whose end comes later anyway.
+      setImmediate(() => onExit(report));
     };
     const deadline = setTimeout(() => failStart(new Error(`the session agent in the VE did not answer in ${START_DEADLINE_MS / 1000} s`)), START_DEADLINE_MS);
     deadline.unref();
