@@ -503,8 +503,11 @@ export class VeManager implements VeAccess {
         throw new VeshError(ErrorCodes.VE_BUSY, `VE "${name}" still has mounts (${left.join(', ')}): unmount them, then destroy again`);
       }
       await this.network.forget(this.netId(rec));
+      // Closed to the VE's group first: the range is free for a new VE as
+      // soon as ve.json is gone, which may come before the last of its files.
+      await secureVeTreeDir(p.dir, 0, 0o700);
       await fs.rm(p.dir, { recursive: true, force: true });
-      this.log.info({ event: 've.destroyed', ve: name });
+      this.log.info({ event: 've.destroyed', ve: name, ids: rec.ids ?? null });
     });
     await this.removeEmptyParents();
   }
