@@ -36,10 +36,13 @@ export function slotOf(range: IdRange, span: IdSpan): number | null {
  * choosing and recording one step (see VeManager).
  */
 export function allocateIdRange(held: IdRange[], span: IdSpan): IdRange {
+  // Every slot a held range overlaps, aligned or not: a VE made before
+  // idmapBase or idmapSize changed keeps its ids, and no new VE may share them.
   const taken = new Set<number>();
   for (const r of held) {
-    const k = slotOf(r, span);
-    if (k !== null) taken.add(k);
+    const first = Math.max(0, Math.floor((r.base - span.idmapBase) / span.idmapSize));
+    const last = Math.min(span.idRanges - 1, Math.floor((r.base + r.size - 1 - span.idmapBase) / span.idmapSize));
+    for (let k = first; k <= last; k++) taken.add(k);
   }
   for (let k = 0; k < span.idRanges; k++) {
     if (!taken.has(k)) return { base: span.idmapBase + k * span.idmapSize, size: span.idmapSize };

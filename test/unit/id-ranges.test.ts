@@ -18,6 +18,13 @@ describe('VE id ranges', () => {
     expect(allocateIdRange([legacyRange(SPAN)], SPAN)).toEqual(slot(1));
   });
 
+  it('keeps clear of a held range that is not one slot (made before idmapBase or idmapSize changed)', () => {
+    // 130000-195535 overlaps slots 0 and 1.
+    expect(allocateIdRange([{ base: 130_000, size: 65_536 }], SPAN)).toEqual(slot(2));
+    // Below and above the span: no slot taken.
+    expect(allocateIdRange([{ base: 1_000, size: 65_536 }, { base: 100_000 + 4 * 65_536, size: 65_536 }], SPAN)).toEqual(slot(0));
+  });
+
   it('refuses with a clear error when every slot is held', () => {
     expect(() => allocateIdRange([slot(0), slot(1), slot(2), slot(3)], SPAN)).toThrow(/all 4 VE id ranges \(runtime\.idRanges\) are taken/);
   });
