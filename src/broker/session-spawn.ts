@@ -6,10 +6,12 @@ import { HANGUP_GRACE_MS, clampPtySize } from '../ssh/limits.js';
 import { closeFd, openPty, reap, setBlocking, setWinsize, socketpair, spawn, watch } from '../system/fdpass.js';
 
 /**
- * The broker's half of a session: start the host-side relay (`runc exec` or
- * our session relay, from VeAccess.processCommand, already charged to the
- * VE's relay cgroup) and give the worker only descriptors, so the session's
- * bytes never pass through the broker:
+ * The broker's half of a session when it cannot ask the VE's session agent
+ * itself (agent-session.ts: no agent runs yet, or it does not answer): start
+ * the host-side relay (`runc exec` or our session relay, from
+ * VeAccess.processCommand, already charged to the VE's relay cgroup) and
+ * give the worker only descriptors, so the session's bytes never pass
+ * through the broker:
  *
  * - with a terminal: a pseudo-terminal the broker makes. The relay gets the
  *   slave as its stdin/stdout/stderr and controlling terminal (util-linux
