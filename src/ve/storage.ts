@@ -9,7 +9,9 @@ import type { HostCommand } from '../runtime/types.js';
  * A VE's own file system: a sparse ext4 image (its disk limit, as OpenVZ's
  * ploop) loop-mounted at `private/`, holding the overlay's upper and work
  * directories, and the overlay itself mounted at `rootfs/` over the shared
- * template. Without a disk limit the upper layer lives on the host's disk.
+ * template (an idmapped mount of it that is never attached anywhere, so
+ * nothing but the overlay and the image is ever mounted under the VE's
+ * directory). Without a disk limit the upper layer lives on the host's disk.
  */
 export interface VePaths {
   dir: string;
@@ -130,7 +132,8 @@ export async function createDiskImage(p: VePaths, sizeBytes: number, rootId: num
  * first, unless the superblock says it was cleanly unmounted) on `private/`
  * through a loop device in direct-I/O mode, the upper, work and ctl
  * directories owned by VE root (ctl without the last run's `marker`), and
- * the overlay on the template at `rootfs/`. One run of the native setup
+ * the overlay on the template at `rootfs/`, the template shown through an
+ * idmapped mount in the VE's own id range (see VeMountOptions). One run of the native setup
  * helper (src/native/vesh-setup.c) does all of it, three process starts
  * fewer than mount, losetup and mount again (~35 ms per start here); a start
  * hands it to the engine as its `prepare` step, saving one more. What is
