@@ -402,7 +402,7 @@ const checkIdmap: Check = async ({ config, layout }) => {
     if (meta && typeof meta.idmapBase === 'number' && meta.idmapBase !== 0) shifted.push(`${t} (${meta.idmapBase})`);
   }
   if (shifted.length > 0) {
-    out.push(warn('templates', `template(s) ${listSome(shifted)} were shifted to one VE range by an older vesh: on the host the VE holding that range owns their files`, 'rebuild or re-import them under a new name when convenient (templates are now kept as built and shown to each VE in its own range)'));
+    out.push(warn('templates', `template(s) ${listSome(shifted)} were shifted to one VE range by an older vesh: on the host the VE holding that range owns their files`, 'stop the VEs built on them and restart "vesh serve": it moves each template back to host root\'s ids once none of its VEs runs'));
   }
   return out;
 };

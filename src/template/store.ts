@@ -5,6 +5,7 @@ import { z } from 'zod';
 import type { Logger } from '../audit/logger.js';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import { run, safeEnv } from '../system/exec.js';
+import { requireSetupHelper } from '../system/native-helpers.js';
 import { readBeneathNoFollow, resolveInRoot } from '../system/tree-read.js';
 import { TEMPLATES_DIR_MODE, type Layout } from '../system/layout.js';
 import { buildBusyboxRootfs } from './busybox.js';
@@ -23,6 +24,8 @@ const templateFileSchema = z.object({
   stopSignal: z.string(),
   /** Host id of the template's root on disk: 0 as built; an older vesh shifted templates to its one VE range. */
   idmapBase: z.number().int().nonnegative(),
+  /** Present while the files are being shifted back from this base to 0 (see unshift). */
+  unshiftFrom: z.number().int().positive().optional(),
   sizeBytes: z.number().int().nonnegative(),
 });
 
@@ -78,7 +81,11 @@ export class TemplateStore {
       throw new VeshError(ErrorCodes.TEMPLATE_NOT_FOUND, `template "${name}" has a damaged template.json (${errorMessage(err)}): rebuild or re-import it`);
     }
     // A template an older vesh shifted to its one VE range (idmapBase > 0) keeps working: the idmapped
-    // mount maps from there (see VeMountOptions.templateBase); "vesh doctor" suggests rebuilding it.
+    // mount maps from there (see VeMountOptions.templateBase) until unshift() moves it back.
+    if (file.unshiftFrom !== undefined) {
+      throw new VeshError(ErrorCodes.TEMPLATE_NOT_FOUND, `template "${name}" was being shifted back to host root's ids when vesh stopped: start "vesh serve" again, which finishes it`,
+        { userMessage: 'The environment template is not available; the administrator has been told.' });
+    }
     // The rootfs is always the directory next to template.json (a template dir may be a symlink to a shared cache).
     // Gone between the two reads: a "vesh template remove" renamed it away meanwhile.
     const rootfs = await fs.realpath(path.join(dir, 'rootfs')).catch(() => null);
@@ -87,6 +94,49 @@ export class TemplateStore {
         { userMessage: 'The environment template is not available; the administrator has been told.' });
     }
     return { ...file, name, rootfs };
+  }
+
+  /** Templates an older vesh shifted to its one VE range (or whose shift back was cut short). */
+  async shifted(): Promise<string[]> {
+    const out: string[] = [];
+    for (const e of (await fs.readdir(this.layout.templatesDir).catch(() => [] as string[])).sort()) {
+      if (e.startsWith('.') || !TEMPLATE_NAME_PATTERN.test(e)) continue;
+      const file = await this.readFile(e).catch(() => null);
+      if (file && (file.idmapBase !== 0 || file.unshiftFrom !== undefined)) out.push(e);
+    }
+    return out;
+  }
+
+  /**
+   * Shift a template an older vesh shifted to its one VE range back to ids
+   * 0..idmapSize-1, in place, as templates are now kept (every VE sees it
+   * in its own range through an idmapped mount). The caller guarantees that
+   * no VE has it mounted meanwhile (VeManager.unshiftTemplates holds every
+   * user's lock). template.json says so first (`unshiftFrom`), so a shift
+   * cut short is finished by the next call, and get() refuses the template
+   * until then. The tree is root's (templates/ is root-only), walked by the
+   * setup helper by descriptor all the same. Returns how many entries changed.
+   */
+  async unshift(name: string): Promise<number> {
+    assertTemplateName(name);
+    const file = await this.readFile(name);
+    const from = file.unshiftFrom ?? file.idmapBase;
+    if (from === 0) return 0;
+    const dir = await fs.realpath(this.layout.templateDir(name));
+    const started = Date.now();
+    await writeTemplateFile(dir, { ...file, idmapBase: 0, unshiftFrom: from });
+    const res = await run(requireSetupHelper(), ['shift', path.join(dir, 'rootfs'), String(from), '0', String(this.idmapSize)], { timeoutMs: UNSHIFT_TIMEOUT_MS });
+    const done: z.infer<typeof templateFileSchema> = { ...file, idmapBase: 0 };
+    delete done.unshiftFrom;
+    await writeTemplateFile(dir, done);
+    const changed = Number(res.stdout.trim());
+    this.log.info({ event: 'template.unshifted', template: name, from, changed, ms: Date.now() - started },
+      `template "${name}" moved back from the VE ids ${from}.. to host root's 0..${this.idmapSize - 1} (${changed} files)`);
+    return changed;
+  }
+
+  private async readFile(name: string): Promise<z.infer<typeof templateFileSchema>> {
+    return templateFileSchema.parse(JSON.parse(await fs.readFile(path.join(this.layout.templateDir(name), 'template.json'), 'utf8')));
   }
 
   async list(): Promise<TemplateInfo[]> {
@@ -214,6 +264,22 @@ export class TemplateStore {
       throw new VeshError(ErrorCodes.TEMPLATE_BUILD_FAILED, `template "${name}" could not be made: ${errorMessage(err)}`, { cause: err });
     }
   }
+}
+
+/** A few thousand entries per second at the least; a whole distribution is tens of thousands. */
+const UNSHIFT_TIMEOUT_MS = 10 * 60_000;
+
+/** template.json replaced atomically (temp file, fsync, rename): a crash leaves the old or the new one. */
+async function writeTemplateFile(dir: string, value: unknown): Promise<void> {
+  const tmp = path.join(dir, `.template.json.${process.pid}.tmp`);
+  const fh = await fs.open(tmp, 'w', 0o644);
+  try {
+    await fh.writeFile(`${JSON.stringify(value, null, 2)}\n`);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fs.rename(tmp, path.join(dir, 'template.json'));
 }
 
 export function assertTemplateName(name: string): void {

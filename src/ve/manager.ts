@@ -34,6 +34,10 @@ export interface TemplateSource {
   get(name: string): Promise<TemplateInfo>;
   /** Remove a template; `usersOf` names the VEs built on it (any: refused). */
   remove(name: string, usersOf: (template: string) => Promise<string[]>): Promise<void>;
+  /** Templates an older vesh shifted to its one VE range. */
+  shifted(): Promise<string[]>;
+  /** Shift one back to host root's ids, in place; no VE may have it mounted meanwhile. */
+  unshift(name: string): Promise<number>;
 }
 
 /** What the VE layer needs of the network module. */
@@ -782,12 +786,53 @@ export class VeManager implements VeAccess {
     return { ...this.runtime.chargeToContainer(ve, { file: relay, args: ['--', cmd.file, ...cmd.args], env: cmd.env }), program };
   }
 
+  /**
+   * Shift templates an older vesh shifted to its one VE range back to host
+   * root's ids, each once no VE built on it runs: under the create lock
+   * (no create can mount it) and every user's lock (no start can), all
+   * checked stopped. One still in use is left for a later call (it works
+   * as it is meanwhile: VeMountOptions.templateBase). Returns the templates
+   * moved back.
+   */
+  async unshiftTemplates(): Promise<string[]> {
+    await this.prepared();
+    const done: string[] = [];
+    for (const t of await this.templates.shifted()) {
+      try {
+        const moved = await withLock(this.layout.locksDir, 'create', async () => {
+          const users = (await this.usersOfTemplate(t)).sort();
+          return this.withVeLocks(users, async () => {
+            for (const u of users) {
+              if (veStateOf(await this.runtime.state(u)) !== 'stopped') return false;
+            }
+            await this.templates.unshift(t);
+            return true;
+          });
+        });
+        if (moved) done.push(t);
+        else this.log.info({ event: 'template.unshift_deferred', template: t }, `template "${t}" stays in the old shared id range while a VE built on it runs; it moves back at a later "vesh serve" start`);
+      } catch (err) {
+        this.log.warn({ event: 'template.unshift_failed', template: t, err: errorMessage(err) });
+      }
+    }
+    return done;
+  }
+
+  /** Run `body` holding the locks of all `names` (sorted by the caller: every holder of several takes them in one order). */
+  private async withVeLocks<T>(names: string[], body: () => Promise<T>): Promise<T> {
+    if (names.length === 0) return body();
+    const [first, ...rest] = names as [string, ...string[]];
+    return this.lock(first, () => this.withVeLocks(rest, body));
+  }
+
   // ---------------------------------------------------------------- boot and monitor
 
   /** Start every VE marked onBoot that is not running (vesh serve after a host reboot). */
   async bootOnStart(): Promise<{ started: string[]; failed: string[] }> {
     const started: string[] = [];
     const failed: string[] = [];
+    // After a host reboot nothing runs yet: the moment to move old templates back.
+    await this.unshiftTemplates();
     for (const n of await this.names()) {
       const rec = await readRecord(this.paths(n).record);
       if (!rec?.onBoot) continue;

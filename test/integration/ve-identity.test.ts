@@ -3,7 +3,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import { promises as fs, lstatSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeVeTestEnv, shInVe, type VeTestEnv } from '../helpers/ve-env.js';
+import { makeVeTestEnv, shInVe, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
 import { readRecord, writeJsonAtomic } from '../../src/ve/record.js';
 import { mountsUnder } from '../../src/ve/storage.js';
 import { setupHelperPath } from '../../src/system/native-helpers.js';
@@ -135,7 +135,7 @@ describe('every VE has host ids of its own on one unshifted template (issue 11)'
     const betaDir = env.layout.veDir('beta');
     await env.ves.destroy('beta', { force: true });
     expect(await mountsUnder(betaDir)).toEqual([]);
-    expect(loopDevicesOf(betaDir)).toEqual([]);
+    await waitFor('beta\'s loop device to be freed', async () => loopDevicesOf(betaDir).length === 0, 10_000);
     expect(readFileSync('/proc/self/mountinfo', 'utf8')).not.toContain(betaDir);
     await env.ves.create(other);
     expect(await baseOf(other)).toBe(base + SIZE);
@@ -153,7 +153,8 @@ describe('every VE has host ids of its own on one unshifted template (issue 11)'
     await expect(env.ves.start('broken')).rejects.toThrow(/failed to start/);
     const dir = env.layout.veDir('broken');
     expect(await mountsUnder(dir)).toEqual([]);
-    expect(loopDevicesOf(dir)).toEqual([]);
+    // The kernel frees an autoclear loop device after its last unmount, not always before umount returns.
+    await waitFor('the disk image\'s loop device to be freed', async () => loopDevicesOf(dir).length === 0, 10_000);
     // The idmapped lower layer is never attached: no process of ours holds a mount of the template either.
     const rootfs = await fs.realpath(env.layout.templateRootfs('busybox'));
     expect(readFileSync('/proc/self/mountinfo', 'utf8')).not.toContain(rootfs);
@@ -255,5 +256,36 @@ describe('a VE and a template in the old shared-range layout keep working (migra
     expect((await recordOf('old1')).idsFrom).toBeUndefined();
     expect(lstatSync(path.join(p, 'private', 'upper', 'root', 'user')).uid).toBe(target + 1000);
     expect((await sh(env, 'old1', 'stat -c %u /root/user')).stdout.trim()).toBe('1000');
+  });
+
+  it('moves an old template back to host root\'s ids once no VE built on it runs, and not before', async () => {
+    const oldRootfs = path.join(env.layout.templateDir('oldstyle'), 'rootfs');
+    const meta = () => JSON.parse(readFileSync(path.join(env.layout.templateDir('oldstyle'), 'template.json'), 'utf8')) as { idmapBase: number; unshiftFrom?: number };
+    // old1 runs: nothing moves.
+    expect((await env.ves.status('old1')).state).toBe('running');
+    expect(await env.ves.unshiftTemplates()).toEqual([]);
+    expect(treeFingerprint(oldRootfs)).toEqual(oldTemplateBefore);
+
+    for (const ve of ['old1', 'old2', 'fresh']) if ((await env.ves.status(ve)).state === 'running') await env.ves.stop(ve);
+    expect(await env.ves.unshiftTemplates()).toEqual(['oldstyle']);
+    expect(meta()).toMatchObject({ idmapBase: 0 });
+    expect(meta().unshiftFrom).toBeUndefined();
+    // Owners and modes (setuid bits included) as the template was built; contents untouched.
+    const strip = (m: Map<string, string>) => new Map([...m].map(([k, v]) => [k, v.split(' ').filter((_, i) => i !== 3).join(' ')]));
+    expect(strip(treeFingerprint(oldRootfs))).toEqual(strip(treeFingerprint(env.layout.templateRootfs('busybox'))));
+
+    await env.ves.start('old1');
+    expect((await sh(env, 'old1', 'cat /root/kept; stat -c %u:%g /bin/busybox')).stdout.trim().split('\n')).toEqual(['kept', '0:0']);
+    expect(lstatSync(path.join(env.layout.veDir('old1'), 'rootfs', 'bin', 'busybox')).uid).toBe(base + 2 * SIZE);
+    await env.ves.stop('old1');
+
+    // A move back cut short: the template is refused until the next call finishes it.
+    execFileSync('chown', ['-h', `${base}:${base}`, path.join(oldRootfs, 'bin', 'busybox')]);
+    await fs.writeFile(path.join(env.layout.templateDir('oldstyle'), 'template.json'), JSON.stringify({ ...meta(), idmapBase: 0, unshiftFrom: base }));
+    await expect(env.ves.start('old2')).rejects.toThrow(/was being shifted back to host root's ids/);
+    expect(await env.ves.unshiftTemplates()).toEqual(['oldstyle']);
+    expect(lstatSync(path.join(oldRootfs, 'bin', 'busybox')).uid).toBe(0);
+    await env.ves.start('old2');
+    expect((await sh(env, 'old2', 'stat -c %u:%g /bin/busybox')).stdout.trim()).toBe('0:0');
   });
 });
