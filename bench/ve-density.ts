@@ -3,13 +3,23 @@
  * vesh (overlay + disk image + veth + firewall + cgroups), and N equivalent
  * bundles with raw `runc run -d` (same OCI config: namespaces, seccomp,
  * cgroup limits, overlay rootfs; no disk image, no veth), in the same run.
- * Prints start latency p50/p95 and the MemAvailable drop per VE of each.
+ * Prints start latency p50/p95 and, per VE, the MemAvailable drop, the
+ * unreclaimable memory's growth and the kernel + own growth (see
+ * settleAndMeasure) of each, and the vesh/raw ratios.
  *
  *   npx vite-node bench/ve-density.ts -- [--count 100] [--json]
+ *   npx vite-node bench/ve-density.ts -- --pss 50 [--json]
+ *
+ * --pss N: page sharing made visible. One idle bash in each of N VEs on one
+ * Debian template (each VE its own id range, the template shown to each
+ * through an idmapped lower layer) against N idle bash processes on the
+ * host, where binary and libraries are shared by construction; prints the
+ * summed Pss (/proc/PID/smaps_rollup) of each group, and their Rss for
+ * comparison (what the same processes would cost with nothing shared).
  *
  * Not a test: these machines are shared and noisy; read the figures side by side.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, mkdtempSync, openSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
@@ -22,18 +32,20 @@ import { makeLayout } from '../src/system/layout.js';
 import { cgroupDirs, removeCgroupDirs } from '../src/runtime/cgroups.js';
 import { createTemplateStore, createVeManager } from '../src/ve/index.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
+import { UNRECLAIMABLE, ownProcessesKiB, readMeminfo } from './kernel-memory.js';
 
 const { values: args } = parseArgs({
-  options: { count: { type: 'string', default: '100' }, json: { type: 'boolean', default: false }, 'settle-ms': { type: 'string', default: '3000' } },
+  options: {
+    count: { type: 'string', default: '100' },
+    json: { type: 'boolean', default: false },
+    'settle-ms': { type: 'string', default: '3000' },
+    /** Instead of the density run: page sharing, one idle bash in each of this many VEs on the Debian template against as many on the host. */
+    pss: { type: 'string' },
+  },
   allowPositionals: true,
 });
 const N = Number(args.count);
 const settleMs = Number(args['settle-ms']);
-
-function memAvailableKiB(): number {
-  const m = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
-  return Number(m![1]);
-}
 
 function percentile(xs: number[], p: number): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -43,30 +55,40 @@ function percentile(xs: number[], p: number): number {
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** What the kernel cannot reclaim, in KiB: SUnreclaim, PageTables, KernelStack, AnonPages, Percpu, Shmem. */
-function unreclaimableKiB(): number {
-  const text = readFileSync('/proc/meminfo', 'utf8');
-  let sum = 0;
-  for (const key of ['SUnreclaim', 'PageTables', 'KernelStack', 'AnonPages', 'Percpu', 'Shmem']) {
-    const m = new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text);
-    sum += Number(m?.[1] ?? 0);
-  }
-  return sum;
+function unreclaimableKiB(m: Record<string, number>): number {
+  return UNRECLAIMABLE.reduce((sum, k) => sum + m[k]!, 0);
 }
 
-interface MemReading { available: number; unreclaimable: number }
+/**
+ * available, unreclaimable: host-wide. kernelOwn: SUnreclaim + KernelStack +
+ * Percpu host-wide plus the anonymous memory and page tables of the processes
+ * in `cgroupParent` only: AnonPages host-wide moves by hundreds of MB with
+ * other work on a shared host, which drowns the unreclaimable sum.
+ */
+interface MemReading { available: number; unreclaimable: number; kernelOwn: number }
 
-async function settleAndMeasure(): Promise<MemReading> {
+async function settleAndMeasure(cgroupParent: string): Promise<MemReading> {
   await sleep(settleMs);
-  // Average a few reads: both move with unrelated activity, MemAvailable by far the most.
-  let available = 0;
-  let unreclaimable = 0;
-  for (let i = 0; i < 5; i++) { available += memAvailableKiB(); unreclaimable += unreclaimableKiB(); await sleep(200); }
-  return { available: available / 5, unreclaimable: unreclaimable / 5 };
+  // Average a few reads: all move with unrelated activity, MemAvailable by far the most.
+  const out = { available: 0, unreclaimable: 0, kernelOwn: 0 };
+  for (let i = 0; i < 5; i++) {
+    const m = readMeminfo();
+    out.available += m.MemAvailable! / 5;
+    out.unreclaimable += unreclaimableKiB(m) / 5;
+    out.kernelOwn += (m.SUnreclaim! + m.KernelStack! + m.Percpu!) / 5;
+    await sleep(200);
+  }
+  out.kernelOwn += ownProcessesKiB([cgroupParent]);
+  return out;
 }
 
-/** Per-VE MiB between two readings: MemAvailable's drop and the unreclaimable memory's growth. */
-function perVe(before: MemReading, after: MemReading, n: number): { memPerVeMiB: number; unreclaimablePerVeMiB: number } {
-  return { memPerVeMiB: (before.available - after.available) / n / 1024, unreclaimablePerVeMiB: (after.unreclaimable - before.unreclaimable) / n / 1024 };
+/** Per-VE MiB between two readings: MemAvailable's drop, the unreclaimable memory's growth, and kernel + own growth. */
+function perVe(before: MemReading, after: MemReading, n: number): { memPerVeMiB: number; unreclaimablePerVeMiB: number; kernelOwnPerVeMiB: number } {
+  return {
+    memPerVeMiB: (before.available - after.available) / n / 1024,
+    unreclaimablePerVeMiB: (after.unreclaimable - before.unreclaimable) / n / 1024,
+    kernelOwnPerVeMiB: (after.kernelOwn - before.kernelOwn) / n / 1024,
+  };
 }
 
 async function main(): Promise<void> {
@@ -96,7 +118,7 @@ async function main(): Promise<void> {
     // ---- raw runc
     await fs.mkdir(rawDir, { recursive: true, mode: 0o711 });
     await fs.chmod(dir, 0o711);
-    const rawBefore = await settleAndMeasure();
+    const rawBefore = await settleAndMeasure(`/vesh-bench-${tag}`);
     const rawTimes: number[] = [];
     for (let i = 0; i < N; i++) {
       const id = `raw${i}`;
@@ -119,7 +141,7 @@ async function main(): Promise<void> {
       rawTimes.push(performance.now() - t0);
       rawIds.push(id);
     }
-    const rawAfter = await settleAndMeasure();
+    const rawAfter = await settleAndMeasure(`/vesh-bench-${tag}`);
     for (const id of rawIds.splice(0)) {
       spawnSync('runc', ['--root', rawRoot, 'delete', '--force', id]);
       spawnSync('umount', [path.join(rawDir, id, 'rootfs')]);
@@ -127,14 +149,14 @@ async function main(): Promise<void> {
 
     // ---- vesh
     for (let i = 0; i < N; i++) await ves.create(`ve${i}`);
-    const veshBefore = await settleAndMeasure();
+    const veshBefore = await settleAndMeasure(layout.cgroupParent);
     const veshTimes: number[] = [];
     for (let i = 0; i < N; i++) {
       const t0 = performance.now();
       await ves.start(`ve${i}`);
       veshTimes.push(performance.now() - t0);
     }
-    const veshAfter = await settleAndMeasure();
+    const veshAfter = await settleAndMeasure(layout.cgroupParent);
     const running = (await ves.list()).filter((v) => v.state === 'running').length;
 
     const result = {
@@ -148,10 +170,13 @@ async function main(): Promise<void> {
     } else {
       const f = (x: number) => x.toFixed(2);
       console.log(`VE density, ${N} VEs on the busybox template (${new Date().toISOString()})`);
-      console.log(`                 start p50   start p95   MemAvailable drop per VE   unreclaimable growth per VE`);
-      console.log(`vesh             ${f(result.vesh.p50ms).padStart(7)} ms  ${f(result.vesh.p95ms).padStart(7)} ms  ${f(result.vesh.memPerVeMiB)} MiB                   ${f(result.vesh.unreclaimablePerVeMiB)} MiB`);
-      console.log(`raw runc run -d  ${f(result.rawRunc.p50ms).padStart(7)} ms  ${f(result.rawRunc.p95ms).padStart(7)} ms  ${f(result.rawRunc.memPerVeMiB)} MiB                   ${f(result.rawRunc.unreclaimablePerVeMiB)} MiB`);
-      console.log(`vesh/raw memory ratio: MemAvailable ${(result.vesh.memPerVeMiB / result.rawRunc.memPerVeMiB).toFixed(2)}, unreclaimable ${(result.vesh.unreclaimablePerVeMiB / result.rawRunc.unreclaimablePerVeMiB).toFixed(2)}; running at once: ${running}`);
+      const row = (name: string, r: typeof result.vesh) => console.log(`${name.padEnd(17)}${f(r.p50ms).padStart(7)} ms  ${f(r.p95ms).padStart(7)} ms  ${f(r.memPerVeMiB).padStart(8)} MiB  ${f(r.unreclaimablePerVeMiB).padStart(10)} MiB  ${f(r.kernelOwnPerVeMiB).padStart(10)} MiB`);
+      console.log(`                 start p50   start p95   per VE: MemAvailable drop   unreclaimable   kernel + own`);
+      row('vesh', result.vesh);
+      row('raw runc run -d', result.rawRunc);
+      const ratio = (k: 'memPerVeMiB' | 'unreclaimablePerVeMiB' | 'kernelOwnPerVeMiB') => (result.vesh[k] / result.rawRunc[k]).toFixed(2);
+      console.log(`vesh/raw: MemAvailable ${ratio('memPerVeMiB')}, unreclaimable ${ratio('unreclaimablePerVeMiB')}, kernel + own ${ratio('kernelOwnPerVeMiB')}; running at once: ${running}`);
+      console.log('(unreclaimable = SUnreclaim + PageTables + KernelStack + AnonPages + Percpu + Shmem host-wide; kernel + own = SUnreclaim + KernelStack + Percpu host-wide + the anon memory and page tables of the VEs\' own processes)');
     }
   } finally {
     for (const id of rawIds) {
@@ -166,4 +191,91 @@ async function main(): Promise<void> {
   }
 }
 
-await main();
+/** Pss, Rss and their anonymous parts of one process, KiB (smaps_rollup). */
+function smapsRollup(pid: number): { pss: number; rss: number; pssAnon: number } {
+  const text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+  const kib = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text)?.[1] ?? NaN);
+  return { pss: kib('Pss'), rss: kib('Rss'), pssAnon: kib('Pss_Anon') };
+}
+
+function sumRollups(pids: number[]): { pss: number; rss: number; pssAnon: number } {
+  const out = { pss: 0, rss: 0, pssAnon: 0 };
+  for (const pid of pids) {
+    const r = smapsRollup(pid);
+    out.pss += r.pss; out.rss += r.rss; out.pssAnon += r.pssAnon;
+  }
+  return out;
+}
+
+/**
+ * Wait for a bash to block (on its sleeping child): its Pss is then what
+ * an idle shell holds (a process still loading its libraries reads lower).
+ */
+async function waitIdle(pid: number): Promise<void> {
+  const end = Date.now() + 10_000;
+  while (Date.now() < end) {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    if (/\) S /.test(stat) && readFileSync(`/proc/${pid}/wchan`, 'utf8') !== '0') return;
+    await sleep(20);
+  }
+  throw new Error(`bash ${pid} did not settle into waiting on its stdin within 10 s`);
+}
+
+async function pssMain(n: number): Promise<void> {
+  // A test instance (its own data dir, bridge, subnet) on the Debian template the tests share (built once per machine).
+  const { makeVeTestEnv } = await import('../test/helpers/ve-env.js');
+  const env = await makeVeTestEnv({ template: 'debian' });
+  const hostShells: ChildProcess[] = [];
+  // Waits on its child (an exec'd sleep) like a shell at rest; not on stdin:
+  // Node closes a child's stdin pipe when that child (here, a detached runc exec) exits.
+  const script = 'while :; do sleep 86400; done';
+  try {
+    const vePids: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const ve = `p${i}`;
+      await env.ves.create(ve);
+      await env.ves.start(ve);
+      const pidFile = path.join(env.dir, `bash-${i}.pid`);
+      const cmd = await env.ves.execCommand(ve, {
+        argv: ['/bin/bash', '--norc', '--noprofile', '-c', script, 'idle-bash'], uid: 0, gid: 0, tty: false, detach: true, pidFile,
+        env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', HOME: '/root' },
+      });
+      // Detached: runc returns once bash runs.
+      const child = spawn(cmd.file, cmd.args, { stdio: ['ignore', 'ignore', 'pipe'] });
+      let stderr = '';
+      child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
+      const code = await new Promise<number | null>((r) => child.on('exit', r));
+      if (code !== 0) throw new Error(`starting bash in VE ${ve} failed (exit ${code}): ${stderr.trim()}`);
+      vePids.push(Number(readFileSync(pidFile, 'utf8').trim()));
+    }
+    const hostPids: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const child = spawn('/bin/bash', ['--norc', '--noprofile', '-c', script, 'idle-bash'], { stdio: 'ignore', detached: true });
+      hostShells.push(child);
+      hostPids.push(child.pid!);
+    }
+    for (const pid of [...vePids, ...hostPids]) await waitIdle(pid);
+    const ve = sumRollups(vePids);
+    const host = sumRollups(hostPids);
+    const result = { count: n, veBash: ve, hostBash: host, pssRatio: ve.pss / host.pss };
+    if (args.json) {
+      console.log(JSON.stringify(result, null, 2));
+    } else {
+      const m = (k: number) => `${(k / 1024).toFixed(2)} MiB`.padStart(10);
+      console.log(`Page sharing: ${n} idle bash processes, one in each of ${n} VEs on one Debian template, against ${n} on the host (${new Date().toISOString()})`);
+      console.log(`                         summed Pss   of it anon   summed Rss (nothing shared)`);
+      console.log(`bash in ${String(n).padEnd(3)} VEs           ${m(ve.pss)}   ${m(ve.pssAnon)}   ${m(ve.rss)}`);
+      console.log(`bash on the host         ${m(host.pss)}   ${m(host.pssAnon)}   ${m(host.rss)}`);
+      console.log(`VEs/host summed Pss: ${result.pssRatio.toFixed(2)} (Pss per bash: ${(ve.pss / n).toFixed(0)} KiB in a VE, ${(host.pss / n).toFixed(0)} KiB on the host)`);
+    }
+  } finally {
+    // The VEs' shells go with their VEs; each host shell leads a process group, killed with its sleep.
+    for (const c of hostShells) {
+      try { process.kill(-c.pid!, 'SIGKILL'); } catch { /* gone already */ }
+    }
+    await env.cleanup();
+  }
+}
+
+if (args.pss !== undefined) await pssMain(Number(args.pss));
+else await main();

@@ -30,7 +30,7 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, promises as fs, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { silentLogger } from '../src/audit/logger.js';
@@ -43,6 +43,7 @@ import { makeLayout } from '../src/system/layout.js';
 import { createDiskImage, mountVeFileSystems, unmountAll, vePaths } from '../src/ve/storage.js';
 import { createTemplateStore, createVeManager, createVeNetwork } from '../src/ve/index.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
+import { MEMINFO_FIELDS, UNRECLAIMABLE, ownProcessesKiB, readMeminfo, readSlabs } from './kernel-memory.js';
 import { median, sleep } from './lib.js';
 
 const { values: args } = parseArgs({
@@ -68,61 +69,7 @@ for (const v of VARIANTS) {
   if (v !== 'vesh' && !v.split('+').every((c) => KNOWN.has(c))) throw new Error(`unknown variant "${v}": use vesh or raw joined with +idmap, +disk, +veth, +tcp`);
 }
 
-const MEMINFO_FIELDS = ['SUnreclaim', 'SReclaimable', 'PageTables', 'KernelStack', 'AnonPages', 'Percpu', 'Shmem', 'MemAvailable'];
-const UNRECLAIMABLE = ['SUnreclaim', 'PageTables', 'KernelStack', 'AnonPages', 'Percpu', 'Shmem'];
-
 interface Snapshot { meminfo: Record<string, number>; slabs: Map<string, number>; tasks: number; mounts: number; own: number }
-
-/** Every pid in a v1 memory cgroup tree. */
-function pidsUnder(dir: string): number[] {
-  let out: number[] = [];
-  let entries: import('node:fs').Dirent[];
-  try { entries = readdirSync(dir, { withFileTypes: true }); } catch { return []; }
-  try { out = readFileSync(path.join(dir, 'cgroup.procs'), 'utf8').split('\n').filter(Boolean).map(Number); } catch { /* gone meanwhile */ }
-  for (const e of entries) if (e.isDirectory()) out = out.concat(pidsUnder(path.join(dir, e.name)));
-  return out;
-}
-
-/**
- * Anonymous memory and page tables of the containers' own processes, KiB:
- * the part of the unreclaimable sum that other people's processes on a
- * shared host would otherwise drown (AnonPages moves by hundreds of MB).
- */
-function ownProcessesKiB(cgroupParents: string[]): number {
-  let sum = 0;
-  for (const parent of cgroupParents) {
-    for (const pid of pidsUnder(path.join('/sys/fs/cgroup/memory', parent))) {
-      try {
-        const st = readFileSync(`/proc/${pid}/status`, 'utf8');
-        for (const key of ['RssAnon', 'RssShmem', 'VmPTE']) sum += Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(st)?.[1] ?? 0);
-      } catch { /* exited meanwhile */ }
-    }
-  }
-  return sum;
-}
-
-function readMeminfo(): Record<string, number> {
-  const text = readFileSync('/proc/meminfo', 'utf8');
-  const out: Record<string, number> = {};
-  for (const key of MEMINFO_FIELDS) out[key] = Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(text)?.[1] ?? 0);
-  return out;
-}
-
-/**
- * Bytes of live objects in each slab cache (active objects × object size), by
- * name. Not the slab pages: objects freed by the previous variant's removal
- * leave partly used slabs that the next variant fills without a page more,
- * so page counts (and SUnreclaim) undercount every variant but the first.
- */
-function readSlabs(): Map<string, number> {
-  const out = new Map<string, number>();
-  for (const line of readFileSync('/proc/slabinfo', 'utf8').split('\n').slice(2)) {
-    const f = line.split(/\s+/);
-    if (f.length < 4) continue;
-    out.set(f[0]!, Number(f[1]) * Number(f[3]));
-  }
-  return out;
-}
 
 async function snapshot(cgroupParents: string[]): Promise<Snapshot> {
   await sleep(SETTLE_MS);
@@ -291,7 +238,7 @@ function print(results: Map<string, Delta[]>): void {
   }
   console.log(`Kernel cost per container, ${N} containers per variant, ${ROUNDS} round(s), medians (KiB; min..max over rounds) — ${new Date().toISOString()}`);
   const cols = ['kernel+own', 'slab objects', 'unreclaimable', 'MemAvailable drop', ...UNRECLAIMABLE, 'tasks', 'host mounts'];
-  console.log(['variant'.padEnd(16), ...cols.map((c) => c.padStart(12))].join(''));
+  console.log(['variant'.padEnd(16), ...cols.map((c, i) => c.padStart(i < 3 ? 20 : 12))].join(''));
   for (const [v, ds] of results) {
     const cells = [
       `${med(ds, (d) => d.kernelOwn).toFixed(0)}${ROUNDS > 1 ? ` (${spread(ds, (d) => d.kernelOwn)})` : ''}`,
@@ -302,7 +249,7 @@ function print(results: Map<string, Delta[]>): void {
       med(ds, (d) => d.tasks).toFixed(2),
       med(ds, (d) => d.mounts).toFixed(2),
     ];
-    console.log([v.padEnd(16), ...cells.map((c) => c.padStart(12))].join(''));
+    console.log([v.padEnd(16), ...cells.map((c, i) => c.padStart(i < 3 ? 20 : 12))].join(''));
   }
   const top = Number(args.top);
   for (const [v, ds] of results) {
