@@ -12,6 +12,7 @@ import { closeFd, dupFd } from '../system/fdpass.js';
 import type { VeAccess } from '../ve/access.js';
 import { Admission, normalizeAddress, type AdmissionSettings } from './admission.js';
 import { BrokerConnection, ProtocolViolation, Refused } from './broker-connection.js';
+import { hostKeySigner } from './host-key-signer.js';
 import { REQUESTS, SignRequest, parseRequest, type BrokerEvent, type Request } from './request-table.js';
 import { WorkerPool, workerCount, type Worker } from './worker-pool.js';
 
@@ -61,6 +62,8 @@ export class Broker {
   private readonly pool: WorkerPool;
   private readonly conns = new Map<string, BrokerConnection>();
   private readonly signingKeys = new Map<string, ParsedKey>();
+  /** Per host key type: its signer (host-key-signer.ts). */
+  private readonly signers = new Map<string, (data: Buffer, hashAlgo?: string) => Buffer | Error>();
   /** Every session id a connection has had (insertion order = age), so that none is ever used twice. */
   private readonly usedSessionIds = new Set<string>();
   readonly caps: UsageCaps;
@@ -75,7 +78,9 @@ export class Broker {
     for (const k of deps.hostKeys) {
       const parsed = utils.parseKey(k.privateKey);
       if (parsed instanceof Error) throw new VeshError(ErrorCodes.CONFIG_INVALID, `host key ${k.file} cannot be read: ${parsed.message}`);
-      this.signingKeys.set(k.type, Array.isArray(parsed) ? parsed[0]! : parsed);
+      const key = Array.isArray(parsed) ? parsed[0]! : parsed;
+      this.signingKeys.set(k.type, key);
+      this.signers.set(k.type, hostKeySigner(key));
     }
     this.caps = new UsageCaps(deps.config.sessions ?? DEFAULT_SESSION_LIMITS, this.log);
     this.admission = new Admission(deps.config.auth, deps.authenticator, this.log);
@@ -362,8 +367,8 @@ export class Broker {
     }
     const data = Buffer.from(req.data, 'base64');
     if (![20, 32, 48, 64].includes(data.length)) return null;
-    const key = this.signingKeys.get(req.keyType === 'rsa-sha2-256' || req.keyType === 'rsa-sha2-512' ? 'ssh-rsa' : req.keyType);
-    if (!key) return Buffer.from(JSON.stringify({ error: `no ${req.keyType} host key` }));
+    const signer = this.signers.get(req.keyType === 'rsa-sha2-256' || req.keyType === 'rsa-sha2-512' ? 'ssh-rsa' : req.keyType);
+    if (!signer) return Buffer.from(JSON.stringify({ error: `no ${req.keyType} host key` }));
     if (c.sessionId && !c.mayResign()) {
       // One signature before login (the key exchange), as OpenSSH's monitor
       // allows; re-keys after it at a bounded rate. More would make the
@@ -382,7 +387,7 @@ export class Broker {
       if (this.usedSessionIds.size > MAX_REMEMBERED_SESSION_IDS) this.usedSessionIds.delete(this.usedSessionIds.values().next().value as string);
       c.sessionId = data;
     }
-    const sig = key.sign(data, req.hashAlgo);
+    const sig = signer(data, req.hashAlgo);
     if (sig instanceof Error) return Buffer.from(JSON.stringify({ error: sig.message }));
     return Buffer.from(JSON.stringify({ sig: sig.toString('base64') }));
   }
