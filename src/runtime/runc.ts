@@ -4,6 +4,7 @@ import { constants as fsConstants, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { run, safeEnv } from '../system/exec.js';
 import { readCappedNoFollow } from '../system/tree-read.js';
+import { engineKeepPaths, openEngineNamespace } from './engine-ns.js';
 import { detectCgroupLayout, presetTcpLimit, relayCgroupDirs, removeRelayCgroup, type CgroupLayout } from './cgroups.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from './types.js';
 
@@ -46,6 +47,9 @@ export class RuncRuntime implements ContainerRuntime {
 
   /** Container id → its bundle's process spec, and the config.json mtime it was read at. */
   private readonly baseProcess = new Map<string, { mtimeMs: number; process: Record<string, unknown> }>();
+
+  /** The engine's mount namespace (see engine-ns.ts): a descriptor, or null when it could not be made (starts then use the host's). */
+  private engineNs: Promise<number | null> | null = null;
 
   constructor(private readonly binary: string, private readonly root: string, private readonly relays: RelayLimits | null = null) {}
 
@@ -96,10 +100,16 @@ export class RuncRuntime implements ContainerRuntime {
     // With a prepare step, that step opens it (it may be on a disk the step
     // mounts) and makes it the engine's stdio; its own errors come on stderr.
     const fh = opts.prepare ? null : await openConsoleFile(opts.consoleFile);
+    // The prepare step makes the engine's mount namespace from ours (fd 3) when there is one.
+    const engineNs = opts.prepare && helper ? await this.engineNamespace(helper) : null;
     try {
       const res = await new Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>((resolve, reject) => {
-        const [file, ...args] = opts.prepare ? [opts.prepare.file, ...opts.prepare.args, '--console', opts.consoleFile, '--', ...engine] : engine;
-        const child = spawn(file!, args, { stdio: fh ? ['ignore', fh.fd, fh.fd] : ['ignore', 'ignore', 'pipe'], env: safeEnv() });
+        const [file, ...args] = opts.prepare
+          ? [opts.prepare.file, ...opts.prepare.args, '--console', opts.consoleFile, ...(engineNs === null ? [] : ['--engine-ns', '3']), '--', ...engine]
+          : engine;
+        const stdio: Array<'ignore' | 'pipe' | number> = fh ? ['ignore', fh.fd, fh.fd] : ['ignore', 'ignore', 'pipe'];
+        if (engineNs !== null) stdio.push(engineNs);
+        const child = spawn(file!, args, { stdio, env: safeEnv() });
         const err: Buffer[] = [];
         child.stderr?.on('data', (d: Buffer) => err.push(d));
         child.on('error', (e: NodeJS.ErrnoException) => {
@@ -120,6 +130,12 @@ export class RuncRuntime implements ContainerRuntime {
     } finally {
       await fh?.close();
     }
+  }
+
+  /** Made at the first start that has a prepare step; later starts reuse it. */
+  private engineNamespace(helper: string): Promise<number | null> {
+    this.engineNs ??= openEngineNamespace(helper, engineKeepPaths({ engine: this.binary, stateDir: this.root, helper })).catch(() => null);
+    return this.engineNs;
   }
 
   /** The bundle's kernelTCP, applied before the engine runs (see presetTcpLimit: runc 1.1 drops it). */
