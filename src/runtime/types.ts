@@ -73,10 +73,12 @@ export interface ContainerRuntime {
   /**
    * create and start in one step (one engine process instead of two); hooks
    * in the bundle run between them. `prepare`, when given, is spawned in the
-   * engine's place as `FILE ARGS… --console CONSOLEFILE -- ENGINE-LINE…`: it
-   * does its work (mounting the VE's file systems, where the console file may
-   * live), opens CONSOLEFILE (truncated) as its stdout and stderr and execs
-   * the engine line, so the two cost one process start. It exits 127 when the
+   * engine's place as `FILE ARGS… --console CONSOLEFILE [--engine-ns 3] --
+   * ENGINE-LINE…`: it does its work (mounting the VE's file systems, where
+   * the console file may live), opens CONSOLEFILE (truncated) as its stdout
+   * and stderr and execs the engine line, so the two cost one process start;
+   * with --engine-ns, fd 3 is the mount namespace to make the engine's from
+   * (runtime/engine-ns.ts: none of the VEs' file systems in it). It exits 127 when the
    * engine is missing. A step that fails before the exec says why on its
    * stderr: VESH_COMMAND_FAILED with its last line (VESH_COMMAND_MISSING when
    * the step itself is absent).
