@@ -10,7 +10,8 @@
  *   +idmap       the overlay as vesh mounts it: the template through an idmapped lower layer
  *   +disk        as +idmap, and the upper layer on the VE's ext4 disk image (loop device)
  *   +veth        vesh's net hook: veth pair on the bridge, address and route in the VE
- *   +vetha, +vethb  as +veth, with the net hook of the helper given by --hook-a or --hook-b
+ *   +vetha, +vethb  as +veth, with the net hook of the setup helper given by --helper-a or --helper-b
+ *   +diska, +diskb  as +disk, mounted by the setup helper given by --helper-a or --helper-b
  *   +tcp         the VE's TCP buffer limit preset in its memory cgroup (cgroups.ts)
  *   vesh         the whole start through VeManager (all of the above, plus its firewall element)
  *
@@ -40,7 +41,7 @@ import { intToIp } from '../src/net/ipv4.js';
 import { cgroupDirs, detectCgroupLayout, presetTcpLimit, removeCgroupDirs } from '../src/runtime/cgroups.js';
 import { tuneHost } from '../src/system/host-tuning.js';
 import { makeLayout } from '../src/system/layout.js';
-import { createDiskImage, mountVeFileSystems, unmountAll, vePaths } from '../src/ve/storage.js';
+import { createDiskImage, unmountAll, veMountCommand, vePaths } from '../src/ve/storage.js';
 import { createTemplateStore, createVeManager, createVeNetwork } from '../src/ve/index.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
 import { MEMINFO_FIELDS, UNRECLAIMABLE, ownProcessesKiB, readMeminfo, readSlabs } from './kernel-memory.js';
@@ -54,9 +55,9 @@ const { values: args } = parseArgs({
     'settle-ms': { type: 'string', default: '4000' },
     top: { type: 'string', default: '14' },
     json: { type: 'boolean', default: false },
-    /** Setup helpers (vesh-setup builds) whose net hook the vetha and vethb components use: one change measured against another in one run. */
-    'hook-a': { type: 'string' },
-    'hook-b': { type: 'string' },
+    /** Setup helpers (vesh-setup builds) that the vetha/diska and vethb/diskb components use: one change measured against another in one run. */
+    'helper-a': { type: 'string' },
+    'helper-b': { type: 'string' },
   },
   allowPositionals: true,
 });
@@ -64,9 +65,9 @@ const N = Number(args.count);
 const ROUNDS = Number(args.rounds);
 const SETTLE_MS = Number(args['settle-ms']);
 const VARIANTS = args.variants!.split(',').map((v) => v.trim()).filter(Boolean);
-const KNOWN = new Set(['raw', 'idmap', 'disk', 'veth', 'vetha', 'vethb', 'tcp']);
+const KNOWN = new Set(['raw', 'idmap', 'disk', 'diska', 'diskb', 'veth', 'vetha', 'vethb', 'tcp']);
 for (const v of VARIANTS) {
-  if (v !== 'vesh' && !v.split('+').every((c) => KNOWN.has(c))) throw new Error(`unknown variant "${v}": use vesh or raw joined with +idmap, +disk, +veth, +tcp`);
+  if (v !== 'vesh' && !v.split('+').every((c) => KNOWN.has(c))) throw new Error(`unknown variant "${v}": use vesh or raw joined with +idmap, +disk[a|b], +veth[a|b], +tcp`);
 }
 
 interface Snapshot { meminfo: Record<string, number>; slabs: Map<string, number>; tasks: number; mounts: number; own: number }
@@ -147,8 +148,15 @@ async function main(): Promise<void> {
   /** Start N containers of one raw variant; their number is `seq` so names never repeat within the run. */
   const startRaw = async (components: Set<string>, seq: number) => {
     const veth = ['veth', 'vetha', 'vethb'].find((c) => components.has(c));
-    const hookPath = veth === 'vetha' ? args['hook-a'] : veth === 'vethb' ? args['hook-b'] : undefined;
-    if (veth && veth !== 'veth' && !hookPath) throw new Error(`${veth} needs --hook-${veth.slice(-1)} PATH (a vesh-setup build)`);
+    const disk = ['disk', 'diska', 'diskb'].find((c) => components.has(c));
+    const helperFor = (c: string | undefined) => {
+      if (!c || !/[ab]$/.test(c)) return undefined;
+      const helper = args[`helper-${c.slice(-1)}` as 'helper-a' | 'helper-b'];
+      if (!helper) throw new Error(`${c} needs --helper-${c.slice(-1)} PATH (a vesh-setup build)`);
+      return helper;
+    };
+    const hookPath = helperFor(veth);
+    const mountHelper = helperFor(disk);
     if (veth) await network.ensureHost(async () => []);
     for (let i = 0; i < N; i++) {
       const id = `k${seq}x${i}`;
@@ -157,9 +165,10 @@ async function main(): Promise<void> {
       live.push({ id, paths: p });
       // Each container its own id range, as vesh gives each VE (slot 0 is the old shared one).
       const ids = { base: rootId + (1 + i) * config.runtime.idmapSize, size: config.runtime.idmapSize };
-      if (components.has('disk')) await createDiskImage(p, config.defaults.limits.disk, ids.base);
-      if (components.has('disk') || components.has('idmap')) {
-        await mountVeFileSystems(p, { hasImage: components.has('disk'), lowerdir: template.rootfs, ids, templateBase: template.idmapBase });
+      if (disk) await createDiskImage(p, config.defaults.limits.disk, ids.base);
+      if (disk || components.has('idmap')) {
+        const cmd = await veMountCommand(p, { hasImage: !!disk, lowerdir: template.rootfs, ids, templateBase: template.idmapBase });
+        execFileSync(mountHelper ?? cmd.file, cmd.args);
       } else {
         for (const d of [p.private, p.upper, p.work, p.ctl, p.rootfs]) await fs.mkdir(d, { recursive: true, mode: 0o711 });
         for (const d of [p.upper, p.ctl]) await fs.chown(d, ids.base, ids.base);
