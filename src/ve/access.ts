@@ -1,5 +1,6 @@
 import type { LimitsInput } from '../config/limits.js';
 import type { HostCommand } from '../runtime/types.js';
+import type { AgentProcessSpec } from './session-agents.js';
 
 /** A user account inside a VE, read from the VE's own /etc/passwd and /etc/group. */
 export interface VeUserInfo {
@@ -26,18 +27,8 @@ export interface VeProcessSpec {
 export interface AgentRoute {
   /** The agent's socket (a root-only host directory, never in the VE). */
   socket: string;
-  process: {
-    argv: string[];
-    /** uid, gid and groups inside the VE. */
-    uid: number;
-    gid: number;
-    groups: number[];
-    cwd?: string;
-    /** Complete: the VE's process environment under the session's. */
-    env: Record<string, string>;
-    tty: boolean;
-    consoleSize?: { rows: number; cols: number };
-  };
+  /** The process as the relay path asks for it (uid/gid inside the VE; env complete), with the terminal's first size. */
+  process: AgentProcessSpec & { consoleSize?: { rows: number; cols: number } };
 }
 
 /**
