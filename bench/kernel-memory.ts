@@ -1,6 +1,8 @@
 /** Readers of the kernel's memory figures that the VE benchmarks share (ve-kernel-cost.ts, ve-density.ts). */
-import { readdirSync, readFileSync, type Dirent } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync, type Dirent } from 'node:fs';
 import path from 'node:path';
+import { parseServerConfig, type ServerConfig } from '../src/config/server-config.js';
 
 export const MEMINFO_FIELDS = ['SUnreclaim', 'SReclaimable', 'PageTables', 'KernelStack', 'AnonPages', 'Percpu', 'Shmem', 'MemAvailable'];
 export const UNRECLAIMABLE = ['SUnreclaim', 'PageTables', 'KernelStack', 'AnonPages', 'Percpu', 'Shmem'];
@@ -57,3 +59,22 @@ export function readSlabs(): Map<string, number> {
   return out;
 }
 
+
+/**
+ * A throw-away vesh set-up for a density bench: a data dir under /var/tmp,
+ * the busybox template's small limits, a bridge and /16 of its own (so two
+ * benches, or a bench and the tests, never share one), outbound off.
+ */
+export function densityBenchConfig(dirPrefix: string, bridgePrefix: string): { dir: string; tag: string; configFile: string; config: ServerConfig } {
+  const dir = mkdtempSync(dirPrefix);
+  const tag = randomBytes(2).toString('hex');
+  const subnet = `10.${200 + Math.floor(Math.random() * 40)}.0.0/16`;
+  const yaml = [
+    `dataDir: ${dir}/data`,
+    `defaults: { template: busybox, limits: { memory: 64M, pids: 64, cpus: 0.5, disk: 64M } }`,
+    `network: { bridge: ${bridgePrefix}${tag}, subnet: ${subnet}, outbound: false }`,
+  ].join('\n');
+  const configFile = path.join(dir, 'vesh.yaml');
+  writeFileSync(configFile, yaml);
+  return { dir, tag, configFile, config: parseServerConfig(configFile, yaml) };
+}

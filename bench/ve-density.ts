@@ -20,19 +20,17 @@
  * Not a test: these machines are shared and noisy; read the figures side by side.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { silentLogger } from '../src/audit/logger.js';
-import { parseServerConfig } from '../src/config/server-config.js';
 import { buildOciConfig } from '../src/runtime/oci-bundle.js';
 import { tuneHost } from '../src/system/host-tuning.js';
 import { makeLayout } from '../src/system/layout.js';
 import { cgroupDirs, removeCgroupDirs } from '../src/runtime/cgroups.js';
 import { createTemplateStore, createVeManager } from '../src/ve/index.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
-import { UNRECLAIMABLE, ownProcessesKiB, readMeminfo } from './kernel-memory.js';
+import { UNRECLAIMABLE, densityBenchConfig, ownProcessesKiB, readMeminfo } from './kernel-memory.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -92,17 +90,7 @@ function perVe(before: MemReading, after: MemReading, n: number): { memPerVeMiB:
 }
 
 async function main(): Promise<void> {
-  const dir = mkdtempSync('/var/tmp/vesh-bench-');
-  const tag = randomBytes(2).toString('hex');
-  const subnet = `10.${200 + Math.floor(Math.random() * 40)}.0.0/16`;
-  const yaml = [
-    `dataDir: ${dir}/data`,
-    `defaults: { template: busybox, limits: { memory: 64M, pids: 64, cpus: 0.5, disk: 64M } }`,
-    `network: { bridge: vb${tag}, subnet: ${subnet}, outbound: false }`,
-  ].join('\n');
-  const configFile = path.join(dir, 'vesh.yaml');
-  writeFileSync(configFile, yaml);
-  const config = parseServerConfig(configFile, yaml);
+  const { dir, tag, configFile, config } = densityBenchConfig('/var/tmp/vesh-bench-', 'vb');
   const layout = makeLayout(config.dataDir);
   const logger = silentLogger();
   const ves = createVeManager(config, logger);

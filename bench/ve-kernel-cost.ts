@@ -30,12 +30,10 @@
  * Not a test. Hold /tmp/vesh-bench.lock while it runs.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
+import { promises as fs, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { silentLogger } from '../src/audit/logger.js';
-import { parseServerConfig } from '../src/config/server-config.js';
 import { buildOciConfig } from '../src/runtime/oci-bundle.js';
 import { intToIp } from '../src/net/ipv4.js';
 import { cgroupDirs, detectCgroupLayout, presetTcpLimit, removeCgroupDirs } from '../src/runtime/cgroups.js';
@@ -44,7 +42,7 @@ import { makeLayout } from '../src/system/layout.js';
 import { createDiskImage, unmountAll, veMountCommand, vePaths } from '../src/ve/storage.js';
 import { createTemplateStore, createVeManager, createVeNetwork } from '../src/ve/index.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
-import { MEMINFO_FIELDS, UNRECLAIMABLE, ownProcessesKiB, readMeminfo, readSlabs } from './kernel-memory.js';
+import { MEMINFO_FIELDS, UNRECLAIMABLE, densityBenchConfig, ownProcessesKiB, readMeminfo, readSlabs } from './kernel-memory.js';
 import { median, sleep } from './lib.js';
 
 const { values: args } = parseArgs({
@@ -110,18 +108,8 @@ function delta(a: Snapshot, b: Snapshot, n: number): Delta {
 }
 
 async function main(): Promise<void> {
-  const dir = mkdtempSync('/var/tmp/vesh-kcost-');
+  const { dir, tag, configFile, config } = densityBenchConfig('/var/tmp/vesh-kcost-', 'vk');
   await fs.chmod(dir, 0o711);
-  const tag = randomBytes(2).toString('hex');
-  const subnet = `10.${200 + Math.floor(Math.random() * 40)}.0.0/16`;
-  const yaml = [
-    `dataDir: ${dir}/data`,
-    `defaults: { template: busybox, limits: { memory: 64M, pids: 64, cpus: 0.5, disk: 64M } }`,
-    `network: { bridge: vk${tag}, subnet: ${subnet}, outbound: false }`,
-  ].join('\n');
-  const configFile = path.join(dir, 'vesh.yaml');
-  writeFileSync(configFile, yaml);
-  const config = parseServerConfig(configFile, yaml);
   const layout = makeLayout(config.dataDir);
   const logger = silentLogger();
   const ves = createVeManager(config, logger);
