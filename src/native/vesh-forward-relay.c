@@ -30,7 +30,8 @@
  * control buffer, accepts a frame only as an answer to a request it
  * forwarded (or for a listener the helper reported bound), and passes on
  * only descriptors it checked itself: connected, non-listening
- * AF_INET/AF_INET6 SOCK_STREAM TCP sockets. Everything it writes to the
+ * AF_INET/AF_INET6 SOCK_STREAM TCP sockets, or AF_UNIX stream sockets for an
+ * id it asked a Unix connect or listener for (streamlocal, the agent). Everything it writes to the
  * server it wrote itself, and every socket it hands to the server it made
  * itself: the bytes of each forwarded connection are copied here between the
  * VE's socket and a socketpair whose other end the server holds (see
@@ -100,6 +101,11 @@ struct idset { uint32_t ids[MAX_PENDING]; int n; int cap; };
 static struct idset pending_connect = { .cap = MAX_PENDING };
 static struct idset pending_listen = { .cap = MAX_LISTENING };
 static struct idset listening = { .cap = MAX_LISTENING };
+/* The same for Unix sockets (streamlocal) and the agent socket: their answers carry AF_UNIX sockets, and a listener no port. */
+static struct idset pending_connect_unix = { .cap = MAX_PENDING };
+static struct idset pending_listen_unix = { .cap = MAX_LISTENING };
+static struct idset pending_agent = { .cap = MAX_LISTENING };
+static struct idset listening_unix = { .cap = MAX_LISTENING };
 
 static unsigned long rejected, rejected_reported;
 static long long last_reject_report = -REJECT_REPORT_MS;
@@ -210,8 +216,9 @@ static void reject(const char *reason) {
 struct req {
   char t[16];
   char host[FWD_ADDR_LEN];
-  long id, port;
-  int has_id, has_port;
+  char path[FWD_ADDR_LEN];
+  long id, port, mask;
+  int has_id, has_port, has_mask, unlink;
 };
 
 static const char *skip_ws(const char *p) {
@@ -259,6 +266,7 @@ static int parse_req(const char *p, struct req *r) {
       size_t len = strlen(sval);
       if (!strcmp(key, "t")) { if (len >= sizeof r->t) return -1; memcpy(r->t, sval, len + 1); }
       else if (!strcmp(key, "host")) { if (len >= sizeof r->host) return -1; memcpy(r->host, sval, len + 1); }
+      else if (!strcmp(key, "path")) { if (len >= sizeof r->path) return -1; memcpy(r->path, sval, len + 1); }
     } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
       char *end;
       errno = 0;
@@ -267,7 +275,9 @@ static int parse_req(const char *p, struct req *r) {
       p = end;
       if (!strcmp(key, "id")) { r->id = v; r->has_id = 1; }
       else if (!strcmp(key, "port")) { r->port = v; r->has_port = 1; }
+      else if (!strcmp(key, "mask")) { r->mask = v; r->has_mask = 1; }
     } else if (!strncmp(p, "true", 4) || !strncmp(p, "null", 4)) {
+      if (!strcmp(key, "unlink") && *p == 't') r->unlink = 1;
       p += 4;
     } else if (!strncmp(p, "false", 5)) {
       p += 5;
@@ -288,6 +298,36 @@ static int ve_send(const struct fwd_frame *f) {
     if (errno == EINTR) continue;
     if (errno == EAGAIN) return -1;
     _exit(0); /* the helper is gone: so is forwarding for this connection */
+  }
+}
+
+/* A Unix socket path as a frame carries it: absolute (no abstract socket, no leading NUL) and within sun_path. */
+static int unix_path_ok(const char *p) {
+  size_t n = strlen(p);
+  if (p[0] != '/' || n > FWD_UNIX_PATH_MAX) return 0;
+  for (size_t i = 0; i < n; i++)
+    if ((unsigned char)p[i] < 0x20 || (unsigned char)p[i] == 0x7f) return 0;
+  return 1;
+}
+
+/* connect_unix {id, path}, listen_unix {id, path, mask, unlink}, listen_agent {id, mask}: on to the helper, which does them in the VE. */
+static void handle_unix_request(const struct req *r, uint32_t id) {
+  int connect = !strcmp(r->t, "connect_unix"), agent = !strcmp(r->t, "listen_agent");
+  int mask_ok = r->has_mask && r->mask >= 0 && r->mask <= 0777;
+  if ((!agent && !unix_path_ok(r->path)) || (!connect && !mask_ok)) return; /* malformed: ignored, as any */
+  struct idset *set = connect ? &pending_connect_unix : agent ? &pending_agent : &pending_listen_unix;
+  if (!idset_add(set, id)) {
+    server_failed(id, "EMFILE", connect ? "too many connections being opened at once" : "too many listeners being opened at once");
+    return;
+  }
+  struct fwd_frame f;
+  fwd_frame_init(&f, connect ? FWD_CONNECT_UNIX : agent ? FWD_LISTEN_AGENT : FWD_LISTEN_UNIX, id);
+  if (!agent) snprintf(f.addr, sizeof f.addr, "%s", r->path);
+  if (!connect) f.mask = (uint32_t)r->mask;
+  if (!connect && !agent && r->unlink) f.flags = FWD_UNLINK_FIRST;
+  if (ve_send(&f) < 0) {
+    idset_remove(set, id);
+    server_failed(id, "EAGAIN", "the port-forward helper in the VE is not taking requests");
   }
 }
 
@@ -313,10 +353,15 @@ static void handle_server_request(const char *text) {
       idset_remove(set, id);
       server_failed(id, "EAGAIN", "the port-forward helper in the VE is not taking requests");
     }
+  } else if (!strcmp(r.t, "connect_unix") || !strcmp(r.t, "listen_unix") || !strcmp(r.t, "listen_agent")) {
+    handle_unix_request(&r, id);
   } else if (!strcmp(r.t, "unlisten")) {
     /* Forgotten here first: whatever the helper does, nothing more is accepted for this id. */
     idset_remove(&listening, id);
     idset_remove(&pending_listen, id);
+    idset_remove(&listening_unix, id);
+    idset_remove(&pending_listen_unix, id);
+    idset_remove(&pending_agent, id);
     struct fwd_frame f;
     fwd_frame_init(&f, FWD_UNLISTEN, id);
     ve_send(&f);
@@ -458,17 +503,22 @@ static int pump(int src, int dst, struct half *h, int readable, int writable) {
 
 /* ------------------------------------------------------------ from the VE (frames) */
 
-/* Whether `fd` is what a forward may carry: a connected TCP socket over IPv4 or IPv6, not a listener. NULL when it is, else why not. */
-static const char *check_stream_socket(int fd) {
+/*
+ * Whether `fd` is what a forward may carry: a connected TCP socket over IPv4
+ * or IPv6 (is_unix = 0), or a connected AF_UNIX stream socket (is_unix = 1, for
+ * streamlocal and the agent), never a listener. NULL when it is, else why not.
+ */
+static const char *check_stream_socket(int fd, int is_unix) {
   struct stat st;
   if (fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode)) return "a descriptor that is not a socket";
   int v = 0;
   socklen_t len = sizeof v;
-  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) < 0 || (v != AF_INET && v != AF_INET6)) return "a socket that is not AF_INET or AF_INET6";
+  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &len) < 0) return "a socket of no domain";
+  if (is_unix ? v != AF_UNIX : (v != AF_INET && v != AF_INET6)) return is_unix ? "a socket that is not AF_UNIX" : "a socket that is not AF_INET or AF_INET6";
   len = sizeof v;
   if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &len) < 0 || v != SOCK_STREAM) return "a socket that is not SOCK_STREAM";
   len = sizeof v;
-  if (getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) < 0 || v != IPPROTO_TCP) return "a socket that is not TCP";
+  if (!is_unix && (getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &len) < 0 || v != IPPROTO_TCP)) return "a socket that is not TCP";
   len = sizeof v;
   if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &len) < 0 || v != 0) return "a listening socket";
   struct sockaddr_storage ss;
@@ -486,6 +536,39 @@ static void peer_address(const char *in, char *out, size_t cap) {
 
 static void close_all(const int *fds, int n) {
   for (int i = 0; i < n; i++) close(fds[i]);
+}
+
+/*
+ * The helper bound a Unix listener. A -R socket's answer names no port and
+ * no path (the server knows the path it asked for); the agent socket's names
+ * the path the helper chose, which must look like what it makes
+ * (/tmp/ssh-XXXXXXXXXX/agent.PID) before it is passed on and shown to the
+ * session as SSH_AUTH_SOCK.
+ */
+static void listening_unix_reported(const struct fwd_frame *f) {
+  int agent = idset_has(&pending_agent, f->id);
+  char body[400];
+  if (agent) {
+    const char *p = f->addr;
+    size_t n = strlen(p);
+    int ok = n <= FWD_UNIX_PATH_MAX && !strncmp(p, "/tmp/ssh-", 9);
+    for (size_t i = 9; ok && i < n; i++)
+      ok = (p[i] >= 'A' && p[i] <= 'Z') || (p[i] >= 'a' && p[i] <= 'z') || (p[i] >= '0' && p[i] <= '9') || p[i] == '/' || p[i] == '.';
+    if (!ok || f->port != 0) {
+      idset_remove(&pending_agent, f->id);
+      server_failed(f->id, "EPROTO", "the port-forward helper in the VE reported an agent socket path it does not make");
+      reject("an agent socket at an unexpected path");
+      return;
+    }
+    idset_remove(&pending_agent, f->id);
+    snprintf(body, sizeof body, "{\"t\":\"listening\",\"id\":%u,\"port\":0,\"path\":\"%s\"}", f->id, p);
+  } else {
+    if (f->port != 0) { reject("a Unix listener on a port"); return; }
+    idset_remove(&pending_listen_unix, f->id);
+    snprintf(body, sizeof body, "{\"t\":\"listening\",\"id\":%u,\"port\":0}", f->id);
+  }
+  if (!idset_add(&listening_unix, f->id)) { server_failed(f->id, "EMFILE", "too many listeners on this connection"); return; }
+  server_msg(-1, body);
 }
 
 /* Take one datagram from the helper: check it whole, pass on what is right, drop the rest. */
@@ -540,8 +623,12 @@ static void read_ve_frame(void) {
       server_msg(-1, "{\"t\":\"ready\"}");
       return;
     case FWD_CONNECTED: {
-      if (!idset_remove(&pending_connect, f->id)) { close(fds[0]); reject("a connection nobody asked for"); return; }
-      const char *bad = check_stream_socket(fds[0]);
+      int is_unix = 0;
+      if (!idset_remove(&pending_connect, f->id)) {
+        if (!idset_remove(&pending_connect_unix, f->id)) { close(fds[0]); reject("a connection nobody asked for"); return; }
+        is_unix = 1;
+      }
+      const char *bad = check_stream_socket(fds[0], is_unix);
       if (bad) {
         close(fds[0]);
         char m[200];
@@ -561,8 +648,9 @@ static void read_ve_frame(void) {
       return;
     }
     case FWD_ACCEPTED: {
-      if (!idset_has(&listening, f->id)) { close(fds[0]); reject("a connection for no listener"); return; }
-      const char *bad = check_stream_socket(fds[0]);
+      int is_unix = idset_has(&listening_unix, f->id);
+      if (!is_unix && !idset_has(&listening, f->id)) { close(fds[0]); reject("a connection for no listener"); return; }
+      const char *bad = check_stream_socket(fds[0], is_unix);
       if (bad) { close(fds[0]); reject(bad); return; }
       char addr[FWD_ADDR_LEN];
       peer_address(f->addr, addr, sizeof addr);
@@ -574,10 +662,16 @@ static void read_ve_frame(void) {
       return;
     }
     case FWD_FAILED:
-      if (idset_remove(&pending_connect, f->id) || idset_remove(&pending_listen, f->id)) server_failed(f->id, f->addr, f->text);
+      if (idset_remove(&pending_connect, f->id) || idset_remove(&pending_listen, f->id) || idset_remove(&pending_connect_unix, f->id) ||
+          idset_remove(&pending_listen_unix, f->id) || idset_remove(&pending_agent, f->id))
+        server_failed(f->id, f->addr, f->text);
       else reject("an answer to no request");
       return;
     case FWD_LISTENING:
+      if (idset_has(&pending_listen_unix, f->id) || idset_has(&pending_agent, f->id)) {
+        listening_unix_reported(f);
+        return;
+      }
       if (!idset_has(&pending_listen, f->id)) { reject("an answer to no request"); return; }
       if (f->port < 1 || f->port > 65535) { reject("a listener on no port"); return; }
       idset_remove(&pending_listen, f->id);
@@ -587,6 +681,7 @@ static void read_ve_frame(void) {
       return;
     case FWD_CLOSED:
       idset_remove(&listening, f->id);
+      idset_remove(&listening_unix, f->id);
       return;
     default:
       reject("a frame of unknown type");

@@ -32,12 +32,14 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -53,6 +55,8 @@
 
 /* ------------------------------------------------------------ output */
 
+static void remove_agent_sockets(void);
+
 /* One frame to the relay, with `fd` passed alongside when fd >= 0. Blocking: the relay always reads. */
 static void send_frame(const struct fwd_frame *f, int fd) {
   struct iovec iov = { (void *)f, sizeof *f };
@@ -62,7 +66,10 @@ static void send_frame(const struct fwd_frame *f, int fd) {
   for (;;) {
     /* A datagram goes whole or not at all. */
     if (sendmsg(CHAN, &mh, MSG_NOSIGNAL) >= 0) return;
-    if (errno != EINTR && errno != EAGAIN) _exit(0); /* the relay is gone */
+    if (errno != EINTR && errno != EAGAIN) {
+      remove_agent_sockets(); /* the relay is gone, and with it the SSH connection */
+      _exit(0);
+    }
   }
 }
 
@@ -94,13 +101,27 @@ static void send_errno(long id, int err, const char *what) {
 /* A request from the relay, as the handlers below take it. */
 struct req {
   uint32_t type;
-  char host[FWD_ADDR_LEN];
+  char host[FWD_ADDR_LEN]; /* or a Unix socket's path */
   long id, port;
+  uint32_t flags, mask;
 };
 
 /* ------------------------------------------------------------ sockets */
 
-struct listener { int fd; long id; };
+/*
+ * A listener. A Unix one (streamlocal-forward, the agent socket) keeps its
+ * path; the agent's also the directory made for it, both removed when the
+ * listener closes or the relay goes away (the socket goes with the SSH
+ * connection, as OpenSSH's does). A -R socket stays, as with OpenSSH, which is
+ * what StreamLocalBindUnlink is for.
+ */
+struct listener {
+  int fd;
+  long id;
+  int agent;
+  char path[FWD_UNIX_PATH_MAX + 1];
+  char dir[FWD_UNIX_PATH_MAX + 1];
+};
 /* Up to MAX_ADDRS addresses of one lookup, in its order. */
 struct addrs { int n; socklen_t lens[MAX_ADDRS]; struct sockaddr_storage a[MAX_ADDRS]; };
 /*
@@ -122,6 +143,7 @@ struct connecting {
   long long deadline;
 };
 
+static void remove_agent_socket(const struct listener *l);
 static struct listener listeners[MAX_LISTENERS];
 static int nlisteners;
 static struct connecting connects[MAX_CONNECTS];
@@ -390,6 +412,7 @@ static void do_unlisten(long id) {
   for (int i = 0; i < nlisteners; i++) {
     if (listeners[i].id == id) {
       close(listeners[i].fd);
+      remove_agent_socket(&listeners[i]);
       listeners[i] = listeners[--nlisteners];
       break;
     }
@@ -413,15 +436,157 @@ static void accept_all(int i) {
   }
 }
 
+/* ------------------------------------------------------------ Unix sockets */
+
+/*
+ * Every path is the VE's: this process runs in the VE's mount namespace as
+ * the account's user, so the kernel resolves it there (a symlink to a host
+ * path names the VE's file of that name, /proc/<pid>/root the VE's own
+ * processes' roots) and decides with the user's credentials what may be
+ * connected to or bound. Only absolute paths that fit sun_path are taken:
+ * no abstract sockets (a leading NUL), no silent truncation.
+ */
+static int unix_address(const char *path, struct sockaddr_un *sa, socklen_t *len) {
+  size_t n = strlen(path);
+  if (path[0] != '/' || n > FWD_UNIX_PATH_MAX) return -1;
+  memset(sa, 0, sizeof *sa);
+  sa->sun_family = AF_UNIX;
+  memcpy(sa->sun_path, path, n);
+  *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
+  return 0;
+}
+
+static void send_bad_path(long id, const char *path) {
+  char m[FWD_TEXT_LEN];
+  snprintf(m, sizeof m, "not an absolute socket path of at most %d bytes: %.120s", FWD_UNIX_PATH_MAX, path);
+  send_failed(id, strlen(path) > FWD_UNIX_PATH_MAX ? "ENAMETOOLONG" : "EINVAL", m);
+}
+
+static void do_connect_unix(const struct req *r) {
+  struct sockaddr_un sa;
+  socklen_t len;
+  if (unix_address(r->host, &sa, &len) < 0) { send_bad_path(r->id, r->host); return; }
+  /*
+   * Non-blocking: a Unix connect does not wait for the listener to accept,
+   * only for room in its backlog; a full backlog fails at once (EAGAIN)
+   * rather than holding up every other forward of the connection.
+   */
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) { send_errno(r->id, errno, "a socket"); return; }
+  if (connect(fd, (struct sockaddr *)&sa, len) < 0) {
+    int err = errno;
+    close(fd);
+    char what[320];
+    snprintf(what, sizeof what, "connect to %.200s", r->host);
+    send_errno(r->id, err, what);
+    return;
+  }
+  send_simple(FWD_CONNECTED, r->id, 0, fd);
+  close(fd);
+}
+
+/* Bind and listen on `path` under umask `mask`. The fd, or -1 with errno. */
+static int bind_unix(const char *path, uint32_t mask, int unlink_first) {
+  struct sockaddr_un sa;
+  socklen_t len;
+  if (unix_address(path, &sa, &len) < 0) { errno = EINVAL; return -1; }
+  if (unlink_first) {
+    /* Only a socket is removed (StreamLocalBindUnlink): a file or FIFO in the way still fails the bind. */
+    struct stat st;
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode) && unlink(path) < 0) return -1;
+  }
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  mode_t old = umask((mode_t)(mask & 0777));
+  int b = bind(fd, (struct sockaddr *)&sa, len);
+  int err = errno;
+  umask(old);
+  if (b < 0 || listen(fd, 128) < 0) {
+    if (b == 0) { err = errno; unlink(path); }
+    close(fd);
+    errno = err;
+    return -1;
+  }
+  return fd;
+}
+
+static int listener_room(long id) {
+  for (int i = 0; i < nlisteners; i++)
+    if (listeners[i].id == id) return 0;
+  if (nlisteners >= MAX_LISTENERS) {
+    send_failed(id, "EMFILE", "too many listeners on this connection");
+    return 0;
+  }
+  return 1;
+}
+
+static void do_listen_unix(const struct req *r) {
+  if (!listener_room(r->id)) return;
+  if (r->host[0] != '/' || strlen(r->host) > FWD_UNIX_PATH_MAX) { send_bad_path(r->id, r->host); return; }
+  int fd = bind_unix(r->host, r->mask, (r->flags & FWD_UNLINK_FIRST) != 0);
+  if (fd < 0) {
+    char what[320];
+    snprintf(what, sizeof what, "listen on %.200s", r->host);
+    send_errno(r->id, errno, what);
+    return;
+  }
+  struct listener *l = &listeners[nlisteners++];
+  memset(l, 0, sizeof *l);
+  l->fd = fd;
+  l->id = r->id;
+  snprintf(l->path, sizeof l->path, "%s", r->host);
+  send_simple(FWD_LISTENING, r->id, 0, -1);
+}
+
+/* The agent socket: a fresh 0700 directory in the VE's /tmp (mkdtemp), made by and so owned by the session's user, and agent.<pid> in it. */
+static void do_listen_agent(const struct req *r) {
+  if (!listener_room(r->id)) return;
+  char dir[] = "/tmp/ssh-XXXXXXXXXX";
+  if (!mkdtemp(dir)) { send_errno(r->id, errno, "a directory for the agent socket in /tmp"); return; }
+  struct listener l;
+  memset(&l, 0, sizeof l);
+  snprintf(l.dir, sizeof l.dir, "%s", dir);
+  snprintf(l.path, sizeof l.path, "%s/agent.%ld", dir, (long)getpid());
+  int fd = bind_unix(l.path, r->mask, 0);
+  if (fd < 0) {
+    int err = errno;
+    rmdir(dir);
+    send_errno(r->id, err, "the agent socket");
+    return;
+  }
+  l.fd = fd;
+  l.id = r->id;
+  l.agent = 1;
+  listeners[nlisteners++] = l;
+  struct fwd_frame f;
+  fwd_frame_init(&f, FWD_LISTENING, (uint32_t)r->id);
+  snprintf(f.addr, sizeof f.addr, "%s", l.path);
+  send_frame(&f, -1);
+}
+
+/* An agent socket and its directory go when its listener does. */
+static void remove_agent_socket(const struct listener *l) {
+  if (!l->agent) return;
+  unlink(l->path);
+  rmdir(l->dir);
+}
+
+static void remove_agent_sockets(void) {
+  for (int i = 0; i < nlisteners; i++) remove_agent_socket(&listeners[i]);
+}
+
 /* A frame from the relay (which sends only well-formed ones; checked anyway, as everything that crosses). */
 static void handle_frame(const struct fwd_frame *f) {
   if (f->magic != FWD_MAGIC || !fwd_strings_ok(f)) return;
-  struct req r = { .type = f->type, .id = (long)f->id, .port = (long)f->port };
+  struct req r = { .type = f->type, .id = (long)f->id, .port = (long)f->port, .flags = f->flags, .mask = f->mask };
   snprintf(r.host, sizeof r.host, "%s", f->addr);
   int port_ok = r.port >= 0 && r.port <= 65535;
   if (r.type == FWD_CONNECT && port_ok && r.port > 0 && r.host[0]) do_connect(&r);
   else if (r.type == FWD_LISTEN && port_ok && r.host[0]) do_listen(&r);
   else if (r.type == FWD_UNLISTEN) do_unlisten(r.id);
+  else if (r.type == FWD_CONNECT_UNIX && r.host[0]) do_connect_unix(&r);
+  else if (r.type == FWD_LISTEN_UNIX && r.host[0]) do_listen_unix(&r);
+  else if (r.type == FWD_LISTEN_AGENT) do_listen_agent(&r);
 }
 
 int main(void) {
@@ -464,6 +629,7 @@ int main(void) {
     int timeout = soonest < 0 ? -1 : (int)(soonest > now_ms() ? soonest - now_ms() : 0);
     if (poll(pfd, (nfds_t)np, timeout) < 0) {
       if (errno == EINTR) continue;
+      remove_agent_sockets();
       return 1;
     }
     /* Connects first, from the end (drop_connect moves the last into the hole), then listeners, then the channel. */
@@ -479,7 +645,10 @@ int main(void) {
       /* One frame a datagram; one byte of room more tells an oversized one, which is dropped. */
       static union { struct fwd_frame f; char raw[sizeof(struct fwd_frame) + 1]; } in;
       ssize_t n = recv(CHAN, &in, sizeof in, MSG_DONTWAIT);
-      if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) return 0; /* the relay went away */
+      if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) {
+        remove_agent_sockets(); /* the relay went away: so did the SSH connection */
+        return 0;
+      }
       if (n == (ssize_t)sizeof in.f) handle_frame(&in.f);
     }
   }
