@@ -13,6 +13,7 @@ import {
 } from './limits.js';
 import { SessionChannel } from './session.js';
 import { installProtocolGuards } from './ssh2-guards.js';
+import { correctKexGuessHandling } from './kex-guess.js';
 
 /** How long a connection refused by a cap stays open for its first session to be told why. */
 const CAP_REFUSAL_LINGER_MS = 5_000;
@@ -64,6 +65,8 @@ export class SshConnection {
       onViolation: (what, details, fatal) => this.log.warn({ event: 'ssh.protocol_violation', what, fatal, ...details }),
       onUnknownRequest: (kind, type) => this.noisy.info({ event: 'ssh.request_refused', kind, type: type.slice(0, 64) }),
     });
+    // Before the peer's KEXINIT is parsed: dropbear's guessed first kex packet (see kex-guess.ts).
+    correctKexGuessHandling(conn);
     this.auth = new ConnectionAuthentication(deps.broker, this.log, () => this.drop('too many authentication failures'));
     conn.on('handshake', () => {
       this.keyExchangeDone = true;
