@@ -2,7 +2,7 @@ import type { Logger } from '../audit/logger.js';
 import { ErrorCodes, VeshError, errorMessage, isVeshError } from '../errors.js';
 import { acceptClientEnv, sessionEnvironment, sanitizeTerm } from '../ssh/environment.js';
 import { CLIENT_SIGNALS, type ExitReport } from '../ssh/exit-status.js';
-import { isValidHost, isValidPort } from '../ssh/forward-protocol.js';
+import { isValidHost, isValidPort, isValidSocketPath } from '../ssh/forward-protocol.js';
 import { ENV_LIMITS, MAX_REMOTE_FORWARDS_PER_CONNECTION, MAX_SESSIONS_PER_CONNECTION, clampPtySize } from '../ssh/limits.js';
 import { prepareLogin, type LoginContext } from '../ssh/login.js';
 import type { SshAccount, SshAuthenticator, SshAuthorizedKey } from '../ssh/ports.js';
@@ -29,7 +29,12 @@ export interface ConnectionDeps {
   send(ev: BrokerEvent, fds?: number[]): void;
   /** Authentication succeeded: the connection leaves the pre-auth caps and its grace timer. */
   onAuthenticated(): void;
+  /** vesh.yaml's agent and Unix-socket forwarding settings (sessions:); absent fields take OpenSSH's defaults. */
+  features?: { agentForwarding?: boolean; streamLocalBindUnlink?: boolean; streamLocalBindMask?: number };
 }
+
+/** The umask of the agent socket (OpenSSH's too): the session's user only. */
+const AGENT_SOCKET_MASK = 0o177;
 
 /** A refusal the worker passes on to its client; the worker itself did nothing wrong. */
 export class Refused extends Error {}
@@ -74,6 +79,8 @@ export class BrokerConnection {
   private readonly sessions = new Map<number, SpawnedSession>();
   private readonly sessionIds = new Set<number>();
   private relay: Promise<ForwardRelayClient> | null = null;
+  /** The connection's agent socket in the VE, once asked for (ssh -A): one per connection, as OpenSSH's. */
+  private agent: Promise<{ listener: number; path: string }> | null = null;
   private readonly listeners = new Set<number>();
   /** Sessions asked for and not ended (starting or running): what sessions.maxSessions counts. */
   private sessionsHeld = 0;
@@ -308,6 +315,9 @@ export class BrokerConnection {
       // The worker already filtered the client's env requests; checked again here, where it counts.
       const clientEnv = new Map(Object.entries(r.env).filter(([k, v]) => acceptClientEnv(k, v)).slice(0, ENV_LIMITS.maxVars));
       const env = sessionEnvironment({ user: login.user, clientEnv, term, connection: login.connection, originalCommand: original });
+      // Every session after an agent request gets the socket, as OpenSSH does.
+      const agent = await this.agent?.catch(() => null);
+      if (agent) env.SSH_AUTH_SOCK = agent.path;
       const size = r.pty ? clampPtySize(r.pty.cols, r.pty.rows) : undefined;
       this.log.info({
         event: 'ssh.session_start', kind: r.kind, pty: !!r.pty,
@@ -428,6 +438,7 @@ export class BrokerConnection {
           ended: (err) => {
             this.log.warn({ event: 'forward.helper_ended', ve: login.account.ve, err: errorMessage(err) });
             this.relay = null;
+            this.agent = null;
           },
         });
       })();
@@ -473,6 +484,83 @@ export class BrokerConnection {
     }
     this.listeners.add(l.id);
     return { listener: l.id, port: l.port };
+  }
+
+  /** direct-streamlocal: a socket connected, from inside the VE as its user, to the Unix socket at r.path. */
+  async forwardConnectUnix(r: Request<'forward.connect_unix'>): Promise<number> {
+    this.forwardingAllowed();
+    if (!isValidSocketPath(r.path)) throw new Refused('invalid socket path (an absolute path of printable ASCII, at most 107 bytes)');
+    let fd: number;
+    try {
+      fd = await (await this.relayClient()).connectUnix(r.path);
+    } catch (err) {
+      this.log.info({ event: 'forward.failed', kind: 'local-unix', target: { path: r.path }, err: errorMessage(err) });
+      throw err;
+    }
+    if (this.state !== 'authenticated') {
+      closeFd(fd);
+      throw new Refused('the connection is closing');
+    }
+    return fd;
+  }
+
+  /** streamlocal-forward: a Unix socket listening at r.path inside the VE, bound by its user under vesh.yaml's mask. */
+  async forwardListenUnix(r: Request<'forward.listen_unix'>): Promise<{ listener: number }> {
+    this.forwardingAllowed();
+    if (!isValidSocketPath(r.path)) throw new Refused('invalid socket path (an absolute path of printable ASCII, at most 107 bytes)');
+    if (this.listeners.size + this.listensPending >= MAX_REMOTE_FORWARDS_PER_CONNECTION) throw new Refused('too many remote forwards');
+    const f = this.deps.features ?? {};
+    let id: number;
+    this.listensPending += 1;
+    try {
+      id = await (await this.relayClient()).listenUnix(r.path, f.streamLocalBindMask ?? 0o177, f.streamLocalBindUnlink ?? false);
+    } catch (err) {
+      this.log.info({ event: 'forward.failed', kind: 'remote-unix', bind: { path: r.path }, err: errorMessage(err) });
+      throw err;
+    } finally {
+      this.listensPending -= 1;
+    }
+    this.listeners.add(id);
+    return { listener: id };
+  }
+
+  /** Why ssh -A is refused for this login (server, account, key), or null. */
+  private agentRefusal(result: AuthResult): string | null {
+    if (this.deps.features?.agentForwarding === false) return 'agent forwarding is off on this server (sessions.agentForwarding)';
+    if (result.account.agentForwarding === false) return 'agent forwarding is off for this account (agentForwarding: false)';
+    if (result.key?.options.noAgentForwarding) return 'no-agent-forwarding key option';
+    return null;
+  }
+
+  /**
+   * The connection's agent socket inside the VE (ssh -A): made once by the
+   * forward helper as the session's user, in a fresh 0700 directory in the
+   * VE's /tmp, and removed with the connection. Connections to it arrive as
+   * 'forward.accepted' for its listener; the worker relays each to the
+   * client's agent over an auth-agent@openssh.com channel.
+   */
+  async agentListen(_r: Request<'agent.listen'>): Promise<{ listener: number; path: string }> {
+    const result = this.authenticated();
+    const why = this.agentRefusal(result);
+    if (why) {
+      this.log.info({ event: 'agent.refused', reason: why });
+      throw new Refused(`agent forwarding refused: ${why}`);
+    }
+    if (!this.agent) {
+      const made = (async () => {
+        const a = await (await this.relayClient()).listenAgent(AGENT_SOCKET_MASK);
+        if (this.state !== 'authenticated') throw new Refused('the connection is closing');
+        this.listeners.add(a.id);
+        this.log.info({ event: 'agent.listen', path: a.path });
+        return { listener: a.id, path: a.path };
+      })();
+      this.agent = made;
+      made.catch((err: unknown) => {
+        this.log.info({ event: 'agent.failed', err: errorMessage(err) });
+        if (this.agent === made) this.agent = null;
+      });
+    }
+    return this.agent;
   }
 
   forwardUnlisten(r: Request<'forward.unlisten'>): void {

@@ -191,6 +191,7 @@ export class Broker {
       caps: this.caps,
       maxAuthTries: this.deps.config.auth.maxAuthTries,
       maxSessions: this.deps.config.sessions?.maxSessions,
+      features: this.deps.config.sessions,
       send: (ev, fds) => this.sendTo(worker, ev, fds),
       onAuthenticated: () => this.admission.leave(adm),
     }, log);
@@ -313,6 +314,12 @@ export class Broker {
       case 'forward.unlisten':
         c.forwardUnlisten(r);
         return { body: {} };
+      case 'forward.connect_unix':
+        return { body: {}, fds: [await c.forwardConnectUnix(r)] };
+      case 'forward.listen_unix':
+        return { body: await c.forwardListenUnix(r) };
+      case 'agent.listen':
+        return { body: await c.agentListen(r) };
       case 'conn.closed':
         this.connectionClosed(w, c, r);
         return null;

@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
 import type { HostCommand } from '../runtime/types.js';
-import { isValidHost, isValidPort, parseFromHelper, type FromHelper, type ToHelper } from '../ssh/forward-protocol.js';
+import { isValidHost, isValidPort, isValidSocketPath, parseFromHelper, type FromHelper, type ToHelper } from '../ssh/forward-protocol.js';
 import { closeFd, socketpair } from '../system/fdpass.js';
 import { FrameChannel } from '../system/frame-channel.js';
 
@@ -39,7 +39,7 @@ export class ForwardRequestError extends VeshError {
   }
 }
 
-type Answer = { fd?: number; port?: number };
+type Answer = { fd?: number; port?: number; path?: string };
 type Pending = { what: string; resolve: (a: Answer) => void; reject: (e: Error) => void; timer: NodeJS.Timeout };
 
 /** What the relay reports besides answers to requests. */
@@ -184,6 +184,40 @@ export class ForwardRelayClient {
     return { id, port: a.port ?? port };
   }
 
+  /**
+   * Connect to the Unix socket at `path` from inside the VE (direct-streamlocal):
+   * the helper connects in the VE's mount namespace as the account's user,
+   * so the VE's files and the kernel's checks decide what is reached.
+   */
+  async connectUnix(path: string): Promise<number> {
+    if (!isValidSocketPath(path)) throw invalidPath(path);
+    const a = await this.request(`connect to ${path}`, (id) => ({ t: 'connect_unix', id, path }));
+    if (a.fd === undefined) throw new ForwardRequestError('EPROTO', `connect to ${path} in VE "${this.ve}": the relay answered without a socket`);
+    return a.fd;
+  }
+
+  /** Listen on the Unix socket `path` inside the VE (streamlocal-forward), bound under umask `mask`; `unlink` removes a socket already there. Resolves with the listener's id. */
+  async listenUnix(path: string, mask: number, unlink: boolean): Promise<number> {
+    if (!isValidSocketPath(path)) throw invalidPath(path);
+    let id = 0;
+    await this.request(`listen on ${path}`, (i) => {
+      id = i;
+      return { t: 'listen_unix', id: i, path, mask, unlink };
+    });
+    return id;
+  }
+
+  /** Listen on a fresh agent socket inside the VE (the helper names it; it goes with this client). Resolves with the listener's id and the socket's path. */
+  async listenAgent(mask: number): Promise<{ id: number; path: string }> {
+    let id = 0;
+    const a = await this.request('listen on an agent socket', (i) => {
+      id = i;
+      return { t: 'listen_agent', id: i, mask };
+    });
+    if (a.path === undefined) throw new ForwardRequestError('EPROTO', `agent socket in VE "${this.ve}": the relay answered without a path`);
+    return { id, path: a.path };
+  }
+
   /** Close a listener. No answer: the relay forgets it at once, so nothing more is accepted for it. */
   unlisten(id: number): void {
     this.send({ t: 'unlisten', id });
@@ -287,7 +321,7 @@ export class ForwardRelayClient {
         break;
       }
       case 'listening':
-        this.settle(m.id)?.resolve({ port: m.port });
+        this.settle(m.id)?.resolve({ port: m.port, ...(m.path !== undefined ? { path: m.path } : {}) });
         break;
       case 'accepted':
         this.events.accepted(m.id, fds[0]!, m.remoteAddress, m.remotePort);
@@ -319,6 +353,10 @@ export class ForwardRelayClient {
       p.reject(err);
     }
   }
+}
+
+function invalidPath(path: unknown): VeshError {
+  return new VeshError(ErrorCodes.INVALID_ARGUMENT, `not a Unix socket path: ${JSON.stringify(String(path).slice(0, 64))} (an absolute path of printable ASCII, at most 107 bytes)`, { userMessage: 'Invalid socket path.' });
 }
 
 function closeAll(fds: number[]): void {

@@ -33,7 +33,14 @@ import { z } from 'zod';
  * | session.close     | authenticated  |      | — hang it up (SIGHUP, SIGKILL after a grace)          |
  * | forward.connect   | authenticated  |      | fd: a socket connected from inside the VE            |
  * | forward.listen    | authenticated  |      | listener id and bound port inside the VE             |
- * | forward.unlisten  | authenticated  |      | —                                                    |
+ * | forward.unlisten  | authenticated  |      | — (a TCP or a Unix-socket listener)                  |
+ * | forward.connect_unix | authenticated |     | fd: a socket connected to a Unix socket path, from   |
+ * |                   |                |      | inside the VE as its user (direct-streamlocal)       |
+ * | forward.listen_unix | authenticated |      | listener id of a Unix socket bound inside the VE     |
+ * |                   |                |      | (streamlocal-forward; mask and unlink from vesh.yaml) |
+ * | agent.listen      | authenticated  |      | listener id and path of the connection's agent socket |
+ * |                   |                |      | in the VE (made once; later sessions get             |
+ * |                   |                |      | SSH_AUTH_SOCK); refused by the account, key, server  |
  * | conn.closed       | any but closed | once | no answer: the broker forgets the connection         |
  * | worker.alive      | (no conn)      |      | no answer: the pong to the broker's ping             |
  *
@@ -51,6 +58,8 @@ const b64 = (max: number) => z.string().max(Math.ceil(max / 3) * 4 + 4).regex(/^
 const id = z.number().int().min(1).max(2 ** 31);
 const port = z.number().int().min(0).max(65535);
 const host = z.string().min(1).max(255);
+/** A Unix socket path: what sun_path holds (107 bytes and its NUL); its form is checked again where it is used. */
+const socketPath = z.string().min(1).max(107);
 
 /** Worker → broker requests. Strict objects: an unknown field is a malformed frame. */
 export const REQUESTS = {
@@ -103,6 +112,18 @@ export const REQUESTS = {
   'forward.unlisten': {
     states: ['authenticated'], once: false,
     schema: z.strictObject({ req: z.literal('forward.unlisten'), id, conn, listener: id }),
+  },
+  'forward.connect_unix': {
+    states: ['authenticated'], once: false,
+    schema: z.strictObject({ req: z.literal('forward.connect_unix'), id, conn, path: socketPath }),
+  },
+  'forward.listen_unix': {
+    states: ['authenticated'], once: false,
+    schema: z.strictObject({ req: z.literal('forward.listen_unix'), id, conn, path: socketPath }),
+  },
+  'agent.listen': {
+    states: ['authenticated'], once: false,
+    schema: z.strictObject({ req: z.literal('agent.listen'), id, conn }),
   },
   'conn.closed': {
     states: ['preauth', 'authenticated'], once: true,

@@ -5,8 +5,11 @@ import { isMap, isNode, isScalar, LineCounter, parseDocument } from 'yaml';
 import { z } from 'zod';
 import { ErrorCodes, VeshError, isVeshError } from '../errors.js';
 import type { LimitsInput } from './limits.js';
-import { limitsInputSchema } from './schema.js';
+import { accountTimeoutsSchema, limitsInputSchema } from './schema.js';
 import { formatProblems, parseYamlWithSchema, type YamlProblem } from './yaml-validate.js';
+import {
+  parseExpiryTime, parsePermitListen, parsePermitOpen, parseRuleList, type PermitListenRule, type PermitOpenRule,
+} from './forward-rules.js';
 
 // ssh2 is CommonJS: Node's ESM loader gives it only a default export.
 const { utils } = ssh2;
@@ -43,6 +46,28 @@ export interface AuthorizedKeyOptions {
   command?: string;
   noPty: boolean;
   noPortForwarding: boolean;
+  /** cert-authority: the line names a CA whose user certificates log in to the account. */
+  certAuthority: boolean;
+  /** principals="a,b" (cert-authority only): a certificate must list one of these instead of the account name. */
+  principals?: string[];
+  /** permitopen="host:port" options: the only -L / -W targets (undefined: any). */
+  permitOpen?: PermitOpenRule[];
+  /** permitlisten="[host:]port" options: the only -R listen addresses (undefined: any). */
+  permitListen?: PermitListenRule[];
+  /** expiry-time="…": the key (or CA) stops working at this moment (ms since the epoch). */
+  expiresAt?: number;
+  /** no-agent-forwarding (or restrict without a later agent-forwarding). */
+  noAgentForwarding?: boolean;
+}
+
+/** What a user certificate that logged in carried (set on the key a certificate login made). */
+export interface CertificateGrant {
+  keyId: string;
+  serial: string;
+  /** Fingerprint of the CA that signed it. */
+  caFingerprint: string;
+  /** Extensions: permit-pty, permit-port-forwarding, permit-agent-forwarding, permit-user-rc, permit-X11-forwarding. */
+  extensions: ReadonlySet<string>;
 }
 
 /** One parsed authorized_keys line. Satisfies SshAuthorizedKey (src/ssh/ports.ts). */
@@ -57,6 +82,11 @@ export interface AuthorizedKey {
   /** Compiled from= patterns; undefined = any source. */
   sources?: SourcePattern[];
   publicKey: ParsedKey;
+  /**
+   * Set only on the key of a certificate login (src/auth makes it, never
+   * accounts.yaml): `blob` is then the certificate, `algo` its key's type.
+   */
+  certificate?: CertificateGrant;
 }
 
 /** One account, with defaults applied. Satisfies SshAccount (src/ssh/ports.ts). */
@@ -70,7 +100,18 @@ export interface Account {
   keys: AuthorizedKey[];
   limits?: LimitsInput;
   forwarding: boolean;
+  /** permitOpen: the only -L / -W targets of the account (undefined: any; empty: none). */
+  permitOpen?: PermitOpenRule[];
+  /** permitListen: the only -R listen addresses of the account (undefined: any; empty: none). */
+  permitListen?: PermitListenRule[];
+  /** Overrides of vesh.yaml's `timeouts:` for this account (milliseconds, 0 = off). */
+  timeouts?: AccountTimeouts;
+  /** ssh -A for this account (default true, as OpenSSH's AllowAgentForwarding). */
+  agentForwarding: boolean;
 }
+
+/** accounts.yaml `timeouts:` of one account, parsed. */
+export type AccountTimeouts = z.output<typeof accountTimeoutsSchema>;
 
 /** Accounts by name, in file order. */
 export type Accounts = ReadonlyMap<string, Account>;
@@ -147,7 +188,7 @@ const REJECTED_KEY_TYPES: Record<string, string> = {
 function keyTypeProblem(type: string): string | null {
   if ((ACCEPTED_KEY_TYPES as readonly string[]).includes(type)) return null;
   if (REJECTED_KEY_TYPES[type]) return REJECTED_KEY_TYPES[type]!;
-  if (type.endsWith('-cert-v01@openssh.com')) return `certificates (${type}) are not supported; list the plain public key instead`;
+  if (type.endsWith('-cert-v01@openssh.com')) return `a certificate (${type}) is not an authorized key: list its CA's public key with cert-authority (and principals="…"), or the plain key`;
   return `unknown key type "${type.slice(0, 60)}" (accepted: ${ACCEPTED_KEY_TYPES.join(', ')})`;
 }
 
@@ -155,13 +196,15 @@ function looksLikeKeyType(token: string): boolean {
   return keyTypeProblem(token) === null || token in REJECTED_KEY_TYPES || /^(ssh-|ecdsa-|sk-)/.test(token);
 }
 
-/** Options that restrict nothing we offer (no agent or X11 forwarding, no ~/.ssh/rc): accepted and ignored. */
-const IGNORED_FLAGS = new Set(['no-agent-forwarding', 'no-x11-forwarding', 'no-user-rc', 'agent-forwarding', 'x11-forwarding', 'user-rc']);
+/** Options that restrict nothing we offer (no X11 forwarding, no ~/.ssh/rc): accepted and ignored. */
+const IGNORED_FLAGS = new Set(['no-x11-forwarding', 'no-user-rc', 'x11-forwarding', 'user-rc']);
 /**
  * Options we do not implement. Ignoring any of them would grant more than the
- * line says (permitopen, expiry-time…), so they are errors.
+ * line says (environment=, tunnel=…), so they are errors.
  */
-const UNSUPPORTED_OPTIONS = new Set(['cert-authority', 'environment', 'expiry-time', 'no-touch-required', 'permitlisten', 'permitopen', 'principals', 'tunnel', 'verify-required']);
+const UNSUPPORTED_OPTIONS = new Set(['environment', 'no-touch-required', 'tunnel', 'verify-required']);
+/** Options that carry a value. */
+const VALUE_OPTIONS = new Set(['command', 'from', 'principals', 'permitopen', 'permitlisten', 'expiry-time']);
 
 interface RawOption {
   name: string;
@@ -210,10 +253,10 @@ function splitOptions(line: string): { options: RawOption[]; rest: string } {
 }
 
 function applyOptions(raw: RawOption[]): { options: AuthorizedKeyOptions; sources?: SourcePattern[] } {
-  const options: AuthorizedKeyOptions = { noPty: false, noPortForwarding: false };
+  const options: AuthorizedKeyOptions = { noPty: false, noPortForwarding: false, certAuthority: false };
   let sources: SourcePattern[] | undefined;
   for (const { name, value } of raw) {
-    const needValue = name === 'command' || name === 'from';
+    const needValue = VALUE_OPTIONS.has(name);
     if (needValue && value === undefined) throw new Error(`option ${name} needs a value: ${name}="…"`);
     if (!needValue && value !== undefined && !UNSUPPORTED_OPTIONS.has(name)) throw new Error(`option ${name} takes no value`);
     switch (name) {
@@ -221,6 +264,13 @@ function applyOptions(raw: RawOption[]): { options: AuthorizedKeyOptions; source
         // As in OpenSSH: everything off; later "pty" / "port-forwarding" turn things back on.
         options.noPty = true;
         options.noPortForwarding = true;
+        options.noAgentForwarding = true;
+        break;
+      case 'no-agent-forwarding':
+        options.noAgentForwarding = true;
+        break;
+      case 'agent-forwarding':
+        options.noAgentForwarding = false;
         break;
       case 'no-pty':
         options.noPty = true;
@@ -245,12 +295,34 @@ function applyOptions(raw: RawOption[]): { options: AuthorizedKeyOptions; source
         options.from = list;
         break;
       }
+      case 'cert-authority':
+        options.certAuthority = true;
+        break;
+      case 'principals': {
+        if (options.principals !== undefined) throw new Error('principals= given twice');
+        const list = value!.split(',').map((p) => p.trim());
+        if (list.some((p) => p === '')) throw new Error(`principals="${value}" has an empty name`);
+        options.principals = list;
+        break;
+      }
+      case 'permitopen':
+        // Several options, each one host:port, as OpenSSH takes them.
+        (options.permitOpen ??= []).push(parsePermitOpen(value!));
+        break;
+      case 'permitlisten':
+        (options.permitListen ??= []).push(parsePermitListen(value!));
+        break;
+      case 'expiry-time':
+        if (options.expiresAt !== undefined) throw new Error('expiry-time= given twice');
+        options.expiresAt = parseExpiryTime(value!);
+        break;
       default:
         if (IGNORED_FLAGS.has(name)) break;
         if (UNSUPPORTED_OPTIONS.has(name)) throw new Error(`option ${name} is not supported by vesh`);
         throw new Error(`unknown option "${name.slice(0, 40)}"`);
     }
   }
+  if (options.principals && !options.certAuthority) throw new Error('principals= only applies to a cert-authority line');
   return { options, sources };
 }
 
@@ -297,7 +369,30 @@ export function parseAuthorizedKeyLine(input: string): AuthorizedKey {
   return { algo: type as AcceptedKeyType, blob, fingerprint: keyFingerprint(blob), comment, options, sources, publicKey: key };
 }
 
+/**
+ * A plain public key line without options, as in OpenSSH's TrustedUserCAKeys
+ * and RevokedKeys files ("type base64 [comment]"). Throws an Error saying
+ * what is wrong.
+ */
+export function parsePublicKeyLine(input: string): AuthorizedKey {
+  const first = /^\S*/.exec(input.trim())![0];
+  if (first !== '' && !looksLikeKeyType(first)) throw new Error(`"${first.slice(0, 40)}" is not a key type: a key line here takes no options`);
+  return parseAuthorizedKeyLine(input);
+}
+
 // ---------------------------------------------------------------- the file's schema
+
+/** An account-level rule list: rules as in the key options, or "any" / "none" alone. */
+function ruleListSchema<R>(what: string, parse: (text: string, what: string) => R) {
+  return z.array(z.string().max(300)).max(1000).transform((list, ctx) => {
+    try {
+      return { rules: parseRuleList(list, what, parse) };
+    } catch (err) {
+      ctx.addIssue({ code: 'custom', message: (err as Error).message });
+      return z.NEVER;
+    }
+  }).optional();
+}
 
 const accountSchema = z.strictObject({
   password: z.string().refine(isArgon2Phc, {
@@ -315,7 +410,11 @@ const accountSchema = z.strictObject({
   user: z.string().regex(VE_USER_PATTERN, 'user must be a user name such as "root" or "alice"').optional(),
   locked: z.boolean().optional(),
   limits: limitsInputSchema.optional(),
+  timeouts: accountTimeoutsSchema.optional(),
   forwarding: z.boolean().optional(),
+  permitOpen: ruleListSchema('permitOpen', parsePermitOpen),
+  permitListen: ruleListSchema('permitListen', parsePermitListen),
+  agentForwarding: z.boolean().optional(),
 });
 
 /**
@@ -384,9 +483,13 @@ export function parseAccounts(file: string, text: string): Map<string, Account> 
       locked: a?.locked ?? false,
       keys: a?.keys ?? [],
       forwarding: a?.forwarding ?? true,
+      agentForwarding: a?.agentForwarding ?? true,
     };
     if (a?.password !== undefined) account.password = a.password;
     if (a?.limits !== undefined) account.limits = a.limits;
+    if (a?.permitOpen?.rules !== undefined) account.permitOpen = a.permitOpen.rules;
+    if (a?.permitListen?.rules !== undefined) account.permitListen = a.permitListen.rules;
+    if (a?.timeouts) account.timeouts = a.timeouts;
     out.set(name, account);
   }
   return out;

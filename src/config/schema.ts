@@ -20,6 +20,40 @@ export const limitsInputSchema = z.strictObject({
   disk: parsed((v) => parseSize(v, 'disk limit')).optional(),
 });
 
+/** Longest timer Node keeps (2^31-1 ms, about 24.8 days); a longer one would fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** A duration that is 0 (off) or between `minMs` and ~24 days. */
+function timeoutSetting(what: string, minMs = 1000) {
+  return parsed((v) => parseDuration(v, what)).refine((ms) => ms === 0 || (ms >= minMs && ms <= MAX_TIMER_MS), {
+    message: `${what} must be 0 (off) or between ${minMs / 1000}s and 596h`,
+  });
+}
+
+/**
+ * Idle times per channel type, as OpenSSH's ChannelTimeout (9.2+): a channel
+ * of that type with no data either way for that long is closed. `global`
+ * takes all channels of a connection together: data on any keeps them all.
+ */
+export const channelTimeoutSchema = z.strictObject({
+  session: timeoutSetting('channelTimeout.session').optional(),
+  'direct-tcpip': timeoutSetting('channelTimeout.direct-tcpip').optional(),
+  'forwarded-tcpip': timeoutSetting('channelTimeout.forwarded-tcpip').optional(),
+  'direct-streamlocal@openssh.com': timeoutSetting('channelTimeout.direct-streamlocal@openssh.com').optional(),
+  'forwarded-streamlocal@openssh.com': timeoutSetting('channelTimeout.forwarded-streamlocal@openssh.com').optional(),
+  'auth-agent@openssh.com': timeoutSetting('channelTimeout.auth-agent@openssh.com').optional(),
+  global: timeoutSetting('channelTimeout.global').optional(),
+});
+
+/** The timeouts of one account (accounts.yaml `timeouts:`): each overrides vesh.yaml's. */
+export const accountTimeoutsSchema = z.strictObject({
+  clientAliveInterval: timeoutSetting('clientAliveInterval').optional(),
+  clientAliveCountMax: z.number().int().min(1, 'clientAliveCountMax must be at least 1').max(100).optional(),
+  channelTimeout: channelTimeoutSchema.optional(),
+  unusedConnectionTimeout: timeoutSetting('unusedConnectionTimeout').optional(),
+  maxSessionTime: timeoutSetting('maxSessionTime').optional(),
+});
+
 const listenSchema = z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}$/, 'listen must be "ADDRESS:PORT", for example "0.0.0.0:2222"');
 
 const cidrSchema = z.string().regex(/^\d{1,3}(\.\d{1,3}){3}\/\d{1,2}$/, 'subnet must be an IPv4 CIDR such as 10.88.0.0/16');
@@ -123,6 +157,12 @@ export const serverConfigSchema = z.strictObject({
     maxConnections: z.number().int().min(1).max(1_000_000).default(4000),
     /** Sessions, all accounts together: kept below the host's pty pool (pty.max - pty.reserve = 3072 by default) and pid_max. */
     maxSessionsTotal: z.number().int().min(1).max(1_000_000).default(2000),
+    /** ssh -A at all (OpenSSH AllowAgentForwarding); accounts (agentForwarding) and keys (no-agent-forwarding) can only turn it off. */
+    agentForwarding: z.boolean().default(true),
+    /** Remove an existing socket at the path before binding a -R Unix socket (OpenSSH StreamLocalBindUnlink); never a file of another type. */
+    streamLocalBindUnlink: z.boolean().default(false),
+    /** The umask -R Unix sockets are bound under, in octal (OpenSSH StreamLocalBindMask): "0177" makes them 0600. */
+    streamLocalBindMask: z.string().regex(/^0?[0-7]{1,3}$/, 'streamLocalBindMask must be an octal umask such as "0177" (quoted, so YAML keeps it a string)').transform((v) => parseInt(v, 8)).default(0o177),
   }).prefault({}),
   runtime: z.strictObject({
     engine: z.enum(['runc']).default('runc'),
@@ -180,6 +220,21 @@ export const serverConfigSchema = z.strictObject({
     maxFiles: z.number().int().min(256).max(1_048_576).default(65_536),
     /** A worker that has not answered the broker's ping for this long is taken for stuck, ended and replaced. */
     stallTimeout: parsed((v) => parseDuration(v, 'stallTimeout')).default(30_000),
+  }).prefault({}),
+  /**
+   * When the server ends connections and sessions by itself; see the
+   * comments in config/vesh.example.yaml and src/ssh/timeouts.ts.
+   */
+  timeouts: z.strictObject({
+    /** Keepalive probe after this long with nothing from the client (ClientAliveInterval); 0 = off. */
+    clientAliveInterval: timeoutSetting('clientAliveInterval').default(60_000),
+    /** Probes unanswered before the connection is ended (ClientAliveCountMax). */
+    clientAliveCountMax: z.number().int().min(1, 'clientAliveCountMax must be at least 1').max(100).default(3),
+    channelTimeout: channelTimeoutSchema.default({}),
+    /** A connection with no open channel for this long is ended (UnusedConnectionTimeout); 0 = never. */
+    unusedConnectionTimeout: timeoutSetting('unusedConnectionTimeout').default(0),
+    /** A session running this long is hung up; 0 = no limit. */
+    maxSessionTime: timeoutSetting('maxSessionTime').default(0),
   }).prefault({}),
   logging: z.strictObject({
     level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),

@@ -28,6 +28,20 @@ export interface ServerConfig {
   runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; idRanges: number; stopTimeoutMs: number; sessionAgents: boolean; relayPids: number; relayMemoryBytes: number; ptysPerVe: number; veFirewall: boolean };
   workers: { count: number; firstUid: number; maxFiles: number; stallTimeoutMs: number };
   logging: { level: string; pretty: boolean | 'auto' };
+  timeouts: TimeoutSettings;
+}
+
+/** Channel types a channelTimeout can name, and `global` (all channels of a connection together). */
+export type ChannelTimeoutType = 'session' | 'direct-tcpip' | 'forwarded-tcpip' | 'direct-streamlocal@openssh.com'
+  | 'forwarded-streamlocal@openssh.com' | 'auth-agent@openssh.com' | 'global';
+
+/** vesh.yaml `timeouts:` (and an account's overrides, resolved): milliseconds, 0 = off. */
+export interface TimeoutSettings {
+  clientAliveIntervalMs: number;
+  clientAliveCountMax: number;
+  channelTimeoutMs: Partial<Record<ChannelTimeoutType, number>>;
+  unusedConnectionTimeoutMs: number;
+  maxSessionTimeMs: number;
 }
 
 /** What authenticated users may hold open (vesh.yaml `sessions:`). */
@@ -38,6 +52,12 @@ export interface SessionLimits {
   maxForwardHelpersPerAccount: number;
   maxConnections: number;
   maxSessionsTotal: number;
+  /** ssh -A on this server at all (AllowAgentForwarding); absent: yes. */
+  agentForwarding?: boolean;
+  /** Remove an existing socket before binding a -R Unix socket (StreamLocalBindUnlink); absent: no. */
+  streamLocalBindUnlink?: boolean;
+  /** The umask -R Unix sockets are bound under (StreamLocalBindMask); absent: 0o177. */
+  streamLocalBindMask?: number;
 }
 
 export const DEFAULT_CONFIG_PATH = 'config/vesh.yaml';
@@ -110,6 +130,13 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
     },
     workers: { count: w.count, firstUid: w.firstUid, maxFiles: w.maxFiles, stallTimeoutMs: w.stallTimeout },
     logging: { ...value.logging },
+    timeouts: {
+      clientAliveIntervalMs: value.timeouts.clientAliveInterval,
+      clientAliveCountMax: value.timeouts.clientAliveCountMax,
+      channelTimeoutMs: { ...value.timeouts.channelTimeout },
+      unusedConnectionTimeoutMs: value.timeouts.unusedConnectionTimeout,
+      maxSessionTimeMs: value.timeouts.maxSessionTime,
+    },
   };
 }
 

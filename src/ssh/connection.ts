@@ -7,6 +7,7 @@ import type { ConnectionBroker } from '../worker/broker-client.js';
 import { ConnectionAuthentication } from './authentication.js';
 import { CappedLog } from './capped-log.js';
 import type { ExitReport } from './exit-status.js';
+import { AgentForwarding } from './agent-forwarding.js';
 import { ConnectionForwarding } from './forwarding.js';
 import {
   MAX_CHANNELS_PER_CONNECTION, MAX_REFUSAL_LOGS_PER_CONNECTION, MAX_REFUSED_CHANNEL_OPENS, MAX_SESSIONS_PER_CONNECTION,
@@ -45,6 +46,7 @@ export class SshConnection {
   /** Set when a cap refused this connection after it authenticated: it runs nothing and ends soon. */
   private capRefusal: string | null = null;
   private forwarding: ConnectionForwarding | null = null;
+  private agent: AgentForwarding | null = null;
   private closed = false;
   /** The first key exchange completed (ssh2's 'handshake'). */
   keyExchangeDone = false;
@@ -76,6 +78,10 @@ export class SshConnection {
     conn.on('ready', () => this.onReady());
     conn.on('session', (accept, reject) => this.onSession(accept, reject));
     conn.on('tcpip', (accept, reject, i) => this.onTcpip(accept, reject, i));
+    conn.on('openssh.streamlocal', (accept, reject, i) => {
+      if (!this.forwarding || this.closed) reject();
+      else this.forwarding.onDirectStreamLocal(accept, reject, i);
+    });
     conn.on('request', (accept, reject, name, i) => this.onRequest(accept, reject, name, i as TcpipBindInfo));
     conn.on('close', () => this.onClose());
   }
@@ -137,6 +143,15 @@ export class SshConnection {
       reserveChannel: () => this.reserveChannel(false),
       releaseChannel: () => this.releaseChannel(false),
     });
+    const forwarding = this.forwarding;
+    this.agent = new AgentForwarding({
+      conn: this.conn,
+      broker: this.deps.broker,
+      log: this.log,
+      reserveChannel: () => this.reserveChannel(false),
+      releaseChannel: () => this.releaseChannel(false),
+      relay: (channel, socket, what) => forwarding.relayChannel(channel, socket, what),
+    });
   }
 
   private onSession(accept: () => Session, reject: () => void): void {
@@ -158,6 +173,7 @@ export class SshConnection {
       broker: this.deps.broker,
       id,
       noPty: this.result.noPty,
+      agent: this.agent,
       log: this.log,
       noisy: this.noisy,
     }, () => {
@@ -174,7 +190,8 @@ export class SshConnection {
   /** The broker passed a connection made to one of our -R listeners. */
   forwardAccepted(listener: number, fd: number, remoteAddress: string, remotePort: number): boolean {
     if (!this.forwarding || this.closed) return false;
-    this.forwarding.onAccepted(listener, fd, remoteAddress, remotePort);
+    if (this.agent?.owns(listener)) this.agent.onAccepted(fd);
+    else this.forwarding.onAccepted(listener, fd, remoteAddress, remotePort);
     return true;
   }
 
@@ -245,7 +262,8 @@ export class SshConnection {
   }
 
   private onRequest(accept: ((port?: number) => void) | undefined, reject: (() => void) | undefined, name: string, info: TcpipBindInfo): void {
-    if (!this.forwarding || this.closed || (name !== 'tcpip-forward' && name !== 'cancel-tcpip-forward')) {
+    const forwards = ['tcpip-forward', 'cancel-tcpip-forward', 'streamlocal-forward@openssh.com', 'cancel-streamlocal-forward@openssh.com'];
+    if (!this.forwarding || this.closed || !forwards.includes(name)) {
       reject?.();
       return;
     }
@@ -305,6 +323,7 @@ export class SshConnection {
     for (const s of this.sessions.values()) s.close();
     this.sessions.clear();
     this.forwarding?.close();
+    this.agent?.close();
     this.log.info({ event: 'ssh.connection_closed', durationMs: Date.now() - this.startedAt, authenticated: this.result !== null, ...(this.noisy.suppressed > 0 ? { logLinesSuppressed: this.noisy.suppressed } : {}) });
     this.onClosed?.();
   }

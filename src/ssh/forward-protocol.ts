@@ -38,12 +38,19 @@
  * Server → relay (for the helper):
  *   { t: 'connect', id, host, port }     open a TCP connection (for -L)
  *   { t: 'listen', id, host, port }      listen (for -R); port 0 = any
- *   { t: 'unlisten', id }                close a listener (cancel-tcpip-forward)
+ *   { t: 'unlisten', id }                close a listener (cancel-tcpip-forward, cancel-streamlocal-forward)
+ *   { t: 'connect_unix', id, path }      connect to a Unix socket (direct-streamlocal)
+ *   { t: 'listen_unix', id, path, mask, unlink }   listen on a Unix socket (streamlocal-forward):
+ *                                        bound under umask `mask` (StreamLocalBindMask), an
+ *                                        existing socket removed first when `unlink`
+ *   { t: 'listen_agent', id, mask }      listen on a fresh agent socket the helper names
+ *                                        (/tmp/ssh-XXXXXXXXXX/agent.PID, directory 0700)
  * Relay → server (for the helper):
  *   { t: 'ready' }                                       once, at start
  *   { t: 'connected', id } + socket                      connect succeeded
  *   { t: 'failed', id, code, message }                   connect or listen failed
- *   { t: 'listening', id, port }                         listener bound
+ *   { t: 'listening', id, port, path? }                  listener bound (port 0 for a Unix
+ *                                                        socket; the agent socket's path)
  *   { t: 'accepted', id, remoteAddress, remotePort } + socket   a -R connection arrived
  *   { t: 'rejected', count, reason }                     the relay dropped `count` frames
  *                                                        from the VE since its last report
@@ -55,13 +62,16 @@
 export type ToHelper =
   | { t: 'connect'; id: number; host: string; port: number }
   | { t: 'listen'; id: number; host: string; port: number }
-  | { t: 'unlisten'; id: number };
+  | { t: 'unlisten'; id: number }
+  | { t: 'connect_unix'; id: number; path: string }
+  | { t: 'listen_unix'; id: number; path: string; mask: number; unlink: boolean }
+  | { t: 'listen_agent'; id: number; mask: number };
 
 export type FromHelper =
   | { t: 'ready' }
   | { t: 'connected'; id: number }
   | { t: 'failed'; id: number; code: string; message: string }
-  | { t: 'listening'; id: number; port: number }
+  | { t: 'listening'; id: number; port: number; path?: string }
   | { t: 'accepted'; id: number; remoteAddress: string; remotePort: number }
   | { t: 'rejected'; count: number; reason: string };
 
@@ -75,6 +85,22 @@ export function isValidPort(port: unknown, allowZero: boolean): port is number {
   return typeof port === 'number' && Number.isInteger(port) && port <= 65535 && (allowZero ? port >= 0 : port >= 1);
 }
 
+/** What sun_path holds, less its NUL. */
+export const MAX_SOCKET_PATH = 107;
+
+/**
+ * A Unix socket path a client may name: absolute (so never an abstract
+ * socket, whose name starts with NUL), printable ASCII, within sun_path.
+ * What it names is decided inside the VE (the helper binds or connects
+ * there); this only keeps it a path the frames carry whole.
+ */
+export function isValidSocketPath(path: unknown): path is string {
+  return typeof path === 'string' && path.length <= MAX_SOCKET_PATH && /^\/[\x20-\x7e]*$/.test(path);
+}
+
+/** The agent socket's path as the helper makes it. */
+const AGENT_PATH_RE = /^\/tmp\/ssh-[A-Za-z0-9]{10}\/agent\.[0-9]{1,10}$/;
+
 function isId(v: unknown): v is number {
   return typeof v === 'number' && Number.isInteger(v) && v >= 0;
 }
@@ -87,6 +113,10 @@ export function parseToHelper(m: unknown): ToHelper | null {
     return { t: o.t, id: o.id, host: o.host, port: o.port };
   }
   if (o.t === 'unlisten') return { t: 'unlisten', id: o.id };
+  if (o.t === 'connect_unix' && isValidSocketPath(o.path)) return { t: 'connect_unix', id: o.id, path: o.path };
+  const mask = typeof o.mask === 'number' && Number.isInteger(o.mask) && o.mask >= 0 && o.mask <= 0o777 ? o.mask : null;
+  if (o.t === 'listen_unix' && isValidSocketPath(o.path) && mask !== null) return { t: 'listen_unix', id: o.id, path: o.path, mask, unlink: o.unlink === true };
+  if (o.t === 'listen_agent' && mask !== null) return { t: 'listen_agent', id: o.id, mask };
   return null;
 }
 
@@ -104,7 +134,8 @@ export function parseFromHelper(m: unknown): FromHelper | null {
     case 'failed':
       return { t: 'failed', id: o.id, code: String(o.code ?? 'ERROR').slice(0, 64), message: String(o.message ?? '').slice(0, 256) };
     case 'listening':
-      return isValidPort(o.port, false) ? { t: 'listening', id: o.id, port: o.port } : null;
+      if (o.path !== undefined) return o.port === 0 && typeof o.path === 'string' && AGENT_PATH_RE.test(o.path) ? { t: 'listening', id: o.id, port: 0, path: o.path } : null;
+      return isValidPort(o.port, true) ? { t: 'listening', id: o.id, port: o.port } : null;
     case 'accepted':
       return { t: 'accepted', id: o.id, remoteAddress: String(o.remoteAddress ?? '').slice(0, 64), remotePort: isValidPort(o.remotePort, true) ? o.remotePort : 0 };
     default:

@@ -4,7 +4,7 @@ import type { Logger } from '../audit/logger.js';
 import { errorMessage } from '../errors.js';
 import { closeFd } from '../system/fdpass.js';
 import type { ConnectionBroker } from '../worker/broker-client.js';
-import { isValidHost, isValidPort, listenHostFor } from './forward-protocol.js';
+import { isValidHost, isValidPort, isValidSocketPath, listenHostFor } from './forward-protocol.js';
 import { MAX_REMOTE_FORWARDS_PER_CONNECTION } from './limits.js';
 
 /** What forwarding needs from its connection. */
@@ -24,6 +24,8 @@ interface RemoteListener {
   id: number;
   bindAddr: string;
   port: number;
+  /** A Unix-socket listener (streamlocal-forward): its path, as the client named it. */
+  path?: string;
 }
 
 /**
@@ -67,7 +69,7 @@ export class ConnectionForwarding {
         }
         const socket = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
         const channel = accept();
-        this.relay(channel, socket, { kind: 'local', target, origin });
+        this.relayChannel(channel, socket, { kind: 'local', target, origin });
       }, (err: unknown) => {
         this.ctx.releaseChannel();
         this.ctx.log.info({ event: 'forward.failed', kind: 'local', target, err: errorMessage(err) });
@@ -75,11 +77,98 @@ export class ConnectionForwarding {
       });
   }
 
-  /** tcpip-forward / cancel-tcpip-forward: the client's -R. */
+  /**
+   * direct-streamlocal@openssh.com: the client's -L to a Unix socket. The
+   * path is connected to by the helper inside the VE, as the account's
+   * user: symlinks, /proc/<pid>/root and permissions resolve in the VE.
+   */
+  onDirectStreamLocal(accept: () => ServerChannel, reject: () => void, info: { socketPath?: unknown }): void {
+    const path = String(info.socketPath ?? '');
+    const target = { path: path.slice(0, 120) };
+    if (this.ctx.refusal) {
+      this.ctx.log.info({ event: 'forward.refused', kind: 'local-unix', target, reason: this.ctx.refusal });
+      reject();
+      return;
+    }
+    if (!isValidSocketPath(path)) {
+      this.ctx.log.info({ event: 'forward.refused', kind: 'local-unix', target, reason: 'invalid socket path (an absolute path of printable ASCII, at most 107 bytes)' });
+      reject();
+      return;
+    }
+    if (!this.ctx.reserveChannel()) {
+      reject();
+      return;
+    }
+    void this.ctx.broker.forwardConnectUnix(path)
+      .then((fd) => {
+        if (this.closed) {
+          closeFd(fd);
+          this.ctx.releaseChannel();
+          return;
+        }
+        const socket = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
+        this.relayChannel(accept(), socket, { kind: 'local-unix', target });
+      }, (err: unknown) => {
+        this.ctx.releaseChannel();
+        this.ctx.log.info({ event: 'forward.failed', kind: 'local-unix', target, err: errorMessage(err) });
+        reject();
+      });
+  }
+
+  /** tcpip-forward / cancel-tcpip-forward: the client's -R; streamlocal-forward / cancel-streamlocal-forward@openssh.com: its -R to a Unix socket. */
   onGlobalRequest(accept: ((port?: number) => void) | undefined, reject: (() => void) | undefined, name: string, info: TcpipBindInfo): void {
     if (name === 'tcpip-forward') void this.listen(accept, reject, info);
     else if (name === 'cancel-tcpip-forward') this.cancel(accept, reject, info);
+    else if (name === 'streamlocal-forward@openssh.com') void this.listenUnix(accept, reject, String((info as unknown as { socketPath?: unknown }).socketPath ?? ''));
+    else if (name === 'cancel-streamlocal-forward@openssh.com') this.cancelUnix(accept, reject, String((info as unknown as { socketPath?: unknown }).socketPath ?? ''));
     else reject?.();
+  }
+
+  private async listenUnix(accept: (() => void) | undefined, reject: (() => void) | undefined, path: string): Promise<void> {
+    const bind = { path: path.slice(0, 120) };
+    if (this.ctx.refusal) {
+      this.ctx.log.info({ event: 'forward.refused', kind: 'remote-unix', bind, reason: this.ctx.refusal });
+      reject?.();
+      return;
+    }
+    const key = `unix:${path}`;
+    if (!isValidSocketPath(path) || this.listeners.has(key) || this.listeners.size >= MAX_REMOTE_FORWARDS_PER_CONNECTION) {
+      const reason = !isValidSocketPath(path) ? 'invalid socket path (an absolute path of printable ASCII, at most 107 bytes)' : this.listeners.has(key) ? 'already forwarded on this connection' : 'too many remote forwards';
+      this.ctx.log.info({ event: 'forward.refused', kind: 'remote-unix', bind, reason });
+      reject?.();
+      return;
+    }
+    this.listensInFlight += 1;
+    try {
+      const id = await this.ctx.broker.forwardListenUnix(path);
+      if (this.closed) return;
+      const rl: RemoteListener = { id, bindAddr: '', port: 0, path };
+      this.listeners.set(key, rl);
+      this.byId.set(id, rl);
+      this.ctx.log.info({ event: 'forward.listen', kind: 'remote-unix', bind });
+      accept?.();
+    } catch (err) {
+      this.ctx.log.info({ event: 'forward.failed', kind: 'remote-unix', bind, err: errorMessage(err) });
+      reject?.();
+    } finally {
+      this.listensInFlight -= 1;
+      const early = this.early.splice(0);
+      for (const e of early) this.onAccepted(e.listener, e.fd, e.remoteAddress, e.remotePort);
+    }
+  }
+
+  private cancelUnix(accept: (() => void) | undefined, reject: (() => void) | undefined, path: string): void {
+    const key = `unix:${path}`;
+    const rl = this.listeners.get(key);
+    if (!rl) {
+      reject?.();
+      return;
+    }
+    this.listeners.delete(key);
+    this.byId.delete(rl.id);
+    this.ctx.broker.forwardUnlisten(rl.id);
+    this.ctx.log.info({ event: 'forward.unlisten', kind: 'remote-unix', bind: { path: path.slice(0, 120) } });
+    accept?.();
   }
 
   private async listen(accept: ((port?: number) => void) | undefined, reject: (() => void) | undefined, info: TcpipBindInfo): Promise<void> {
@@ -146,6 +235,19 @@ export class ConnectionForwarding {
     }
     const socket = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
     socket.on('error', () => undefined);
+    if (rl.path !== undefined) {
+      const bind = { path: rl.path.slice(0, 120) };
+      this.ctx.conn.openssh_forwardOutStreamLocal(rl.path, (err, channel) => {
+        if (err || this.closed) {
+          this.ctx.releaseChannel();
+          socket.destroy();
+          if (err) this.ctx.log.info({ event: 'forward.failed', kind: 'remote-unix', bind, err: errorMessage(err) });
+          return;
+        }
+        this.relayChannel(channel as unknown as ServerChannel, socket, { kind: 'remote-unix', bind });
+      });
+      return;
+    }
     this.ctx.conn.forwardOut(rl.bindAddr, rl.port, remoteAddress || '0.0.0.0', remotePort, (err, channel) => {
       if (err || this.closed) {
         this.ctx.releaseChannel();
@@ -153,7 +255,7 @@ export class ConnectionForwarding {
         if (err) this.ctx.log.info({ event: 'forward.failed', kind: 'remote', bind: { address: rl.bindAddr, port: rl.port }, err: errorMessage(err) });
         return;
       }
-      this.relay(channel as unknown as ServerChannel, socket, { kind: 'remote', bind: { address: rl.bindAddr, port: rl.port }, origin: { address: remoteAddress, port: remotePort } });
+      this.relayChannel(channel as unknown as ServerChannel, socket, { kind: 'remote', bind: { address: rl.bindAddr, port: rl.port }, origin: { address: remoteAddress, port: remotePort } });
     });
   }
 
@@ -165,7 +267,7 @@ export class ConnectionForwarding {
    * ends; both are avoided here — EOF travels as EOF, and the channel closes
    * only when both directions are done.
    */
-  private relay(channel: ServerChannel, socket: net.Socket, what: Record<string, unknown>): void {
+  relayChannel(channel: ServerChannel, socket: net.Socket, what: Record<string, unknown>): void {
     const opened = Date.now();
     this.ctx.log.info({ event: 'forward.open', ...what });
     socket.allowHalfOpen = true;

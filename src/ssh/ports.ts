@@ -1,3 +1,4 @@
+import type { AccountTimeouts } from '../config/accounts.js';
 import type { LimitsInput } from '../config/limits.js';
 
 /**
@@ -16,6 +17,8 @@ export interface SshKeyOptions {
   command?: string;
   noPty: boolean;
   noPortForwarding: boolean;
+  /** no-agent-forwarding: ssh -A refused for logins with this key. */
+  noAgentForwarding?: boolean;
 }
 
 export interface SshAuthorizedKey {
@@ -35,6 +38,10 @@ export interface SshAccount {
   limits?: LimitsInput;
   /** Whether -L/-R are allowed for this account at all. */
   forwarding: boolean;
+  /** This account's overrides of vesh.yaml's `timeouts:` (milliseconds, 0 = off). */
+  timeouts?: AccountTimeouts;
+  /** Whether ssh -A is allowed for this account (absent: yes). */
+  agentForwarding?: boolean;
 }
 
 export type PasswordResult<A extends SshAccount> = { ok: true; account: A } | { ok: false };

@@ -3,6 +3,7 @@ import type { PseudoTtyInfo, ServerChannel, Session, WindowChangeInfo } from 'ss
 import type { Logger } from '../audit/logger.js';
 import { errorMessage, isVeshError } from '../errors.js';
 import { BrokerRefusal, type ConnectionBroker } from '../worker/broker-client.js';
+import type { AgentForwarding } from './agent-forwarding.js';
 import type { CappedLog } from './capped-log.js';
 import { acceptClientEnv, sanitizeTerm } from './environment.js';
 import { CLIENT_SIGNALS, type ExitReport } from './exit-status.js';
@@ -18,6 +19,8 @@ export interface SessionContext {
   id: number;
   /** The key that logged in said no-pty. */
   noPty: boolean;
+  /** The connection's agent forwarding (ssh -A); null before login. */
+  agent?: AgentForwarding | null;
   /** Audit logger, already bound to the connection and account. */
   log: Logger;
   /** For lines a client can cause at will (refusals, clamps, signals): capped per connection. */
@@ -38,8 +41,9 @@ interface PtyRequest {
  * user, and relays it until it ends or the client closes the channel.
  *
  * Requests served: env (TERM, LANG, LC_*), pty-req, window-change, shell,
- * exec, subsystem (sftp only), signal. ssh2 refuses everything else (x11,
- * agent forwarding) on its own; ssh2-guards logs the unknown ones.
+ * exec, subsystem (sftp only), signal, auth-agent-req@openssh.com (the
+ * broker decides; agent-forwarding.ts). ssh2 refuses everything else (x11)
+ * on its own; ssh2-guards logs the unknown ones.
  */
 export class SessionChannel {
   private readonly env = new Map<string, string>();
@@ -62,6 +66,7 @@ export class SessionChannel {
     session.on('pty', (accept, reject, info) => this.onPty(accept, reject, info));
     session.on('window-change', (accept, reject, info) => this.onWindowChange(accept, reject, info));
     session.on('signal', (accept, reject, info) => this.onSignal(accept, reject, info.name));
+    session.on('auth-agent', (accept, reject) => this.onAuthAgent(accept, reject));
     session.on('shell', (accept, reject) => void this.start('shell', accept, reject));
     session.on('exec', (accept, reject, info) => void this.start('exec', accept, reject, info.command));
     session.on('subsystem', (accept, reject, info) => void this.start('subsystem', accept, reject, info.name));
@@ -131,6 +136,15 @@ export class SessionChannel {
     accept?.();
   }
 
+  private onAuthAgent(accept: (() => void) | undefined, reject: (() => void) | undefined): void {
+    const agent = this.ctx.agent;
+    if (!agent || this.kind) {
+      reject?.();
+      return;
+    }
+    void agent.request().then((ok) => (ok ? accept?.() : reject?.()));
+  }
+
   private onSignal(accept: (() => void) | undefined, reject: (() => void) | undefined, name: string): void {
     const sig = String(name).replace(/^SIG/, '');
     if (!this.proc || !CLIENT_SIGNALS.has(sig)) {
@@ -169,6 +183,8 @@ export class SessionChannel {
     const env: Record<string, string> = {};
     for (const [k, v] of this.env) env[k] = v;
     const size = this.pty ? clampPtySize(this.pty.cols, this.pty.rows) : undefined;
+    // An agent request still on its way: the broker gives the session SSH_AUTH_SOCK only once the socket is there.
+    await this.ctx.agent?.pending;
     let fds: number[];
     try {
       fds = await this.ctx.broker.openSession({

@@ -44,11 +44,11 @@ export interface GuardEvents {
 }
 
 /** Channel request types our session handler serves; ssh2 refuses the rest without telling us. */
-const HANDLED_CHANNEL_REQUESTS = new Set(['env', 'pty-req', 'window-change', 'shell', 'exec', 'subsystem', 'signal']);
-/** Known requests we decline on purpose (no X11, no agent forwarding); not worth a log line each. */
-const DECLINED_CHANNEL_REQUESTS = new Set(['x11-req', 'auth-agent-req@openssh.com', 'keepalive@openssh.com', 'eow@openssh.com', 'xon-xoff', 'break']);
-const HANDLED_GLOBAL_REQUESTS = new Set(['tcpip-forward', 'cancel-tcpip-forward', 'no-more-sessions@openssh.com']);
-const DECLINED_GLOBAL_REQUESTS = new Set(['keepalive@openssh.com', 'hostkeys-prove-00@openssh.com', 'streamlocal-forward@openssh.com', 'cancel-streamlocal-forward@openssh.com']);
+const HANDLED_CHANNEL_REQUESTS = new Set(['env', 'pty-req', 'window-change', 'shell', 'exec', 'subsystem', 'signal', 'auth-agent-req@openssh.com']);
+/** Known requests we decline on purpose (no X11); not worth a log line each. */
+const DECLINED_CHANNEL_REQUESTS = new Set(['x11-req', 'keepalive@openssh.com', 'eow@openssh.com', 'xon-xoff', 'break']);
+const HANDLED_GLOBAL_REQUESTS = new Set(['tcpip-forward', 'cancel-tcpip-forward', 'no-more-sessions@openssh.com', 'streamlocal-forward@openssh.com', 'cancel-streamlocal-forward@openssh.com']);
+const DECLINED_GLOBAL_REQUESTS = new Set(['keepalive@openssh.com', 'hostkeys-prove-00@openssh.com']);
 
 export function installProtocolGuards(conn: Connection, events: GuardEvents): void {
   const client = conn as unknown as Ssh2ClientInternals;

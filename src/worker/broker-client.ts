@@ -46,7 +46,8 @@ export class BrokerClient {
   request(req: RequestName, conn: string, fields: Record<string, unknown> = {}): Promise<{ body: Record<string, unknown>; fds: number[] }> {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      const slow = req === 'session.open' || req === 'forward.connect' || req === 'forward.listen' || req === 'auth.password';
+      const slow = req === 'session.open' || req === 'forward.connect' || req === 'forward.listen' || req === 'auth.password'
+        || req === 'forward.connect_unix' || req === 'forward.listen_unix' || req === 'agent.listen';
       const timer = setTimeout(() => {
         this.pending.delete(id);
         reject(new VeshError(ErrorCodes.INTERNAL, `the broker did not answer ${req} in time`, { userMessage: 'The server did not answer in time.' }));
@@ -114,6 +115,25 @@ export class ConnectionBroker {
   async forwardListen(host: string, port: number): Promise<{ listener: number; port: number }> {
     const r = await this.client.request('forward.listen', this.conn, { host, port });
     return { listener: Number(r.body.listener), port: Number(r.body.port) };
+  }
+
+  async forwardConnectUnix(path: string): Promise<number> {
+    const r = await this.client.request('forward.connect_unix', this.conn, { path });
+    const [fd, ...extra] = r.fds;
+    for (const x of extra) closeFd(x);
+    if (fd === undefined) throw new BrokerRefusal('no socket in the answer');
+    return fd;
+  }
+
+  async forwardListenUnix(path: string): Promise<number> {
+    const r = await this.client.request('forward.listen_unix', this.conn, { path });
+    return Number(r.body.listener);
+  }
+
+  /** The connection's agent socket in the VE (made once by the broker): its listener id and path. */
+  async agentListen(): Promise<{ listener: number; path: string }> {
+    const r = await this.client.request('agent.listen', this.conn);
+    return { listener: Number(r.body.listener), path: String(r.body.path) };
   }
 
   forwardUnlisten(listener: number): void {
