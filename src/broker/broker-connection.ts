@@ -9,14 +9,21 @@ import type { SshAccount, SshAuthenticator, SshAuthorizedKey } from '../ssh/port
 import { SFTP_SERVER_PATH, sftpServerArgv } from '../ssh/sftp.js';
 import type { CapRefusal, UsageCaps } from '../ssh/usage-caps.js';
 import { sshFingerprint } from '../ssh/host-keys.js';
+import { NO_TIMEOUTS, formatDuration, resolveTimeouts } from '../ssh/timeouts.js';
+import type { TimeoutSettings } from '../config/server-config.js';
 import { closeFd, shutdownFd } from '../system/fdpass.js';
 import type { VeAccess, VeProcessSpec } from '../ve/access.js';
 import { AgentUnavailable, startAgentSession } from './agent-session.js';
+import type { HeldShells, PersistentShells } from './held-shells.js';
 import { ForwardRelayClient } from './forward-relay-client.js';
+import { watchClientSilence } from './client-alive-backstop.js';
 import type { Admitted } from './admission.js';
 import type { AuthGrant, BrokerEvent, ConnState, Request } from './request-table.js';
 import { spawnSession, type SpawnedSession } from './session-spawn.js';
 import { parseUserauthBlob } from './userauth-blob.js';
+import { isCertificateAlgorithm } from '../auth/certificates.js';
+import { forwardingRefusal, permitListenRefusal, permitOpenRefusal } from '../auth/forward-rules.js';
+import type { CertificateGrant } from '../config/accounts.js';
 
 /** What a connection record needs from the broker. */
 export interface ConnectionDeps {
@@ -27,8 +34,12 @@ export interface ConnectionDeps {
   maxSessions?: number;
   /** Send an event to the worker that holds this connection. */
   send(ev: BrokerEvent, fds?: number[]): void;
+  /** Shells of dropped connections, held for their account's next login (accounts' persistentShells). */
+  heldShells?: HeldShells;
   /** Authentication succeeded: the connection leaves the pre-auth caps and its grace timer. */
   onAuthenticated(): void;
+  /** vesh.yaml's timeouts (an account's own override them); absent: all off. */
+  timeouts?: TimeoutSettings;
   /** vesh.yaml's agent and Unix-socket forwarding settings (sessions:); absent fields take OpenSSH's defaults. */
   features?: { agentForwarding?: boolean; streamLocalBindUnlink?: boolean; streamLocalBindMask?: number };
 }
@@ -77,6 +88,8 @@ export class BrokerConnection {
   private countedAccount: string | null = null;
   private helperCounted = false;
   private readonly sessions = new Map<number, SpawnedSession>();
+  /** Sessions the agent may hold when the connection drops, with what frees their place in the caps. */
+  private readonly holdable = new Map<number, () => void>();
   private readonly sessionIds = new Set<number>();
   private relay: Promise<ForwardRelayClient> | null = null;
   /** The connection's agent socket in the VE, once asked for (ssh -A): one per connection, as OpenSSH's. */
@@ -87,6 +100,12 @@ export class BrokerConnection {
   /** -R listens asked for and not answered yet: they count against the cap too. */
   private listensPending = 0;
   private timers: NodeJS.Timeout[] = [];
+  /** The account's timeouts, set at login. */
+  private timeouts: TimeoutSettings = NO_TIMEOUTS;
+  /** Sessions' maxSessionTime timers, by session id. */
+  private readonly sessionTimers = new Map<number, NodeJS.Timeout>();
+  /** The client went silent past the keepalive limit and we cut it: nothing new starts for it. */
+  private silenced = false;
   private resignTokens = RESIGN_BURST;
   private resignAt = Date.now();
 
@@ -153,10 +172,13 @@ export class BrokerConnection {
     const found = this.deps.authenticator.findKey(r.user, r.algo, key, this.source);
     const parsed = parseUserauthBlob(blob);
     const bound = !!parsed && !!this.sessionId && parsed.sessionId.equals(this.sessionId)
-      && parsed.user === r.user && parsed.key.equals(key) && parsed.service === 'ssh-connection';
+      && parsed.user === r.user && parsed.key.equals(key) && parsed.service === 'ssh-connection'
+      // A certificate's algorithm name decides which signatures it may make: the one the client signed must be the one checked.
+      && (!isCertificateAlgorithm(r.algo) || parsed.algo === r.algo);
     const ok = !!found && bound && this.deps.authenticator.verifySignature(found.key, blob, Buffer.from(r.signature, 'base64'), r.hashAlgo);
     if (ok && found) {
-      this.audit('success', 'publickey', r.user, { account: found.account.name, fingerprint, algo: r.algo });
+      const cert = (found.key as { certificate?: CertificateGrant }).certificate;
+      this.audit('success', 'publickey', r.user, { account: found.account.name, fingerprint, algo: r.algo, ...(cert ? { keyId: cert.keyId, serial: cert.serial, ca: cert.caFingerprint } : {}) });
       return { success: true, grant: this.succeed({ account: found.account, key: found.key, method: 'publickey' }) };
     }
     this.audit('failure', 'publickey', r.user, { account: found?.account.name, fingerprint, algo: r.algo, ...(found && !bound ? { reason: 'signed data does not name this connection' } : {}) });
@@ -212,10 +234,12 @@ export class BrokerConnection {
     const grant: AuthGrant = {
       account: result.account.name,
       ve: result.account.ve,
-      forwardingRefusal: !result.account.forwarding ? 'forwarding is off for this account' : key?.options.noPortForwarding ? 'no-port-forwarding key option' : null,
+      forwardingRefusal: forwardingRefusal(result.account, key),
       noPty: !!key?.options.noPty,
       ...(key ? { fingerprint: key.fingerprint } : {}),
     };
+    this.timeouts = resolveTimeouts(this.deps.timeouts ?? NO_TIMEOUTS, result.account.timeouts);
+    grant.timeouts = this.timeouts;
     const refused = this.deps.caps.admit('connection', result.account.name);
     if (refused) {
       // Logged in, but over a cap: nothing is prepared or started for it.
@@ -225,6 +249,8 @@ export class BrokerConnection {
       return { ...grant, refusal: refused.userMessage };
     }
     this.countedAccount = result.account.name;
+    const watch = watchClientSilence(this.cutFd, this.timeouts, (silentMs, limitMs) => this.onClientSilent(silentMs, limitMs));
+    if (watch) this.timers.push(watch);
     const connection = { clientIp: this.source, clientPort: this.port, serverIp: this.local.address, serverPort: this.local.port };
     // The VE boots while the client is still opening its first channel.
     this.login = prepareLogin(this.deps.ves, result.account, connection, this.log);
@@ -260,11 +286,12 @@ export class BrokerConnection {
   private authenticated(): AuthResult {
     if (!this.result || this.state !== 'authenticated') throw new Error('not authenticated');
     if (this.capRefusal) throw new Refused(this.capRefusal.userMessage);
+    if (this.silenced) throw new Refused('the connection is closing');
     return this.result;
   }
 
   /** Open a session for this connection's account; resolves with the worker's descriptors. */
-  async openSession(r: Request<'session.open'>): Promise<{ fds: number[]; pid: number }> {
+  async openSession(r: Request<'session.open'>): Promise<{ fds: number[]; pid: number; replay?: Buffer }> {
     const result = this.authenticated();
     if (this.sessionIds.has(r.session)) throw new ProtocolViolation(`session id ${r.session} used twice`);
     const maxSessions = this.deps.maxSessions ?? MAX_SESSIONS_PER_CONNECTION;
@@ -330,15 +357,52 @@ export class BrokerConnection {
         ...(size ? { consoleSize: { rows: size.rows, cols: size.cols } } : {}),
       };
       const startedAt = Date.now();
-      const s = await this.startProcess(login.account.ve, spec, r.pty && size ? { term: term!, cols: size.cols, rows: size.rows } : null, (report: ExitReport) => {
+      const onExit = (report: ExitReport) => {
         this.sessions.delete(r.session);
+        this.holdable.delete(r.session);
+        this.clearSessionTimer(r.session);
         release();
         // Logged here, by the process that ran it, whether or not the client is still there to be told.
         this.log.info({ event: 'ssh.session_end', kind: r.kind, durationMs: Date.now() - startedAt, ...(report.kind === 'status' ? { exitStatus: report.code } : { exitSignal: report.signal }) });
         this.deps.send({ ev: 'session.exit', conn: this.id, session: r.session, report });
-      });
+      };
+      // Terminal sessions of an account with persistentShells: a shell held
+      // from a dropped connection is taken up again; a new one starts holdable.
+      const persist = this.persistence(result);
+      const hold = !!persist && !!r.pty && r.kind !== 'subsystem' && forced === undefined;
+      let notice = '';
+      if (persist && hold && r.kind === 'shell' && size && !wantsNewShell(r.env)) {
+        const taken = this.deps.heldShells!.take(result.account.name, login.account.ve);
+        if (taken?.holdable) {
+          try {
+            const { fd, replay } = await taken.holdable.attach(size.cols, size.rows, persist.bufferBytes);
+            if (this.state !== 'authenticated') {
+              closeFd(fd);
+              // Gone again before it was handed over: held again, not lost.
+              taken.holdable.detach(persist.bufferBytes);
+              this.deps.heldShells!.hold(result.account.name, login.account.ve, taken, persist, release);
+              counted = false;
+              throw new Refused('the connection is closing');
+            }
+            taken.holdable.onExit = onExit;
+            this.sessions.set(r.session, taken);
+            this.holdable.set(r.session, release);
+            this.limitSessionTime(r.session, taken);
+            this.log.info({ event: 'ssh.shell_reattached', pid: taken.pid, replayBytes: replay.length });
+            return { fds: [fd], pid: taken.pid, replay };
+          } catch (err) {
+            if (err instanceof Refused) throw err;
+            // The agent did not hand it back as it must (it is hung up): a new shell, and the client told why.
+            this.log.warn({ event: 'ssh.shell_reattach_refused', pid: taken.pid, err: errorMessage(err) });
+            notice = `vesh: your held shell could not be re-attached (${errorMessage(err)}); this is a new one.\r\n`;
+          }
+        }
+      }
+      const s = await this.startProcess(login.account.ve, spec, r.pty && size ? { term: term!, cols: size.cols, rows: size.rows } : null, onExit, hold);
       this.sessions.set(r.session, s);
-      return { fds: s.fds, pid: s.pid };
+      if (s.holdable) this.holdable.set(r.session, release);
+      this.limitSessionTime(r.session, s);
+      return { fds: s.fds, pid: s.pid, ...(notice ? { replay: Buffer.from(notice) } : {}) };
     } catch (err) {
       release();
       throw err;
@@ -356,13 +420,14 @@ export class BrokerConnection {
     spec: VeProcessSpec,
     pty: { term: string; cols: number; rows: number } | null,
     onExit: (report: ExitReport) => void,
+    hold = false,
   ): Promise<SpawnedSession> {
     const route = await this.deps.ves.agentRoute?.(ve, spec).catch(() => null);
     if (route) {
       if (this.state !== 'authenticated') throw new Refused('the connection is closing');
       let s: SpawnedSession | null = null;
       try {
-        s = await startAgentSession(route, onExit);
+        s = await startAgentSession(route, onExit, hold);
       } catch (err) {
         if (!(err instanceof AgentUnavailable)) {
           this.log.warn({ event: 'ssh.session_spawn_failed', via: 'agent', err: errorMessage(err) });
@@ -399,6 +464,10 @@ export class BrokerConnection {
 
   closeSession(r: Request<'session.close'>): void {
     if (this.state !== 'authenticated') return;
+    // The worker says the channel went with the connection (TCP gone, dead
+    // client): a holdable shell is detached. A worker that lies only keeps
+    // or ends its own account's shell, which the account could do anyway.
+    if (r.dropped && this.detach(r.session)) return;
     this.sessions.get(r.session)?.hangup();
   }
 
@@ -406,8 +475,8 @@ export class BrokerConnection {
 
   private forwardingAllowed(): AuthResult {
     const result = this.authenticated();
-    if (!result.account.forwarding) throw new Refused('forwarding is off for this account');
-    if (result.key?.options.noPortForwarding) throw new Refused('no-port-forwarding key option');
+    const refusal = forwardingRefusal(result.account, result.key);
+    if (refusal) throw new Refused(refusal);
     return result;
   }
 
@@ -451,8 +520,13 @@ export class BrokerConnection {
   }
 
   async forwardConnect(r: Request<'forward.connect'>): Promise<number> {
-    this.forwardingAllowed();
+    const login = this.forwardingAllowed();
     if (!isValidHost(r.host) || !isValidPort(r.port, false)) throw new Refused('invalid target');
+    const rule = permitOpenRefusal(login.account, login.key, r.host, r.port);
+    if (rule) {
+      this.log.info({ event: 'forward.refused', kind: 'local', target: { host: r.host, port: r.port }, rule }, `forward to ${r.host}:${r.port} refused by ${rule}`);
+      throw new Refused(`${r.host}:${r.port} is not allowed by ${rule}`);
+    }
     let fd: number;
     try {
       fd = await (await this.relayClient()).connect(r.host, r.port);
@@ -469,8 +543,13 @@ export class BrokerConnection {
   }
 
   async forwardListen(r: Request<'forward.listen'>): Promise<{ listener: number; port: number }> {
-    this.forwardingAllowed();
+    const login = this.forwardingAllowed();
     if (!isValidHost(r.host) || !isValidPort(r.port, true)) throw new Refused('invalid bind address');
+    const rule = permitListenRefusal(login.account, login.key, r.host, r.port);
+    if (rule) {
+      this.log.info({ event: 'forward.refused', kind: 'remote', bind: { address: r.host, port: r.port }, rule }, `listening on ${r.host}:${r.port} refused by ${rule}`);
+      throw new Refused(`listening on ${r.host}:${r.port} is not allowed by ${rule}`);
+    }
     if (this.listeners.size + this.listensPending >= MAX_REMOTE_FORWARDS_PER_CONNECTION) throw new Refused('too many remote forwards');
     let l: { id: number; port: number };
     this.listensPending += 1;
@@ -528,6 +607,7 @@ export class BrokerConnection {
   private agentRefusal(result: AuthResult): string | null {
     if (this.deps.features?.agentForwarding === false) return 'agent forwarding is off on this server (sessions.agentForwarding)';
     if (result.account.agentForwarding === false) return 'agent forwarding is off for this account (agentForwarding: false)';
+    if ((result.key as { certificate?: CertificateGrant } | null)?.certificate?.extensions.has('permit-agent-forwarding') === false) return 'certificate without permit-agent-forwarding';
     if (result.key?.options.noAgentForwarding) return 'no-agent-forwarding key option';
     return null;
   }
@@ -579,6 +659,46 @@ export class BrokerConnection {
     } catch { /* already gone */ }
   }
 
+  /**
+   * timeouts.maxSessionTime, kept here and not in the worker: a session
+   * holds a process, a pty and a per-account slot on the host, and the
+   * hang-up must not depend on a process that parses client bytes.
+   */
+  private limitSessionTime(id: number, s: SpawnedSession): void {
+    const limit = this.timeouts.maxSessionTimeMs;
+    if (limit <= 0) return;
+    const t = setTimeout(() => {
+      this.sessionTimers.delete(id);
+      if (this.sessions.get(id) !== s) return;
+      this.log.info({ event: 'ssh.session_time_limit', session: id, limitMs: limit }, `hanging up a session that reached timeouts.maxSessionTime (${formatDuration(limit)})`);
+      // Before the hang-up, so the user reads why ahead of the exit it causes.
+      this.deps.send({ ev: 'session.notice', conn: this.id, session: id, text: `\r\nvesh: this session reached its time limit of ${formatDuration(limit)} (timeouts.maxSessionTime): hanging up.\r\n` });
+      s.hangup();
+    }, limit);
+    t.unref();
+    this.sessionTimers.set(id, t);
+  }
+
+  private clearSessionTimer(id: number): void {
+    const t = this.sessionTimers.get(id);
+    if (t) clearTimeout(t);
+    this.sessionTimers.delete(id);
+  }
+
+  /**
+   * No data from the client for longer than keepalives allow, and the
+   * worker has not ended the connection: we do, and free what it holds on
+   * the host now rather than when (or if) the worker reports it closed.
+   */
+  private onClientSilent(silentMs: number, limitMs: number): void {
+    if (this.state !== 'authenticated' || this.silenced) return;
+    this.silenced = true;
+    this.log.warn({ event: 'ssh.client_silent_cut', silentMs, limitMs }, `no data from the client for ${formatDuration(silentMs)} with keepalives on (${formatDuration(this.timeouts.clientAliveIntervalMs)} x ${this.timeouts.clientAliveCountMax}) and the worker did not end the connection: the broker ends it`);
+    this.cut();
+    this.hangupAll();
+    this.releaseCaps();
+  }
+
   /** Hang up every session and stop forwarding (admin lock, server stop). */
   hangupAll(): void {
     for (const s of this.sessions.values()) s.hangup();
@@ -587,24 +707,61 @@ export class BrokerConnection {
     void relay?.then((c) => c.stop()).catch(() => undefined);
   }
 
+  /** The account's persistentShells, or null when off (or this broker holds no shells). */
+  private persistence(result: AuthResult): PersistentShells | null {
+    return this.deps.heldShells ? result.account.persistentShells ?? null : null;
+  }
+
+  /** Hand a holdable session to the held-shell registry; false if it is not one. */
+  private detach(session: number): boolean {
+    const s = this.sessions.get(session);
+    const release = this.holdable.get(session);
+    const persist = this.result ? this.persistence(this.result) : null;
+    if (!s?.holdable || !release || !persist) return false;
+    this.sessions.delete(session);
+    this.holdable.delete(session);
+    this.clearSessionTimer(session);
+    s.holdable.detach(persist.bufferBytes);
+    this.deps.heldShells!.hold(this.result!.account.name, this.result!.account.ve, s, persist, release);
+    return true;
+  }
+
   /** The connection is gone (the worker said so, or the worker died): release everything it held. */
   dispose(): void {
     if (this.state === 'closed') return;
+    // A dropped connection (or a dead worker): holdable shells are held, the rest hung up below.
+    for (const id of [...this.holdable.keys()]) this.detach(id);
     this.state = 'closed';
     for (const t of this.timers) clearTimeout(t);
     this.timers = [];
+    for (const t of this.sessionTimers.values()) clearTimeout(t);
+    this.sessionTimers.clear();
     this.hangupAll();
     this.listeners.clear();
     if (this.cutFd >= 0) {
       closeFd(this.cutFd);
       this.cutFd = -1;
     }
+    this.releaseCaps();
+  }
+
+  /** Give back this connection's per-account slots (once). */
+  private releaseCaps(): void {
     if (this.countedAccount !== null) {
       this.deps.caps.release('connection', this.countedAccount);
       if (this.helperCounted) this.deps.caps.release('forwardHelper', this.countedAccount);
       this.countedAccount = null;
     }
   }
+}
+
+/**
+ * The client asked for a new shell rather than its held one: LC_VESH_SHELL=new
+ * (an LC_* variable, which OpenSSH clients send by default with SendEnv LC_*
+ * and vesh accepts, as `LC_VESH_SHELL=new ssh host`).
+ */
+function wantsNewShell(env: Record<string, string>): boolean {
+  return env.LC_VESH_SHELL === 'new';
 }
 
 /** A request that no honest worker sends in this state: the worker is ended. */

@@ -25,6 +25,8 @@ export interface BrokerDeps {
     sessions?: SessionLimits;
     workers?: Partial<ServerConfig['workers']>;
     logging?: { level: string };
+    /** Absent (tests that build a broker by hand): every timeout off. */
+    timeouts?: ServerConfig['timeouts'];
   };
   authenticator: SshAuthenticator;
   ves: VeAccess;
@@ -194,6 +196,7 @@ export class Broker {
       features: this.deps.config.sessions,
       send: (ev, fds) => this.sendTo(worker, ev, fds),
       onAuthenticated: () => this.admission.leave(adm),
+      ...(this.deps.config.timeouts ? { timeouts: this.deps.config.timeouts } : {}),
     }, log);
     this.conns.set(id, c);
     worker.conns.add(id);

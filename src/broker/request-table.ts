@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import type { TimeoutSettings } from '../config/server-config.js';
 
 /**
  * Everything an SSH worker may ask the broker, in one table.
@@ -168,6 +169,8 @@ export type BrokerEvent =
   | { ev: 'session.exit'; conn: string; session: number; report: { kind: 'status'; code: number } | { kind: 'signal'; signal: string } }
   | { ev: 'forward.accepted'; conn: string; listener: number; remoteAddress: string; remotePort: number }
   | { ev: 'forward.gone'; conn: string; reason: string }
+  /** Text for a session's user (stderr), e.g. why the broker hangs it up (timeouts.maxSessionTime). */
+  | { ev: 'session.notice'; conn: string; session: number; text: string }
   | { ev: 'shutdown'; timeoutMs: number }
   | { ev: 'ping'; seq: number };
 
@@ -189,6 +192,13 @@ export interface AuthGrant {
   /** Logged in, but over a cap: sessions are refused with this text and the connection ends soon. */
   refusal?: string;
   fingerprint?: string;
+  /**
+   * The account's timeouts (vesh.yaml's with its own overrides), for the
+   * worker's keepalives and idle timers. Per account, so here rather than
+   * in WorkerSettings; the broker enforces its own share whatever the
+   * worker does with them (client-alive-backstop.ts, maxSessionTime).
+   */
+  timeouts?: TimeoutSettings;
 }
 
 /**

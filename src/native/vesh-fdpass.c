@@ -27,6 +27,8 @@
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sched.h>
 #include <stddef.h>
@@ -702,6 +704,29 @@ static napi_value js_peer_cred(napi_env env, napi_callback_info info) {
   return obj;
 }
 
+/*
+ * tcpIdle(fd): what the kernel knows of a TCP socket's recent traffic, read
+ * with TCP_INFO: ms since data last came from the peer and since we last
+ * sent some, and the TCP state. The broker reads it on its own copy of a
+ * client's socket to end connections that went silent, whatever the worker
+ * that parses them does (src/broker/client-alive-backstop.ts).
+ */
+static napi_value js_tcp_idle(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd;
+  if (get_args(env, info, 1, argv) || get_fd(env, argv[0], &fd)) return NULL;
+  struct tcp_info ti;
+  socklen_t len = sizeof ti;
+  memset(&ti, 0, sizeof ti);
+  if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0) return throw_errno(env, "getsockopt(TCP_INFO)", errno);
+  napi_value obj;
+  napi_create_object(env, &obj);
+  napi_set_named_property(env, obj, "lastDataRecvMs", make_int(env, ti.tcpi_last_data_recv));
+  napi_set_named_property(env, obj, "lastDataSentMs", make_int(env, ti.tcpi_last_data_sent));
+  napi_set_named_property(env, obj, "state", make_int(env, ti.tcpi_state));
+  return obj;
+}
+
 /* ---- a VE's session agent: connect, and the terminal it hands back ----- */
 
 /*
@@ -1042,7 +1067,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "watch", js_watch }, { "callSync", js_call_sync },
     { "closeFd", js_close_fd }, { "dupFd", js_dup_fd }, { "shutdownFd", js_shutdown_fd },
     { "openPty", js_open_pty }, { "setWinsize", js_set_winsize },
-    { "peerCred", js_peer_cred }, { "lockdown", js_lockdown },
+    { "peerCred", js_peer_cred }, { "tcpIdle", js_tcp_idle }, { "lockdown", js_lockdown },
     { "spawn", js_spawn }, { "reap", js_reap },
     { "connectUnix", js_connect_unix }, { "isPtyMaster", js_is_pty_master },
   };

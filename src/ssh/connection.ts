@@ -14,6 +14,7 @@ import {
 } from './limits.js';
 import { SessionChannel } from './session.js';
 import { installProtocolGuards } from './ssh2-guards.js';
+import { ConnectionTimeouts, NO_TIMEOUTS, type ConnectionExpiry } from './timeouts.js';
 import { correctKexGuessHandling } from './kex-guess.js';
 
 /** How long a connection refused by a cap stays open for its first session to be told why. */
@@ -46,6 +47,8 @@ export class SshConnection {
   /** Set when a cap refused this connection after it authenticated: it runs nothing and ends soon. */
   private capRefusal: string | null = null;
   private forwarding: ConnectionForwarding | null = null;
+  /** Keepalives, channel idle times, the unused-connection time (from the broker's grant). */
+  private timeouts: ConnectionTimeouts | null = null;
   private agent: AgentForwarding | null = null;
   private closed = false;
   /** The first key exchange completed (ssh2's 'handshake'). */
@@ -135,6 +138,8 @@ export class SshConnection {
       setTimeout(() => this.end(), CAP_REFUSAL_LINGER_MS).unref();
       return;
     }
+    this.timeouts = new ConnectionTimeouts(this.conn, grant.timeouts ?? NO_TIMEOUTS, this.log, (why, message) => this.expired(why, message));
+    this.timeouts.start();
     this.forwarding = new ConnectionForwarding({
       conn: this.conn,
       broker: this.deps.broker,
@@ -180,6 +185,23 @@ export class SshConnection {
       if (this.sessions.delete(id)) this.releaseChannel(true);
     });
     this.sessions.set(id, session);
+  }
+
+  /**
+   * A timeout ended the connection. A client that stopped answering is cut
+   * at once (it would not read a goodbye); an unused one is told, then cut.
+   */
+  private expired(why: ConnectionExpiry, message: string): void {
+    if (this.closed) return;
+    this.log.info({ event: 'ssh.connection_ended', reason: why }, message);
+    this.end();
+    if (why === 'client_alive') this.socket.destroy();
+    else setTimeout(() => this.socket.destroy(), 1_000).unref();
+  }
+
+  /** The broker says something the user of a session should read (on its stderr), e.g. why it is being hung up. */
+  sessionNotice(id: number, text: string): void {
+    this.sessions.get(id)?.notify(text);
   }
 
   /** The broker says a session's process ended. */
@@ -320,6 +342,7 @@ export class SshConnection {
   private onClose(): void {
     if (this.closed) return;
     this.closed = true;
+    this.timeouts?.stop();
     for (const s of this.sessions.values()) s.close();
     this.sessions.clear();
     this.forwarding?.close();

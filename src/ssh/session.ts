@@ -73,6 +73,11 @@ export class SessionChannel {
     session.on('close', () => this.close());
   }
 
+  /** Tell the session's user something on its stderr (the terminal, with a pty): e.g. why it is being hung up. */
+  notify(text: string): void {
+    if (this.channel && !this.ended && !this.closed) this.channel.stderr.write(text);
+  }
+
   /** Hang up whatever runs in this session (client closed it, or the connection went away). */
   close(): void {
     if (this.closed) return;

@@ -55,6 +55,7 @@ interface FdpassAddon {
   openPty(): Pty;
   setWinsize(fd: number, cols: number, rows: number): void;
   peerCred(fd: number): PeerCred;
+  tcpIdle(fd: number): TcpIdle;
   lockdown(): void;
   spawn(file: string, argv: string[], env: string[], stdio: [number, number, number]): SpawnedChild;
   reap(pidfd: number): ProcessEnd | null;
@@ -150,6 +151,20 @@ export function setWinsize(fd: number, cols: number, rows: number): void {
 /** The process that made the other end of a unix socket (SO_PEERCRED). */
 export function peerCred(fd: number): PeerCred {
   return addon().peerCred(fd);
+}
+
+/** A TCP socket's recent traffic, as the kernel saw it (TCP_INFO). */
+export interface TcpIdle {
+  /** Milliseconds since data last arrived from the peer (acks alone do not count). */
+  lastDataRecvMs: number;
+  lastDataSentMs: number;
+  /** The kernel's TCP state number (1 = established). */
+  state: number;
+}
+
+/** TCP_INFO of a socket we hold (throws with code ENOTSOCK, EOPNOTSUPP… for anything else). */
+export function tcpIdle(fd: number): TcpIdle {
+  return addon().tcpIdle(fd);
 }
 
 /**

@@ -73,6 +73,9 @@ export class WorkerServer {
       case 'conn.end':
         this.held.get(ev.conn)?.connection?.endByAdmin(ev.reason);
         return;
+      case 'session.notice':
+        this.held.get(ev.conn)?.connection?.sessionNotice(ev.session, ev.text);
+        return;
       case 'shutdown':
         void this.shutdown(ev.timeoutMs);
         return;
