@@ -1,7 +1,8 @@
 import { createHmac, createPublicKey, randomBytes, verify as cryptoVerify, type KeyObject } from 'node:crypto';
 import argon2 from 'argon2';
+import ssh2, { type ParsedKey } from 'ssh2';
 import type { Logger } from '../audit/logger.js';
-import type { Account, AuthorizedKey } from '../config/accounts.js';
+import { keyFingerprint, type Account, type AcceptedKeyType, type AuthorizedKey } from '../config/accounts.js';
 import type { AccountSource } from '../config/accounts-store.js';
 import { errorMessage } from '../errors.js';
 import type { PasswordResult, SshAuthenticator } from '../ssh/ports.js';
@@ -11,9 +12,16 @@ import {
 } from './passwords.js';
 import { SourcePenalties, type PenaltyConfig } from './penalties.js';
 import { sourceAllowed, sourceBlock } from './source-match.js';
+import {
+  certificateProblem, compileSourceAddress, formatCertTime, isCertificateAlgorithm, loginSignatureAlgorithms, parseCertificate, type Certificate,
+} from './certificates.js';
+import { parseKeyLines, parseRevokedKeys, revocationOf, WatchedListFile, type RevokedKeys } from './key-lists.js';
+import { verifyWireSignature, type WirePublicKey } from './ssh-wire.js';
 
 /** A key's public KeyObject, made at its first check (keys are parsed anew when accounts.yaml changes). */
 const publicKeyObjects = new WeakMap<AuthorizedKey['publicKey'], KeyObject>();
+/** The certified key and the signature algorithms allowed, of each key a certificate login made. */
+const certificateKeys = new WeakMap<AuthorizedKey, { key: WirePublicKey; algorithms: readonly string[] }>();
 /** The hash ssh2 verifies with when the client names none (its keyParser's default per key type). */
 const VERIFY_DEFAULT_HASH: Record<string, string | null> = {
   'ssh-ed25519': null,
@@ -24,6 +32,15 @@ const VERIFY_DEFAULT_HASH: Record<string, string | null> = {
 };
 
 export { hashPassword } from './passwords.js';
+
+/** vesh.yaml's auth settings the authenticator uses. */
+export interface AuthSettings {
+  penalties: PenaltyConfig;
+  /** TrustedUserCAKeys: key lines, or a file of them. */
+  trustedUserCAKeys?: { lines: string[] } | { file: string } | null;
+  /** RevokedKeys file. */
+  revokedKeys?: string | null;
+}
 
 export interface AuthenticatorOptions {
   /** argon2 operations at once (libuv has 4 threads, shared with file I/O). */
@@ -98,10 +115,15 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
   private readonly weakWarned = new Set<string>();
   private queueFullLoggedAt = -Infinity;
   private shareFullLoggedAt = -Infinity;
+  /** Trusted CA key blobs from vesh.yaml lines, or the file they are read from. */
+  private readonly trustedCas: { blobs: Buffer[] } | WatchedListFile<Buffer[]> | null;
+  private readonly revoked: WatchedListFile<RevokedKeys> | null;
+  /** Errors of those files already logged, so a broken file is logged once per change, not at every login. */
+  private readonly listErrorsLogged = new Set<string>();
 
   constructor(
     private readonly accounts: ListableSource,
-    auth: { penalties: PenaltyConfig },
+    auth: AuthSettings,
     logger: Logger,
     opts: AuthenticatorOptions = {},
   ) {
@@ -111,6 +133,9 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
     this.penalties = new SourcePenalties(auth.penalties, { maxSources: opts.maxSources, now: this.now });
     this.fallbackClass = { variant: 'argon2id', ...(opts.dummyHashCost ?? PASSWORD_HASH_COST) };
     this.dummySecret = opts.dummySecret ?? randomBytes(32);
+    const cas = auth.trustedUserCAKeys;
+    this.trustedCas = !cas ? null : 'file' in cas ? new WatchedListFile(cas.file, parseKeyLines) : { blobs: parseKeyLines(cas.lines.join('\n')) };
+    this.revoked = auth.revokedKeys ? new WatchedListFile(auth.revokedKeys, parseRevokedKeys) : null;
     // Made up front, so that even the first attempt on an unknown account
     // costs one verify, like a known one.
     void this.dummyOf(this.fallbackClass);
@@ -243,17 +268,143 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
   findKey(user: string, algo: string, blob: Buffer, source: string): { account: Account; key: AuthorizedKey } | null {
     const account = this.accounts.get(user);
     if (!account || account.locked) return null;
+    if (isCertificateAlgorithm(algo)) return this.findCertificate(account, algo, blob, source);
     const type = keyTypeOf(algo);
-    const key = account.keys.find((k) => k.algo === type && k.blob.equals(blob));
+    // A cert-authority line lets in certificates its key signed, never that key itself (as OpenSSH).
+    const key = account.keys.find((k) => !k.options.certAuthority && k.algo === type && k.blob.equals(blob));
     if (!key) return null;
     if (!sourceAllowed(key.sources, source)) {
       this.log.info({ event: 'auth.key_source_refused', account: user, fingerprint: key.fingerprint, source, from: key.options.from }, `key ${key.fingerprint} of ${user} is not allowed from ${source}`);
       return null;
     }
+    if (key.options.expiresAt !== undefined && this.now() >= key.options.expiresAt) {
+      this.log.info({ event: 'auth.key_expired', account: user, fingerprint: key.fingerprint, expiredAt: new Date(key.options.expiresAt).toISOString() }, `key ${key.fingerprint} of ${user} expired (expiry-time): refused`);
+      return null;
+    }
+    const revoked = this.revocation(blob);
+    if (revoked) {
+      this.log.warn({ event: 'auth.key_revoked', account: user, fingerprint: key.fingerprint, source, reason: revoked }, `key ${key.fingerprint} of ${user} refused: ${revoked}`);
+      return null;
+    }
+    return { account, key };
+  }
+
+  /** Why `key` (and its certificate) may not log in by auth.revokedKeys, or null; a list that cannot be read refuses every key. */
+  private revocation(key: Buffer, cert?: Certificate): string | null {
+    if (!this.revoked) return null;
+    const list = this.revoked.current();
+    if (!list.ok) {
+      this.logListError('auth.revoked_keys_unusable', list.error, 'auth.revokedKeys cannot be used, so every key login is refused until it is fixed');
+      return 'the revoked keys list (auth.revokedKeys) cannot be read';
+    }
+    return revocationOf(list.list, key, cert);
+  }
+
+  private trustedCaBlobs(): Buffer[] {
+    if (!this.trustedCas) return [];
+    if ('blobs' in this.trustedCas) return this.trustedCas.blobs;
+    const list = this.trustedCas.current();
+    if (list.ok) return list.list;
+    this.logListError('auth.trusted_ca_unusable', list.error, 'auth.trustedUserCAKeys cannot be used, so its CAs are not trusted until it is fixed');
+    return [];
+  }
+
+  private logListError(event: string, error: string, consequence: string): void {
+    if (this.listErrorsLogged.has(error)) return;
+    if (this.listErrorsLogged.size > 100) this.listErrorsLogged.clear();
+    this.listErrorsLogged.add(error);
+    this.log.error({ event, err: error }, `${error}: ${consequence}`);
+  }
+
+  /**
+   * A user certificate logging in to `account`: parsed here (the worker only
+   * relays the bytes), signed by a CA the account trusts (one of its
+   * cert-authority lines, whose principals= and options then apply, or one
+   * of auth.trustedUserCAKeys, for which the certificate must list the
+   * account name), valid now, not revoked, from an allowed source. Returns
+   * a key whose options are those of the line merged with the
+   * certificate's (force-command, permit-* extensions), as OpenSSH merges
+   * them; null, with the reason logged, when it may not log in.
+   */
+  private findCertificate(account: Account, algo: string, blob: Buffer, source: string): { account: Account; key: AuthorizedKey } | null {
+    const refuse = (reason: string, cert?: Certificate): null => {
+      this.log.info({
+        event: 'auth.certificate_refused', account: account.name, source, reason, algo,
+        ...(cert ? { keyId: cert.keyId, serial: String(cert.serial), fingerprint: keyFingerprint(cert.keyBlob), ca: keyFingerprint(cert.caBlob) } : {}),
+      }, `certificate for ${account.name} refused: ${reason}`);
+      return null;
+    };
+    let cert: Certificate;
+    try {
+      cert = parseCertificate(algo, blob);
+    } catch (err) {
+      return refuse(`malformed certificate: ${errorMessage(err)}`);
+    }
+    const lines = account.keys.filter((k) => k.options.certAuthority && k.blob.equals(cert.caBlob));
+    const global = this.trustedCaBlobs().some((b) => b.equals(cert.caBlob));
+    if (lines.length === 0 && !global) return refuse('its CA is not trusted for this account', cert);
+    const nowSeconds = this.now() / 1000;
+    const problems: string[] = [];
+    // The account's own lines first (their principals= may differ from the name), then vesh.yaml's CAs.
+    const candidates: Array<AuthorizedKey | null> = [...lines, ...(global ? [null] : [])];
+    let chosen: AuthorizedKey | null | undefined;
+    for (const line of candidates) {
+      const problem = certificateProblem(cert, { nowSeconds, principals: line?.options.principals ?? [account.name] })
+        ?? (line && !sourceAllowed(line.sources, source) ? `the cert-authority line's from= does not allow ${source}` : null)
+        ?? (line?.options.expiresAt !== undefined && this.now() >= line.options.expiresAt ? 'the cert-authority line expired (expiry-time)' : null)
+        ?? (line?.options.command !== undefined && cert.forceCommand !== undefined && line.options.command !== cert.forceCommand ? 'its force-command differs from the cert-authority line\'s command=' : null);
+      if (problem === null) {
+        chosen = line;
+        break;
+      }
+      problems.push(problem);
+    }
+    if (chosen === undefined) return refuse([...new Set(problems)].join('; '), cert);
+    if (cert.sourceAddress !== undefined) {
+      let allowed: boolean;
+      try {
+        allowed = sourceAllowed(compileSourceAddress(cert.sourceAddress), source);
+      } catch (err) {
+        return refuse(errorMessage(err), cert);
+      }
+      if (!allowed) return refuse(`source-address ${cert.sourceAddress} does not allow ${source}`, cert);
+    }
+    const revoked = this.revocation(cert.keyBlob, cert);
+    if (revoked) return refuse(revoked, cert);
+    let publicKey: ParsedKey;
+    const parsed = ssh2.utils.parseKey(`${cert.key.type} ${cert.keyBlob.toString('base64')}`);
+    const first = Array.isArray(parsed) ? parsed[0] : parsed;
+    if (!first || first instanceof Error) return refuse('its key cannot be read');
+    publicKey = first;
+    const base = chosen?.options;
+    const ext = cert.extensions;
+    const key: AuthorizedKey = {
+      algo: cert.key.type as AcceptedKeyType,
+      blob,
+      fingerprint: keyFingerprint(cert.keyBlob),
+      comment: `certificate ${cert.keyId}`,
+      options: {
+        ...(base ?? {}),
+        certAuthority: false,
+        principals: undefined,
+        command: cert.forceCommand ?? base?.command,
+        // Extensions grant; absent means not permitted, as in OpenSSH.
+        noPty: !!base?.noPty || !ext.has('permit-pty'),
+        noPortForwarding: !!base?.noPortForwarding || !ext.has('permit-port-forwarding'),
+        noAgentForwarding: !!base?.noAgentForwarding || !ext.has('permit-agent-forwarding'),
+      },
+      publicKey,
+      certificate: { keyId: cert.keyId, serial: String(cert.serial), caFingerprint: keyFingerprint(cert.caBlob), extensions: ext },
+    };
+    certificateKeys.set(key, { key: cert.key, algorithms: loginSignatureAlgorithms(algo) });
+    this.log.debug({ event: 'auth.certificate_accepted', account: account.name, keyId: cert.keyId, serial: String(cert.serial), ca: key.certificate!.caFingerprint, via: chosen ? 'cert-authority' : 'trustedUserCAKeys', validBefore: formatCertTime(cert.validBefore) });
     return { account, key };
   }
 
   verifySignature(key: AuthorizedKey, data: Buffer, signature: Buffer, hashAlgo?: string): boolean {
+    const cert = certificateKeys.get(key);
+    // A certificate login's signature arrives in SSH wire form (ssh2 leaves it so for *-cert algorithms).
+    if (cert) return verifyWireSignature(cert.key, data, signature, cert.algorithms) !== null;
     // ssh-rsa with SHA-1 signatures: OpenSSH stopped accepting them in 8.8.
     if (key.algo === 'ssh-rsa' && hashAlgo !== 'sha256' && hashAlgo !== 'sha512') return false;
     try {

@@ -23,7 +23,6 @@ import { spawnSession, type SpawnedSession } from './session-spawn.js';
 import { parseUserauthBlob } from './userauth-blob.js';
 import { isCertificateAlgorithm } from '../auth/certificates.js';
 import { forwardingRefusal, permitListenRefusal, permitOpenRefusal } from '../auth/forward-rules.js';
-import type { CertificateGrant } from '../config/accounts.js';
 
 /** What a connection record needs from the broker. */
 export interface ConnectionDeps {
@@ -177,7 +176,7 @@ export class BrokerConnection {
       && (!isCertificateAlgorithm(r.algo) || parsed.algo === r.algo);
     const ok = !!found && bound && this.deps.authenticator.verifySignature(found.key, blob, Buffer.from(r.signature, 'base64'), r.hashAlgo);
     if (ok && found) {
-      const cert = (found.key as { certificate?: CertificateGrant }).certificate;
+      const cert = found.key.certificate;
       this.audit('success', 'publickey', r.user, { account: found.account.name, fingerprint, algo: r.algo, ...(cert ? { keyId: cert.keyId, serial: cert.serial, ca: cert.caFingerprint } : {}) });
       return { success: true, grant: this.succeed({ account: found.account, key: found.key, method: 'publickey' }) };
     }
@@ -607,7 +606,7 @@ export class BrokerConnection {
   private agentRefusal(result: AuthResult): string | null {
     if (this.deps.features?.agentForwarding === false) return 'agent forwarding is off on this server (sessions.agentForwarding)';
     if (result.account.agentForwarding === false) return 'agent forwarding is off for this account (agentForwarding: false)';
-    if ((result.key as { certificate?: CertificateGrant } | null)?.certificate?.extensions.has('permit-agent-forwarding') === false) return 'certificate without permit-agent-forwarding';
+    if (result.key?.certificate?.extensions.has('permit-agent-forwarding') === false) return 'certificate without permit-agent-forwarding';
     if (result.key?.options.noAgentForwarding) return 'no-agent-forwarding key option';
     return null;
   }

@@ -124,6 +124,21 @@ export const serverConfigSchema = z.strictObject({
     /** Locking or deleting an account (accounts.yaml reload, vesh user lock|del) ends its open connections. */
     disconnectOnLock: z.boolean().default(true),
     /**
+     * CAs whose user certificates log in to any account whose name the
+     * certificate lists as a principal (OpenSSH's TrustedUserCAKeys): public
+     * key lines, or the path of a file of them (read again when it changes).
+     */
+    trustedUserCAKeys: z.union([
+      z.string().min(1).max(4096),
+      z.array(z.string().max(16384)).max(1000),
+    ]).optional(),
+    /**
+     * A file of revoked keys (OpenSSH's RevokedKeys, as a text list): public
+     * key lines, "serial: N[-M]", "id: KEY-ID", "sha256: FINGERPRINT".
+     * Read again when it changes; unreadable, it refuses every key login.
+     */
+    revokedKeys: z.string().min(1).max(4096).optional(),
+    /**
      * Per-source penalties after repeated failures (OpenSSH PerSourcePenalties
      * style). A failure is a wrong password or signature, a connection cut at
      * the login grace time, garbage / a failed key exchange before login, or

@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { ErrorCodes, VeshError } from '../errors.js';
+import { parsePublicKeyLine } from './accounts.js';
 import type { Limits } from './limits.js';
 import { serverConfigSchema } from './schema.js';
 import { parseYamlWithSchema } from './yaml-validate.js';
@@ -22,6 +23,10 @@ export interface ServerConfig {
     maxConnectionRatePerSource: number;
     maxPasswordChecksPerSource: number;
     disconnectOnLock: boolean;
+    /** TrustedUserCAKeys: key lines from vesh.yaml, or an absolute file path; null: none. */
+    trustedUserCAKeys: { lines: string[] } | { file: string } | null;
+    /** RevokedKeys file (absolute), or null. */
+    revokedKeys: string | null;
     penalties: { failuresBeforePenalty: number; sourceFailuresBeforePenalty: number; penaltyMs: number; maxPenaltyMs: number };
   };
   sessions: SessionLimits;
@@ -76,6 +81,21 @@ function splitListen(listen: string): { host: string; port: number } {
   return { host, port };
 }
 
+/** auth.trustedUserCAKeys: inline lines are checked here, a file when it is read (it may change). */
+function trustedCaKeys(file: string, value: string | string[] | undefined, rel: (p: string) => string): ServerConfig['auth']['trustedUserCAKeys'] {
+  if (value === undefined) return null;
+  if (typeof value === 'string') return { file: rel(value) };
+  const lines = value.map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'));
+  lines.forEach((line, i) => {
+    try {
+      parsePublicKeyLine(line);
+    } catch (err) {
+      throw new VeshError(ErrorCodes.CONFIG_INVALID, `${file}: auth.trustedUserCAKeys[${i}]: ${(err as Error).message}`);
+    }
+  });
+  return { lines };
+}
+
 /** Parse and validate vesh.yaml text. `file` is used to resolve relative paths and in messages. */
 export function parseServerConfig(file: string, text: string): ServerConfig {
   const abs = path.resolve(file);
@@ -107,6 +127,8 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
       maxConnectionRatePerSource: value.auth.maxConnectionRatePerSource,
       maxPasswordChecksPerSource: value.auth.maxPasswordChecksPerSource,
       disconnectOnLock: value.auth.disconnectOnLock,
+      trustedUserCAKeys: trustedCaKeys(abs, value.auth.trustedUserCAKeys, rel),
+      revokedKeys: value.auth.revokedKeys === undefined ? null : rel(value.auth.revokedKeys),
       penalties: {
         failuresBeforePenalty: value.auth.penalties.failuresBeforePenalty,
         sourceFailuresBeforePenalty: value.auth.penalties.sourceFailuresBeforePenalty,

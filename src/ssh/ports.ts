@@ -27,6 +27,8 @@ export interface SshAuthorizedKey {
   fingerprint: string;
   comment: string;
   options: SshKeyOptions;
+  /** Set when the login was a user certificate (src/auth/certificates.ts): what it carried. */
+  certificate?: { keyId: string; serial: string; caFingerprint: string; extensions: ReadonlySet<string> };
 }
 
 export interface SshAccount {
