@@ -1,6 +1,7 @@
+import { fstatSync, readSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import type { ExitReport } from '../ssh/exit-status.js';
-import { HANGUP_GRACE_MS } from '../ssh/limits.js';
+import { HANGUP_GRACE_MS, clampPtySize } from '../ssh/limits.js';
 import { closeFd, connectUnix, isPtyMaster, recvFrame, sendFrame, setBlocking, socketpair, watch } from '../system/fdpass.js';
 import type { AgentRoute } from '../ve/access.js';
 import type { SpawnedSession } from './session-spawn.js';
@@ -46,12 +47,20 @@ const MSG_STARTED = 1;
 const MSG_EXIT = 2;
 const MSG_ERROR = 3;
 const MSG_SIGNAL = 4;
+const MSG_DETACH = 5;
+const MSG_ATTACH = 6;
+const MSG_ATTACHED = 7;
+/** TTY_HOLD in vesh-session.c: the agent keeps a copy of the terminal's master, so a dropped connection is no hang-up. */
+const TTY_HOLD = 2;
+
+/** How long the agent may take to hand a held terminal back (no fork: a pipe and two ioctls). */
+const ATTACH_DEADLINE_MS = 10_000;
 
 /** How long the agent may take to answer a request (a fork in the VE; the VE may be loaded). */
 const START_DEADLINE_MS = 30_000;
 
 /** The agent's request for `p`: struct req_head, the groups, then cwd, env and argv, each ended by a NUL; null when it cannot carry it. */
-export function encodeAgentRequest(p: AgentRoute['process']): Buffer | null {
+export function encodeAgentRequest(p: AgentRoute['process'], hold = false): Buffer | null {
   const env = Object.entries(p.env).map(([k, v]) => `${k}=${v}`);
   const strings = [p.cwd ?? '', ...env, ...p.argv];
   if (p.argv.length < 1 || p.groups.length > MAX_GROUPS || strings.some((s) => s.includes('\0'))) return null;
@@ -60,7 +69,7 @@ export function encodeAgentRequest(p: AgentRoute['process']): Buffer | null {
   if (size > REQ_MAX) return null;
   const buf = Buffer.alloc(size);
   buf.writeUInt32LE(MAGIC, 0);
-  buf.writeUInt32LE(p.tty ? 1 : 0, 4);
+  buf.writeUInt32LE(p.tty ? (hold ? 1 | TTY_HOLD : 1) : 0, 4);
   buf.writeUInt32LE(p.uid >>> 0, 8);
   buf.writeUInt32LE(p.gid >>> 0, 12);
   buf.writeUInt16LE(p.consoleSize?.rows ?? 0, 16);
@@ -106,14 +115,73 @@ function agentText(m: Buffer): string {
   return raw.subarray(0, end < 0 ? raw.length : end).toString('latin1').replace(/[^\x20-\x7e]/g, '?').slice(0, 160);
 }
 
+/** A terminal's master as the agent handed it over first: the devpts it came from (its ptmx inode). */
+interface PtyOrigin {
+  dev: number;
+  ino: number;
+}
+
+function ptyOrigin(fd: number): PtyOrigin {
+  const st = fstatSync(fd);
+  return { dev: st.dev, ino: st.ino };
+}
+
+/**
+ * The held output the agent wrote into `fd` (a pipe) before it answered:
+ * only what is there now (a lying agent that keeps writing is not waited
+ * for), at most `max` bytes. Closes `fd`.
+ */
+function readHeldOutput(fd: number, max: number): Buffer {
+  const parts: Buffer[] = [];
+  let total = 0;
+  try {
+    setBlocking(fd, false);
+    const chunk = Buffer.alloc(64 * 1024);
+    while (total < max) {
+      let n: number;
+      try {
+        n = readSync(fd, chunk, 0, Math.min(chunk.length, max - total), null);
+      } catch {
+        break; // EAGAIN: all the agent wrote is read
+      }
+      if (n <= 0) break;
+      parts.push(Buffer.from(chunk.subarray(0, n)));
+      total += n;
+    }
+  } finally {
+    closeFd(fd);
+  }
+  return Buffer.concat(parts, total);
+}
+
+/**
+ * A terminal session the agent can hold when its connection drops (the
+ * account's persistentShells). Only the broker's socket to the agent names
+ * the held terminal: there is nothing a worker or a client could point at.
+ */
+export interface HoldableTerminal {
+  /** Who hears of the process's end from now on (the connection holding it, or the held-shell registry). */
+  onExit: (report: ExitReport) => void;
+  /** Nobody reads the terminal now: the agent keeps the newest `bufferBytes` of its output. */
+  detach(bufferBytes: number): void;
+  /**
+   * Hand it to a new client of window `cols` x `rows`: resolves with the
+   * terminal's master (checked: a pty master of the devpts the session
+   * started on) and the output held meanwhile (at most `bufferBytes`).
+   */
+  attach(cols: number, rows: number, bufferBytes: number): Promise<{ fd: number; replay: Buffer }>;
+}
+
 /**
  * Ask the agent at `route.socket` for the process; resolves once it started
  * (with the worker's descriptors: [pty master] or [stdio, stderr]), rejects
  * with AgentUnavailable when the agent could not be asked (then nothing was
  * started), or with an Error carrying the agent's reason when it refused.
+ * With `hold` (a terminal only) the session gets a HoldableTerminal.
  */
-export function startAgentSession(route: AgentRoute, onExit: (report: ExitReport) => void): Promise<SpawnedSession> {
-  const request = encodeAgentRequest(route.process);
+export function startAgentSession(route: AgentRoute, onExit: (report: ExitReport) => void, hold = false): Promise<SpawnedSession> {
+  hold = hold && route.process.tty;
+  const request = encodeAgentRequest(route.process, hold);
   if (!request) return Promise.reject(new AgentUnavailable('the request does not fit the session agent'));
   let sock: number;
   try {
@@ -150,10 +218,19 @@ export function startAgentSession(route: AgentRoute, onExit: (report: ExitReport
     let state: 'starting' | 'running' | 'ended' = 'starting';
     let vePid = 0;
     let graceTimer: NodeJS.Timeout | null = null;
+    let origin: PtyOrigin | null = null;
+    /** A re-attach waiting for the agent's answer. */
+    let attaching: { resolve: (v: { fd: number; replay: Buffer }) => void; reject: (e: Error) => void; max: number; timer: NodeJS.Timeout } | null = null;
+    let exitTo = onExit;
     const end = () => {
       state = 'ended';
       clearTimeout(deadline);
       if (graceTimer) clearTimeout(graceTimer);
+      if (attaching) {
+        clearTimeout(attaching.timer);
+        attaching.reject(new Error('the held shell ended'));
+        attaching = null;
+      }
       w.close();
       closeFd(sock);
     };
@@ -168,7 +245,7 @@ export function startAgentSession(route: AgentRoute, onExit: (report: ExitReport
       // Not before the code that awaits the start has run (it may arrive in
       // the same read as "started"): the caller records the session and sends
       // its descriptors first, as with a relay, whose end comes later anyway.
-      setImmediate(() => onExit(report));
+      setImmediate(() => exitTo(report));
     };
     const deadline = setTimeout(() => failStart(new Error(`the session agent in the VE did not answer in ${START_DEADLINE_MS / 1000} s`)), START_DEADLINE_MS);
     deadline.unref();
@@ -198,6 +275,66 @@ export function startAgentSession(route: AgentRoute, onExit: (report: ExitReport
         graceTimer.unref();
       },
     };
+    if (hold) {
+      session.holdable = {
+        get onExit() {
+          return exitTo;
+        },
+        set onExit(f) {
+          exitTo = f;
+        },
+        detach: (bufferBytes) => {
+          if (state !== 'running') return;
+          try {
+            sendFrame(sock, message(MSG_DETACH, bufferBytes));
+          } catch { /* the agent is gone: its end reaches the holder */ }
+        },
+        attach: (cols, rows, bufferBytes) => new Promise((res, rej) => {
+          if (state !== 'running' || attaching) return rej(new Error('the held shell is not there to attach'));
+          const size = clampPtySize(cols, rows);
+          try {
+            if (!sendFrame(sock, message(MSG_ATTACH, ((size.rows & 0xffff) << 16) | (size.cols & 0xffff)))) throw new Error('the agent\'s socket is full');
+          } catch (err) {
+            return rej(err as Error);
+          }
+          const timer = setTimeout(() => {
+            attaching = null;
+            rej(new Error(`the session agent in the VE did not hand the held shell back in ${ATTACH_DEADLINE_MS / 1000} s`));
+            session.hangup();
+          }, ATTACH_DEADLINE_MS);
+          timer.unref();
+          attaching = { resolve: res, reject: rej, max: bufferBytes, timer };
+        }),
+      };
+    }
+    /**
+     * The agent's answer to MSG_ATTACH: [master, pipe of held output]. The
+     * master must be a pty master of the same devpts as at the start (an
+     * agent VE root replaced could hand over anything); otherwise the held
+     * shell is hung up and the client told.
+     */
+    const onAttached = (type: number, fds: number[], text: string) => {
+      const a = attaching!;
+      attaching = null;
+      clearTimeout(a.timer);
+      let why: string | null = null;
+      if (type === MSG_ERROR) why = `the session agent in the VE could not hand the held shell back: ${text}`;
+      else if (type !== MSG_ATTACHED || fds.length !== 2) why = 'the session agent in the VE answered the re-attach out of turn';
+      else if (!isPtyMaster(fds[0]!)) why = 'the session agent in the VE answered the re-attach without a terminal';
+      else {
+        const o = ptyOrigin(fds[0]!);
+        if (!origin || o.dev !== origin.dev || o.ino !== origin.ino) why = 'the session agent in the VE answered the re-attach with a terminal of another devpts';
+        else if (!fstatSync(fds[1]!).isFIFO()) why = 'the session agent in the VE answered the re-attach without its held output';
+      }
+      if (why) {
+        for (const fd of fds) closeFd(fd);
+        a.reject(new Error(why));
+        session.hangup();
+        return;
+      }
+      setBlocking(fds[0]!, false);
+      a.resolve({ fd: fds[0]!, replay: readHeldOutput(fds[1]!, a.max) });
+    };
     const onMessage = (data: Buffer, fds: number[]) => {
       const type = data.length === MSG_BYTES ? data.readUInt32LE(0) : 0;
       const value = data.length === MSG_BYTES ? data.readInt32LE(4) : 0;
@@ -207,6 +344,7 @@ export function startAgentSession(route: AgentRoute, onExit: (report: ExitReport
           if (tty) {
             setBlocking(fds[0]!, false);
             workerFds = [fds[0]!];
+            origin = ptyOrigin(fds[0]!);
           }
           state = 'running';
           clearTimeout(deadline);
@@ -216,6 +354,10 @@ export function startAgentSession(route: AgentRoute, onExit: (report: ExitReport
         for (const fd of fds) closeFd(fd);
         if (type === MSG_ERROR) failStart(new Error(`the session agent in the VE could not start it: ${agentText(data)}`));
         else failStart(new Error(tty ? 'the session agent in the VE answered without a terminal' : 'the session agent in the VE answered out of turn'));
+        return;
+      }
+      if (attaching && type !== MSG_EXIT) {
+        onAttached(type, fds, agentText(data));
         return;
       }
       for (const fd of fds) closeFd(fd);

@@ -305,6 +305,8 @@ export class BrokerConnection {
     if (refused) throw new Refused(refused.userMessage);
     this.sessionsHeld += 1;
     let counted = true;
+    /** This session's place in the caps went to a held shell: not ours to free any more. */
+    let handedOver = false;
     const release = () => {
       if (!counted) return;
       counted = false;
@@ -380,7 +382,7 @@ export class BrokerConnection {
               // Gone again before it was handed over: held again, not lost.
               taken.holdable.detach(persist.bufferBytes);
               this.deps.heldShells!.hold(result.account.name, login.account.ve, taken, persist, release);
-              counted = false;
+              handedOver = true;
               throw new Refused('the connection is closing');
             }
             taken.holdable.onExit = onExit;
@@ -403,7 +405,7 @@ export class BrokerConnection {
       this.limitSessionTime(r.session, s);
       return { fds: s.fds, pid: s.pid, ...(notice ? { replay: Buffer.from(notice) } : {}) };
     } catch (err) {
-      release();
+      if (!handedOver) release();
       throw err;
     }
   }

@@ -12,6 +12,7 @@ import { closeFd, dupFd } from '../system/fdpass.js';
 import type { VeAccess } from '../ve/access.js';
 import { Admission, normalizeAddress, type AdmissionSettings } from './admission.js';
 import { BrokerConnection, ProtocolViolation, Refused } from './broker-connection.js';
+import { HeldShells } from './held-shells.js';
 import { hostKeySigner } from './host-key-signer.js';
 import { REQUESTS, SignRequest, parseRequest, type BrokerEvent, type Request } from './request-table.js';
 import { WorkerPool, workerCount, type Worker } from './worker-pool.js';
@@ -69,11 +70,14 @@ export class Broker {
   /** Every session id a connection has had (insertion order = age), so that none is ever used twice. */
   private readonly usedSessionIds = new Set<string>();
   readonly caps: UsageCaps;
+  /** Shells of dropped connections held for their account's next login (persistentShells). */
+  private readonly heldShells: HeldShells;
   private closing = false;
   private watchdog: NodeJS.Timeout | null = null;
 
   constructor(private readonly deps: BrokerDeps) {
     this.log = deps.logger.child({ component: 'broker' });
+    this.heldShells = new HeldShells(this.log);
     if (deps.hostKeys.length === 0) {
       throw new VeshError(ErrorCodes.CONFIG_INVALID, 'no host keys: the server cannot identify itself; check hostKeysDir');
     }
@@ -195,6 +199,7 @@ export class Broker {
       maxSessions: this.deps.config.sessions?.maxSessions,
       features: this.deps.config.sessions,
       send: (ev, fds) => this.sendTo(worker, ev, fds),
+      heldShells: this.heldShells,
       onAuthenticated: () => this.admission.leave(adm),
       ...(this.deps.config.timeouts ? { timeouts: this.deps.config.timeouts } : {}),
     }, log);
@@ -302,7 +307,7 @@ export class Broker {
         return { body: c.failure(r) };
       case 'session.open': {
         const s = await c.openSession(r);
-        return { body: { pid: s.pid }, fds: s.fds };
+        return { body: { pid: s.pid, ...(s.replay?.length ? { replay: s.replay.toString('base64') } : {}) }, fds: s.fds };
       }
       case 'session.signal':
         c.signalSession(r);

@@ -29,9 +29,11 @@ import type { TimeoutSettings } from '../config/server-config.js';
  * |                   |                |      | blob that must hold the session id it signed         |
  * | auth.password     | preauth        |      | success (argon2id check, penalties, MaxAuthTries)    |
  * | auth.failure      | preauth        |      | — a failed attempt the worker saw (bad k-i answers)  |
- * | session.open      | authenticated  |      | fds: pty master, or stdin+stdout and stderr sockets  |
+ * | session.open      | authenticated  |      | fds: pty master, or stdin+stdout and stderr sockets; |
+ * |                   |                |      | replay: a held shell's output, re-attached (b64)     |
  * | session.signal    | authenticated  |      | — signal to a session of this connection             |
- * | session.close     | authenticated  |      | — hang it up (SIGHUP, SIGKILL after a grace)          |
+ * | session.close     | authenticated  |      | — hang it up (SIGHUP, SIGKILL after a grace);        |
+ * |                   |                |      | dropped: a persistentShells shell is held instead    |
  * | forward.connect   | authenticated  |      | fd: a socket connected from inside the VE            |
  * | forward.listen    | authenticated  |      | listener id and bound port inside the VE             |
  * | forward.unlisten  | authenticated  |      | — (a TCP or a Unix-socket listener)                  |
@@ -100,7 +102,8 @@ export const REQUESTS = {
   },
   'session.close': {
     states: ['authenticated'], once: false,
-    schema: z.strictObject({ req: z.literal('session.close'), id, conn, session: id }),
+    /** dropped: the channel went with the connection (not closed by the client): a held shell is detached, not hung up. */
+    schema: z.strictObject({ req: z.literal('session.close'), id, conn, session: id, dropped: z.boolean().optional() }),
   },
   'forward.connect': {
     states: ['authenticated'], once: false,

@@ -4,6 +4,7 @@ import type { HostCommand } from '../runtime/types.js';
 import { exitReport, relaySignal, type ExitReport } from '../ssh/exit-status.js';
 import { HANGUP_GRACE_MS, clampPtySize } from '../ssh/limits.js';
 import { closeFd, openPty, reap, setBlocking, setWinsize, socketpair, spawn, watch } from '../system/fdpass.js';
+import type { HoldableTerminal } from './agent-session.js';
 
 /**
  * The broker's half of a session when it cannot ask the VE's session agent
@@ -33,6 +34,8 @@ export interface SpawnedSession {
   signal(sig: NodeJS.Signals): void;
   /** SIGHUP, as a terminal hang-up; SIGKILL to the relay if it is still there after a grace period. */
   hangup(): void;
+  /** Set for a terminal the VE's session agent holds when the connection drops (agent-session.ts); never on the relay path. */
+  holdable?: HoldableTerminal;
 }
 
 /** The relay's own environment (the VE process's travels in its request): a fixed allow list. */

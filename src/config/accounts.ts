@@ -6,6 +6,7 @@ import { z } from 'zod';
 import { ErrorCodes, VeshError, isVeshError } from '../errors.js';
 import type { LimitsInput } from './limits.js';
 import { accountTimeoutsSchema, limitsInputSchema } from './schema.js';
+import { parseDuration, parseSize } from './units.js';
 import { formatProblems, parseYamlWithSchema, type YamlProblem } from './yaml-validate.js';
 import {
   parseExpiryTime, parsePermitListen, parsePermitOpen, parseRuleList, type PermitListenRule, type PermitOpenRule,
@@ -108,6 +109,8 @@ export interface Account {
   timeouts?: AccountTimeouts;
   /** ssh -A for this account (default true, as OpenSSH's AllowAgentForwarding). */
   agentForwarding: boolean;
+  /** Terminal shells survive a dropped connection (persistentShells); absent: off. */
+  persistentShells?: { idleLimitMs: number; bufferBytes: number };
 }
 
 /** accounts.yaml `timeouts:` of one account, parsed. */
@@ -382,6 +385,44 @@ export function parsePublicKeyLine(input: string): AuthorizedKey {
 
 // ---------------------------------------------------------------- the file's schema
 
+/** Defaults of persistentShells: true. */
+const HELD_IDLE_DEFAULT_MS = 60 * 60 * 1000;
+const HELD_BUFFER_DEFAULT = 64 * 1024;
+/** The agent's ring and the replay (base64 in one broker frame) must fit: 128 KiB. */
+const HELD_BUFFER_MAX = 128 * 1024;
+const HELD_IDLE_MAX_MS = 30 * 24 * 60 * 60 * 1000;
+
+function convert<T>(what: string, f: (v: string | number) => T) {
+  return z.union([z.string(), z.number()]).transform((v, ctx) => {
+    try {
+      return f(v);
+    } catch (err) {
+      ctx.addIssue({ code: 'custom', message: `${what}: ${(err as Error).message}` });
+      return z.NEVER;
+    }
+  });
+}
+
+/**
+ * persistentShells: true, or { idleLimit, buffer }: a terminal shell whose
+ * connection drops keeps running, held by the VE's session agent, and the
+ * account's next terminal login takes it up again (src/broker/held-shells.ts).
+ */
+const persistentShellsSchema = z.union([
+  z.boolean(),
+  z.strictObject({
+    idleLimit: convert('idleLimit', (v) => parseDuration(v, 'idleLimit')).refine((ms) => ms >= 1000 && ms <= HELD_IDLE_MAX_MS, {
+      message: 'idleLimit must be between 1s and 720h (how long a detached shell waits for its account before it is hung up)',
+    }).optional(),
+    buffer: convert('buffer', (v) => parseSize(v, 'buffer')).refine((n) => n >= 1024 && n <= HELD_BUFFER_MAX, {
+      message: 'buffer must be between 1K and 128K (the newest output of a detached shell kept for its next login)',
+    }).optional(),
+  }),
+]).transform((v) => (v === false ? undefined : {
+  idleLimitMs: v === true ? HELD_IDLE_DEFAULT_MS : v.idleLimit ?? HELD_IDLE_DEFAULT_MS,
+  bufferBytes: v === true ? HELD_BUFFER_DEFAULT : v.buffer ?? HELD_BUFFER_DEFAULT,
+}));
+
 /** An account-level rule list: rules as in the key options, or "any" / "none" alone. */
 function ruleListSchema<R>(what: string, parse: (text: string, what: string) => R) {
   return z.array(z.string().max(300)).max(1000).transform((list, ctx) => {
@@ -415,6 +456,7 @@ const accountSchema = z.strictObject({
   permitOpen: ruleListSchema('permitOpen', parsePermitOpen),
   permitListen: ruleListSchema('permitListen', parsePermitListen),
   agentForwarding: z.boolean().optional(),
+  persistentShells: persistentShellsSchema.optional(),
 });
 
 /**
@@ -490,6 +532,7 @@ export function parseAccounts(file: string, text: string): Map<string, Account> 
     if (a?.permitOpen?.rules !== undefined) account.permitOpen = a.permitOpen.rules;
     if (a?.permitListen?.rules !== undefined) account.permitListen = a.permitListen.rules;
     if (a?.timeouts) account.timeouts = a.timeouts;
+    if (a?.persistentShells) account.persistentShells = a.persistentShells;
     out.set(name, account);
   }
   return out;

@@ -92,7 +92,29 @@
 #define TTY_GID 5
 #define AGENT_NAME "vesh-agent"
 
-enum { MSG_STARTED = 1, MSG_EXIT = 2, MSG_ERROR = 3, MSG_SIGNAL = 4 };
+enum { MSG_STARTED = 1, MSG_EXIT = 2, MSG_ERROR = 3, MSG_SIGNAL = 4, MSG_DETACH = 5, MSG_ATTACH = 6, MSG_ATTACHED = 7 };
+
+/*
+ * Held terminals (shells that survive a dropped connection). A request whose
+ * `tty` has TTY_HOLD set makes the agent keep its own copy of the terminal's
+ * master for as long as the host's connection for it lasts, so the worker's
+ * copy going away (its client's TCP gone, the worker killed) is no hang-up.
+ * The broker then decides:
+ *   MSG_DETACH (value: buffer bytes)  nobody reads the terminal now: the
+ *       agent reads it into a buffer that keeps the newest bytes (as a
+ *       terminal's scrollback), so the program never blocks on output;
+ *   MSG_ATTACH (value: rows << 16 | cols)  a new client takes it: the agent
+ *       stops reading, answers MSG_ATTACHED with [master, a pipe holding the
+ *       buffered output], sets the new window size and sends SIGWINCH to the
+ *       terminal's foreground process group so full-screen programs repaint;
+ *   MSG_SIGNAL SIGHUP  a hang-up: the agent lets its copy go first, so the
+ *       terminal hangs up as any other once the last copy closes.
+ * A host connection that closes ends the hold the same way: only the broker
+ * that held the connection could re-attach the terminal.
+ */
+#define TTY_HOLD 2u
+#define HOLD_MIN 1024u
+#define HOLD_MAX (1024u * 1024u)
 
 /*
  * "Deliver SIGKILL": a signal the relay can catch, sent by the SSH server in
@@ -125,7 +147,7 @@ static void die(const char *what) {
   exit(255);
 }
 
-static int send_msg(int fd, uint32_t type, int32_t value, const char *text, int pass_fd) {
+static int send_msg_fds(int fd, uint32_t type, int32_t value, const char *text, const int *pass, int npass) {
   struct msg m;
   memset(&m, 0, sizeof m);
   m.type = type;
@@ -134,10 +156,14 @@ static int send_msg(int fd, uint32_t type, int32_t value, const char *text, int 
   struct iovec iov = { &m, sizeof m };
   union fd_cmsg u;
   struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-  if (pass_fd >= 0) attach_fds(&mh, &u, &pass_fd, 1);
+  if (npass > 0) attach_fds(&mh, &u, pass, npass);
   ssize_t n;
   do n = sendmsg(fd, &mh, MSG_NOSIGNAL); while (n < 0 && errno == EINTR);
   return n == (ssize_t)sizeof m ? 0 : -1;
+}
+
+static int send_msg(int fd, uint32_t type, int32_t value, const char *text, int pass_fd) {
+  return send_msg_fds(fd, type, value, text, &pass_fd, pass_fd >= 0 ? 1 : 0);
 }
 
 /* Receive one message; up to `maxfds` passed descriptors land in fds (the rest, if any, are closed). */
@@ -204,14 +230,117 @@ static int cmd_listen(int argc, char **argv) {
 struct conn {
   int fd;
   pid_t pid; /* 0 until a process was started */
+  int master; /* our copy of a holdable terminal's master, or -1 */
+  int held; /* detached: we read the terminal into ring */
+  int master_eof; /* the VE side of the terminal is closed: nothing more to read */
+  char *ring;
+  size_t cap, start, len;
 };
 
 static struct conn conns[MAX_CONNS];
 static int nconns;
 
+static void let_go_of_terminal(struct conn *c) {
+  if (c->master >= 0) close(c->master);
+  c->master = -1;
+  c->held = 0;
+  free(c->ring);
+  c->ring = NULL;
+  c->cap = c->start = c->len = 0;
+}
+
 static void drop_conn(int i) {
   close(conns[i].fd);
+  let_go_of_terminal(&conns[i]);
   conns[i] = conns[--nconns];
+}
+
+/* Keep the newest `cap` bytes: what does not fit pushes out the oldest. */
+static void ring_put(struct conn *c, const char *data, size_t n) {
+  if (n >= c->cap) {
+    memcpy(c->ring, data + n - c->cap, c->cap);
+    c->start = 0;
+    c->len = c->cap;
+    return;
+  }
+  size_t end = (c->start + c->len) % c->cap;
+  size_t first = n < c->cap - end ? n : c->cap - end;
+  memcpy(c->ring + end, data, first);
+  memcpy(c->ring, data + first, n - first);
+  c->len += n;
+  if (c->len > c->cap) {
+    c->start = (c->start + c->len - c->cap) % c->cap;
+    c->len = c->cap;
+  }
+}
+
+static void detach_terminal(struct conn *c, int32_t bytes) {
+  if (c->master < 0 || c->held) return;
+  size_t cap = bytes < (int32_t)HOLD_MIN ? HOLD_MIN : (uint32_t)bytes > HOLD_MAX ? HOLD_MAX : (size_t)bytes;
+  c->ring = malloc(cap);
+  if (!c->ring) {
+    /* No room to hold it (the VE's memory limit): hang it up as the terminal's end would. */
+    let_go_of_terminal(c);
+    kill(c->pid, SIGHUP);
+    return;
+  }
+  c->cap = cap;
+  c->start = c->len = 0;
+  c->held = 1;
+  c->master_eof = 0;
+  fcntl(c->master, F_SETFL, fcntl(c->master, F_GETFL) | O_NONBLOCK);
+}
+
+static void read_held_terminal(struct conn *c) {
+  char tmp[16384];
+  for (int rounds = 0; rounds < 16; rounds++) {
+    ssize_t r = read(c->master, tmp, sizeof tmp);
+    if (r > 0) {
+      ring_put(c, tmp, (size_t)r);
+      continue;
+    }
+    /* EIO: every slave descriptor is closed (the process is ending). */
+    if (r == 0 || (errno != EAGAIN && errno != EINTR)) c->master_eof = 1;
+    return;
+  }
+}
+
+/* Hand the held terminal to a new client: [master, buffered output], then the redraw. */
+static void attach_terminal(struct conn *c, int32_t size) {
+  if (!c->held) {
+    send_msg(c->fd, MSG_ERROR, EINVAL, "no held terminal on this connection", -1);
+    return;
+  }
+  int p[2];
+  if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0) {
+    send_msg(c->fd, MSG_ERROR, errno, "cannot make a pipe for the held output", -1);
+    return;
+  }
+  if (c->len > 65536) fcntl(p[1], F_SETPIPE_SZ, (int)c->len);
+  /* What does not fit the pipe (pipe-user-pages-soft reached) is the oldest part: skip it. */
+  long psize = fcntl(p[1], F_GETPIPE_SZ);
+  size_t fit = psize > 0 ? (size_t)psize : 65536;
+  size_t skip = c->len > fit ? c->len - fit : 0;
+  size_t first_off = (c->start + skip) % c->cap, left = c->len - skip;
+  size_t first = left < c->cap - first_off ? left : c->cap - first_off;
+  if (first && write(p[1], c->ring + first_off, first) < 0) { /* the pipe took what it could */ }
+  if (left > first && write(p[1], c->ring, left - first) < 0) { /* likewise */ }
+  close(p[1]);
+  free(c->ring);
+  c->ring = NULL;
+  c->cap = c->start = c->len = 0;
+  c->held = 0;
+  struct winsize old, ws = { .ws_row = (unsigned short)((uint32_t)size >> 16), .ws_col = (unsigned short)(size & 0xffff) };
+  int known = ioctl(c->master, TIOCGWINSZ, &old) == 0;
+  if (ws.ws_row && ws.ws_col) ioctl(c->master, TIOCSWINSZ, &ws);
+  /* An unchanged size makes no SIGWINCH of its own; the program must still repaint for the new client. */
+  if (!ws.ws_row || !ws.ws_col || (known && old.ws_row == ws.ws_row && old.ws_col == ws.ws_col)) {
+    pid_t fg = tcgetpgrp(c->master);
+    if (fg > 0) kill(-fg, SIGWINCH);
+  }
+  int pass[2] = { c->master, p[0] };
+  send_msg_fds(c->fd, MSG_ATTACHED, c->pid, NULL, pass, 2);
+  close(p[0]);
 }
 
 /* In the forked child: become the session process or die with a message on its stderr. */
@@ -290,13 +419,15 @@ static char *next_str(char *buf, size_t n, size_t *off) {
 }
 
 /* Parse and run one request; returns the started pid, or -1 after telling the client why not. */
-static pid_t start_request(int conn, char *buf, ssize_t n, int truncated, int *fds, int nfds) {
+static pid_t start_request(int conn, char *buf, ssize_t n, int truncated, int *fds, int nfds, int *kept_master) {
   struct req_head h;
   if (truncated || n < (ssize_t)sizeof h) {
     send_msg(conn, MSG_ERROR, EMSGSIZE, "request too large or malformed", -1);
     return -1;
   }
   memcpy(&h, buf, sizeof h);
+  int hold = (h.tty & TTY_HOLD) != 0;
+  h.tty &= 1;
   if (h.magic != MAGIC || h.ngroups > MAX_GROUPS || h.nargv < 1 || h.nargv > 65536 || h.nenv > 65536 ||
       (!h.tty && nfds != 3)) {
     send_msg(conn, MSG_ERROR, EINVAL, "malformed request", -1);
@@ -346,7 +477,8 @@ static pid_t start_request(int conn, char *buf, ssize_t n, int truncated, int *f
     return -1;
   }
   send_msg(conn, MSG_STARTED, pid, NULL, master);
-  if (master >= 0) close(master);
+  if (master >= 0 && hold) *kept_master = master;
+  else if (master >= 0) close(master);
   return pid;
 bad:
   send_msg(conn, MSG_ERROR, EINVAL, "malformed request", -1);
@@ -383,12 +515,21 @@ static int cmd_agent(char **argv, char **envp) {
   if (sfd < 0) die("signalfd");
 
   static char buf[REQ_MAX + 1];
-  struct pollfd pfd[MAX_CONNS + 2];
+  static struct pollfd pfd[2 * MAX_CONNS + 2];
+  static int mpos[MAX_CONNS];
   for (;;) {
     pfd[0] = (struct pollfd){ .fd = lfd, .events = nconns < MAX_CONNS ? POLLIN : 0 };
     pfd[1] = (struct pollfd){ .fd = sfd, .events = POLLIN };
     for (int i = 0; i < nconns; i++) pfd[2 + i] = (struct pollfd){ .fd = conns[i].fd, .events = POLLIN };
-    int nready = poll(pfd, (nfds_t)(2 + nconns), -1);
+    int np = 2 + nconns;
+    for (int i = 0; i < nconns; i++) {
+      mpos[i] = -1;
+      if (conns[i].held && !conns[i].master_eof) {
+        mpos[i] = np;
+        pfd[np++] = (struct pollfd){ .fd = conns[i].master, .events = POLLIN };
+      }
+    }
+    int nready = poll(pfd, (nfds_t)np, -1);
     if (nready < 0) {
       if (errno == EINTR) continue;
       die("poll");
@@ -411,22 +552,38 @@ static int cmd_agent(char **argv, char **envp) {
     /* Walk connections from the end: drop_conn moves the last one into the hole. */
     int polled = nconns;
     for (int i = polled - 1; i >= 0; i--) {
+      if (pfd[2 + i].fd != conns[i].fd) continue;
+      if (mpos[i] >= 0 && conns[i].held && pfd[mpos[i]].fd == conns[i].master &&
+          (pfd[mpos[i]].revents & (POLLIN | POLLHUP | POLLERR)))
+        read_held_terminal(&conns[i]);
       short re = pfd[2 + i].revents;
-      if (!re || pfd[2 + i].fd != conns[i].fd) continue;
+      if (!re) continue;
       int fds[3], nfds = 0, trunc = 0;
       ssize_t n = recv_with_fds(conns[i].fd, buf, REQ_MAX, fds, 3, &nfds, &trunc);
       if (n <= 0) {
         /* The host side went away: the process, if any, goes on (it has its own stdio). */
         if (n == 0 || (errno != EAGAIN && errno != EINTR)) drop_conn(i);
       } else if (conns[i].pid == 0) {
-        pid_t pid = start_request(conns[i].fd, buf, n, trunc, fds, nfds);
+        int kept = -1;
+        pid_t pid = start_request(conns[i].fd, buf, n, trunc, fds, nfds, &kept);
         if (pid < 0) drop_conn(i);
-        else conns[i].pid = pid;
+        else {
+          conns[i].pid = pid;
+          conns[i].master = kept;
+        }
       } else {
         struct msg m;
         if (n >= (ssize_t)sizeof m) {
           memcpy(&m, buf, sizeof m);
-          if (m.type == MSG_SIGNAL && m.value > 0 && m.value < NSIG) kill(conns[i].pid, m.value);
+          if (m.type == MSG_SIGNAL && m.value > 0 && m.value < NSIG) {
+            /* A hang-up: our copy must not keep the terminal from hanging up. */
+            if (m.value == SIGHUP) let_go_of_terminal(&conns[i]);
+            kill(conns[i].pid, m.value);
+          } else if (m.type == MSG_DETACH) {
+            detach_terminal(&conns[i], m.value);
+          } else if (m.type == MSG_ATTACH) {
+            attach_terminal(&conns[i], m.value);
+          }
         }
       }
       /* The child has its copies of the passed descriptors by now. */
@@ -440,7 +597,7 @@ static int cmd_agent(char **argv, char **envp) {
           close(c);
           break;
         }
-        conns[nconns++] = (struct conn){ .fd = c, .pid = 0 };
+        conns[nconns++] = (struct conn){ .fd = c, .pid = 0, .master = -1 };
       }
     }
   }

@@ -181,6 +181,7 @@ export class SshConnection {
       agent: this.agent,
       log: this.log,
       noisy: this.noisy,
+      transportGone: () => this.socket.destroyed,
     }, () => {
       if (this.sessions.delete(id)) this.releaseChannel(true);
     });

@@ -44,6 +44,8 @@ export interface SshAccount {
   timeouts?: AccountTimeouts;
   /** Whether ssh -A is allowed for this account (absent: yes). */
   agentForwarding?: boolean;
+  /** Shells that survive a dropped connection (accounts.yaml persistentShells); absent: off. */
+  persistentShells?: { idleLimitMs: number; bufferBytes: number };
 }
 
 export type PasswordResult<A extends SshAccount> = { ok: true; account: A } | { ok: false };

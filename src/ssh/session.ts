@@ -25,6 +25,8 @@ export interface SessionContext {
   log: Logger;
   /** For lines a client can cause at will (refusals, clamps, signals): capped per connection. */
   noisy: Pick<CappedLog, 'info'>;
+  /** Whether the connection's socket is gone: then a closing channel was dropped, not closed by the client. */
+  transportGone?: () => boolean;
 }
 
 type StartKind = 'shell' | 'exec' | 'subsystem';
@@ -84,7 +86,7 @@ export class SessionChannel {
     this.closed = true;
     // The broker hangs the process up (SIGHUP, then SIGKILL); a process that
     // never started (VE still booting) will not start now.
-    if (this.kind) this.ctx.broker.closeSession(this.ctx.id);
+    if (this.kind) this.ctx.broker.closeSession(this.ctx.id, this.ctx.transportGone?.() ?? false);
     if (this.proc) this.proc.close();
     this.resolveDone();
     this.onClosed();
@@ -191,13 +193,14 @@ export class SessionChannel {
     // An agent request still on its way: the broker gives the session SSH_AUTH_SOCK only once the socket is there.
     await this.ctx.agent?.pending;
     let fds: number[];
+    let replay: Buffer | undefined;
     try {
-      fds = await this.ctx.broker.openSession({
+      ({ fds, replay } = await this.ctx.broker.openSession({
         session: this.ctx.id, kind, env,
         ...(kind === 'exec' ? { command: detail } : {}),
         ...(kind === 'subsystem' ? { subsystem: detail } : {}),
         ...(this.pty && size ? { pty: { term: this.pty.term, cols: size.cols, rows: size.rows } } : {}),
-      });
+      }));
     } catch (err) {
       if (!(err instanceof BrokerRefusal)) this.ctx.log.error({ event: 'ssh.session_spawn_failed', err: errorMessage(err) });
       const msg = err instanceof BrokerRefusal ? err.message : isVeshError(err) ? err.userMessage : 'The server could not start your session.';
@@ -211,6 +214,8 @@ export class SessionChannel {
     const log = this.ctx.log;
     const onExit = (report: ExitReport) => void this.finish(report);
     if (this.pty) {
+      // A re-attached held shell: what it wrote while nobody was there, before anything it writes now.
+      if (replay?.length) channel.write(replay);
       this.proc = ptyProcess(fds[0]!, channel, onExit);
     } else if (kind === 'subsystem') {
       this.proc = pipeProcess(fds, channel, (report) => {

@@ -91,17 +91,19 @@ export class ConnectionBroker {
     return r.body.disconnect === true;
   }
 
-  async openSession(spec: { session: number; kind: 'shell' | 'exec' | 'subsystem'; command?: string; subsystem?: string; pty?: { term: string; cols: number; rows: number }; env: Record<string, string> }): Promise<number[]> {
+  /** The session's descriptors, and a re-attached held shell's output to show first (`replay`). */
+  async openSession(spec: { session: number; kind: 'shell' | 'exec' | 'subsystem'; command?: string; subsystem?: string; pty?: { term: string; cols: number; rows: number }; env: Record<string, string> }): Promise<{ fds: number[]; replay?: Buffer }> {
     const r = await this.client.request('session.open', this.conn, spec);
-    return r.fds;
+    return { fds: r.fds, ...(typeof r.body.replay === 'string' ? { replay: Buffer.from(r.body.replay, 'base64') } : {}) };
   }
 
   signal(session: number, signal: string): Promise<unknown> {
     return this.client.request('session.signal', this.conn, { session, signal });
   }
 
-  closeSession(session: number): void {
-    this.client.request('session.close', this.conn, { session }).catch(() => undefined);
+  /** dropped: the channel went with the connection, not closed by the client (a persistentShells shell is held). */
+  closeSession(session: number, dropped = false): void {
+    this.client.request('session.close', this.conn, { session, ...(dropped ? { dropped } : {}) }).catch(() => undefined);
   }
 
   async forwardConnect(host: string, port: number): Promise<number> {

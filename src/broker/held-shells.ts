@@ -1,0 +1,103 @@
+import type { Logger } from '../audit/logger.js';
+import type { ExitReport } from '../ssh/exit-status.js';
+import type { SpawnedSession } from './session-spawn.js';
+
+/** The account's persistentShells setting as the broker applies it. */
+export interface PersistentShells {
+  /** A detached shell is hung up after this long without a client (ms). */
+  idleLimitMs: number;
+  /** Newest bytes of its output kept while detached. */
+  bufferBytes: number;
+}
+
+interface Held {
+  session: SpawnedSession;
+  detachedAt: number;
+  idleTimer: NodeJS.Timeout;
+  /** Frees the session's place in the account's caps (once). */
+  release: () => void;
+}
+
+/**
+ * Shells whose connection dropped, held by their VE's session agent until
+ * the account logs in again with a terminal (then the newest is re-attached)
+ * or the idle limit hangs them up. Keyed by the account and the VE the
+ * broker authenticated, never by anything a worker sends: a worker can only
+ * ask "a shell for this connection", and gets one of its own account's.
+ *
+ * A held shell keeps its place in the account's session caps
+ * (sessions.maxSessionsPerAccount, maxSessionsTotal) until it ends, and its
+ * terminal stays one of its VE's devpts (ptysPerVe): holding shells cannot
+ * get round either. The broker's socket to the agent is all it holds on the
+ * host; when the broker goes, the agent hangs the shells up.
+ */
+export class HeldShells {
+  private readonly held = new Map<string, Held[]>();
+
+  constructor(private readonly log: Logger) {}
+
+  private key(account: string, ve: string): string {
+    return `${account}\0${ve}`;
+  }
+
+  /** Hold `session` (already detached at the agent) for `account` in `ve`. */
+  hold(account: string, ve: string, session: SpawnedSession, settings: PersistentShells, release: () => void): void {
+    const h = session.holdable;
+    if (!h) {
+      session.hangup();
+      release();
+      return;
+    }
+    const key = this.key(account, ve);
+    const entry: Held = {
+      session,
+      detachedAt: Date.now(),
+      release,
+      idleTimer: setTimeout(() => {
+        this.log.info({ event: 'ssh.shell_idle_hangup', account, ve, pid: session.pid, idleLimitMs: settings.idleLimitMs });
+        // Its end (below) removes it and frees its place.
+        session.hangup();
+      }, settings.idleLimitMs),
+    };
+    entry.idleTimer.unref();
+    h.onExit = (report: ExitReport) => {
+      this.remove(key, entry);
+      release();
+      this.log.info({ event: 'ssh.shell_held_end', account, ve, pid: session.pid, heldMs: Date.now() - entry.detachedAt, ...(report.kind === 'status' ? { exitStatus: report.code } : { exitSignal: report.signal }) });
+    };
+    const list = this.held.get(key) ?? [];
+    list.push(entry);
+    this.held.set(key, list);
+    this.log.info({ event: 'ssh.shell_detached', account, ve, pid: session.pid, bufferBytes: settings.bufferBytes, idleLimitMs: settings.idleLimitMs });
+  }
+
+  /**
+   * The newest held shell of `account` in `ve`, taken out of the registry
+   * (its idle timer stopped, its place in the caps freed: the caller's new
+   * session holds one), or null.
+   */
+  take(account: string, ve: string): SpawnedSession | null {
+    const key = this.key(account, ve);
+    const list = this.held.get(key);
+    const entry = list?.pop();
+    if (!list?.length) this.held.delete(key);
+    if (!entry) return null;
+    clearTimeout(entry.idleTimer);
+    entry.release();
+    return entry.session;
+  }
+
+  /** How many shells `account` has held in `ve`. */
+  count(account: string, ve: string): number {
+    return this.held.get(this.key(account, ve))?.length ?? 0;
+  }
+
+  private remove(key: string, entry: Held): void {
+    clearTimeout(entry.idleTimer);
+    const list = this.held.get(key);
+    if (!list) return;
+    const i = list.indexOf(entry);
+    if (i >= 0) list.splice(i, 1);
+    if (!list.length) this.held.delete(key);
+  }
+}
