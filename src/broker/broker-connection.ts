@@ -177,7 +177,7 @@ export class BrokerConnection {
     const ok = !!found && bound && this.deps.authenticator.verifySignature(found.key, blob, Buffer.from(r.signature, 'base64'), r.hashAlgo);
     if (ok && found) {
       const cert = found.key.certificate;
-      this.audit('success', 'publickey', r.user, { account: found.account.name, fingerprint, algo: r.algo, ...(cert ? { keyId: cert.keyId, serial: cert.serial, ca: cert.caFingerprint } : {}) });
+      this.audit('success', 'publickey', r.user, { account: found.account.name, fingerprint, algo: r.algo, ...(cert ? { fingerprint: found.key.fingerprint, keyId: cert.keyId, serial: cert.serial, ca: cert.caFingerprint } : {}) });
       return { success: true, grant: this.succeed({ account: found.account, key: found.key, method: 'publickey' }) };
     }
     this.audit('failure', 'publickey', r.user, { account: found?.account.name, fingerprint, algo: r.algo, ...(found && !bound ? { reason: 'signed data does not name this connection' } : {}) });
