@@ -74,7 +74,8 @@ interface Ssh2Internals {
 
 /** A channel's two halves as ssh2 keeps them: Session (before shell/exec) and Channel share these objects. */
 interface ChanInfo {
-  type: string;
+  /** Unset by ssh2 for channels the client opened other than sessions (direct-tcpip…): see `openedAs`. */
+  type: string | undefined;
   incoming: { id: number; state: string };
   outgoing: { id: number; state: string };
 }
@@ -84,9 +85,12 @@ function infoOf(entry: unknown): ChanInfo | null {
   if (typeof entry !== 'object' || entry === null) return null;
   const e = entry as { _chanInfo?: ChanInfo; type?: string; incoming?: ChanInfo['incoming']; outgoing?: ChanInfo['outgoing'] };
   if (e._chanInfo) return e._chanInfo;
-  if (typeof e.type === 'string' && e.incoming && e.outgoing) return e as ChanInfo;
+  if (e.incoming && e.outgoing) return e as ChanInfo;
   return null;
 }
+
+/** Channel types remembered before those of closed channels are dropped (MAX_CHANNELS_PER_CONNECTION is 128). */
+const MAX_REMEMBERED_OPENS = 512;
 
 /** Shortest and longest pause between two looks at the channels. */
 const SWEEP_MIN_MS = 250;
@@ -105,6 +109,8 @@ export class ConnectionTimeouts {
   private readonly lastUsed = new WeakMap<object, number>();
   /** Client's channel id → our `incoming` object, for data we send (ssh2 addresses it by the client's id). */
   private byRemote = new Map<number, object>();
+  /** The type each channel the client opened was asked for, by the client's channel id (ssh2 keeps it only for sessions). */
+  private readonly openedAs = new Map<number, string>();
   private unusedSince: number | null = null;
   private stopped = false;
 
@@ -177,6 +183,13 @@ export class ConnectionTimeouts {
   private trackChannelData(): void {
     const proto = this.internals._protocol;
     const handlers = proto._handlers;
+    const open = handlers.CHANNEL_OPEN;
+    handlers.CHANNEL_OPEN = (p: unknown, info: unknown) => {
+      const i = info as { sender: number; type: string };
+      if (this.openedAs.size >= MAX_REMEMBERED_OPENS) this.forgetClosedOpens();
+      this.openedAs.set(i.sender, String(i.type).slice(0, 64));
+      return open?.(p, info);
+    };
     const touchLocal = (local: unknown) => {
       const info = typeof local === 'number' ? infoOf(this.channelEntry(local)) : null;
       if (info) this.lastUsed.set(info.incoming, Date.now());
@@ -225,6 +238,16 @@ export class ConnectionTimeouts {
     }
   }
 
+  /** Keep the types of channels still open only (a client may open and close channels without end). */
+  private forgetClosedOpens(): void {
+    const live = new Set<number>();
+    for (const entry of Object.values(this.internals._chanMgr._channels)) {
+      const info = infoOf(entry);
+      if (info) live.add(info.outgoing.id);
+    }
+    for (const id of this.openedAs.keys()) if (!live.has(id)) this.openedAs.delete(id);
+  }
+
   private sweep(): void {
     if (this.stopped) return;
     const now = Date.now();
@@ -244,15 +267,16 @@ export class ConnectionTimeouts {
     const global = limits.global ?? 0;
     const lastAny = Math.max(0, ...open.map((c) => c.last));
     for (const c of open) {
-      const own = limits[c.info.type as ChannelTimeoutType] ?? 0;
-      if (own > 0 && now - c.last >= own) this.closeIdle(c.entry, c.info, now - c.last, own, c.info.type);
-      else if (global > 0 && now - lastAny >= global) this.closeIdle(c.entry, c.info, now - lastAny, global, 'global');
+      const type = c.info.type ?? this.openedAs.get(c.info.outgoing.id) ?? 'unknown';
+      const own = limits[type as ChannelTimeoutType] ?? 0;
+      if (own > 0 && now - c.last >= own) this.closeIdle(c.entry, c.info, type, now - c.last, own, type);
+      else if (global > 0 && now - lastAny >= global) this.closeIdle(c.entry, c.info, type, now - lastAny, global, 'global');
     }
     this.checkUnused(now);
   }
 
-  private closeIdle(entry: unknown, info: ChanInfo, idleMs: number, limitMs: number, setting: string): void {
-    this.log.info({ event: 'ssh.channel_timeout', channel: info.incoming.id, type: info.type, idleMs, setting: `channelTimeout.${setting}`, limitMs },
+  private closeIdle(entry: unknown, info: ChanInfo, type: string, idleMs: number, limitMs: number, setting: string): void {
+    this.log.info({ event: 'ssh.channel_timeout', channel: info.incoming.id, type, idleMs, setting: `channelTimeout.${setting}`, limitMs },
       `channel ${info.incoming.id}: closing after ${Math.round(idleMs / 1000)} seconds of inactivity`);
     const ch = entry as { close?: () => void; _chanInfo?: ChanInfo };
     try {
