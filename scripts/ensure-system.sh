@@ -28,6 +28,14 @@ declare -A VESH_TEST_PKGS=(
   [rsync]=rsync
   [git]=git
   [tmux]=tmux
+  # test/interop: SSH clients other than OpenSSH's (curl's SFTP is libssh2's)
+  [dbclient]=dropbear-bin
+  [dropbearconvert]=dropbear-bin
+  [plink]=putty-tools
+  [pscp]=putty-tools
+  [psftp]=putty-tools
+  [puttygen]=putty-tools
+  [curl]=curl
 )
 
 ensure_system() {
@@ -46,6 +54,11 @@ ensure_system() {
   if [ "$want" = test ]; then
     for cmd in "${!VESH_TEST_PKGS[@]}"; do
       command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${VESH_TEST_PKGS[$cmd]}")
+    done
+    # test/interop drives these Python SSH libraries with Debian's own python3.
+    local mod
+    for mod in paramiko asyncssh; do
+      /usr/bin/python3 -c "import $mod" >/dev/null 2>&1 || missing+=("python3-$mod")
     done
   fi
   if [ "${#missing[@]}" -eq 0 ]; then
