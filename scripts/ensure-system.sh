@@ -60,6 +60,8 @@ ensure_system() {
     for mod in paramiko asyncssh; do
       /usr/bin/python3 -c "import $mod" >/dev/null 2>&1 || missing+=("python3-$mod")
     done
+    # test/interop builds its libssh client against the library's headers.
+    [ -e /usr/include/libssh/libssh.h ] || missing+=(libssh-dev)
   fi
   if [ "${#missing[@]}" -eq 0 ]; then
     return 0

@@ -26,6 +26,7 @@ const PUTTY = versionOf('plink', ['-V'], /plink: (Release \S+)/);
 const PARAMIKO = versionOf(DEBIAN_PYTHON, ['-c', 'import paramiko; print("paramiko " + paramiko.__version__)'], /(paramiko \S+)/);
 const ASYNCSSH = versionOf(DEBIAN_PYTHON, ['-W', 'ignore', '-c', 'import asyncssh; print("AsyncSSH " + asyncssh.__version__)'], /(AsyncSSH \S+)/);
 const LIBSSH2 = versionOf('curl', ['-V'], /(libssh2\/\S+)/);
+const LIBSSH = versionOf('dpkg-query', ['-W', '-f', 'libssh ${Version}\\n', 'libssh-dev'], /^(libssh \S+)/m);
 
 const EXEC_CMD = 'echo to-out; echo to-err >&2; exit 7';
 
@@ -197,10 +198,14 @@ describe('vesh serve: clients other than OpenSSH', () => {
     });
   });
 
-  /** Runs one of the Python drivers in this directory and returns what it printed. */
-  const python = async (script: string, key: ClientKey, name: string) => {
+  /**
+   * Runs one of the library drivers in this directory (each logs in, runs
+   * the exec and the terminal, and puts and gets /root/NAME.bin) and checks
+   * what it printed and moved.
+   */
+  const driver = async (command: string[], key: ClientKey, name: string) => {
     const back = path.join(work, `${name}.back`);
-    const r = await run(DEBIAN_PYTHON, ['-W', 'ignore', path.join(HERE, script), String(serve.port), 'alice', key.file, knownHosts, payloadFile, back]);
+    const r = await run(command[0]!, [...command.slice(1), String(serve.port), 'alice', key.file, knownHosts, payloadFile, back]);
     expect(r.code, r.stderr).toBe(0);
     const out = JSON.parse(r.stdout) as { exec: { stdout: string; stderr: string; status: number }; pty: { output: string; status: number } };
     expect(out.exec).toEqual({ stdout: 'to-out\n', stderr: 'to-err\n', status: 7 });
@@ -211,11 +216,17 @@ describe('vesh serve: clients other than OpenSSH', () => {
   };
 
   it(`${PARAMIKO}: ECDSA key login (host key checked), exec with exit status, terminal, SFTP both ways`, async () => {
-    await python('paramiko-client.py', ecKey, 'paramiko');
+    await driver([DEBIAN_PYTHON, '-W', 'ignore', path.join(HERE, 'paramiko-client.py')], ecKey, 'paramiko');
   });
 
   it(`${ASYNCSSH}: ed25519 key login (host key checked), exec with exit status, terminal, SFTP both ways`, async () => {
-    await python('asyncssh-client.py', edKey, 'asyncssh');
+    await driver([DEBIAN_PYTHON, '-W', 'ignore', path.join(HERE, 'asyncssh-client.py')], edKey, 'asyncssh');
+  });
+
+  it(`${LIBSSH} (a small C client built against it here): ed25519 key login (host key checked), exec with exit status, terminal, SFTP both ways`, async () => {
+    const bin = path.join(work, 'libssh-client');
+    execFileSync('gcc', ['-O2', '-Wall', '-Wextra', '-Werror', '-o', bin, path.join(HERE, 'libssh-client.c'), '-lssh']);
+    await driver([bin], edKey, 'libssh');
   });
 
   it(`curl with ${LIBSSH2}: key login (host key pinned by SHA256) and SFTP both ways`, async () => {
