@@ -34,10 +34,26 @@ function openAllowed(rules: readonly PermitOpenRule[], host: string, port: numbe
   return rules.some((r) => (r.port === '*' || r.port === port) && (r.host === '*' || r.host === host));
 }
 
+/**
+ * The names a listen address answers to. The worker hands us the address
+ * the helper binds (src/ssh/forward-protocol.ts listenHostFor: the
+ * "localhost" OpenSSH sends for a bare `-R PORT:…` becomes 127.0.0.1, ""
+ * and "*" become 0.0.0.0), so a rule naming what the client sent must
+ * still match: loopback answers to "localhost" too, every-address to ""
+ * and "*". (OpenSSH tells "localhost" from an explicit 127.0.0.1; both bind
+ * the same loopback here, so matching either grants nothing more.)
+ */
+function listenNames(host: string): string[] {
+  const h = host.toLowerCase();
+  if (h === '127.0.0.1' || h === '::1' || h === 'localhost') return [h, 'localhost'];
+  if (h === '0.0.0.0' || h === '::' || h === '' || h === '*') return [h, '', '*'];
+  return [h];
+}
+
 function listenAllowed(rules: readonly PermitListenRule[], host: string, port: number): boolean {
   // OpenSSH's remote_open_match: the host as a pattern, case-insensitively.
-  const h = host.toLowerCase();
-  return rules.some((r) => (r.port === '*' || r.port === port) && r.hostPattern.test(h));
+  const names = listenNames(host);
+  return rules.some((r) => (r.port === '*' || r.port === port) && names.some((n) => r.hostPattern.test(n)));
 }
 
 const describeOpen = (rules: readonly PermitOpenRule[]) => (rules.length === 0 ? 'none' : rules.map((r) => r.text).join(', '));

@@ -354,6 +354,9 @@ describe('key options and account rules for forwarding', () => {
     expect(permitOpenRefusal({ forwarding: true }, key, 'localhost', 80)).toMatch(/key option permitopen/);
     expect(permitListenRefusal(account, key, 'LOCALHOST', 8080)).toBeNull();
     expect(permitListenRefusal(account, key, '0.0.0.0', 8080)).toBe('key option permitlisten (localhost:8080)');
+    // The worker binds "localhost" as 127.0.0.1: a rule naming localhost still matches it, not 0.0.0.0.
+    expect(permitListenRefusal(account, key, '127.0.0.1', 8080)).toBeNull();
+    expect(permitListenRefusal({ forwarding: true, permitListen: [parsePermitListen('127.0.0.1:*')] }, null, '0.0.0.0', 1)).toMatch(/account permitListen/);
     expect(permitListenRefusal({ forwarding: true, permitListen: [] }, null, 'localhost', 8080)).toBe('account permitListen (none)');
     expect(forwardingRefusal({ forwarding: true }, { options: { noPortForwarding: false }, certificate: { extensions: new Set(['permit-pty']) } })).toBe('certificate without permit-port-forwarding');
     expect(forwardingRefusal({ forwarding: false }, null)).toBe('forwarding is off for this account');
