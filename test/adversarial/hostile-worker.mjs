@@ -203,6 +203,19 @@ const attacks = {
     for (const a of answers) for (const fd of a.fds) closeFd(fd);
     report({ step: 'burst', ok: answers.filter((a) => a.ok).length, refused: answers.filter((a) => !a.ok).map((a) => a.error) });
   },
+  /**
+   * A terminal shell for the account it logged in as (args.user), asked as
+   * a worker that wants someone else's held shell would: the request has no
+   * field to name one, so it reports what the broker handed back (the pid,
+   * any replayed "held output") for the test to compare with the victim's.
+   */
+  async 'shell-as'(conn, report, args) {
+    const r = await loginWithKey(conn, args);
+    report({ step: 'auth.publickey', ok: r.answer.ok, success: r.answer.body?.success === true });
+    const a = await ask('session.open', conn, { session: 1, kind: 'shell', pty: { term: 'xterm', cols: 80, rows: 24 }, env: {} });
+    for (const fd of a.fds) closeFd(fd);
+    report({ step: 'shell', ok: a.ok, error: a.error, pid: a.body?.pid, replay: typeof a.body?.replay === 'string' ? Buffer.from(a.body.replay, 'base64').toString('latin1') : '' });
+  },
   /** A host-key signing service: sign many hashes for one connection that never logs in. */
   async 'sign-many'(conn, report) {
     const answers = [];
@@ -222,6 +235,26 @@ const attacks = {
     closeFd(devnull);
     closeFd(pair[0]);
     closeFd(pair[1]);
+    await linger();
+  },
+  /** Unix-socket forwards and the agent socket for an account whose forwarding and agent forwarding are off. */
+  async 'streamlocal-refused'(conn, report, args) {
+    const r = await loginWithKey(conn, args);
+    report({ step: 'auth.publickey', ok: r.answer.ok, success: r.answer.body?.success === true });
+    const tries = [['forward.connect_unix', { path: '/tmp/vesh-sl.sock' }], ['forward.listen_unix', { path: '/tmp/vesh-sl-pwned.sock' }], ['agent.listen', {}]];
+    for (const [req, fields] of tries) {
+      const a = await ask(req, conn, fields);
+      for (const fd of a.fds) closeFd(fd);
+      report({ step: req, ok: a.ok, error: a.error, body: a.body });
+    }
+  },
+  /** A Unix-socket forward for alice that names bob's VE and a user. */
+  async 'streamlocal-other-ve'(conn, report, args) {
+    const r = await loginWithKey(conn, args);
+    report({ step: 'auth.publickey', ok: r.answer.ok, success: r.answer.body?.success === true });
+    const frame = { req: 'forward.listen_unix', id: 900010, conn, path: '/tmp/vesh-sl-pwned.sock', ve: 'bob', user: 'root' };
+    report({ step: 'send', frame });
+    channel.send(frame);
     await linger();
   },
   /** Subsystems and commands that name host files; env that must not reach the process. */
@@ -250,6 +283,28 @@ const attacks = {
       a = await ask('forward.connect', conn, { host, port: 80 });
       for (const fd of a.fds) closeFd(fd);
       report({ step: 'forward.connect', host, ok: a.ok, error: a.error });
+    }
+  },
+  /**
+   * A certificate login as the worker chooses to present it (args.cert: a
+   * blob the test forged or altered, args.algo, args.user), signed for this
+   * connection with the tenant's own key (args.privateKey, ed25519); then,
+   * if it got in, the forward.connect targets in args.forwards.
+   */
+  async 'cert-login'(conn, report, args) {
+    const sessionId = randomBytes(32);
+    signRaw(conn, sessionId);
+    const key = ssh2.utils.parseKey(args.privateKey);
+    const cert = Buffer.from(args.cert, 'base64');
+    const blob = userauthBlob(sessionId, args.user, args.algo, cert);
+    const signature = Buffer.concat([sshString(Buffer.from('ssh-ed25519')), sshString(key.sign(blob))]);
+    const r = await ask('auth.publickey', conn, { user: args.user, algo: args.algo, key: args.cert, blob: blob.toString('base64'), signature: signature.toString('base64') });
+    report({ step: 'auth.publickey', ok: r.ok, success: r.body?.success === true, error: r.error });
+    if (r.body?.success !== true) return;
+    for (const f of args.forwards ?? []) {
+      const a = await ask('forward.connect', conn, { host: f.host, port: f.port });
+      for (const fd of a.fds) closeFd(fd);
+      report({ step: 'forward.connect', host: f.host, port: f.port, ok: a.ok, error: a.error });
     }
   },
   /** A password check for a user name that is a host path (in bounds: the broker answers). */
