@@ -82,6 +82,23 @@ describe('KEXINIT reading', () => {
     expect(summarizeKexInit(lying)).toBeUndefined();
   });
 
+  it('decides again at every key exchange ssh2 makes (a rekey brings its own pair of KEXINITs)', () => {
+    const proto = { _kex: undefined as unknown, _skipNextInboundPacket: false };
+    correctKexGuessHandling({ _protocol: proto } as unknown as ssh2.Connection);
+    const local = kexInit(['k1'], ['h1'], false);
+    // ssh2 sets its own (wrong) verdict first; the exchange object it makes next overrides it.
+    proto._skipNextInboundPacket = true;
+    proto._kex = { _kexinit: local, _remoteKexinit: kexInit(['k1'], ['h1'], true) };
+    expect(proto._skipNextInboundPacket).toBe(false);
+    proto._kex = { _kexinit: local, _remoteKexinit: kexInit(['k2', 'k1'], ['h1'], true) };
+    expect(proto._skipNextInboundPacket).toBe(true);
+    proto._kex = { _kexinit: local, _remoteKexinit: kexInit(['k2', 'k1'], ['h1'], false) };
+    expect(proto._skipNextInboundPacket).toBe(false);
+    const kex = { _kexinit: local, _remoteKexinit: kexInit(['k1'], ['h1'], true) };
+    proto._kex = kex;
+    expect(proto._kex).toBe(kex);
+  });
+
   it('ignores only a flagged guess that differs in kex or host key', () => {
     const local = kexInit(['k1', 'k2'], ['h1', 'h2'], false);
     expect(mustIgnoreGuess(local, kexInit(['k1'], ['h1'], true))).toBe(false);
