@@ -41,11 +41,11 @@
 #endif
 
 struct frame {
-  uint32_t magic, type, id, port;
+  uint32_t magic, type, id, port, flags, mask;
   char addr[256];
   char text[256];
 };
-#define MAGIC 0x76736631u
+#define MAGIC 0x76736632u
 #define T_CONNECTED 2
 #define T_CONNECT 16
 
