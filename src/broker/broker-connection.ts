@@ -696,12 +696,16 @@ export class BrokerConnection {
     this.silenced = true;
     this.log.warn({ event: 'ssh.client_silent_cut', silentMs, limitMs }, `no data from the client for ${formatDuration(silentMs)} with keepalives on (${formatDuration(this.timeouts.clientAliveIntervalMs)} x ${this.timeouts.clientAliveCountMax}) and the worker did not end the connection: the broker ends it`);
     this.cut();
+    // A dead client is a dropped connection: holdable shells are held.
+    for (const id of [...this.holdable.keys()]) this.detach(id);
     this.hangupAll();
     this.releaseCaps();
   }
 
   /** Hang up every session and stop forwarding (admin lock, server stop). */
   hangupAll(): void {
+    // Hung up on purpose (lock, server stop): none of them is held after.
+    this.holdable.clear();
     for (const s of this.sessions.values()) s.hangup();
     const relay = this.relay;
     this.relay = null;

@@ -441,6 +441,8 @@ export class Broker {
       setTimeout(() => c.cut(), 1_000).unref();
       n += 1;
     }
+    // Their shells held from dropped connections go too.
+    this.heldShells.hangup((account) => why(account) !== null);
     return n;
   }
 
@@ -456,6 +458,7 @@ export class Broker {
     const stopped = new Promise<void>((r) => this.tcp.close(() => r()));
     this.log.info({ event: 'ssh.shutdown', connections: this.conns.size });
     for (const c of this.conns.values()) c.hangupAll();
+    this.heldShells.hangup(() => true);
     for (const w of this.pool.list()) this.sendTo(w, { ev: 'shutdown', timeoutMs: Math.max(500, timeoutMs - 1500) });
     const deadline = Date.now() + timeoutMs;
     while (this.conns.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));

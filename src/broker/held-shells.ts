@@ -11,6 +11,7 @@ export interface PersistentShells {
 }
 
 interface Held {
+  account: string;
   session: SpawnedSession;
   detachedAt: number;
   idleTimer: NodeJS.Timeout;
@@ -50,6 +51,7 @@ export class HeldShells {
     }
     const key = this.key(account, ve);
     const entry: Held = {
+      account,
       session,
       detachedAt: Date.now(),
       release,
@@ -85,6 +87,19 @@ export class HeldShells {
     clearTimeout(entry.idleTimer);
     entry.release();
     return entry.session;
+  }
+
+  /** Hang up the held shells of the accounts `which` picks (locked or deleted, or all at a server stop); how many. */
+  hangup(which: (account: string) => boolean): number {
+    let n = 0;
+    for (const list of this.held.values()) {
+      for (const entry of list) {
+        if (!which(entry.account)) continue;
+        entry.session.hangup();
+        n += 1;
+      }
+    }
+    return n;
   }
 
   /** How many shells `account` has held in `ve`. */
