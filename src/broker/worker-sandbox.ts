@@ -22,6 +22,8 @@ export interface WorkerSandboxOptions {
   /** The worker's entry point, absolute and inside appRoot. */
   script: string;
   args?: string[];
+  /** Options for node itself (V8 flags), placed before the script. */
+  nodeFlags?: string[];
   /**
    * Descriptors the worker keeps, at the same numbers (spawn them there with
    * `stdio`); every other descriptor above 2 is closed by the launcher.
@@ -113,7 +115,10 @@ export function workerSandboxCommand(opts: WorkerSandboxOptions): { file: string
   if (opts.nofile !== undefined) args.push('--nofile', String(opts.nofile));
   for (const fd of keep) args.push('--keep-fd', String(fd));
   for (const dir of hide) args.push('--hide', dir);
-  args.push('--', node, script, ...(opts.args ?? []));
+  for (const flag of opts.nodeFlags ?? []) {
+    if (!/^--[a-z0-9-]+(=[A-Za-z0-9._-]+)?$/.test(flag)) throw invalid(`a node flag must look like --name or --name=value, got ${JSON.stringify(flag)}`);
+  }
+  args.push('--', node, ...(opts.nodeFlags ?? []), script, ...(opts.args ?? []));
   return { file, args };
 }
 

@@ -259,6 +259,16 @@ describe('vesh-worker-sandbox: defaults, parent death and refusals', () => {
     expect(run.report?.nofile).toEqual([want, want]);
   });
 
+  it('gives node the flags it is asked for, before the script, and refuses anything that is not a flag', async () => {
+    const { file, args } = probeCommand({ mode: 'ping' }, { nodeFlags: ['--no-incremental-marking'] });
+    const run = await runReporting(file, args);
+    expect(run.stderr).toBe('');
+    expect(run.report?.execArgv).toEqual(['--no-incremental-marking']);
+    for (const bad of ['--eval=1;x', 'no-dashes', '--require /tmp/x.js', '--a=$(id)']) {
+      expect(() => probeCommand({ mode: 'ping' }, { nodeFlags: [bad] }), bad).toThrow(/a node flag must look like/);
+    }
+  });
+
   it('kills the worker when the process that started it dies (PR_SET_PDEATHSIG)', async () => {
     const { file, args } = probeCommand({ mode: 'wait' });
     // A stand-in broker: starts the sandboxed worker with its own fd 3 (our socketpair) as the worker's fd 3, then waits.
