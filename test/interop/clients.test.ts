@@ -122,6 +122,14 @@ describe('vesh serve: clients other than OpenSSH', () => {
       expect(r.stderr).not.toMatch(/host key|Caution/i);
     });
 
+    it('dbclient logs in with a password (DROPBEAR_PASSWORD, its way for scripts)', async () => {
+      const r = await runProgram('dbclient', ['-p', String(serve.port), 'alice@127.0.0.1', 'echo by-password'], {
+        env: { ...clientEnv(), DROPBEAR_PASSWORD: password }, timeoutMs: 60_000, cwd: work,
+      });
+      expect(r.stdout, r.stderr).toBe('by-password\n');
+      expect(r.code).toBe(0);
+    });
+
     it('dbclient -t: a shell on the VE terminal, with window size, resize and exit status', async () => {
       const term = new ProgramTerminal('dbclient', ['-t', ...db(['alice@127.0.0.1'])], clientEnv());
       try {
