@@ -21,6 +21,8 @@ declare -A VESH_RUNTIME_PKGS=(
 )
 declare -A VESH_TEST_PKGS=(
   [ssh]=openssh-client
+  [ssh-agent]=openssh-client
+  [ssh-add]=openssh-client
   [sftp]=openssh-client
   [scp]=openssh-client
   [sshd]=openssh-server

@@ -177,7 +177,7 @@ export const serverConfigSchema = z.strictObject({
     /** Remove an existing socket at the path before binding a -R Unix socket (OpenSSH StreamLocalBindUnlink); never a file of another type. */
     streamLocalBindUnlink: z.boolean().default(false),
     /** The umask -R Unix sockets are bound under, in octal (OpenSSH StreamLocalBindMask): "0177" makes them 0600. */
-    streamLocalBindMask: z.string().regex(/^0?[0-7]{1,3}$/, 'streamLocalBindMask must be an octal umask such as "0177" (quoted, so YAML keeps it a string)').transform((v) => parseInt(v, 8)).default(0o177),
+    streamLocalBindMask: z.string({ error: 'streamLocalBindMask must be an octal umask in quotes, such as "0177" (unquoted, YAML reads 0177 as a number)' }).regex(/^0?[0-7]{1,3}$/, 'streamLocalBindMask must be an octal umask such as "0177" (quoted, so YAML keeps it a string)').transform((v) => parseInt(v, 8)).default(0o177),
   }).prefault({}),
   runtime: z.strictObject({
     engine: z.enum(['runc']).default('runc'),
