@@ -392,12 +392,13 @@ const HELD_BUFFER_DEFAULT = 64 * 1024;
 const HELD_BUFFER_MAX = 128 * 1024;
 const HELD_IDLE_MAX_MS = 30 * 24 * 60 * 60 * 1000;
 
-function convert<T>(what: string, f: (v: string | number) => T) {
+/** A duration or size setting read with its parser, whose message names the setting. */
+function convert<T>(f: (v: string | number) => T) {
   return z.union([z.string(), z.number()]).transform((v, ctx) => {
     try {
       return f(v);
     } catch (err) {
-      ctx.addIssue({ code: 'custom', message: `${what}: ${(err as Error).message}` });
+      ctx.addIssue({ code: 'custom', message: (err as Error).message });
       return z.NEVER;
     }
   });
@@ -408,19 +409,16 @@ function convert<T>(what: string, f: (v: string | number) => T) {
  * connection drops keeps running, held by the VE's session agent, and the
  * account's next terminal login takes it up again (src/broker/held-shells.ts).
  */
-const persistentShellsSchema = z.union([
-  z.boolean(),
-  z.strictObject({
-    idleLimit: convert('idleLimit', (v) => parseDuration(v, 'idleLimit')).refine((ms) => ms >= 1000 && ms <= HELD_IDLE_MAX_MS, {
-      message: 'idleLimit must be between 1s and 720h (how long a detached shell waits for its account before it is hung up)',
-    }).optional(),
-    buffer: convert('buffer', (v) => parseSize(v, 'buffer')).refine((n) => n >= 1024 && n <= HELD_BUFFER_MAX, {
-      message: 'buffer must be between 1K and 128K (the newest output of a detached shell kept for its next login)',
-    }).optional(),
-  }),
-]).transform((v) => (v === false ? undefined : {
-  idleLimitMs: v === true ? HELD_IDLE_DEFAULT_MS : v.idleLimit ?? HELD_IDLE_DEFAULT_MS,
-  bufferBytes: v === true ? HELD_BUFFER_DEFAULT : v.buffer ?? HELD_BUFFER_DEFAULT,
+const persistentShellsSchema = z.preprocess((v) => (v === true ? {} : v === false ? null : v), z.strictObject({
+  idleLimit: convert((v) => parseDuration(v, 'idleLimit')).refine((ms) => ms >= 1000 && ms <= HELD_IDLE_MAX_MS, {
+    message: 'idleLimit must be between 1s and 720h (how long a detached shell waits for its account before it is hung up)',
+  }).optional(),
+  buffer: convert((v) => parseSize(v, 'buffer')).refine((n) => n >= 1024 && n <= HELD_BUFFER_MAX, {
+    message: 'buffer must be between 1K and 128K (the newest output of a detached shell kept for its next login)',
+  }).optional(),
+}, { error: 'persistentShells must be true, false or { idleLimit, buffer }' }).nullable()).transform((v) => (v === null ? undefined : {
+  idleLimitMs: v.idleLimit ?? HELD_IDLE_DEFAULT_MS,
+  bufferBytes: v.buffer ?? HELD_BUFFER_DEFAULT,
 }));
 
 /** An account-level rule list: rules as in the key options, or "any" / "none" alone. */
