@@ -13,7 +13,8 @@ import { waitFor } from '../helpers/ve-env.js';
  * - dave shares alice's VE with persistentShells on: he never gets her shell;
  * - the newest output is kept up to the buffer (older output pushed out);
  * - bob has the setting off: his shell is hung up as before;
- * - `exit` holds nothing; carol's idle limit hangs her detached shell up.
+ * - `exit` holds nothing; carol's idle limit hangs her detached shell up;
+ * - a held shell ends with its VE.
  */
 describe('vesh serve: shells that survive a dropped connection', () => {
   let arena: Arena;
@@ -204,4 +205,14 @@ describe('vesh serve: shells that survive a dropped connection', () => {
     fresh.write('exit\r');
     await fresh.waitExit();
   }, 60_000);
+
+  it('ends a held shell when its VE stops', async () => {
+    const t = login('alice');
+    await shellPid(t);
+    const n = arena.serve.logs.length;
+    t.kill();
+    await arena.serve.waitForLog((r) => arena.serve.logs.indexOf(r) >= n && r.event === 'ssh.shell_detached' && r.account === 'alice', 15_000);
+    expect(arena.env.cli(['ve', 'stop', 'alice']).code).toBe(0);
+    await arena.serve.waitForLog((r) => arena.serve.logs.indexOf(r) >= n && r.event === 'ssh.shell_held_end' && r.account === 'alice', 30_000);
+  }, 90_000);
 });
