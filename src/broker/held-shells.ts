@@ -91,15 +91,10 @@ export class HeldShells {
 
   /** Hang up the held shells of the accounts `which` picks (locked or deleted, or all at a server stop); how many. */
   hangup(which: (account: string) => boolean): number {
-    let n = 0;
-    for (const list of this.held.values()) {
-      for (const entry of list) {
-        if (!which(entry.account)) continue;
-        entry.session.hangup();
-        n += 1;
-      }
-    }
-    return n;
+    // Picked first: a hang-up may end a shell, and its end takes it out of these lists.
+    const picked = [...this.held.values()].flat().filter((entry) => which(entry.account));
+    for (const entry of picked) entry.session.hangup();
+    return picked.length;
   }
 
   /** How many shells `account` has held in `ve`. */
