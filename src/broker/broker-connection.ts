@@ -234,6 +234,7 @@ export class BrokerConnection {
       account: result.account.name,
       ve: result.account.ve,
       forwardingRefusal: forwardingRefusal(result.account, key),
+      agentForwardingRefusal: this.agentRefusal(result),
       noPty: !!key?.options.noPty,
       ...(key ? { fingerprint: key.fingerprint } : {}),
     };

@@ -27,6 +27,9 @@ import type { TimeoutSettings } from '../config/server-config.js';
  * | auth.key_query    | preauth        |      | acceptable: would this key log in (no signature yet) |
  * | auth.publickey    | preauth        |      | success; the broker verifies the signature over a    |
  * |                   |                |      | blob that must hold the session id it signed         |
+ * |                   |                |      | (a *-cert-v01 key: the broker parses the certificate |
+ * |                   |                |      | and checks CA signature and trust, principals,       |
+ * |                   |                |      | validity, revocation, source-address itself)         |
  * | auth.password     | preauth        |      | success (argon2id check, penalties, MaxAuthTries)    |
  * | auth.failure      | preauth        |      | — a failed attempt the worker saw (bad k-i answers)  |
  * | session.open      | authenticated  |      | fds: pty master, or stdin+stdout and stderr sockets; |
@@ -190,7 +193,13 @@ export interface AuthGrant {
   ve: string;
   /** Why port forwarding is refused (account setting, key option), or null when it is allowed. */
   forwardingRefusal: string | null;
-  /** The key said no-pty. */
+  /**
+   * Why ssh -A is refused (server or account setting, no-agent-forwarding,
+   * a certificate without permit-agent-forwarding), or null. The broker
+   * refuses agent.listen by the same rule whatever the worker does with it.
+   */
+  agentForwardingRefusal?: string | null;
+  /** The key said no-pty (or its certificate lacks permit-pty). */
   noPty: boolean;
   /** Logged in, but over a cap: sessions are refused with this text and the connection ends soon. */
   refusal?: string;
