@@ -549,11 +549,13 @@ static void listening_unix_reported(const struct fwd_frame *f) {
   int agent = idset_has(&pending_agent, f->id);
   char body[400];
   if (agent) {
+    /* Exactly /tmp/ssh-XXXXXXXXXX/agent.DIGITS: ten letters or digits (mkdtemp's), no "..", nothing else. */
     const char *p = f->addr;
     size_t n = strlen(p);
-    int ok = n <= FWD_UNIX_PATH_MAX && !strncmp(p, "/tmp/ssh-", 9);
-    for (size_t i = 9; ok && i < n; i++)
-      ok = (p[i] >= 'A' && p[i] <= 'Z') || (p[i] >= 'a' && p[i] <= 'z') || (p[i] >= '0' && p[i] <= '9') || p[i] == '/' || p[i] == '.';
+    int ok = n <= FWD_UNIX_PATH_MAX && !strncmp(p, "/tmp/ssh-", 9) && n > 9 + 10 + 7 && !strncmp(p + 19, "/agent.", 7);
+    for (size_t i = 9; ok && i < 19; i++)
+      ok = (p[i] >= 'A' && p[i] <= 'Z') || (p[i] >= 'a' && p[i] <= 'z') || (p[i] >= '0' && p[i] <= '9');
+    for (size_t i = 26; ok && i < n; i++) ok = p[i] >= '0' && p[i] <= '9';
     if (!ok || f->port != 0) {
       idset_remove(&pending_agent, f->id);
       server_failed(f->id, "EPROTO", "the port-forward helper in the VE reported an agent socket path it does not make");

@@ -42,7 +42,8 @@ describe('adversarial: Unix-socket forwarding', () => {
     arena = await makeArena({
       template: 'busybox',
       // Unlink on: a socket in the way is removed before bind; anything else must still be refused and kept.
-      extraYaml: 'workers: { count: 2 }\nsessions: { streamLocalBindUnlink: true }',
+      // And agent forwarding off server-wide: a worker's agent.listen is refused whatever the account says.
+      extraYaml: 'workers: { count: 2 }\nsessions: { streamLocalBindUnlink: true, agentForwarding: false }',
       accounts: { alice: [], bob: [], carol: ['ve: alice', 'forwarding: false', 'agentForwarding: false'] },
       serveEnv: { VESH_WORKER_SCRIPT: HOSTILE },
     });
@@ -192,11 +193,22 @@ describe('adversarial: Unix-socket forwarding', () => {
     expect(stepOf(steps, 'auth.publickey').success, JSON.stringify(steps)).toBe(true);
     expect(stepOf(steps, 'forward.connect_unix')).toMatchObject({ ok: false, error: 'forwarding is off for this account' });
     expect(stepOf(steps, 'forward.listen_unix')).toMatchObject({ ok: false, error: 'forwarding is off for this account' });
-    expect(stepOf(steps, 'agent.listen')).toMatchObject({ ok: false, error: 'agent forwarding refused: agent forwarding is off for this account (agentForwarding: false)' });
+    // Off for the account and for the server here: the server's switch is checked first.
+    expect(stepOf(steps, 'agent.listen')).toMatchObject({ ok: false, error: 'agent forwarding refused: agent forwarding is off on this server (sessions.agentForwarding)' });
     expect(arena.serve.logs.slice(m).some((e) => e.event === 'agent.refused' && e.account === 'carol')).toBe(true);
     // Nothing was started for it: no forward helper in alice's VE (carol's), no socket.
     const r = await arena.sh('alice', 'ls /tmp/vesh-sl-pwned.sock /tmp/ssh-* 2>&1; echo end');
     expect(r.stdout).not.toMatch(/^\/tmp\/(vesh-sl-pwned\.sock|ssh-)/m);
+  }, 120_000);
+
+  it('a compromised worker gets no agent socket when sessions.agentForwarding is off, for an account that allows it', async () => {
+    const steps = await runAttack('streamlocal-refused', { user: 'alice', privateKey: readFileSync(arena.keys.alice!.file, 'utf8') });
+    expect(stepOf(steps, 'auth.publickey').success, JSON.stringify(steps)).toBe(true);
+    expect(stepOf(steps, 'agent.listen')).toMatchObject({ ok: false, error: 'agent forwarding refused: agent forwarding is off on this server (sessions.agentForwarding)' });
+    const r = await arena.sh('alice', 'ls -d /tmp/ssh-* 2>&1; echo end');
+    expect(r.stdout).not.toMatch(/^\/tmp\/ssh-/m);
+    // alice may forward: the attack's -R socket was bound, and is not what the next test is about.
+    await arena.sh('alice', 'rm -f /tmp/vesh-sl-pwned.sock');
   }, 120_000);
 
   it('ends a compromised worker whose Unix-socket forward for alice names bob\'s VE and a user', async () => {
