@@ -302,17 +302,29 @@ export class BrokerConnection {
     if (r.kind === 'exec' && (r.command === undefined || r.command.includes('\0'))) throw new Refused('empty command or one with NUL');
     if (r.pty && result.key?.options.noPty) throw new Refused('no-pty key option');
     this.sessionIds.add(r.session);
-    const refused = this.deps.caps.admit('session', result.account.name);
-    if (refused) throw new Refused(refused.userMessage);
+    // Terminal sessions of an account with persistentShells: a shell held
+    // from a dropped connection is taken up again (LC_VESH_SHELL=new asks
+    // for a fresh one); it brings its place in the account's caps along.
+    const persist = this.persistence(result);
+    const taken = persist && r.pty && r.kind === 'shell' && result.key?.options.command === undefined && !wantsNewShell(r.env)
+      ? this.deps.heldShells!.take(result.account.name, result.account.ve)
+      : null;
+    if (!taken) {
+      const refused = this.deps.caps.admit('session', result.account.name);
+      if (refused) throw new Refused(refused.userMessage);
+    }
     this.sessionsHeld += 1;
     let counted = true;
     /** This session's place in the caps went to a held shell: not ours to free any more. */
     let handedOver = false;
+    /** The taken held shell was asked for (from then on it is this session's, or hung up). */
+    let tookUp = false;
     const release = () => {
       if (!counted) return;
       counted = false;
       this.sessionsHeld -= 1;
-      this.deps.caps.release('session', result.account.name);
+      if (taken) taken.release();
+      else this.deps.caps.release('session', result.account.name);
     };
     try {
       let login: LoginContext;
@@ -368,34 +380,33 @@ export class BrokerConnection {
         this.log.info({ event: 'ssh.session_end', kind: r.kind, durationMs: Date.now() - startedAt, ...(report.kind === 'status' ? { exitStatus: report.code } : { exitSignal: report.signal }) });
         this.deps.send({ ev: 'session.exit', conn: this.id, session: r.session, report });
       };
-      // Terminal sessions of an account with persistentShells: a shell held
-      // from a dropped connection is taken up again; a new one starts holdable.
-      const persist = this.persistence(result);
+      // A new terminal session of an account with persistentShells starts holdable.
       const hold = !!persist && !!r.pty && r.kind !== 'subsystem' && forced === undefined;
       let notice = '';
-      if (persist && hold && r.kind === 'shell' && size && !wantsNewShell(r.env)) {
-        const taken = this.deps.heldShells!.take(result.account.name, login.account.ve);
-        if (taken?.holdable) {
+      if (persist && taken && size) {
+        const held = taken.session;
+        if (held.holdable) {
           try {
-            const { fd, replay } = await taken.holdable.attach(size.cols, size.rows, persist.bufferBytes);
+            tookUp = true;
+            const { fd, replay } = await held.holdable.attach(size.cols, size.rows, persist.bufferBytes);
             if (this.state !== 'authenticated') {
               closeFd(fd);
               // Gone again before it was handed over: held again, not lost.
-              taken.holdable.detach(persist.bufferBytes);
-              this.deps.heldShells!.hold(result.account.name, login.account.ve, taken, persist, release);
+              held.holdable.detach(persist.bufferBytes);
+              this.deps.heldShells!.hold(result.account.name, result.account.ve, held, persist, release);
               handedOver = true;
               throw new Refused('the connection is closing');
             }
-            taken.holdable.onExit = onExit;
-            this.sessions.set(r.session, taken);
+            held.holdable.onExit = onExit;
+            this.sessions.set(r.session, held);
             this.holdable.set(r.session, release);
-            this.limitSessionTime(r.session, taken);
-            this.log.info({ event: 'ssh.shell_reattached', pid: taken.pid, replayBytes: replay.length });
-            return { fds: [fd], pid: taken.pid, replay };
+            this.limitSessionTime(r.session, held);
+            this.log.info({ event: 'ssh.shell_reattached', pid: held.pid, replayBytes: replay.length });
+            return { fds: [fd], pid: held.pid, replay };
           } catch (err) {
             if (err instanceof Refused) throw err;
             // The agent did not hand it back as it must (it is hung up): a new shell, and the client told why.
-            this.log.warn({ event: 'ssh.shell_reattach_refused', pid: taken.pid, err: errorMessage(err) });
+            this.log.warn({ event: 'ssh.shell_reattach_refused', pid: held.pid, err: errorMessage(err) });
             notice = `vesh: your held shell could not be re-attached (${errorMessage(err)}); this is a new one.\r\n`;
           }
         }
@@ -406,7 +417,14 @@ export class BrokerConnection {
       this.limitSessionTime(r.session, s);
       return { fds: s.fds, pid: s.pid, ...(notice ? { replay: Buffer.from(notice) } : {}) };
     } catch (err) {
-      if (!handedOver) release();
+      if (taken && !tookUp && !handedOver && persist) {
+        // Not taken up after all (the VE could not be prepared, the connection went): held again as it was.
+        counted = false;
+        this.sessionsHeld -= 1;
+        this.deps.heldShells!.hold(result.account.name, result.account.ve, taken.session, persist, taken.release);
+      } else if (!handedOver) {
+        release();
+      }
       throw err;
     }
   }

@@ -75,18 +75,21 @@ export class HeldShells {
 
   /**
    * The newest held shell of `account` in `ve`, taken out of the registry
-   * (its idle timer stopped, its place in the caps freed: the caller's new
-   * session holds one), or null.
+   * (its idle timer stopped), or null. Its place in the account's caps goes
+   * with it: the caller's session holds that place and frees it with
+   * `release`, so a login that takes a held shell up needs no place of its
+   * own (an account whose held shells fill its cap can still get them back).
+   * Until the caller says who hears of its end, nobody does.
    */
-  take(account: string, ve: string): SpawnedSession | null {
+  take(account: string, ve: string): { session: SpawnedSession; release: () => void } | null {
     const key = this.key(account, ve);
     const list = this.held.get(key);
     const entry = list?.pop();
     if (!list?.length) this.held.delete(key);
     if (!entry) return null;
     clearTimeout(entry.idleTimer);
-    entry.release();
-    return entry.session;
+    if (entry.session.holdable) entry.session.holdable.onExit = () => undefined;
+    return { session: entry.session, release: entry.release };
   }
 
   /** Hang up the held shells of the accounts `which` picks (locked or deleted, or all at a server stop); how many. */

@@ -18,6 +18,9 @@ import { buildAttack, makeArena, plantAttack, serverAlive, type Arena } from './
  *   sharing alice's VE) asks for a terminal shell while alice's is held: it
  *   gets a fresh one of its own, never alice's (no PID of hers, none of her
  *   held output), and alice's stays held;
+ * - an account dropping connection after connection piles up held shells
+ *   only to its session cap (sessions.maxSessionsPerAccount): they keep
+ *   their places until they end;
  * - VE root answers the re-attach in the agent's place with a FIFO, or with a
  *   pty master of a devpts it mounted itself: the broker refuses it (the
  *   client is told, gets a fresh shell, sees none of the liar's "output"),
@@ -37,12 +40,13 @@ describe('adversarial: held shells', () => {
   beforeAll(async () => {
     arena = await makeArena({
       template: 'busybox',
-      extraYaml: 'workers: { count: 1 }',
+      extraYaml: 'workers: { count: 1 }\nsessions: { maxSessionsPerAccount: 4 }',
       serveEnv: { VESH_WORKER_SCRIPT: HOSTILE },
       accounts: {
         alice: ['persistentShells: true'],
         bob: ['persistentShells: true'],
         carol: ['ve: alice', 'persistentShells: true'],
+        erin: ['ve: bob', 'persistentShells: true'],
       },
     });
     arena.cleanup.add(async () => {
@@ -59,8 +63,9 @@ describe('adversarial: held shells', () => {
     await arena?.cleanup.run();
   });
 
-  function login(account: string): ClientTerminal {
-    const t = new ClientTerminal([...sshBaseArgs(arena.serve.port), ...keyAuthArgs(arena.keys[account]!), '-tt', `${account}@127.0.0.1`]);
+  function login(account: string, env: Record<string, string> = {}): ClientTerminal {
+    const sendEnv = Object.keys(env).map((k) => `-oSendEnv=${k}`);
+    const t = new ClientTerminal([...sshBaseArgs(arena.serve.port), ...keyAuthArgs(arena.keys[account]!), ...sendEnv, '-tt', `${account}@127.0.0.1`], env);
     terms.push(t);
     return t;
   }
@@ -121,6 +126,31 @@ describe('adversarial: held shells', () => {
     expect(await shellPid(t)).toBe(pid);
     t.write('exit\r');
     await t.waitExit();
+  }, 120_000);
+
+  it('holding shells does not get round the account\'s session cap', async () => {
+    // erin drops connection after connection, each time asking for a new shell, to pile up held shells.
+    const n = arena.serve.logs.length;
+    for (let i = 1; i <= 4; i++) {
+      const t = login('erin', { LC_VESH_SHELL: 'new' });
+      await shellPid(t);
+      t.kill();
+      await waitFor(`held shell ${i}`, async () => arena.serve.logs.slice(n).filter((r) => r.event === 'ssh.shell_detached' && r.account === 'erin').length === i, 15_000);
+    }
+    // sessions.maxSessionsPerAccount 4: the four held shells hold all of erin's places.
+    const refused = login('erin', { LC_VESH_SHELL: 'new' });
+    await refused.expect(/too many sessions for account erin/);
+    await refused.waitExit();
+    // Each plain login takes one back; ended, it frees its place.
+    for (let i = 0; i < 4; i++) {
+      const t = login('erin');
+      await shellPid(t);
+      t.write('exit\r');
+      await t.waitExit();
+    }
+    expect(arena.serve.logs.slice(n).filter((r) => r.event === 'ssh.shell_reattached' && r.account === 'erin')).toHaveLength(4);
+    const r = await arena.ssh('erin', ['echo', 'free-again']);
+    expect(r.stdout.trim()).toBe('free-again');
   }, 120_000);
 
   /** bob's `echo up; sleep 120` on the same (only) worker; resolves once it printed "up". */
