@@ -21,21 +21,22 @@ describe('vesh serve: SSH user certificates', () => {
   let user: ClientKey;
   let ca: ClientKey;
   let teamCa: ClientKey;
+  let rsaCa: ClientKey;
   let revokedFile: string;
 
   /** ssh-keygen -s CA -I NAME ARGS on a copy of the user's public key; returns the certificate file. */
-  const certify = (signer: ClientKey, name: string, args: string[]): string => {
+  const certify = (signer: ClientKey, name: string, args: string[], key: ClientKey = user): string => {
     const pub = path.join(dir, `${name}.pub`);
-    copyFileSync(`${user.file}.pub`, pub);
+    copyFileSync(`${key.file}.pub`, pub);
     execFileSync('ssh-keygen', ['-q', '-s', signer.file, '-I', name, ...args, pub], { stdio: ['ignore', 'ignore', 'pipe'] });
     return path.join(dir, `${name}-cert.pub`);
   };
 
   /** `ssh` offering only this certificate (and its key). */
-  const sshCert = (account: string, cert: string, command: string[], extra: string[] = []): Promise<RunResult> => runProgram('ssh', [
+  const sshCert = (account: string, cert: string, command: string[], extra: string[] = [], key: ClientKey = user): Promise<RunResult> => runProgram('ssh', [
     ...sshBaseArgs(serve.port, extra),
     '-o', 'BatchMode=yes', '-o', 'IdentitiesOnly=yes', '-o', 'PreferredAuthentications=publickey',
-    '-i', user.file, '-o', `CertificateFile=${cert}`, `${account}@127.0.0.1`, ...command,
+    '-i', key.file, '-o', `CertificateFile=${cert}`, `${account}@127.0.0.1`, ...command,
   ], { timeoutMs: 120_000 });
 
   /** The refusal the broker logged for certificate `keyId` (after `mark`). */
@@ -59,6 +60,7 @@ describe('vesh serve: SSH user certificates', () => {
     user = makeClientKey(dir, 'ed25519', 'user');
     ca = makeClientKey(dir, 'ed25519', 'ca');
     teamCa = makeClientKey(dir, 'ecdsa', 'team-ca');
+    rsaCa = makeClientKey(dir, 'rsa', 'rsa-ca');
     revokedFile = path.join(dir, 'revoked.txt');
     writeFileSync(revokedFile, '# revoked certificates\nserial: 666\n');
     env = await makeVeTestEnv({
@@ -72,6 +74,10 @@ describe('vesh serve: SSH user certificates', () => {
       '  ve: alice',
       '  keys:',
       `    - cert-authority,principals="ops" ${teamCa.publicLine}`,
+      'dora:',
+      '  ve: alice',
+      '  keys:',
+      `    - cert-authority ${rsaCa.publicLine}`,
       '',
     ].join('\n'));
     serve = await startVeshServe(cleanup, env.configFile);
@@ -86,6 +92,18 @@ describe('vesh serve: SSH user certificates', () => {
     expect(r.stdout.trim(), r.stderr).toBe('hello-cert');
     const ok = serve.logs.slice(mark).find((e) => e.event === 'ssh.auth' && e.result === 'success');
     expect(ok, JSON.stringify(ok)).toMatchObject({ algo: 'ssh-ed25519-cert-v01@openssh.com', keyId: 'good', serial: '5', ca: ca.fingerprint, fingerprint: user.fingerprint });
+  });
+
+  it('logs in with RSA (SHA-2) and ECDSA certificates, signed by an RSA CA', async () => {
+    const rsaUser = makeClientKey(dir, 'rsa', 'rsa-user');
+    const ecUser = makeClientKey(dir, 'ecdsa', 'ec-user');
+    for (const [name, key] of [['rsa-cert', rsaUser], ['ec-cert', ecUser]] as const) {
+      const cert = certify(rsaCa, name, ['-t', 'rsa-sha2-512', '-n', 'dora'], key);
+      const mark = serve.logs.length;
+      const r = await sshCert('dora', cert, ['echo', name], [], key);
+      expect(r.stdout.trim(), r.stderr).toBe(name);
+      expect(serve.logs.slice(mark).find((e) => e.event === 'ssh.auth' && e.result === 'success')?.keyId).toBe(name);
+    }
   });
 
   it('refuses an expired certificate and one not valid yet', async () => {
