@@ -1,4 +1,4 @@
-import { createHmac, createPublicKey, randomBytes, verify as cryptoVerify, type KeyObject } from 'node:crypto';
+import { createHash, createHmac, createPublicKey, randomBytes, verify as cryptoVerify, type KeyObject } from 'node:crypto';
 import argon2 from 'argon2';
 import ssh2, { type ParsedKey } from 'ssh2';
 import type { Logger } from '../audit/logger.js';
@@ -13,7 +13,7 @@ import {
 import { SourcePenalties, type PenaltyConfig } from './penalties.js';
 import { sourceAllowed, sourceBlock } from './source-match.js';
 import {
-  certificateProblem, compileSourceAddress, formatCertTime, isCertificateAlgorithm, loginSignatureAlgorithms, parseCertificate, type Certificate,
+  caSignatureValid, certificateProblem, compileSourceAddress, formatCertTime, isCertificateAlgorithm, loginSignatureAlgorithms, parseCertificate, type Certificate,
 } from './certificates.js';
 import { parseKeyLines, parseRevokedKeys, revocationOf, WatchedListFile, type RevokedKeys } from './key-lists.js';
 import { verifyWireSignature, type WirePublicKey } from './ssh-wire.js';
@@ -22,6 +22,15 @@ import { verifyWireSignature, type WirePublicKey } from './ssh-wire.js';
 const publicKeyObjects = new WeakMap<AuthorizedKey['publicKey'], KeyObject>();
 /** The certified key and the signature algorithms allowed, of each key a certificate login made. */
 const certificateKeys = new WeakMap<AuthorizedKey, { key: WirePublicKey; algorithms: readonly string[] }>();
+/**
+ * Certificates whose CA signature verified, kept by algorithm and blob
+ * hash: a login checks its certificate twice (the query, then the signed
+ * request), and parsing it with its CA signature check is most of what a
+ * certificate costs the broker's one event loop. Only what cannot change is
+ * kept; trust, validity, principals and revocation are checked every time.
+ */
+const VERIFIED_CERTIFICATES_KEPT = 256;
+
 /** The hash ssh2 verifies with when the client names none (its keyParser's default per key type). */
 const VERIFY_DEFAULT_HASH: Record<string, string | null> = {
   'ssh-ed25519': null,
@@ -120,6 +129,8 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
   private readonly revoked: WatchedListFile<RevokedKeys> | null;
   /** Errors of those files already logged, so a broken file is logged once per change, not at every login. */
   private readonly listErrorsLogged = new Set<string>();
+  /** See VERIFIED_CERTIFICATES_KEPT; oldest first. */
+  private readonly verifiedCertificates = new Map<string, { cert: Certificate; publicKey: ParsedKey }>();
 
   constructor(
     private readonly accounts: ListableSource,
@@ -334,22 +345,25 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
       }, `certificate for ${account.name} refused: ${reason}`);
       return null;
     };
+    const cacheKey = `${algo} ${createHash('sha256').update(blob).digest('base64')}`;
+    const known = this.verifiedCertificates.get(cacheKey);
     let cert: Certificate;
     try {
-      cert = parseCertificate(algo, blob);
+      cert = known?.cert ?? parseCertificate(algo, blob);
     } catch (err) {
       return refuse(`malformed certificate: ${errorMessage(err)}`);
     }
     const lines = account.keys.filter((k) => k.options.certAuthority && k.blob.equals(cert.caBlob));
     const global = this.trustedCaBlobs().some((b) => b.equals(cert.caBlob));
     if (lines.length === 0 && !global) return refuse('its CA is not trusted for this account', cert);
+    if (!known && !caSignatureValid(cert)) return refuse('the CA signature does not verify', cert);
     const nowSeconds = this.now() / 1000;
     const problems: string[] = [];
     // The account's own lines first (their principals= may differ from the name), then vesh.yaml's CAs.
     const candidates: Array<AuthorizedKey | null> = [...lines, ...(global ? [null] : [])];
     let chosen: AuthorizedKey | null | undefined;
     for (const line of candidates) {
-      const problem = certificateProblem(cert, { nowSeconds, principals: line?.options.principals ?? [account.name] })
+      const problem = certificateProblem(cert, { nowSeconds, principals: line?.options.principals ?? [account.name], caSignatureVerified: true })
         ?? (line && !sourceAllowed(line.sources, source) ? `the cert-authority line's from= does not allow ${source}` : null)
         ?? (line?.options.expiresAt !== undefined && this.now() >= line.options.expiresAt ? 'the cert-authority line expired (expiry-time)' : null)
         ?? (line?.options.command !== undefined && cert.forceCommand !== undefined && line.options.command !== cert.forceCommand ? 'its force-command differs from the cert-authority line\'s command=' : null);
@@ -372,10 +386,16 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
     const revoked = this.revocation(cert.keyBlob, cert);
     if (revoked) return refuse(revoked, cert);
     let publicKey: ParsedKey;
-    const parsed = ssh2.utils.parseKey(`${cert.key.type} ${cert.keyBlob.toString('base64')}`);
-    const first = Array.isArray(parsed) ? parsed[0] : parsed;
-    if (!first || first instanceof Error) return refuse('its key cannot be read');
-    publicKey = first;
+    if (known) {
+      publicKey = known.publicKey;
+    } else {
+      const parsed = ssh2.utils.parseKey(`${cert.key.type} ${cert.keyBlob.toString('base64')}`);
+      const first: ParsedKey | Error | undefined = Array.isArray(parsed) ? parsed[0] : parsed;
+      if (!first || first instanceof Error) return refuse('its key cannot be read');
+      publicKey = first;
+      if (this.verifiedCertificates.size >= VERIFIED_CERTIFICATES_KEPT) this.verifiedCertificates.delete(this.verifiedCertificates.keys().next().value!);
+      this.verifiedCertificates.set(cacheKey, { cert, publicKey });
+    }
     const base = chosen?.options;
     const ext = cert.extensions;
     const key: AuthorizedKey = {

@@ -189,14 +189,14 @@ describe('revoked keys list', () => {
 });
 
 describe('the authenticator with certificates', () => {
-  function setup(opts: { accountsYaml: string; cas?: string[]; revokedFile?: string; now?: number }) {
+  function setup(opts: { accountsYaml: string; cas?: string[]; revokedFile?: string; now?: number | (() => number) }) {
     const { logger, records } = captureLogger();
     const src = new MapSource(parseAccounts('accounts.yaml', opts.accountsYaml));
     const auth = new Authenticator(src, {
       penalties: { failuresBeforePenalty: 3, sourceFailuresBeforePenalty: 20, penaltyMs: 1000, maxPenaltyMs: 5000 },
       trustedUserCAKeys: opts.cas ? { lines: opts.cas } : null,
       revokedKeys: opts.revokedFile ?? null,
-    } as never, logger, { dummyHashCost: { memoryCost: 1024, timeCost: 1, parallelism: 1 }, now: () => opts.now ?? NOW });
+    } as never, logger, { dummyHashCost: { memoryCost: 1024, timeCost: 1, parallelism: 1 }, now: typeof opts.now === 'function' ? opts.now : () => (opts.now as number | undefined) ?? NOW });
     const reasons = () => records.filter((r) => r.event === 'auth.certificate_refused').map((r) => String(r.reason));
     return { auth, records, reasons };
   }
@@ -215,6 +215,22 @@ describe('the authenticator with certificates', () => {
     expect(auth.verifySignature(found!.key, data, wireSign(ca.file, data))).toBe(false);
     // bob is not a principal of this certificate.
     expect(auth.findKey('bob', c.algo, c.blob, '127.0.0.1')).toBeNull();
+  });
+
+  it('checks validity, trust and revocation again for a certificate it verified before (only the CA signature is kept)', () => {
+    let now = NOW;
+    const revoked = path.join(dir, 'revoked-again');
+    writeFileSync(revoked, '');
+    const { auth, reasons } = setup({ accountsYaml: 'alice: {}\n', cas: [ca.pub], revokedFile: revoked, now: () => now });
+    const c = sign(ca, user, 'kept', ['-n', 'alice', '-V', '-1m:+1h', '-z', '9']);
+    expect(auth.findKey('alice', c.algo, c.blob, '127.0.0.1')).not.toBeNull();
+    expect(auth.findKey('alice', c.algo, c.blob, '127.0.0.1')).not.toBeNull();
+    now = NOW + 2 * 3600_000;
+    expect(auth.findKey('alice', c.algo, c.blob, '127.0.0.1')).toBeNull();
+    now = NOW;
+    writeFileSync(revoked, 'serial: 9\n');
+    expect(auth.findKey('alice', c.algo, c.blob, '127.0.0.1')).toBeNull();
+    expect(reasons()).toEqual([expect.stringMatching(/^expired/), 'serial 9 is revoked']);
   });
 
   it('refuses a self-signed certificate, an untrusted CA and an RSA certificate signed with SHA-1 by the client', () => {
