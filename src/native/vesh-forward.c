@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -542,6 +543,11 @@ static void do_listen_unix(const struct req *r) {
 static void do_listen_agent(const struct req *r) {
   if (!listener_room(r->id)) return;
   char dir[] = "/tmp/ssh-XXXXXXXXXX";
+  /* glibc's mkdtemp draws the last six: the first four come from here, so all ten are random (as OpenSSH's are). */
+  static const char letters[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+  unsigned char rnd[4];
+  if (getrandom(rnd, sizeof rnd, GRND_NONBLOCK) == (ssize_t)sizeof rnd)
+    for (size_t i = 0; i < sizeof rnd; i++) dir[9 + i] = letters[rnd[i] % (sizeof letters - 1)];
   if (!mkdtemp(dir)) { send_errno(r->id, errno, "a directory for the agent socket in /tmp"); return; }
   struct listener l;
   memset(&l, 0, sizeof l);

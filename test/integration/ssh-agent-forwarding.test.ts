@@ -24,6 +24,7 @@ describe('vesh serve: agent forwarding', () => {
   let noAgentKey: ClientKey;
   let carolKey: ClientKey;
   let bobKey: ClientKey;
+  let daveKey: ClientKey;
   let agentSock: string;
 
   /**
@@ -46,6 +47,7 @@ describe('vesh serve: agent forwarding', () => {
     noAgentKey = makeClientKey(dir, 'ed25519', 'noagent');
     carolKey = makeClientKey(dir, 'ed25519', 'carol');
     bobKey = makeClientKey(dir, 'ed25519', 'bob');
+    daveKey = makeClientKey(dir, 'ed25519', 'dave');
     writeAccounts(env.config.accountsFile, [
       'alice:',
       '  keys:',
@@ -59,6 +61,12 @@ describe('vesh serve: agent forwarding', () => {
       'bob:',
       '  keys:',
       `    - ${bobKey.publicLine}`,
+      // A plain user inside alice's VE (made below).
+      'dave:',
+      '  ve: alice',
+      '  user: dave',
+      '  keys:',
+      `    - ${daveKey.publicLine}`,
       '',
     ].join('\n'));
     // The client's agent: bob's key is only here (the client logs in to alice with alice's key file).
@@ -77,6 +85,8 @@ describe('vesh serve: agent forwarding', () => {
       + ' git init -q --bare /root/repo.git; git push -q /root/repo.git HEAD:refs/heads/main; git -C /root/repo.git symbolic-ref HEAD refs/heads/main; echo made',
     ], { timeoutMs: 120_000 });
     expect(made.stdout, made.stderr).toContain('made');
+    const user = await sshWithKey(serve.port, 'alice', aliceKey, ['useradd -m -s /bin/bash dave && echo made'], { timeoutMs: 120_000 });
+    expect(user.stdout, user.stderr).toContain('made');
   }, 300_000);
 
   afterAll(() => cleanup.run());
@@ -88,11 +98,28 @@ describe('vesh serve: agent forwarding', () => {
     expect(r.code, r.stderr).toBe(0);
     const sock = /^sock=(.*)$/m.exec(r.stdout)?.[1] ?? '';
     expect(sock).toMatch(/^\/tmp\/ssh-[A-Za-z0-9]{10}\/agent\.\d+$/);
+    expect(sock, 'all ten letters of the directory name drawn at random').not.toMatch(/ssh-XXXX/);
     expect(r.stdout).toContain('600 root socket\n700 root directory\n');
     expect(r.stdout).toContain(bobKey.fingerprint);
     expect(r.stdout).not.toContain(aliceKey.fingerprint);
     lastSocket = sock;
     await serve.waitForLog((e) => e.event === 'agent.listen' && e.path === sock);
+  }, 120_000);
+
+  it('for a plain user inside the VE, the socket and its directory are that user\'s, and other users there cannot reach the agent', async () => {
+    const r = sshA('dave', daveKey, 'stat -c "%a %U %F" "$SSH_AUTH_SOCK" "$(dirname "$SSH_AUTH_SOCK")"; ssh-add -l; sleep 3');
+    // While dave's connection holds it: another plain user of the VE is kept out by the kernel (0700 directory).
+    const made = await serve.waitForLog((e) => e.event === 'agent.listen' && e.account === 'dave', 60_000);
+    const other = await sshWithKey(serve.port, 'alice', aliceKey, [`ls -l ${String(made.path)}; su -s /bin/sh nobody -c "SSH_AUTH_SOCK=${String(made.path)} ssh-add -l" 2>&1; echo "nobody=$?"`], { timeoutMs: 60_000 });
+    const dave = await r;
+    expect(dave.code, dave.stderr).toBe(0);
+    expect(dave.stdout).toContain('600 dave socket\n700 dave directory\n');
+    expect(dave.stdout).toContain(bobKey.fingerprint);
+    expect(other.stdout).toMatch(/^srw------- 1 dave dave /m);
+    // EACCES on the 0700 directory, in ssh-add's words.
+    expect(other.stdout).toContain('Error connecting to agent: Permission denied');
+    expect(other.stdout).toContain('nobody=2');
+    expect(other.stdout).not.toContain(bobKey.fingerprint);
   }, 120_000);
 
   it('removes the socket and its directory when the connection ends', async () => {
