@@ -60,6 +60,9 @@ interface AuthResult {
 const RESIGN_BURST = 4;
 const RESIGN_INTERVAL_MS = 60_000;
 
+/** How long a holdable shell waits for its VE's session agent to come up (its start waits 1 s, then a runc exec). */
+const HOLD_AGENT_WAIT_MS = 3_000;
+
 /** How long a connection refused by a cap may stay before the broker cuts it (the worker ends it after 5 s). */
 const CAP_REFUSAL_CUT_MS = 8_000;
 
@@ -442,7 +445,28 @@ export class BrokerConnection {
     onExit: (report: ExitReport) => void,
     hold = false,
   ): Promise<SpawnedSession> {
-    const route = await this.deps.ves.agentRoute?.(ve, spec).catch(() => null);
+    let route = await this.deps.ves.agentRoute?.(ve, spec).catch(() => null);
+    let early: Awaited<ReturnType<VeAccess['processCommand']>> | null = null;
+    if (!route && hold && this.deps.ves.agentRoute && this.deps.heldShells?.mayWaitForAgent(ve)) {
+      // Only the VE's session agent can hold a terminal, and the first session
+      // of a VE without one starts it (a second later, session-agents.ts):
+      // ask as that session would, then wait a moment for the agent rather
+      // than give a shell that should survive a drop a relay that cannot.
+      try {
+        early = await this.deps.ves.processCommand(ve, spec);
+      } catch (err) {
+        this.log.error({ event: 'ssh.session_spawn_failed', err: errorMessage(err) });
+        throw new Refused(isVeshError(err) ? err.userMessage : 'The server could not start your session.', { cause: err });
+      }
+      for (const until = Date.now() + HOLD_AGENT_WAIT_MS; !route && Date.now() < until && this.state === 'authenticated';) {
+        await new Promise((r) => setTimeout(r, 100));
+        route = await this.deps.ves.agentRoute(ve, spec).catch(() => null);
+      }
+      if (!route) {
+        this.deps.heldShells.agentDidNotCome(ve);
+        this.log.info({ event: 'ssh.shell_not_holdable', reason: `the VE's session agent did not start within ${HOLD_AGENT_WAIT_MS} ms` });
+      }
+    }
     if (route) {
       if (this.state !== 'authenticated') throw new Refused('the connection is closing');
       let s: SpawnedSession | null = null;
@@ -465,7 +489,7 @@ export class BrokerConnection {
     }
     let cmd;
     try {
-      cmd = await this.deps.ves.processCommand(ve, spec);
+      cmd = early ?? await this.deps.ves.processCommand(ve, spec);
     } catch (err) {
       this.log.error({ event: 'ssh.session_spawn_failed', err: errorMessage(err) });
       throw new Refused(isVeshError(err) ? err.userMessage : 'The server could not start your session.', { cause: err });

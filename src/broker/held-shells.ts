@@ -32,8 +32,13 @@ interface Held {
  * get round either. The broker's socket to the agent is all it holds on the
  * host; when the broker goes, the agent hangs the shells up.
  */
+/** After a wait for a VE's agent came to nothing (agents off, or it cannot start there), do not wait for that VE again for this long. */
+const AGENT_WAIT_BACKOFF_MS = 10 * 60 * 1000;
+
 export class HeldShells {
   private readonly held = new Map<string, Held[]>();
+  /** VEs whose agent did not come up while a holdable shell waited for it, and when. */
+  private readonly agentMissing = new Map<string, number>();
 
   constructor(private readonly log: Logger) {}
 
@@ -98,6 +103,24 @@ export class HeldShells {
     const picked = [...this.held.values()].flat().filter((entry) => which(entry.account));
     for (const entry of picked) entry.session.hangup();
     return picked.length;
+  }
+
+  /**
+   * Whether a holdable shell should wait for `ve`'s session agent (only the
+   * agent can hold a terminal; the first session of a VE starts it). Not
+   * again soon after a wait in vain: with agents off every login would wait.
+   */
+  mayWaitForAgent(ve: string): boolean {
+    const at = this.agentMissing.get(ve);
+    if (at === undefined) return true;
+    if (Date.now() - at < AGENT_WAIT_BACKOFF_MS) return false;
+    this.agentMissing.delete(ve);
+    return true;
+  }
+
+  agentDidNotCome(ve: string): void {
+    // Bounded by the VEs that exist: one entry each.
+    this.agentMissing.set(ve, Date.now());
   }
 
   /** How many shells `account` has held in `ve`. */

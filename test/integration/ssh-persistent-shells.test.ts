@@ -14,7 +14,8 @@ import { waitFor } from '../helpers/ve-env.js';
  * - the newest output is kept up to the buffer (older output pushed out);
  * - bob has the setting off: his shell is hung up as before;
  * - `exit` holds nothing; carol's idle limit hangs her detached shell up;
- * - a held shell ends with its VE.
+ * - a held shell ends with its VE; the first shell after the VE starts is
+ *   held too (it waits for the VE's agent, the only one that can hold it).
  */
 describe('vesh serve: shells that survive a dropped connection', () => {
   let arena: Arena;
@@ -226,5 +227,18 @@ describe('vesh serve: shells that survive a dropped connection', () => {
     await arena.serve.waitForLog((r) => arena.serve.logs.indexOf(r) >= n && r.event === 'ssh.shell_detached' && r.account === 'alice', 15_000);
     expect(arena.env.cli(['ve', 'stop', 'alice']).code).toBe(0);
     await arena.serve.waitForLog((r) => arena.serve.logs.indexOf(r) >= n && r.event === 'ssh.shell_held_end' && r.account === 'alice', 30_000);
+  }, 90_000);
+
+  it('holds the first shell after the VE starts too (it waits for the VE\'s session agent)', async () => {
+    // The VE was stopped above: this login starts it, and no agent runs in it yet.
+    const t = login('alice');
+    const pid = await shellPid(t);
+    const n = arena.serve.logs.length;
+    t.kill();
+    await arena.serve.waitForLog((r) => arena.serve.logs.indexOf(r) >= n && r.event === 'ssh.shell_detached' && r.account === 'alice', 15_000);
+    const again = login('alice');
+    expect(await shellPid(again)).toBe(pid);
+    again.write('exit\r');
+    await again.waitExit();
   }, 90_000);
 });
