@@ -9,6 +9,9 @@ export const DEFAULT_SESSION_LIMITS: SessionLimits = {
   maxForwardHelpersPerAccount: 100,
   maxConnections: 4000,
   maxSessionsTotal: 2000,
+  agentForwarding: true,
+  streamLocalBindUnlink: false,
+  streamLocalBindMask: 0o177,
 };
 
 export type UsageKind = 'connection' | 'session' | 'forwardHelper';

@@ -35,7 +35,7 @@ class MapSource implements AccountSource {
     return [...this.accounts.values()];
   }
   set(a: Partial<Account> & { name: string }): Account {
-    const account: Account = { ve: a.name, user: 'root', locked: false, keys: [], forwarding: true, ...a };
+    const account: Account = { ve: a.name, user: 'root', locked: false, keys: [], forwarding: true, agentForwarding: true, ...a };
     this.accounts.set(a.name, account);
     return account;
   }
