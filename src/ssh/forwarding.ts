@@ -158,7 +158,11 @@ export class ConnectionForwarding {
   }
 
   private cancelUnix(accept: (() => void) | undefined, reject: (() => void) | undefined, path: string): void {
-    const key = `unix:${path}`;
+    this.unlisten(`unix:${path}`, accept, reject, { kind: 'remote-unix', bind: { path: path.slice(0, 120) } });
+  }
+
+  /** cancel-tcpip-forward / cancel-streamlocal-forward: the listener this connection made under `key`, or a refusal. */
+  private unlisten(key: string, accept: (() => void) | undefined, reject: (() => void) | undefined, what: Record<string, unknown>): void {
     const rl = this.listeners.get(key);
     if (!rl) {
       reject?.();
@@ -167,7 +171,7 @@ export class ConnectionForwarding {
     this.listeners.delete(key);
     this.byId.delete(rl.id);
     this.ctx.broker.forwardUnlisten(rl.id);
-    this.ctx.log.info({ event: 'forward.unlisten', kind: 'remote-unix', bind: { path: path.slice(0, 120) } });
+    this.ctx.log.info({ event: 'forward.unlisten', ...what });
     accept?.();
   }
 
@@ -209,17 +213,7 @@ export class ConnectionForwarding {
   private readonly early: Array<{ listener: number; fd: number; remoteAddress: string; remotePort: number }> = [];
 
   private cancel(accept: (() => void) | undefined, reject: (() => void) | undefined, info: TcpipBindInfo): void {
-    const key = `${info.bindAddr}:${info.bindPort}`;
-    const rl = this.listeners.get(key);
-    if (!rl) {
-      reject?.();
-      return;
-    }
-    this.listeners.delete(key);
-    this.byId.delete(rl.id);
-    this.ctx.broker.forwardUnlisten(rl.id);
-    this.ctx.log.info({ event: 'forward.unlisten', kind: 'remote', bind: { address: String(info.bindAddr).slice(0, 64), port: info.bindPort } });
-    accept?.();
+    this.unlisten(`${info.bindAddr}:${info.bindPort}`, accept, reject, { kind: 'remote', bind: { address: String(info.bindAddr).slice(0, 64), port: info.bindPort } });
   }
 
   /** A connection arrived on a -R listener inside the VE (the broker passed its socket): open a forwarded-tcpip channel for it. */
