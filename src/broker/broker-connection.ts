@@ -1,4 +1,5 @@
 import type { Logger } from '../audit/logger.js';
+import { countLogin } from '../audit/metrics.js';
 import { ErrorCodes, VeshError, errorMessage, isVeshError } from '../errors.js';
 import { acceptClientEnv, sessionEnvironment, sanitizeTerm } from '../ssh/environment.js';
 import { CLIENT_SIGNALS, type ExitReport } from '../ssh/exit-status.js';
@@ -124,6 +125,16 @@ export class BrokerConnection {
     if (this.resignTokens < 1) return false;
     this.resignTokens -= 1;
     return true;
+  }
+
+  /** Sessions started and not ended (the metrics endpoint). */
+  get openSessions(): number {
+    return this.sessions.size;
+  }
+
+  /** Its -R, Unix-socket and agent listeners in the VE (the metrics endpoint). */
+  get openListeners(): number {
+    return this.listeners.size;
   }
 
   /** The once-only requests (request-table.ts) this connection has had. */
@@ -281,6 +292,7 @@ export class BrokerConnection {
   }
 
   private audit(result: string, method: string, user: string, extra: Record<string, unknown>): void {
+    countLogin(result, method);
     this.log.info({ event: 'ssh.auth', method, user, source: this.source, result, ...extra });
   }
 

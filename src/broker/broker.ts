@@ -9,6 +9,7 @@ import { MAX_SESSIONS_PER_CONNECTION } from '../ssh/limits.js';
 import type { SshAuthenticator } from '../ssh/ports.js';
 import { DEFAULT_SESSION_LIMITS, UsageCaps } from '../ssh/usage-caps.js';
 import { closeFd, dupFd } from '../system/fdpass.js';
+import { countAccepted, countForward, countRefused } from '../audit/metrics.js';
 import type { VeAccess } from '../ve/access.js';
 import { Admission, normalizeAddress, type AdmissionSettings } from './admission.js';
 import { BrokerConnection, ProtocolViolation, Refused } from './broker-connection.js';
@@ -158,16 +159,30 @@ export class Broker {
     };
   }
 
+  /** What the metrics endpoint reports of the broker: from its own tables, never from a worker's word. */
+  metricsCounts(): { connections: number; unauthenticated: number; sessions: number; listeners: number; workers: number } {
+    let sessions = 0;
+    let listeners = 0;
+    for (const c of this.conns.values()) {
+      sessions += c.openSessions;
+      listeners += c.openListeners;
+    }
+    const workers = this.pool.list().filter((w) => w.alive).length;
+    return { connections: this.conns.size, unauthenticated: this.admission.unauthenticated, sessions, listeners, workers };
+  }
+
   // ------------------------------------------------------------ connections in
 
   private onSocket(socket: net.Socket): void {
     const adm = this.closing ? null : this.admission.admit(socket);
     if (!adm) {
+      if (this.closing) countRefused('shutting_down');
       socket.destroy();
       return;
     }
     const worker = this.pool.pick();
     if (!worker) {
+      countRefused('no_worker');
       this.log.error({ event: 'ssh.connection_refused', source: adm.source, reason: 'no SSH worker is running' });
       this.admission.leave(adm);
       socket.destroy();
@@ -175,6 +190,7 @@ export class Broker {
     }
     const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (typeof fd !== 'number' || fd < 0) {
+      countRefused('internal');
       this.admission.leave(adm);
       socket.destroy();
       return;
@@ -184,6 +200,7 @@ export class Broker {
     try {
       cutFd = dupFd(fd);
     } catch (err) {
+      countRefused('internal');
       this.log.error({ event: 'ssh.connection_refused', source: adm.source, reason: `cannot keep the socket: ${errorMessage(err)}` });
       this.admission.leave(adm);
       socket.destroy();
@@ -205,6 +222,7 @@ export class Broker {
     }, log);
     this.conns.set(id, c);
     worker.conns.add(id);
+    countAccepted();
     adm.onGrace = () => c.cut();
     log.info({ event: 'ssh.connection', source: adm.source, port: socket.remotePort, worker: worker.index });
     this.sendTo(worker, { ev: 'conn.new', conn: id, source: adm.source, port: socket.remotePort ?? 0, localAddress, localPort: socket.localPort ?? 0 }, [fd]);
@@ -315,15 +333,21 @@ export class Broker {
       case 'session.close':
         c.closeSession(r);
         return { body: {} };
-      case 'forward.connect':
-        return { body: {}, fds: [await c.forwardConnect(r)] };
+      case 'forward.connect': {
+        const fd = await c.forwardConnect(r);
+        countForward('tcp');
+        return { body: {}, fds: [fd] };
+      }
       case 'forward.listen':
         return { body: await c.forwardListen(r) };
       case 'forward.unlisten':
         c.forwardUnlisten(r);
         return { body: {} };
-      case 'forward.connect_unix':
-        return { body: {}, fds: [await c.forwardConnectUnix(r)] };
+      case 'forward.connect_unix': {
+        const fd = await c.forwardConnectUnix(r);
+        countForward('unix');
+        return { body: {}, fds: [fd] };
+      }
       case 'forward.listen_unix':
         return { body: await c.forwardListenUnix(r) };
       case 'agent.listen':

@@ -4,7 +4,9 @@ import type { LimitsInput } from '../config/limits.js';
 import { limitsInputSchema } from '../config/schema.js';
 import { formatSize } from '../config/units.js';
 import { ErrorCodes, VeshError } from '../errors.js';
-import { createVeManager, type VeManager } from '../ve/index.js';
+import { createTemplateStore, createVeManager, createVeNetwork, type VeManager } from '../ve/index.js';
+import { VeBackups } from '../ve/backup.js';
+import { makeLayout } from '../system/layout.js';
 import type { VeStatus } from '../ve/manager.js';
 import { buildContext, type GlobalOptions } from './context.js';
 import { printTable } from './table.js';
@@ -19,6 +21,15 @@ interface LimitOptions {
 function manager(program: Command): VeManager {
   const { config, logger } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
   return createVeManager(config, logger);
+}
+
+function backups(program: Command): VeBackups {
+  const { config, logger } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
+  const layout = makeLayout(config.dataDir);
+  return new VeBackups({
+    config, layout, logger, ves: createVeManager(config, logger),
+    templates: createTemplateStore(config, layout, logger), network: createVeNetwork(config, layout, logger),
+  });
 }
 
 /** --memory/--pids/--cpus/--disk → limits, with the same parser and messages as the config files. */
@@ -125,6 +136,18 @@ export function register(program: Command): void {
     .action(async (name: string, o: { force?: boolean }) => {
       await manager(program).destroy(name, { force: o.force });
       console.log(`destroyed VE ${name}`);
+    });
+
+  ve.command('backup <name> <file>').description('write a VE (its record and disk) to FILE, consistent whether it runs or not (a running VE is frozen for the copy)')
+    .action(async (name: string, file: string) => {
+      const res = await backups(program).backup(name, file);
+      console.log(`backed up VE ${name} to ${res.file} (${formatSize(res.bytes)}, ${formatSize(res.dataBytes)} of data in a ${formatSize(res.imageSize)} disk${res.wasRunning ? `; frozen ${res.frozenMs} ms` : ''})`);
+    });
+
+  ve.command('restore <file> [name]').description('make a stopped VE from a backup, under its own name or NAME, with a fresh address and id range')
+    .action(async (file: string, name: string | undefined) => {
+      const rec = await backups(program).restore(file, name);
+      console.log(`restored VE ${rec.name} (template ${rec.template}, address ${rec.address}); start it with "vesh ve start ${rec.name}"`);
     });
 
   ve.command('set <name>').description('change a VE\'s settings')

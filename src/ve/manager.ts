@@ -148,7 +148,8 @@ export class VeManager implements VeAccess {
     return vePaths(this.layout.veDir(name));
   }
 
-  private cgroupsPath(name: string): string {
+  /** The VE's cgroup path (under each v1 hierarchy, or in the v2 tree). */
+  cgroupsPath(name: string): string {
     return `${this.layout.cgroupParent}/${name}`;
   }
 
@@ -383,6 +384,7 @@ export class VeManager implements VeAccess {
       if (isVeshError(err) && err.code !== ErrorCodes.RUNTIME_FAILED && err.code !== ErrorCodes.COMMAND_FAILED) throw err;
       throw new VeshError(ErrorCodes.VE_START_FAILED, `VE "${name}" failed to start: ${errorMessage(err)}`, { cause: err, userMessage: 'Your environment failed to start; the administrator has been told why.' });
     });
+    observeVeStart(Date.now() - started);
     this.log.info({ event: 've.started', ve: name, ms: Date.now() - started, steps: t.steps });
   }
 
