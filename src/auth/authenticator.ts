@@ -446,6 +446,11 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
     return this.penalties.remaining(source, account);
   }
 
+  /** Penalties now in force, for the metrics endpoint. */
+  penaltiesInForce(): { sources: number; accounts: number } {
+    return this.penalties.inForce();
+  }
+
   recordFailure(source: string, account?: string): void {
     for (const p of this.penalties.recordFailure(source, account)) {
       if (p.scope.kind === 'source') {

@@ -109,6 +109,19 @@ export class SourcePenalties {
     return this.table.size;
   }
 
+  /** Penalties now in force (the metrics endpoint): whole sources and (source, account) pairs. */
+  inForce(): { sources: number; accounts: number } {
+    const now = this.now();
+    let sources = 0;
+    let accounts = 0;
+    for (const [key, c] of this.table) {
+      if (c.until <= now) continue;
+      if (key.startsWith('s ')) sources += 1;
+      else accounts += 1;
+    }
+    return { sources, accounts };
+  }
+
   private bump(key: string, threshold: number): number {
     const now = this.now();
     const state = this.current(key) ?? { failures: 0, penaltyMs: 0, until: 0, lastFailure: now };

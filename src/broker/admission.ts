@@ -3,6 +3,7 @@ import type { Logger } from '../audit/logger.js';
 import type { ServerConfig } from '../config/server-config.js';
 import { sourceBlock } from '../auth/source-match.js';
 import type { SshAuthenticator } from '../ssh/ports.js';
+import { countRefused, type RefusalReason } from '../audit/metrics.js';
 
 /** The auth settings admission reads (the rest of vesh.yaml `auth:` belongs to the authenticator). */
 export type AdmissionSettings = Pick<ServerConfig['auth'], 'loginGraceTimeMs' | 'maxStartups' | 'maxStartupsPerSource'> & {
@@ -63,19 +64,20 @@ export class Admission {
   admit(socket: net.Socket): Admitted | null {
     const source = normalizeAddress(socket.remoteAddress);
     const block = sourceBlock(source);
-    const refuse = (reason: string, extra: Record<string, unknown> = {}) => {
+    const refuse = (reason: string, extra: Record<string, unknown> = {}, counted: RefusalReason = 'penalized') => {
+      countRefused(counted);
       this.logRefusal(block, reason, { source, port: socket.remotePort, reason, ...extra });
       return null;
     };
     const penalty = this.authenticator.penaltyRemaining(source);
     if (penalty > 0) return refuse('source penalized after failed logins', { penaltyMs: penalty });
     const rate = this.settings.maxConnectionRatePerSource ?? DEFAULT_CONNECTION_RATE_PER_SOURCE;
-    if (!this.takeConnectionToken(block, rate)) return refuse('source connects too fast (maxConnectionRatePerSource)', { maxConnectionRatePerSource: rate });
+    if (!this.takeConnectionToken(block, rate)) return refuse('source connects too fast (maxConnectionRatePerSource)', { maxConnectionRatePerSource: rate }, 'rate');
     const max = this.settings.maxStartups;
-    if (this.unauthenticated >= max) return refuse('too many unauthenticated connections (maxStartups)', { maxStartups: max });
+    if (this.unauthenticated >= max) return refuse('too many unauthenticated connections (maxStartups)', { maxStartups: max }, 'max_startups');
     const perSource = this.settings.maxStartupsPerSource;
     const fromSource = this.unauthenticatedBySource.get(block) ?? 0;
-    if (fromSource >= perSource) return refuse('too many unauthenticated connections from this source (maxStartupsPerSource)', { maxStartupsPerSource: perSource, block });
+    if (fromSource >= perSource) return refuse('too many unauthenticated connections from this source (maxStartupsPerSource)', { maxStartupsPerSource: perSource, block }, 'max_startups_per_source');
 
     const adm: Admitted = { source, block, unauthenticated: true, graceTimer: null, struck: false, onGrace: null };
     this.unauthenticated += 1;

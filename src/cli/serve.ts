@@ -8,6 +8,8 @@ import { mkdirSync } from 'node:fs';
 import { Broker } from '../broker/broker.js';
 import { hiddenFromWorkers } from '../broker/worker-sandbox.js';
 import { createVeManager } from '../ve/index.js';
+import { startMetricsServer } from '../audit/metrics.js';
+import { veSamples } from '../ve/metrics-samples.js';
 import { buildContext, type GlobalOptions } from './context.js';
 
 /** How long shutdown waits for sessions to hang up and their clients to be told. */
@@ -71,6 +73,12 @@ export async function serve(opts: GlobalOptions): Promise<void> {
     });
   }
   const addr = await server.listen();
+  // Off unless vesh.yaml sets metrics.listen; every figure is the broker's own.
+  const metrics = config.metrics?.listen ? await startMetricsServer(config.metrics.listen, {
+    broker: () => server.metricsCounts(),
+    penalties: () => authenticator.penaltiesInForce(),
+    ves: () => veSamples(ves),
+  }, logger) : null;
 
   // A person starting the server reads these; scripts read the log events.
   const lines = [`vesh: listening on ${addr.host.includes(':') ? `[${addr.host}]` : addr.host}:${addr.port}`];
@@ -110,6 +118,7 @@ export async function serve(opts: GlobalOptions): Promise<void> {
         } catch (err) {
           log.error({ event: 'serve.close_failed', err: errorMessage(err) });
         }
+        await metrics?.close();
         ves.stopMonitor();
         await Promise.resolve(accounts.close()).catch(() => undefined);
         process.removeListener('SIGHUP', onHup);

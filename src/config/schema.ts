@@ -251,6 +251,14 @@ export const serverConfigSchema = z.strictObject({
     /** A session running this long is hung up; 0 = no limit. */
     maxSessionTime: timeoutSetting('maxSessionTime').default(0),
   }).prefault({}),
+  /**
+   * The Prometheus endpoint (src/audit/metrics.ts): off unless listen is
+   * set. Its figures name VEs and their usage: give an address only the
+   * monitoring system reaches (127.0.0.1 or a management network).
+   */
+  metrics: z.strictObject({
+    listen: z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}$/, 'metrics.listen must be "ADDRESS:PORT", for example "127.0.0.1:9469"').optional(),
+  }).prefault({}),
   logging: z.strictObject({
     level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),
     pretty: z.union([z.boolean(), z.literal('auto')]).default('auto'),

@@ -34,6 +34,8 @@ export interface ServerConfig {
   workers: { count: number; firstUid: number; maxFiles: number; stallTimeoutMs: number };
   logging: { level: string; pretty: boolean | 'auto' };
   timeouts: TimeoutSettings;
+  /** The Prometheus endpoint's address; null or absent (configs built by hand in tests): off. */
+  metrics?: { listen: { host: string; port: number } | null };
 }
 
 /** Channel types a channelTimeout can name, and `global` (all channels of a connection together). */
@@ -152,6 +154,7 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
     },
     workers: { count: w.count, firstUid: w.firstUid, maxFiles: w.maxFiles, stallTimeoutMs: w.stallTimeout },
     logging: { ...value.logging },
+    metrics: { listen: value.metrics.listen === undefined ? null : splitListen(value.metrics.listen) },
     timeouts: {
       clientAliveIntervalMs: value.timeouts.clientAliveInterval,
       clientAliveCountMax: value.timeouts.clientAliveCountMax,

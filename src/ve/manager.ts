@@ -9,6 +9,7 @@ import { cgroupDirs, detectCgroupLayout, readCgroupStats, removeCgroupDirs, type
 import { VE_PROCESS_ENV, buildOciConfig, type OciHook } from '../runtime/oci-bundle.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from '../runtime/types.js';
 import type { VeNetIdentity } from '../net/types.js';
+import { observeVeStart } from '../audit/metrics.js';
 import type { TemplateInfo } from '../template/types.js';
 import { run } from '../system/exec.js';
 import { VE_TREE_DIR_MODE, prepareDataDir, secureVeTreeDir, type Layout } from '../system/layout.js';
@@ -106,7 +107,7 @@ export class VeManager implements VeAccess {
   private readonly runtime: ContainerRuntime;
   private readonly templates: TemplateSource;
   private readonly network: NetworkPlane;
-  private readonly cgroupLayout: CgroupLayout;
+  readonly cgroupLayout: CgroupLayout;
   private readonly inflight = new Map<string, Promise<void>>();
   /** VEs the monitor watches: name → init pid. */
   private readonly watched = new Map<string, number>();
