@@ -275,7 +275,7 @@ export class VeBackups {
       await mountVeDisk(p, { hasImage: true, rootId: ids.base });
       if (manifest.ids.base !== ids.base) moved = await shiftVeFiles(p, manifest.ids.base, ids.base, ids.size);
       // The shift moves only the old range; anything else in the image (host root's, another VE's ids) is refused.
-      await assertOwnedWithin(p.private, ids, src);
+      await checkRestoredDisk(p, ids, src);
       await unmountAll(p);
       await writeJsonAtomic(p.record, rec);
     }, (failures) => this.log.error({ event: 've.restore.undo_failed', ve: name, failures: failures.map((f) => `${f.what}: ${errorMessage(f.error)}`) }))
@@ -477,28 +477,45 @@ async function writeImage(fh: fs.FileHandle, file: string, m: BackupManifest, ma
 }
 
 /**
- * Every entry of the restored disk owned within `ids`. Walked with lstat,
- * never following a link; nothing runs in the VE meanwhile (it has never
- * started here), so no entry changes under the walk.
+ * The restored disk holds only what a VE's disk holds, and all of what the
+ * VE can reach (upper/ and ctl/) is owned within `ids`. At its top only
+ * upper/, work/, ctl/, lost+found/ (directories) and console.log may be:
+ * console.log (the last run's console, which the host's engine writes
+ * through the path) and work/'s contents (the overlay's scratch space) are
+ * dropped, so no crafted link there is ever opened by the host. Walked with
+ * lstat, never following a link; nothing runs in the VE meanwhile (it has
+ * never started here), so no entry changes under the walk.
  */
-async function assertOwnedWithin(root: string, ids: IdRange, file: string): Promise<void> {
+async function checkRestoredDisk(p: VePaths, ids: IdRange, file: string): Promise<void> {
+  const root = p.private;
   const inRange = (id: number) => id >= ids.base && id < ids.base + ids.size;
-  const check = async (p: string): Promise<boolean> => {
-    const st = await fs.lstat(p);
+  for (const e of await fs.readdir(root)) {
+    const full = path.join(root, e);
+    const st = await fs.lstat(full);
+    if (e === path.basename(p.console)) await fs.rm(full, { force: true });
+    else if (!TOP_DIRS.has(e) || !st.isDirectory()) throw damaged(file, `its disk holds "${e}", which a VE's disk does not (a crafted backup?)`);
+  }
+  for (const e of await fs.readdir(p.work)) await fs.rm(path.join(p.work, e), { recursive: true, force: true });
+  const check = async (full: string): Promise<boolean> => {
+    const st = await fs.lstat(full);
     if (!inRange(st.uid) || !inRange(st.gid)) {
-      throw damaged(file, `${path.relative(root, p) || '/'} in its disk is owned by host ids ${st.uid}:${st.gid}, outside the VE's own range (a crafted backup?)`);
+      throw damaged(file, `${path.relative(root, full)} in its disk is owned by host ids ${st.uid}:${st.gid}, outside the VE's own range (a crafted backup?)`);
     }
     return st.isDirectory();
   };
   const walk = async (dir: string): Promise<void> => {
     for (const e of await fs.readdir(dir)) {
-      const p = path.join(dir, e);
-      if (await check(p)) await walk(p);
+      const full = path.join(dir, e);
+      if (await check(full)) await walk(full);
     }
   };
-  await check(root);
-  await walk(root);
+  for (const dir of [p.upper, p.ctl]) {
+    await check(dir);
+    await walk(dir);
+  }
 }
+
+const TOP_DIRS = new Set(['upper', 'work', 'ctl', 'lost+found']);
 
 async function syncDir(dir: string): Promise<void> {
   const d = await fs.open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
