@@ -769,6 +769,37 @@ static napi_value js_is_pty_master(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * sendDatagram(path, data): one AF_UNIX datagram to path, "@name" meaning an
+ * abstract address: systemd's NOTIFY_SOCKET. Node's dgram has no AF_UNIX.
+ * Returns whether it was sent (false: the queue was full, EAGAIN).
+ */
+static napi_value js_send_datagram(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  struct sockaddr_un sa = { .sun_family = AF_UNIX };
+  size_t len;
+  void *data;
+  size_t size;
+  if (get_args(env, info, 2, argv)) return NULL;
+  if (napi_get_value_string_utf8(env, argv[0], sa.sun_path, sizeof sa.sun_path, &len) != napi_ok) return throw_type(env, "sendDatagram path must be a string");
+  if (len < 2 || len >= sizeof sa.sun_path - 1) return throw_type(env, "sendDatagram path is empty or too long for a unix socket");
+  if (napi_get_buffer_info(env, argv[1], &data, &size) != napi_ok) return throw_type(env, "sendDatagram data must be a Buffer");
+  socklen_t salen = sizeof sa;
+  if (sa.sun_path[0] == '@') {
+    sa.sun_path[0] = '\0';
+    salen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len);
+  }
+  int s = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (s < 0) return throw_errno(env, "socket", errno);
+  ssize_t n = sendto(s, data, size, MSG_NOSIGNAL, (struct sockaddr *)&sa, salen);
+  int err = errno;
+  close(s);
+  if (n < 0 && err != EAGAIN) return throw_errno(env, "sendto", err);
+  napi_value result;
+  napi_get_boolean(env, n >= 0, &result);
+  return result;
+}
+
 /* ---- lockdown: the worker's seccomp filter --------------------------- */
 
 #if defined(__x86_64__)
@@ -1070,6 +1101,7 @@ static napi_value init(napi_env env, napi_value exports) {
     { "peerCred", js_peer_cred }, { "tcpIdle", js_tcp_idle }, { "lockdown", js_lockdown },
     { "spawn", js_spawn }, { "reap", js_reap },
     { "connectUnix", js_connect_unix }, { "isPtyMaster", js_is_pty_master },
+    { "sendDatagram", js_send_datagram },
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;
