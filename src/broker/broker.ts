@@ -150,6 +150,22 @@ export class Broker {
     return { host: a.address, port: a.port };
   }
 
+  /** Whether a worker has said it serves (systemd's READY=1 waits for this, not only for the listener). */
+  serving(): boolean {
+    return this.pool.list().some((w) => w.alive && w.ready);
+  }
+
+  /**
+   * A SIGHUP reload: the settings read per new connection take the new
+   * values (admission caps and the login grace time, timeouts). Admission
+   * reads the same auth object, so it is updated in place.
+   */
+  reconfigure(next: Pick<BrokerDeps['config'], 'auth' | 'timeouts'>): void {
+    const { loginGraceTimeMs, maxStartups, maxStartupsPerSource, maxConnectionRatePerSource } = next.auth;
+    Object.assign(this.deps.config.auth, { loginGraceTimeMs, maxStartups, maxStartupsPerSource, maxConnectionRatePerSource });
+    if (next.timeouts) this.deps.config.timeouts = next.timeouts;
+  }
+
   /** Connections now open, how many have not authenticated yet, and the workers' pids. */
   stats(): { connections: number; unauthenticated: number; workers: Array<{ index: number; pid: number; connections: number }> } {
     return {

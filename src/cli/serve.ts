@@ -11,6 +11,8 @@ import { createVeManager } from '../ve/index.js';
 import { startMetricsServer } from '../audit/metrics.js';
 import { veSamples } from '../ve/metrics-samples.js';
 import { buildContext, type GlobalOptions } from './context.js';
+import { reloadOnHup } from './service.js';
+import { sdNotify } from '../system/sd-notify.js';
 
 /** How long shutdown waits for sessions to hang up and their clients to be told. */
 const SHUTDOWN_TIMEOUT_MS = 5_000;
@@ -93,10 +95,18 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   );
   await ves.startMonitor();
 
+  // systemd (Type=notify) hears READY=1 only once a worker serves: the
+  // listener alone would take connections that nobody answers yet.
+  for (let waited = 0; !server.serving() && waited < 30_000; waited += 20) await new Promise((r) => setTimeout(r, 20));
+  sdNotify({ READY: '1', STATUS: `serving on ${addr.host}:${addr.port}` }, log);
+
+  // Reloads run one after the other: a second SIGHUP waits for the first.
+  let inForce = config;
+  let reloading: Promise<unknown> = Promise.resolve();
   const onHup = () => {
-    log.info({ event: 'serve.sighup' }, 'SIGHUP: reloading accounts');
-    void Promise.resolve()
-      .then(() => accounts.reload())
+    log.info({ event: 'serve.sighup' }, 'SIGHUP: reloading vesh.yaml and accounts.yaml');
+    reloading = reloading
+      .then(async () => { inForce = await reloadOnHup({ configFile: config.configFile, current: inForce, broker: server, accounts, log }); })
       .catch((err: unknown) => log.error({ event: 'serve.reload_failed', err: errorMessage(err) }));
   };
   process.on('SIGHUP', onHup);
@@ -112,6 +122,7 @@ export async function serve(opts: GlobalOptions): Promise<void> {
       if (stopping) return;
       stopping = true;
       log.info({ event: 'serve.stopping', signal }, `${signal}: closing sessions; VEs keep running`);
+      sdNotify({ STOPPING: '1', STATUS: 'closing sessions' }, log);
       void (async () => {
         try {
           await server.close(SHUTDOWN_TIMEOUT_MS);
