@@ -30,6 +30,8 @@ declare -A VESH_TEST_PKGS=(
   [rsync]=rsync
   [git]=git
   [tmux]=tmux
+  # test/integration/service-unit.test.ts checks the unit file
+  [systemd-analyze]=systemd
   # test/interop: SSH clients other than OpenSSH's (curl's SFTP is libssh2's)
   [dbclient]=dropbear-bin
   [dropbearconvert]=dropbear-bin
