@@ -96,9 +96,15 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   await ves.startMonitor();
 
   // systemd (Type=notify) hears READY=1 only once a worker serves: the
-  // listener alone would take connections that nobody answers yet.
-  for (let waited = 0; !server.serving() && waited < 30_000; waited += 20) await new Promise((r) => setTimeout(r, 20));
-  sdNotify({ READY: '1', STATUS: `serving on ${addr.host}:${addr.port}` }, log);
+  // listener alone would take connections that nobody answers yet. Never
+  // serving, the start times out (TimeoutStartSec) and systemd restarts us.
+  let ready = false;
+  const readyPoll = setInterval(() => {
+    if (!server.serving()) return;
+    clearInterval(readyPoll);
+    ready = true;
+    sdNotify({ READY: '1', STATUS: `serving on ${addr.host}:${addr.port}` }, log);
+  }, 20);
 
   // Reloads run one after the other: a second SIGHUP waits for the first.
   let inForce = config;
@@ -106,7 +112,7 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   const onHup = () => {
     log.info({ event: 'serve.sighup' }, 'SIGHUP: reloading vesh.yaml and accounts.yaml');
     reloading = reloading
-      .then(async () => { inForce = await reloadOnHup({ configFile: config.configFile, current: inForce, broker: server, accounts, log }); })
+      .then(async () => { inForce = await reloadOnHup({ configFile: config.configFile, current: inForce, broker: server, accounts, log, ready: () => ready }); })
       .catch((err: unknown) => log.error({ event: 'serve.reload_failed', err: errorMessage(err) }));
   };
   process.on('SIGHUP', onHup);
@@ -122,6 +128,7 @@ export async function serve(opts: GlobalOptions): Promise<void> {
       if (stopping) return;
       stopping = true;
       log.info({ event: 'serve.stopping', signal }, `${signal}: closing sessions; VEs keep running`);
+      clearInterval(readyPoll);
       sdNotify({ STOPPING: '1', STATUS: 'closing sessions' }, log);
       void (async () => {
         try {

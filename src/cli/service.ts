@@ -120,6 +120,8 @@ export interface Reloadable {
   broker: { reconfigure(next: Pick<ServerConfig, 'auth' | 'timeouts'>): void };
   accounts: { reload(): Promise<boolean> };
   log: Logger;
+  /** Whether READY=1 was sent at start: a reload before that must not claim readiness. */
+  ready(): boolean;
 }
 
 /** Sections of vesh.yaml applied by a reload; every other change waits for a restart. */
@@ -157,7 +159,7 @@ export async function reloadOnHup(r: Reloadable): Promise<ServerConfig> {
     }
     await r.accounts.reload().catch((err: unknown) => r.log.error({ event: 'serve.reload_failed', err: errorMessage(err) }));
   } finally {
-    sdNotify({ READY: '1', STATUS: 'serving' }, r.log);
+    sdNotify(r.ready() ? { READY: '1', STATUS: 'serving' } : { STATUS: 'starting: waiting for an SSH worker' }, r.log);
   }
   return inForce;
 }
