@@ -143,10 +143,10 @@ export class VeBackups {
         const started = performance.now();
         let copied: { sha256: string; dataBytes: number; size: number };
         if (freeze) {
-          copied = await this.frozen(name, p, state === 'running', () => copyExtents(p.image, writer));
+          copied = await this.frozen(name, p, state === 'running', () => copyExtents(p.image, writer, this.log));
           frozenMs = Math.round((performance.now() - started) * 10) / 10;
         } else {
-          copied = await copyExtents(p.image, writer);
+          copied = await copyExtents(p.image, writer, this.log);
         }
         const manifest: BackupManifest = {
           format: 'vesh-ve-backup',
@@ -342,10 +342,40 @@ function u64(n: bigint): Buffer {
 }
 
 /**
- * Write the image's data blocks as extents. Blocks that read as zeros (holes
- * and zeroed blocks alike) are left out: the restored image is sparse again.
+ * The byte ranges of `image` that hold data, from the file system's extent
+ * map (filefrag: FIEMAP, synced first). Reading a 1 GiB image's holes costs
+ * seconds here (measured 0.6-2.9 s on this VM) and a running VE stays frozen
+ * meanwhile; the map makes the copy proportional to the data. Where the map
+ * is not available (a file system without FIEMAP) the whole file is read.
  */
-async function copyExtents(image: string, writer: HashedWriter): Promise<{ sha256: string; dataBytes: number; size: number }> {
+async function dataRanges(image: string, size: number, log: Logger): Promise<Array<[number, number]>> {
+  const res = await run('filefrag', ['-s', '-e', `-b${MAP_BLOCK}`, image], { allowFailure: true, timeoutMs: FREEZE_TIMEOUT_MS });
+  if (res.code !== 0 || !/extents? found/.test(res.stdout)) {
+    log.warn({ event: 've.backup.no_extent_map', image, err: res.stderr.trim() }, `no extent map of ${image} (filefrag failed): reading the whole image, holes included`);
+    return [[0, size]];
+  }
+  const out: Array<[number, number]> = [];
+  for (const line of res.stdout.split('\n')) {
+    const m = /^\s*\d+:\s*(\d+)\.\.\s*(\d+):/.exec(line);
+    if (!m) continue;
+    const start = Number(m[1]) * MAP_BLOCK;
+    const end = Math.min(size, (Number(m[2]) + 1) * MAP_BLOCK);
+    if (start >= end) continue;
+    const last = out[out.length - 1];
+    if (last && start <= last[1]) last[1] = Math.max(last[1], end);
+    else out.push([start, end]);
+  }
+  return out;
+}
+
+const MAP_BLOCK = 4096;
+
+/**
+ * Write the image's data ranges as extents. Blocks that read as zeros
+ * within them (unwritten or zeroed blocks) are left out too: the restored
+ * image is sparse again.
+ */
+async function copyExtents(image: string, writer: HashedWriter, log: Logger): Promise<{ sha256: string; dataBytes: number; size: number }> {
   const fd = await fs.open(image, fsc.O_RDONLY | fsc.O_NOFOLLOW);
   const parts = createHash('sha256');
   let dataBytes = 0;
@@ -357,24 +387,26 @@ async function copyExtents(image: string, writer: HashedWriter): Promise<{ sha25
     const size = (await fd.stat()).size;
     const buf = Buffer.alloc(READ_CHUNK);
     const zero = Buffer.alloc(BLOCK);
-    for (let off = 0; off < size; off += READ_CHUNK) {
-      const { bytesRead } = await fd.read(buf, 0, Math.min(READ_CHUNK, size - off), off);
-      let runStart = -1;
-      const flushRun = async (end: number) => {
-        if (runStart < 0) return;
-        const data = Buffer.from(buf.subarray(runStart, end));
-        await emit(Buffer.concat([u64(BigInt(off + runStart)), u64(BigInt(data.length))]));
-        await emit(data);
-        dataBytes += data.length;
-        runStart = -1;
-      };
-      for (let b = 0; b < bytesRead; b += BLOCK) {
-        const end = Math.min(b + BLOCK, bytesRead);
-        const isZero = buf.subarray(b, end).equals(zero.subarray(0, end - b));
-        if (!isZero && runStart < 0) runStart = b;
-        if (isZero) await flushRun(b);
+    for (const [from, to] of await dataRanges(image, size, log)) {
+      for (let off = from; off < to; off += READ_CHUNK) {
+        const { bytesRead } = await fd.read(buf, 0, Math.min(READ_CHUNK, to - off), off);
+        let runStart = -1;
+        const flushRun = async (end: number) => {
+          if (runStart < 0) return;
+          const data = Buffer.from(buf.subarray(runStart, end));
+          await emit(Buffer.concat([u64(BigInt(off + runStart)), u64(BigInt(data.length))]));
+          await emit(data);
+          dataBytes += data.length;
+          runStart = -1;
+        };
+        for (let b = 0; b < bytesRead; b += BLOCK) {
+          const end = Math.min(b + BLOCK, bytesRead);
+          const isZero = zero.compare(buf, b, end, 0, end - b) === 0;
+          if (!isZero && runStart < 0) runStart = b;
+          if (isZero) await flushRun(b);
+        }
+        await flushRun(bytesRead);
       }
-      await flushRun(bytesRead);
     }
     await emit(Buffer.concat([u64(EXTENTS_END), u64(0n)]));
     return { sha256: parts.digest('hex'), dataBytes, size };
