@@ -335,6 +335,10 @@ const attacks = {
     if (args.size !== 'proto') await linger();
     else report({ step: 'answer', answer: await answered });
   },
+  /** Failures under method names of its choosing (metrics-labels.test.ts: each must not become a metrics label). */
+  async 'auth-methods'(conn, report, args) {
+    for (const method of args.methods) report({ step: 'auth.failure', method, ...(await ask('auth.failure', conn, { user: args.user, method, reason: 'made up' })) });
+  },
   /** A worker that stops answering anything (a bug, or a stall on purpose). */
   async spin(conn, report) {
     report({ step: 'spinning' });
