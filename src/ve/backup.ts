@@ -142,6 +142,13 @@ export class VeBackups {
         const freeze = state === 'running' || state === 'paused';
         const started = performance.now();
         let copied: { sha256: string; dataBytes: number; size: number };
+        if (freeze && (await isMounted(p.private))) {
+          // Blocks the VE freed still hold their old data in the image until
+          // discarded: trimmed first (through the loop device they become
+          // holes), before the freeze, so the copy carries live data only.
+          const trim = await run('fstrim', [p.private], { allowFailure: true, timeoutMs: FREEZE_TIMEOUT_MS });
+          if (trim.code !== 0) this.log.warn({ event: 've.backup.trim_failed', ve: name, err: trim.stderr.trim() }, `fstrim of VE "${name}"'s disk failed: its backup also carries blocks freed inside it`);
+        }
         if (freeze) {
           copied = await this.frozen(name, p, state === 'running', () => copyExtents(p.image, writer, this.log));
           frozenMs = Math.round((performance.now() - started) * 10) / 10;
@@ -181,6 +188,27 @@ export class VeBackups {
   /** Run `body` with the VE's processes paused (when `pause`) and its disk's file system frozen; both thawed whatever happens. */
   private async frozen<T>(name: string, p: VePaths, pause: boolean, body: () => Promise<T>): Promise<T> {
     const runc = (verb: string) => run(this.deps.config.runtime.binary, ['--root', this.deps.layout.runtimeRoot, verb, name], { timeoutMs: FREEZE_TIMEOUT_MS });
+    // Ctrl-C or a TERM while the VE is frozen would end the CLI with the VE
+    // still frozen: they wait for the thaw, then end the backup as a failure
+    // (its temp file removed, no FILE written).
+    const deferred: NodeJS.Signals[] = [];
+    const defer = (sig: NodeJS.Signals) => deferred.push(sig);
+    const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+    for (const s of signals) process.on(s, defer);
+    const release = () => {
+      for (const s of signals) process.off(s, defer);
+      if (deferred.length > 0) {
+        throw new VeshError(ErrorCodes.COMMAND_FAILED, `backup of VE "${name}" interrupted by ${deferred[0]}: the VE was thawed and no backup file written; run it again`);
+      }
+    };
+    try {
+      return await this.frozenBody(runc, p, pause, body);
+    } finally {
+      release();
+    }
+  }
+
+  private async frozenBody<T>(runc: (verb: string) => Promise<unknown>, p: VePaths, pause: boolean, body: () => Promise<T>): Promise<T> {
     if (pause) await runc('pause');
     try {
       const mounted = await isMounted(p.private);

@@ -1,3 +1,4 @@
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
@@ -38,6 +39,26 @@ describe('vesh ve backup and restore (busybox template, real runc and OpenSSH)',
 
   const ssh = (user: string, cmd: string) => sshWithKey(serve.port, user, key, [cmd], { timeoutMs: 120_000 });
   const veDirs = () => readdirSync(env.layout.vesDir).filter((e) => !e.startsWith('.')).sort();
+
+  it('a backup interrupted (Ctrl-C) while the VE is frozen thaws it and leaves no file', async () => {
+    // Enough data that the freeze lasts long enough to be caught.
+    await ssh('alice', 'dd if=/dev/urandom of=/root/big bs=1M count=120 2>/dev/null; sync');
+    const freezer = `/sys/fs/cgroup/freezer${env.layout.cgroupParent}/alice/freezer.state`;
+    expect(readFileSync(freezer, 'utf8').trim()).toBe('THAWED');
+    const file = path.join(work, 'interrupted.vbk');
+    const child = spawn(process.execPath, [path.resolve('bin/vesh.js'), '--config', env.configFile, 've', 'backup', 'alice', file], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+    const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+    for (let i = 0; i < 6000 && readFileSync(freezer, 'utf8').trim() === 'THAWED' && child.exitCode === null; i++) await new Promise((r) => setTimeout(r, 2));
+    child.kill('SIGINT');
+    expect(await exited).not.toBe(0);
+    expect(stderr).toMatch(/interrupted by SIGINT: the VE was thawed/);
+    expect(readFileSync(freezer, 'utf8').trim()).toBe('THAWED');
+    expect(existsSync(file)).toBe(false);
+    expect(readdirSync(work).filter((e) => e.includes('vesh-tmp'))).toEqual([]);
+    expect((await ssh('alice', 'rm /root/big && echo writable > /root/w && cat /root/w')).stdout).toBe('writable\n');
+  });
 
   it('backs up a running VE (frozen for the copy) and a stopped one, each file sparse and written atomically', async () => {
     const r = env.cli(['ve', 'backup', 'alice', running()]);
