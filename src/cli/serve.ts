@@ -12,7 +12,7 @@ import { startMetricsServer } from '../audit/metrics.js';
 import { veSamples } from '../ve/metrics-samples.js';
 import { buildContext, type GlobalOptions } from './context.js';
 import { reloadOnHup } from './service.js';
-import { sdNotify } from '../system/sd-notify.js';
+import { sdNotify, takeNotifySocket } from '../system/sd-notify.js';
 
 /** How long shutdown waits for sessions to hang up and their clients to be told. */
 const SHUTDOWN_TIMEOUT_MS = 5_000;
@@ -38,6 +38,8 @@ export function register(program: Command): void {
  */
 export async function serve(opts: GlobalOptions): Promise<void> {
   const { config, logger } = buildContext(opts);
+  // Before any worker or helper starts: none of them may inherit it.
+  takeNotifySocket();
   const log = logger.child({ component: 'serve' });
 
   const accounts = new AccountsStore(config.accountsFile, logger);

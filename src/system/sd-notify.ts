@@ -17,6 +17,9 @@ interface DatagramAddon {
 
 let addon: DatagramAddon | null = null;
 
+/** What takeNotifySocket() took out of the environment. */
+let taken: string | null = null;
+
 /** The socket systemd gave us, or null: absent, or not a path/abstract name (ignored as systemd's own helpers do). */
 export function notifySocket(env: NodeJS.ProcessEnv = process.env): string | null {
   const s = env.NOTIFY_SOCKET;
@@ -25,12 +28,23 @@ export function notifySocket(env: NodeJS.ProcessEnv = process.env): string | nul
 }
 
 /**
+ * Keep NOTIFY_SOCKET for sdNotify and remove it from our environment, as
+ * sd_notify(3)'s unset_environment does: the SSH workers inherit it, and a
+ * compromised worker must not find systemd's socket to say READY=1 or
+ * STOPPING=1 for the server (NotifyAccess=main in the unit refuses it too).
+ */
+export function takeNotifySocket(env: NodeJS.ProcessEnv = process.env): string | null {
+  taken = notifySocket(env) ?? taken;
+  delete env.NOTIFY_SOCKET;
+  return taken;
+}
+
+/**
  * Send `state` (e.g. { READY: '1', STATUS: '…' }). A failure is logged, not
  * thrown: a server that serves must not stop because its supervisor is gone.
  * Returns whether a datagram was sent.
  */
-export function sdNotify(state: Record<string, string>, log?: Logger, env: NodeJS.ProcessEnv = process.env): boolean {
-  const socket = notifySocket(env);
+export function sdNotify(state: Record<string, string>, log?: Logger, socket: string | null = taken ?? notifySocket(process.env)): boolean {
   if (!socket) return false;
   // A newline inside a value would start a new (forged) assignment.
   const text = Object.entries(state).map(([k, v]) => `${k}=${v.replace(/\n/g, ' ')}`).join('\n');

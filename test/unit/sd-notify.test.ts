@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { afterAll, describe, expect, it } from 'vitest';
-import { notifySocket, sdNotify } from '../../src/system/sd-notify.js';
+import { notifySocket, sdNotify, takeNotifySocket } from '../../src/system/sd-notify.js';
 
 /** Receives on an abstract unix datagram address (systemd's "@name" form) and prints each datagram as a JSON line. */
 const RECEIVER = `
@@ -31,19 +31,23 @@ describe('sd-notify', () => {
   };
 
   it('sends nothing without NOTIFY_SOCKET, or with one that is neither a path nor @name', () => {
-    expect(sdNotify({ READY: '1' }, undefined, {})).toBe(false);
+    expect(sdNotify({ READY: '1' }, undefined, null)).toBe(false);
     expect(notifySocket({ NOTIFY_SOCKET: 'relative/sock' })).toBeNull();
     expect(notifySocket({ NOTIFY_SOCKET: 'vsock:2:1' })).toBeNull();
   });
 
   it('sends one datagram to an abstract address; a newline in a value cannot add an assignment', async () => {
     await until(1);
-    expect(sdNotify({ READY: '1', STATUS: 'a\nREADY=0' }, undefined, { NOTIFY_SOCKET: `@${name}` })).toBe(true);
+    const env: NodeJS.ProcessEnv = { NOTIFY_SOCKET: `@${name}` };
+    // Taken out of the environment (children must not inherit it), and used from then on.
+    expect(takeNotifySocket(env)).toBe(`@${name}`);
+    expect(env.NOTIFY_SOCKET).toBeUndefined();
+    expect(sdNotify({ READY: '1', STATUS: 'a\nREADY=0' })).toBe(true);
     await until(2);
     expect(got[1]).toBe('READY=1\nSTATUS=a READY=0');
   });
 
   it('a socket nobody listens on is reported, not thrown', () => {
-    expect(sdNotify({ READY: '1' }, undefined, { NOTIFY_SOCKET: `@${name}-absent` })).toBe(false);
+    expect(sdNotify({ READY: '1' }, undefined, `@${name}-absent`)).toBe(false);
   });
 });
