@@ -11,8 +11,9 @@
  * Also here: the pty pair the broker opens for a session, spawn() and reap()
  * (a process start that does not fork the broker), connectUnix() and
  * isPtyMaster() (the broker asking a VE's session agent, and checking the
- * terminal it hands back), and lockdown(), the worker's seccomp filter,
- * installed once the worker has loaded every module.
+ * terminal it hands back), sendDatagram() (systemd's NOTIFY_SOCKET), and
+ * lockdown(), the worker's seccomp filter, installed once the worker has
+ * loaded every module.
  *
  * Every failure throws an Error whose .code is the errno name (or ETRUNC for
  * a truncated frame) and whose message names the call.

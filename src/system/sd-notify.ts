@@ -29,9 +29,10 @@ export function notifySocket(env: NodeJS.ProcessEnv = process.env): string | nul
 
 /**
  * Keep NOTIFY_SOCKET for sdNotify and remove it from our environment, as
- * sd_notify(3)'s unset_environment does: the SSH workers inherit it, and a
- * compromised worker must not find systemd's socket to say READY=1 or
- * STOPPING=1 for the server (NotifyAccess=main in the unit refuses it too).
+ * sd_notify(3)'s unset_environment does: no child (SSH worker, hook,
+ * helper) may find systemd's socket to say READY=1 or STOPPING=1 for the
+ * server. The worker sandbox's environment allow-list drops it too, and the
+ * unit's NotifyAccess=main makes systemd refuse any other sender.
  */
 export function takeNotifySocket(env: NodeJS.ProcessEnv = process.env): string | null {
   taken = notifySocket(env) ?? taken;
