@@ -218,6 +218,15 @@ export const serverConfigSchema = z.strictObject({
      * Applies to a VE at its next start.
      */
     veFirewall: z.boolean().default(false),
+    /**
+     * A VE's own view of its limits: LXCFS (one daemon per vesh instance,
+     * started with the first VE) serves /proc/meminfo, cpuinfo, stat,
+     * uptime, loadavg, diskstats, swaps and /sys/devices/system/cpu from
+     * the VE's cgroups, bound read-only into each VE, so free, nproc, top
+     * and uptime see the VE. Without lxcfs installed VEs start anyway,
+     * seeing the host's. Applies to a VE at its next start.
+     */
+    lxcfs: z.boolean().default(true),
   }).prefault({}),
   /**
    * The SSH workers: processes that run the SSH protocol (every byte a client
@@ -256,9 +265,10 @@ export const serverConfigSchema = z.strictObject({
    * set. Its figures name VEs and their usage: give an address only the
    * monitoring system reaches (127.0.0.1 or a management network).
    */
-  metrics: z.strictObject({
+  // A `metrics:` line whose settings are all commented out (as in the example) reads as null: off.
+  metrics: z.preprocess((v) => v ?? {}, z.strictObject({
     listen: z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}$/, 'metrics.listen must be "ADDRESS:PORT", for example "127.0.0.1:9469"').optional(),
-  }).prefault({}),
+  })),
   logging: z.strictObject({
     level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),
     pretty: z.union([z.boolean(), z.literal('auto')]).default('auto'),
