@@ -15,6 +15,10 @@ declare -A VESH_RUNTIME_PKGS=(
   [busybox]=busybox-static
   [mkfs.ext4]=e2fsprogs
   [e2fsck]=e2fsprogs
+  # vesh ve backup: the image's extent map, its trim and freeze
+  [filefrag]=e2fsprogs
+  [fstrim]=util-linux
+  [fsfreeze]=util-linux
   [losetup]=mount
   [ssh-keygen]=openssh-client
   [gcc]=gcc
