@@ -30,7 +30,7 @@ export interface ServerConfig {
     penalties: { failuresBeforePenalty: number; sourceFailuresBeforePenalty: number; penaltyMs: number; maxPenaltyMs: number };
   };
   sessions: SessionLimits;
-  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; idRanges: number; stopTimeoutMs: number; sessionAgents: boolean; relayPids: number; relayMemoryBytes: number; ptysPerVe: number; veFirewall: boolean };
+  runtime: { engine: 'runc'; binary: string; idmapBase: number; idmapSize: number; idRanges: number; stopTimeoutMs: number; sessionAgents: boolean; relayPids: number; relayMemoryBytes: number; ptysPerVe: number; veFirewall: boolean; lxcfs: boolean };
   workers: { count: number; firstUid: number; maxFiles: number; stallTimeoutMs: number };
   logging: { level: string; pretty: boolean | 'auto' };
   timeouts: TimeoutSettings;
@@ -151,6 +151,7 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
       relayMemoryBytes: value.runtime.relayMemory,
       ptysPerVe: value.runtime.ptysPerVe,
       veFirewall: value.runtime.veFirewall,
+      lxcfs: value.runtime.lxcfs,
     },
     workers: { count: w.count, firstUid: w.firstUid, maxFiles: w.maxFiles, stallTimeoutMs: w.stallTimeout },
     logging: { ...value.logging },

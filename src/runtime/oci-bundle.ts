@@ -25,6 +25,8 @@ export interface VeBundleSpec {
   cgroupLayout?: 'v1' | 'hybrid' | 'v2';
   /** VE root may configure netfilter in its own network (runtime.veFirewall); off when absent. */
   veFirewall?: boolean;
+  /** Bind mounts over the VE's /proc and /sys files (LXCFS's per-VE view, runtime/lxcfs.ts); after the file systems they cover. */
+  viewMounts?: Array<{ destination: string; type: string; source: string; options: string[] }>;
 }
 
 /** Terminals per VE when the caller names no number (runtime.ptysPerVe's default). */
@@ -168,6 +170,7 @@ export function buildOciConfig(spec: VeBundleSpec): Record<string, unknown> {
       { destination: '/sys/fs/cgroup', type: 'cgroup', source: 'cgroup', options: ['nosuid', 'noexec', 'nodev', 'relatime', 'ro'] },
       { destination: '/run', type: 'tmpfs', source: 'tmpfs', options: ['nosuid', 'nodev', 'mode=755', 'size=65536k'] },
       { destination: '/run/vesh', type: 'bind', source: spec.ctlDir, options: ['rbind', 'rw', 'nosuid', 'nodev', 'noexec'] },
+      ...(spec.viewMounts ?? []),
     ],
     linux: {
       uidMappings: [{ containerID: 0, hostID: spec.idmap.base, size: spec.idmap.size }],

@@ -1,4 +1,5 @@
 import { ErrorCodes, VeshError, isVeshError } from '../errors.js';
+import { lxcfsPaths } from './lxcfs.js';
 import { spawn } from 'node:child_process';
 import { constants as fsConstants, promises as fs } from 'node:fs';
 import path from 'node:path';
@@ -134,7 +135,10 @@ export class RuncRuntime implements ContainerRuntime {
 
   /** Made at the first start that has a prepare step; later starts reuse it. */
   private engineNamespace(helper: string): Promise<number | null> {
-    this.engineNs ??= openEngineNamespace(helper, engineKeepPaths({ engine: this.binary, stateDir: this.root, helper })).catch(() => null);
+    // The instance's LXCFS mount (runtime/lxcfs.ts) too: VEs bind files from it.
+    // This namespace is a private copy: only a mount made before it is in it.
+    const keep = [...engineKeepPaths({ engine: this.binary, stateDir: this.root, helper }), lxcfsPaths(path.dirname(this.root)).dir];
+    this.engineNs ??= openEngineNamespace(helper, keep).catch(() => null);
     return this.engineNs;
   }
 

@@ -7,6 +7,7 @@ import { ErrorCodes, VeshError, errorMessage, isVeshError } from '../errors.js';
 import { allocateIdRange, legacyRange, type IdRange } from '../config/id-ranges.js';
 import { cgroupDirs, detectCgroupLayout, readCgroupStats, removeCgroupDirs, type CgroupLayout } from '../runtime/cgroups.js';
 import { VE_PROCESS_ENV, buildOciConfig, type OciHook } from '../runtime/oci-bundle.js';
+import { ensureLxcfs, lxcfsOciMounts } from '../runtime/lxcfs.js';
 import type { ContainerRuntime, ContainerState, ExecSpec, HostCommand } from '../runtime/types.js';
 import type { VeNetIdentity } from '../net/types.js';
 import { observeVeStart } from '../audit/metrics.js';
@@ -126,6 +127,8 @@ export class VeManager implements VeAccess {
   /** Restarts the reboot policy delayed: VE → timer. */
   private readonly delayedRestarts = new Map<string, NodeJS.Timeout>();
   private readonly rebootPolicy: RebootPolicy;
+  /** The instance's LXCFS mount point once this process has made sure of it (see lxcfsView). */
+  private lxcfsMount: Promise<string> | null = null;
 
   constructor(deps: VeManagerDeps) {
     this.cfg = deps.config;
@@ -143,6 +146,23 @@ export class VeManager implements VeAccess {
       currentInit: (ve) => this.knownInit(ve),
       enabled: this.cfg.runtime.sessionAgents,
     });
+  }
+
+  /** The LXCFS binds for a starting VE; none (a warning, the VE still starts) when off or when lxcfs does not work. */
+  private async lxcfsView(name: string): Promise<Awaited<ReturnType<typeof lxcfsOciMounts>>> {
+    if (!this.cfg.runtime.lxcfs) return [];
+    try {
+      // Made once per process, at its first VE start: the engine's mount
+      // namespace (runc.ts) is a private copy made at that start too, so a
+      // daemon started later would not be in it. One that died since gives
+      // no files (ENOTCONN) and VEs start without the binds until vesh restarts.
+      this.lxcfsMount ??= ensureLxcfs(path.dirname(this.layout.runtimeRoot)).then((m) => m.mountPoint);
+      return await lxcfsOciMounts(await this.lxcfsMount);
+    } catch (e) {
+      const err = e as VeshError;
+      this.log.warn({ event: 've.lxcfs_unavailable', ve: name, code: err.code, err: err.message }, `VE "${name}" starts with the host's /proc view: ${err.message}`);
+      return [];
+    }
   }
 
   private paths(name: string): VePaths {
@@ -357,6 +377,7 @@ export class VeManager implements VeAccess {
         ptys: this.cfg.runtime.ptysPerVe,
         cgroupLayout: this.cgroupLayout,
         veFirewall: this.cfg.runtime.veFirewall,
+        viewMounts: await this.lxcfsView(name),
       });
       await writeJsonAtomic(path.join(p.dir, 'config.json'), oci);
       t('bundle');

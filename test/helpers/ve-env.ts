@@ -5,6 +5,7 @@ import path from 'node:path';
 import { createLogger, silentLogger, type Logger } from '../../src/audit/logger.js';
 import { parseServerConfig, type ServerConfig } from '../../src/config/server-config.js';
 import { makeLayout, type Layout } from '../../src/system/layout.js';
+import { stopLxcfs } from '../../src/runtime/lxcfs.js';
 import { createVeManager, createVeNetwork, createTemplateStore } from '../../src/ve/index.js';
 import type { VeManager } from '../../src/ve/manager.js';
 
@@ -91,6 +92,8 @@ export async function removeInstance(config: ServerConfig, logger: Logger = sile
     await ves.destroy(s.name, { force: true }).catch(() => undefined);
   }
   await createVeNetwork(config, layout, logger).teardownHost().catch(() => undefined);
+  // The instance's LXCFS daemon and mount (started with its first VE) go before its runtime dir.
+  await stopLxcfs(path.dirname(layout.runtimeRoot)).catch(() => undefined);
   await fs.rm(path.dirname(layout.runtimeRoot), { recursive: true, force: true });
   // /run/vesh itself, once no instance is left in it.
   await fs.rmdir(path.dirname(path.dirname(layout.runtimeRoot))).catch(() => undefined);
