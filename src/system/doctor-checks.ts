@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { isLxcfsMounted, lxcfsPaths } from '../runtime/lxcfs.js';
 import { constants as fsc, promises as fs, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { ErrorCodes, errorMessage, isVeshError } from '../errors.js';
@@ -563,10 +564,32 @@ const checkProcHidepid: Check = async () => {
   return warn('host /proc', 'mounted without hidepid: every host user can read the command lines of the processes in every VE (a tenant\'s passwords given on a command line)', 'mount -o remount,hidepid=invisible /proc (and hidepid=invisible in /etc/fstab; give monitoring tools a gid= exemption)');
 };
 
+/**
+ * LXCFS (runtime/lxcfs.ts): without it VEs start anyway but see the host's
+ * memory, CPUs, load and uptime in /proc, so free, top, nproc-like sysconf
+ * and JVM/Node heap sizing inside a VE size themselves to the host.
+ */
+const checkLxcfs: Check = async (ctx) => {
+  const name = 'lxcfs';
+  if (!ctx.config.runtime.lxcfs) return ok(name, 'off (runtime.lxcfs: false): VEs see the host\'s memory, CPUs and uptime in /proc');
+  const v = await attempt('lxcfs', ['--version']);
+  if (v.missing || v.code !== 0) {
+    return warn(name, 'lxcfs is not installed: VEs start, but free, top and uptime inside them show the host\'s memory, CPUs and uptime', 'apt-get install lxcfs (or set runtime.lxcfs: false to silence this)');
+  }
+  if (!(await exists('/dev/fuse'))) {
+    return warn(name, `lxcfs ${v.stdout.trim()} is installed but /dev/fuse is missing: it cannot mount, VEs see the host's /proc`, 'modprobe fuse (and add fuse to /etc/modules)');
+  }
+  const { mountPoint } = lxcfsPaths(path.dirname(ctx.layout.runtimeRoot));
+  if ((await isLxcfsMounted(mountPoint)) && !(await exists(path.join(mountPoint, 'proc', 'uptime')))) {
+    return warn(name, `the instance's lxcfs at ${mountPoint} does not answer (its daemon died): VEs started from now on see the host's /proc`, 'restart vesh serve (it starts lxcfs again with its first VE start)');
+  }
+  return ok(name, `lxcfs ${v.stdout.trim()}: each VE sees its own memory, CPUs, load and uptime in /proc`);
+};
+
 export const CHECKS: Check[] = [
   checkRoot, checkUserNsEnabled, checkNamespaces, checkOverlay, checkCgroups, checkRuntime, checkBridgeVeth, checkNftables,
   checkDiskTools, checkTemplateTools, checkDataDir, checkIdmap, checkIdmappedLower, checkTemplates, checkHostKeys, checkSetupHelper, checkSessionHelper, checkForwardHelper, checkForwardRelay,
-  checkHostSysctls, checkSharedCounters, checkSocketMemory, checkProcHidepid,
+  checkHostSysctls, checkSharedCounters, checkSocketMemory, checkProcHidepid, checkLxcfs,
 ];
 
 /** Run every check in turn; one that throws is reported as failed and never stops the rest. */
