@@ -1,7 +1,9 @@
 import { spawn } from 'node:child_process';
 import { chmodSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { rmdir } from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { makeLayout } from '../../src/system/layout.js';
 import { Cleanup, startVeshServe, tempDir, type ServeProcess } from '../helpers/ssh-harness.js';
 
 const WORKER = path.join(path.dirname(new URL(import.meta.url).pathname), 'notify-socket-worker.mjs');
@@ -46,6 +48,11 @@ describe('notify socket: a compromised worker cannot speak for the server to sys
       for (const l of lines) notes.push(JSON.parse(l) as string);
     });
     for (let i = 0; i < 500 && !notes.includes('bound'); i++) await new Promise((r) => setTimeout(r, 10));
+    // After the server stops: the runtime directories its start made (empty, no VE ran).
+    const run = path.dirname(makeLayout(path.join(dir, 'data')).runtimeRoot);
+    cleanup.add(async () => {
+      for (const d of ['runc', 'agents', '']) await rmdir(path.join(run, d)).catch(() => undefined);
+    });
     serve = await startVeshServe(cleanup, cfg, 120_000, { NOTIFY_SOCKET: sock, VESH_WORKER_SCRIPT: WORKER });
   }, 180_000);
 

@@ -2,7 +2,9 @@ import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { rmdir } from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { makeLayout } from '../../src/system/layout.js';
 import { Cleanup, startVeshServe, tempDir, type ServeProcess } from '../helpers/ssh-harness.js';
 
 const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..');
@@ -78,6 +80,11 @@ describe('service unit', () => {
       for (const l of lines) notes.push(JSON.parse(l) as string);
     });
     await waitNote((n) => n === 'bound', 0);
+    // After the server stops: the runtime directories its start made (empty, no VE ran).
+    const run = path.dirname(makeLayout(path.join(dir, 'data')).runtimeRoot);
+    cleanup.add(async () => {
+      for (const d of ['runc', 'agents', '']) await rmdir(path.join(run, d)).catch(() => undefined);
+    });
     serve = await startVeshServe(cleanup, cfg, 120_000, { NOTIFY_SOCKET: sock });
     cleanup.add(() => { for (const s of open) s.destroy(); });
   }, 180_000);
