@@ -22,6 +22,9 @@ declare -A VESH_RUNTIME_PKGS=(
   [losetup]=mount
   [ssh-keygen]=openssh-client
   [gcc]=gcc
+  # a VE's own view of its memory, CPUs and uptime in /proc (runtime.lxcfs);
+  # without it VEs still start, seeing the host's (vesh doctor warns)
+  [lxcfs]=lxcfs
 )
 declare -A VESH_TEST_PKGS=(
   [ssh]=openssh-client
