@@ -28,7 +28,7 @@ import { SessionAgents } from './session-agents.js';
 import { readRecord, writeJsonAtomic, type VeRecord } from './record.js';
 import { canDestroy, canStart, canStop, needsCleanup, veStateOf, type VeState } from './state.js';
 import {
-  asHostDiskFull, createDiskImage, diskUsage, mountVeDisk, mountVeFileSystems, mountsUnder, shiftVeFiles, veMountCommand, unmountAll, vePaths, type VePaths,
+  asHostDiskFull, createDiskImage, diskUsage, mountedPaths, mountVeDisk, mountVeFileSystems, mountsUnder, shiftVeFiles, veMountCommand, unmountAll, vePaths, type VePaths,
 } from './storage.js';
 
 /** What the VE layer needs of the template module. */
@@ -565,15 +565,16 @@ export class VeManager implements VeAccess {
 
   async list(): Promise<VeStatus[]> {
     const containers = new Map((await this.runtime.list()).map((c) => [c.id, c]));
+    const mounted = await mountedPaths();
     const out: VeStatus[] = [];
     for (const n of await this.names()) {
       const rec = await readRecord(this.paths(n).record);
-      if (rec) out.push(await this.statusOf(rec, containers.get(n) ?? null));
+      if (rec) out.push(await this.statusOf(rec, containers.get(n) ?? null, mounted));
     }
     return out;
   }
 
-  private async statusOf(rec: VeRecord, c: ContainerState | null): Promise<VeStatus> {
+  private async statusOf(rec: VeRecord, c: ContainerState | null, mounted?: Set<string>): Promise<VeStatus> {
     const state = veStateOf(c);
     const running = state === 'running' || state === 'paused';
     const stats = running ? await readCgroupStats(this.cgroupsPath(rec.name), this.cgroupLayout) : { memoryBytes: null, pids: null };
@@ -587,7 +588,7 @@ export class VeManager implements VeAccess {
       pid: running && c ? c.pid : null,
       memoryBytes: stats.memoryBytes,
       processes: stats.pids,
-      disk: running ? await diskUsage(this.paths(rec.name)) : null,
+      disk: running ? await diskUsage(this.paths(rec.name), mounted) : null,
       createdAt: rec.createdAt,
       ids: rec.ids ?? null,
     };
