@@ -129,86 +129,88 @@ export class VeBackups {
       const template = await this.deps.templates.get(rec.template);
       const fingerprint = await templateFingerprint(template);
       const state = (await this.deps.ves.status(name)).state;
-      const p = this.paths(name);
-      const tmp = path.join(path.dirname(target), `.${path.basename(target)}.${process.pid}.vesh-tmp`);
-      const out = await fs.open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600).catch((err: unknown) => {
-        throw new VeshError(ErrorCodes.INVALID_ARGUMENT, `cannot write the backup next to ${target}: ${errorMessage(err)}; choose a file in a directory you can write`, { cause: err });
-      });
-      let frozenMs = 0;
+      const interruption = new Interruption(name);
       try {
-        const whole = createHash('sha256');
-        const writer = new HashedWriter(out, whole);
-        await writer.write(MAGIC);
-        const freeze = state === 'running' || state === 'paused';
-        const started = performance.now();
-        let copied: { sha256: string; dataBytes: number; size: number };
-        if (freeze && (await isMounted(p.private))) {
-          // Blocks the VE freed still hold their old data in the image until
-          // discarded: trimmed first (through the loop device they become
-          // holes), before the freeze, so the copy carries live data only.
-          const trim = await run('fstrim', [p.private], { allowFailure: true, timeoutMs: FREEZE_TIMEOUT_MS });
-          if (trim.code !== 0) this.log.warn({ event: 've.backup.trim_failed', ve: name, err: trim.stderr.trim() }, `fstrim of VE "${name}"'s disk failed: its backup also carries blocks freed inside it`);
-        }
-        if (freeze) {
-          copied = await this.frozen(name, p, state === 'running', () => copyExtents(p.image, writer, this.log));
-          frozenMs = Math.round((performance.now() - started) * 10) / 10;
-        } else {
-          copied = await copyExtents(p.image, writer, this.log);
-        }
-        const manifest: BackupManifest = {
-          format: 'vesh-ve-backup',
-          version: 1,
-          createdAt: new Date().toISOString(),
-          template: { name: template.name, fingerprint },
-          record: { name: rec.name, limits: rec.limits, onBoot: rec.onBoot, createdAt: rec.createdAt },
-          ids: rec.ids,
-          image: { size: copied.size, dataBytes: copied.dataBytes, sha256: copied.sha256 },
-          frozenMs,
-        };
-        const json = Buffer.from(JSON.stringify(manifest));
-        await writer.write(json);
-        await writer.write(u64(BigInt(json.length)));
-        await writer.flush();
-        await out.write(Buffer.concat([whole.digest(), END_MAGIC]), 0, HASH_AND_END_BYTES, writer.position);
-        await out.sync();
-        await out.close();
-        await fs.rename(tmp, target);
-        await syncDir(path.dirname(target));
-        const bytes = (await fs.stat(target)).size;
-        this.log.info({ event: 've.backup', ve: name, file: target, bytes, dataBytes: copied.dataBytes, frozenMs, wasRunning: freeze });
-        return { file: target, bytes, dataBytes: copied.dataBytes, imageSize: copied.size, frozenMs, wasRunning: freeze };
-      } catch (err) {
-        await out.close().catch(() => undefined);
-        await fs.rm(tmp, { force: true });
-        throw asHostDiskFull(err, path.dirname(target), `back up VE "${name}"`);
+        return await this.backupLocked(name, target, { ...rec, ids: rec.ids }, template, fingerprint, state, interruption);
+      } finally {
+        interruption.release();
       }
     });
+  }
+
+  private async backupLocked(name: string, target: string, rec: VeRecord & { ids: IdRange }, template: TemplateInfo, fingerprint: string, state: string, interruption: Interruption): Promise<BackupResult> {
+    const p = this.paths(name);
+    const tmp = path.join(path.dirname(target), `.${path.basename(target)}.${process.pid}.vesh-tmp`);
+    const out = await fs.open(tmp, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600).catch((err: unknown) => {
+      throw new VeshError(ErrorCodes.INVALID_ARGUMENT, `cannot write the backup next to ${target}: ${errorMessage(err)}; choose a file in a directory you can write`, { cause: err });
+    });
+    let frozenMs = 0;
+    try {
+      const whole = createHash('sha256');
+      const writer = new HashedWriter(out, whole, () => interruption.check());
+      await writer.write(MAGIC);
+      const freeze = state === 'running' || state === 'paused';
+      const started = performance.now();
+      let copied: { sha256: string; dataBytes: number; size: number };
+      if (freeze && (await isMounted(p.private))) {
+        // Blocks the VE freed still hold their old data in the image until
+        // discarded: trimmed first (through the loop device they become
+        // holes), before the freeze, so the copy carries live data only.
+        const trim = await run('fstrim', [p.private], { allowFailure: true, timeoutMs: FREEZE_TIMEOUT_MS });
+        if (trim.code !== 0) this.log.warn({ event: 've.backup.trim_failed', ve: name, err: trim.stderr.trim() }, `fstrim of VE "${name}"'s disk failed: its backup also carries blocks freed inside it`);
+      }
+      if (freeze) {
+        // Frozen only for an in-kernel sparse copy of the image (copy_file_range,
+        // a reflink where the host's file system has them) beside it, in the
+        // VE's host-only directory; hashed and written out after the thaw.
+        // Measured: 0.62 s frozen for 200 MiB when the freeze spanned the
+        // whole write-out, against 0.48 s for pause + tar --sparse.
+        const snapshot = path.join(p.dir, SNAPSHOT);
+        await fs.rm(snapshot, { force: true });
+        try {
+          await this.frozen(name, p, state === 'running', () => run('cp', ['--sparse=always', '--reflink=auto', p.image, snapshot], { timeoutMs: FREEZE_TIMEOUT_MS }));
+          frozenMs = Math.round((performance.now() - started) * 10) / 10;
+          interruption.check();
+          copied = await copyExtents(snapshot, writer, this.log);
+        } finally {
+          await fs.rm(snapshot, { force: true });
+        }
+      } else {
+        copied = await copyExtents(p.image, writer, this.log);
+      }
+      const manifest: BackupManifest = {
+        format: 'vesh-ve-backup',
+        version: 1,
+        createdAt: new Date().toISOString(),
+        template: { name: template.name, fingerprint },
+        record: { name: rec.name, limits: rec.limits, onBoot: rec.onBoot, createdAt: rec.createdAt },
+        ids: rec.ids,
+        image: { size: copied.size, dataBytes: copied.dataBytes, sha256: copied.sha256 },
+        frozenMs,
+      };
+      const json = Buffer.from(JSON.stringify(manifest));
+      await writer.write(json);
+      await writer.write(u64(BigInt(json.length)));
+      await writer.flush();
+      await out.write(Buffer.concat([whole.digest(), END_MAGIC]), 0, HASH_AND_END_BYTES, writer.position);
+      await out.sync();
+      await out.close();
+      interruption.check();
+      await fs.rename(tmp, target);
+      await syncDir(path.dirname(target));
+      const bytes = (await fs.stat(target)).size;
+      this.log.info({ event: 've.backup', ve: name, file: target, bytes, dataBytes: copied.dataBytes, frozenMs, wasRunning: freeze });
+      return { file: target, bytes, dataBytes: copied.dataBytes, imageSize: copied.size, frozenMs, wasRunning: freeze };
+    } catch (err) {
+      await out.close().catch(() => undefined);
+      await fs.rm(tmp, { force: true });
+      throw asHostDiskFull(err, path.dirname(target), `back up VE "${name}"`);
+    }
   }
 
   /** Run `body` with the VE's processes paused (when `pause`) and its disk's file system frozen; both thawed whatever happens. */
   private async frozen<T>(name: string, p: VePaths, pause: boolean, body: () => Promise<T>): Promise<T> {
     const runc = (verb: string) => run(this.deps.config.runtime.binary, ['--root', this.deps.layout.runtimeRoot, verb, name], { timeoutMs: FREEZE_TIMEOUT_MS });
-    // Ctrl-C or a TERM while the VE is frozen would end the CLI with the VE
-    // still frozen: they wait for the thaw, then end the backup as a failure
-    // (its temp file removed, no FILE written).
-    const deferred: NodeJS.Signals[] = [];
-    const defer = (sig: NodeJS.Signals) => deferred.push(sig);
-    const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
-    for (const s of signals) process.on(s, defer);
-    const release = () => {
-      for (const s of signals) process.off(s, defer);
-      if (deferred.length > 0) {
-        throw new VeshError(ErrorCodes.COMMAND_FAILED, `backup of VE "${name}" interrupted by ${deferred[0]}: the VE was thawed and no backup file written; run it again`);
-      }
-    };
-    try {
-      return await this.frozenBody(runc, p, pause, body);
-    } finally {
-      release();
-    }
-  }
-
-  private async frozenBody<T>(runc: (verb: string) => Promise<unknown>, p: VePaths, pause: boolean, body: () => Promise<T>): Promise<T> {
     if (pause) await runc('pause');
     try {
       const mounted = await isMounted(p.private);
@@ -338,13 +340,41 @@ export async function templateFingerprint(t: TemplateInfo): Promise<string> {
   return h.digest('hex');
 }
 
+/**
+ * Ctrl-C, TERM or HUP during a backup: by default the CLI would end at once,
+ * with the VE still frozen (when it came during the freeze) and the temp file
+ * left. Held back instead: the backup stops at its next step (after the
+ * thaw), removes its temp file and fails, so no FILE is written.
+ */
+class Interruption {
+  private signal: NodeJS.Signals | null = null;
+  private readonly signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+  private readonly onSignal = (sig: NodeJS.Signals) => {
+    this.signal ??= sig;
+  };
+
+  constructor(private readonly ve: string) {
+    for (const s of this.signals) process.on(s, this.onSignal);
+  }
+
+  check(): void {
+    if (this.signal) {
+      throw new VeshError(ErrorCodes.COMMAND_FAILED, `backup of VE "${this.ve}" interrupted by ${this.signal}: the VE was thawed and no backup file written; run it again`);
+    }
+  }
+
+  release(): void {
+    for (const s of this.signals) process.off(s, this.onSignal);
+  }
+}
+
 /** Buffers writes to a file at rising positions, hashing every byte. */
 class HashedWriter {
   position = 0;
   private pending: Buffer[] = [];
   private pendingBytes = 0;
 
-  constructor(private readonly fh: fs.FileHandle, private readonly hashes: Hash) {}
+  constructor(private readonly fh: fs.FileHandle, private readonly hashes: Hash, private readonly check: () => void) {}
 
   async write(buf: Buffer): Promise<void> {
     this.hashes.update(buf);
@@ -354,6 +384,7 @@ class HashedWriter {
   }
 
   async flush(): Promise<void> {
+    this.check();
     if (this.pendingBytes === 0) return;
     const all = Buffer.concat(this.pending);
     this.pending = [];
@@ -397,6 +428,8 @@ async function dataRanges(image: string, size: number, log: Logger): Promise<Arr
 }
 
 const MAP_BLOCK = 4096;
+/** The frozen copy of a running VE's image, in ves/NAME while a backup runs. */
+const SNAPSHOT = '.backup-snapshot.img';
 
 /**
  * Write the image's data ranges as extents. Blocks that read as zeros
