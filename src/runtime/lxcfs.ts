@@ -137,7 +137,12 @@ export async function stopLxcfs(instanceRunDir: string): Promise<void> {
     try {
       const comm = (await fs.readFile(`/proc/${pid}/comm`, 'utf8')).trim();
       // The pid file may be stale and the pid reused: end it only if it is lxcfs.
-      if (comm === 'lxcfs') process.kill(pid, 'SIGTERM');
+      if (comm === 'lxcfs') {
+        process.kill(pid, 'SIGTERM');
+        // It ends its FUSE loop on its own time; one that lingers is not left behind.
+        for (let i = 0; i < 50 && (await isAlive(pid)); i++) await new Promise((r) => setTimeout(r, 50));
+        if (await isAlive(pid)) process.kill(pid, 'SIGKILL');
+      }
     } catch {
       // already gone
     }
@@ -166,6 +171,16 @@ async function exists(p: string): Promise<boolean> {
   try {
     await fs.stat(p);
     return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Whether pid is a live lxcfs (not a zombie, not a reused pid). */
+async function isAlive(pid: number): Promise<boolean> {
+  try {
+    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+    return stat.includes('(lxcfs)') && !/\) Z /.test(stat);
   } catch {
     return false;
   }
