@@ -1,7 +1,8 @@
-import { promises as fs } from 'node:fs';
+import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { ErrorCodes, VeshError } from '../errors.js';
 import { run, safeEnv } from '../system/exec.js';
+import { detectCgroupLayout } from './cgroups.js';
 import { spawn } from 'node:child_process';
 
 /**
@@ -109,6 +110,7 @@ async function startOnce(instanceRunDir: string, binary: string): Promise<LxcfsM
     });
     child.once('exit', (c) => { exited = c; });
     child.unref();
+    if (child.pid !== undefined) await leaveServiceCgroup(instanceRunDir, child.pid);
     const deadline = Date.now() + 10_000;
     while (Date.now() < deadline && exited === undefined && !spawnError && !(await isLxcfsMounted(p.mountPoint))) {
       await new Promise((r) => setTimeout(r, 20));
@@ -148,6 +150,34 @@ export async function stopLxcfs(instanceRunDir: string): Promise<void> {
     }
   }
   await fs.rm(p.dir, { recursive: true, force: true });
+  for (const d of lxcfsCgroupDirs(instanceRunDir)) await fs.rmdir(d).catch(() => undefined);
+}
+
+/**
+ * Where the daemon is moved once started: a cgroup of its own, beside the
+ * VEs' (`/vesh-ID`), in the hierarchies a service manager tracks (v2's, and
+ * on v1/hybrid the named systemd one and the unified one). Started by `vesh
+ * serve` it would otherwise sit in the service's cgroup, and a `systemctl
+ * stop` or restart (KillMode=mixed kills what is left there) would take it
+ * away from the VEs that keep running, whose /proc reads would then fail.
+ */
+function lxcfsCgroupDirs(instanceRunDir: string): string[] {
+  const rel = `vesh-${path.basename(instanceRunDir)}.lxcfs`;
+  return detectCgroupLayout() === 'v2'
+    ? [path.join('/sys/fs/cgroup', rel)]
+    : ['systemd', 'unified'].map((h) => path.join('/sys/fs/cgroup', h, rel)).filter((d) => existsSync(path.dirname(d)));
+}
+
+async function leaveServiceCgroup(instanceRunDir: string, pid: number): Promise<void> {
+  for (const dir of lxcfsCgroupDirs(instanceRunDir)) {
+    try {
+      await fs.mkdir(dir, { recursive: true });
+      await fs.writeFile(path.join(dir, 'cgroup.procs'), `${pid}\n`);
+    } catch (err) {
+      // Not fatal: the daemon works where it is, it only shares the service's fate.
+      process.emitWarning(`lxcfs stays in its starter's cgroup (${dir}: ${(err as Error).message}): a service stop would end it`);
+    }
+  }
 }
 
 /**

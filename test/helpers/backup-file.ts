@@ -12,7 +12,7 @@ export function resealBackup(src: string, dst: string, change: { manifest?: (m: 
   const end = all.length - 40;
   const len = Number(all.readBigUInt64BE(end - 8));
   const manifestAt = end - 8 - len;
-  let body = all.subarray(0, manifestAt);
+  let body: Buffer = all.subarray(0, manifestAt);
   let manifest = JSON.parse(all.subarray(manifestAt, end - 8).toString('utf8')) as Record<string, any>;
   if (change.manifest) manifest = change.manifest(manifest);
   if (change.body) body = change.body(Buffer.from(body));

@@ -63,6 +63,13 @@ describe('a VE\'s own view of its limits through LXCFS (Debian template, real ru
       expect(Number(/^Mem:\s+(\d+)/m.exec((await shInVe(env, 'small', 'free -m')).stdout)![1])).toBe(256);
       expect(Number(/^Mem:\s+(\d+)/m.exec((await shInVe(env, 'sized', 'free -m')).stdout)![1])).toBe(512);
       expect(lxcfsProcesses(mountPoint)).toHaveLength(1);
+      // Out of its starter's cgroup (a service unit's, which a systemctl stop
+      // empties), into one of its own beside the VEs', where a service manager looks.
+      const [pid] = lxcfsProcesses(mountPoint);
+      const own = `/vesh-${path.basename(path.dirname(env.layout.runtimeRoot))}.lxcfs`;
+      const tracked = readFileSync(`/proc/${pid}/cgroup`, 'utf8').split('\n').filter((l) => /^\d+:(name=systemd)?:/.test(l));
+      expect(tracked.length).toBeGreaterThan(0);
+      for (const line of tracked) expect(line.split(':')[2], line).toBe(own);
     } finally {
       await env.ves.destroy('small', { force: true });
     }
