@@ -1,13 +1,12 @@
 import { execFileSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import ssh2 from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeClientKey, type ClientKey } from '../helpers/ssh-harness.js';
 import { waitFor } from '../helpers/ve-env.js';
-import { makeArena, serverAlive, type Arena } from './kit.js';
+import { makeArena, runAttack as runAttackFrom, serverAlive, type Arena } from './kit.js';
 
 /**
  * "A compromised worker cannot log in with a certificate the broker would
@@ -74,23 +73,8 @@ describe('adversarial: certificates and forwarding rules against a compromised w
 
   const logs = () => arena.serve.logs;
 
-  function runAttack(name: string, args: Record<string, unknown>, timeoutMs = 60_000): Promise<Step[]> {
-    return new Promise((resolve, reject) => {
-      const steps: Step[] = [];
-      let buf = '';
-      const s = net.connect({ host: '127.0.0.1', port: arena.serve.port, localAddress: ATTACKER });
-      const t = setTimeout(() => { s.destroy(); reject(new Error(`attack ${name}: no end within ${timeoutMs} ms; steps so far: ${JSON.stringify(steps)}`)); }, timeoutMs);
-      s.on('connect', () => s.write(`ATTACK ${name} ${JSON.stringify(args)}\n`));
-      s.on('data', (d: Buffer) => {
-        buf += d.toString();
-        const lines = buf.split('\n');
-        buf = lines.pop() ?? '';
-        for (const l of lines) if (l.trim()) steps.push(JSON.parse(l) as Step);
-      });
-      s.on('error', () => undefined);
-      s.on('close', () => { clearTimeout(t); resolve(steps); });
-    });
-  }
+  const runAttack = (name: string, args: Record<string, unknown> = {}, timeoutMs?: number): Promise<Step[]> =>
+    runAttackFrom(arena.serve.port, ATTACKER, name, args, timeoutMs);
 
   /** Present `cert` as `user` through the hostile worker; returns its steps and the broker's refusal reason, if any. */
   async function presentCert(cert: Buffer, user: string, forwards: Array<{ host: string; port: number }> = []): Promise<{ steps: Step[]; conn: string; success: boolean; refusal?: string }> {

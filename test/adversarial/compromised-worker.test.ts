@@ -1,11 +1,10 @@
 import { createHash } from 'node:crypto';
 import { readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { tempDir } from '../helpers/ssh-harness.js';
 import { waitFor } from '../helpers/ve-env.js';
-import { makeArena, serverAlive, type Arena } from './kit.js';
+import { makeArena, runAttack as runAttackFrom, serverAlive, type Arena } from './kit.js';
 
 /**
  * "The broker refuses a compromised worker and stays up." Every SSH worker
@@ -60,23 +59,8 @@ describe('adversarial: a compromised SSH worker', () => {
    * hostile worker's report lines until it hangs up (it finished, or the
    * broker ended it and with it the connection).
    */
-  function runAttack(name: string, args: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<Step[]> {
-    return new Promise((resolve, reject) => {
-      const steps: Step[] = [];
-      let buf = '';
-      const s = net.connect({ host: '127.0.0.1', port: arena.serve.port, localAddress: ATTACKER });
-      const t = setTimeout(() => { s.destroy(); reject(new Error(`attack ${name}: no end within ${timeoutMs} ms; steps so far: ${JSON.stringify(steps)}`)); }, timeoutMs);
-      s.on('connect', () => s.write(`ATTACK ${name} ${JSON.stringify(args)}\n`));
-      s.on('data', (d: Buffer) => {
-        buf += d.toString();
-        const lines = buf.split('\n');
-        buf = lines.pop() ?? '';
-        for (const l of lines) if (l.trim()) steps.push(JSON.parse(l) as Step);
-      });
-      s.on('error', () => undefined);
-      s.on('close', () => { clearTimeout(t); resolve(steps); });
-    });
-  }
+  const runAttack = (name: string, args: Record<string, unknown> = {}, timeoutMs?: number): Promise<Step[]> =>
+    runAttackFrom(arena.serve.port, ATTACKER, name, args, timeoutMs);
 
   const stepOf = (steps: Step[], name: string): Step => {
     const s = steps.find((x) => x.step === name);

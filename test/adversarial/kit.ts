@@ -1,5 +1,6 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { Client } from 'ssh2';
 import { makeVeTestEnv, shInVe, type VeTestEnv } from '../helpers/ve-env.js';
@@ -148,4 +149,31 @@ export async function ssh2Login(arena: Arena, account: string): Promise<Client> 
     c.connect({ host: '127.0.0.1', port: arena.serve.port, username: account, privateKey: readFileSync(key.file), readyTimeout: 60_000 });
   });
   return c;
+}
+
+/** One report line of the hostile worker stand-in (hostile-worker.mjs). */
+export type AttackStep = Record<string, unknown> & { step: string };
+
+/**
+ * Connect to the server at `port` from `from` (the attacker's address the
+ * stand-in worker recognises), tell the hostile worker to run attack `name`
+ * with `args`, and collect its report lines until it hangs up (it finished,
+ * or the broker ended it and with it the connection).
+ */
+export function runAttack(port: number, from: string, name: string, args: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<AttackStep[]> {
+  return new Promise((resolve, reject) => {
+    const steps: AttackStep[] = [];
+    let buf = '';
+    const s = net.connect({ host: '127.0.0.1', port, localAddress: from });
+    const t = setTimeout(() => { s.destroy(); reject(new Error(`attack ${name}: no end within ${timeoutMs} ms; steps so far: ${JSON.stringify(steps)}`)); }, timeoutMs);
+    s.on('connect', () => s.write(`ATTACK ${name} ${JSON.stringify(args)}\n`));
+    s.on('data', (d: Buffer) => {
+      buf += d.toString();
+      const lines = buf.split('\n');
+      buf = lines.pop() ?? '';
+      for (const l of lines) if (l.trim()) steps.push(JSON.parse(l) as AttackStep);
+    });
+    s.on('error', () => undefined);
+    s.on('close', () => { clearTimeout(t); resolve(steps); });
+  });
 }

@@ -1,10 +1,9 @@
 import http from 'node:http';
-import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../helpers/ssh-harness.js';
 import { waitFor } from '../helpers/ve-env.js';
-import { makeArena, serverAlive, type Arena } from './kit.js';
+import { makeArena, runAttack as runAttackFrom, serverAlive, type Arena } from './kit.js';
 import { LOGIN_METHODS } from '../../src/audit/metrics.js';
 
 /**
@@ -24,25 +23,6 @@ import { LOGIN_METHODS } from '../../src/audit/metrics.js';
 
 const HOSTILE = path.join(path.dirname(new URL(import.meta.url).pathname), 'hostile-worker.mjs');
 const ATTACKER = '127.0.0.2';
-
-/** Run the hostile worker's auth-methods attack; its report lines. */
-function runAttack(port: number, args: Record<string, unknown>): Promise<Array<Record<string, unknown>>> {
-  return new Promise((resolve, reject) => {
-    const steps: Array<Record<string, unknown>> = [];
-    let buf = '';
-    const s = net.connect({ host: '127.0.0.1', port, localAddress: ATTACKER });
-    const t = setTimeout(() => { s.destroy(); reject(new Error(`the attack did not end; steps: ${JSON.stringify(steps)}`)); }, 60_000);
-    s.on('connect', () => s.write(`ATTACK auth-methods ${JSON.stringify(args)}\n`));
-    s.on('data', (d: Buffer) => {
-      buf += d.toString();
-      const lines = buf.split('\n');
-      buf = lines.pop() ?? '';
-      for (const l of lines) if (l.trim()) steps.push(JSON.parse(l) as Record<string, unknown>);
-    });
-    s.on('error', () => undefined);
-    s.on('close', () => { clearTimeout(t); resolve(steps); });
-  });
-}
 
 function scrape(port: number): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -76,7 +56,7 @@ describe('adversarial: metrics labels a worker chooses', () => {
 
   it('made-up auth method names all count as "other", never as series of their own', async () => {
     const made = Array.from({ length: 15 }, (_, i) => `x-attack-${i}`);
-    const steps = await runAttack(arena.serve.port, { user: 'alice', methods: made });
+    const steps = await runAttackFrom(arena.serve.port, ATTACKER, 'auth-methods', { user: 'alice', methods: made });
     // The broker took every one (answered, not refused) and logged it under the worker's name.
     expect(steps.filter((s) => s.step === 'auth.failure' && s.ok === true)).toHaveLength(made.length);
     await waitFor('the broker logged every failure', async () => arena.serve.logs.filter((r) => r.event === 'ssh.auth' && String(r.method).startsWith('x-attack-')).length === made.length, 10_000);

@@ -1,6 +1,5 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, readFileSync } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -8,7 +7,7 @@ import { startAgentSession } from '../../src/broker/agent-session.js';
 import { closeFd } from '../../src/system/fdpass.js';
 import { Cleanup, ClientTerminal, keyAuthArgs, sshBaseArgs, tempDir } from '../helpers/ssh-harness.js';
 import { waitFor } from '../helpers/ve-env.js';
-import { buildAttack, makeArena, plantAttack, serverAlive, type Arena } from './kit.js';
+import { buildAttack, makeArena, plantAttack, runAttack as runAttackFrom, serverAlive, type Arena } from './kit.js';
 
 /**
  * Shells held after a dropped connection (persistentShells) are handed back
@@ -90,23 +89,8 @@ describe('adversarial: held shells', () => {
     return pid;
   }
 
-  function runAttack(name: string, args: Record<string, unknown>, timeoutMs = 60_000): Promise<Step[]> {
-    return new Promise((resolve, reject) => {
-      const steps: Step[] = [];
-      let buf = '';
-      const s = net.connect({ host: '127.0.0.1', port: arena.serve.port, localAddress: ATTACKER });
-      const t = setTimeout(() => { s.destroy(); reject(new Error(`attack ${name}: no end within ${timeoutMs} ms; steps so far: ${JSON.stringify(steps)}`)); }, timeoutMs);
-      s.on('connect', () => s.write(`ATTACK ${name} ${JSON.stringify(args)}\n`));
-      s.on('data', (d: Buffer) => {
-        buf += d.toString();
-        const lines = buf.split('\n');
-        buf = lines.pop() ?? '';
-        for (const l of lines) if (l.trim()) steps.push(JSON.parse(l) as Step);
-      });
-      s.on('error', () => undefined);
-      s.on('close', () => { clearTimeout(t); resolve(steps); });
-    });
-  }
+  const runAttack = (name: string, args: Record<string, unknown> = {}, timeoutMs?: number): Promise<Step[]> =>
+    runAttackFrom(arena.serve.port, ATTACKER, name, args, timeoutMs);
 
   it('a compromised worker logged in as another account never gets the held shell', async () => {
     const pid = await holdAliceShell('held-secret');

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { Client } from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { waitFor } from '../helpers/ve-env.js';
-import { makeArena, serverAlive, type Arena } from './kit.js';
+import { makeArena, runAttack as runAttackFrom, serverAlive, type Arena } from './kit.js';
 
 const HOSTILE = path.join(path.dirname(new URL(import.meta.url).pathname), 'hostile-worker.mjs');
 const ATTACKER = '127.0.0.2';
@@ -164,23 +164,8 @@ describe('adversarial: Unix-socket forwarding', () => {
 
   // ------------------------------------------------------------ a compromised worker
 
-  function runAttack(name: string, args: Record<string, unknown>, timeoutMs = 60_000): Promise<Step[]> {
-    return new Promise((resolve, reject) => {
-      const steps: Step[] = [];
-      let buf = '';
-      const s = net.connect({ host: '127.0.0.1', port: arena.serve.port, localAddress: ATTACKER });
-      const t = setTimeout(() => { s.destroy(); reject(new Error(`attack ${name}: no end within ${timeoutMs} ms; steps: ${JSON.stringify(steps)}`)); }, timeoutMs);
-      s.on('connect', () => s.write(`ATTACK ${name} ${JSON.stringify(args)}\n`));
-      s.on('data', (d: Buffer) => {
-        buf += d.toString();
-        const lines = buf.split('\n');
-        buf = lines.pop() ?? '';
-        for (const l of lines) if (l.trim()) steps.push(JSON.parse(l) as Step);
-      });
-      s.on('error', () => undefined);
-      s.on('close', () => { clearTimeout(t); resolve(steps); });
-    });
-  }
+  const runAttack = (name: string, args: Record<string, unknown> = {}, timeoutMs?: number): Promise<Step[]> =>
+    runAttackFrom(arena.serve.port, ATTACKER, name, args, timeoutMs);
   const stepOf = (steps: Step[], name: string): Step => {
     const s = steps.find((x) => x.step === name);
     if (!s) throw new Error(`no "${name}" step in ${JSON.stringify(steps)}`);
