@@ -1,23 +1,14 @@
-import { spawn } from 'node:child_process';
 import { chmodSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { rmdir } from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeLayout } from '../../src/system/layout.js';
 import { Cleanup, startVeshServe, tempDir, type ServeProcess } from '../helpers/ssh-harness.js';
+import { startNotifyReceiver } from '../helpers/notify-receiver.js';
 
 const WORKER = path.join(path.dirname(new URL(import.meta.url).pathname), 'notify-socket-worker.mjs');
 
 /** Binds a unix datagram socket and prints each datagram as a JSON string line. */
-const RECEIVER = `
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(sys.argv[1])
-print(json.dumps("bound"), flush=True)
-while True:
-    print(json.dumps(s.recv(4096).decode()), flush=True)
-`;
-
 /**
  * Attack: a compromised SSH worker looks for systemd's NOTIFY_SOCKET in the
  * environment it inherited from the broker and tells systemd the server is
@@ -28,7 +19,7 @@ while True:
  */
 describe('notify socket: a compromised worker cannot speak for the server to systemd', () => {
   const cleanup = new Cleanup();
-  const notes: string[] = [];
+  let notes: string[] = [];
   let serve: ServeProcess;
 
   beforeAll(async () => {
@@ -38,15 +29,7 @@ describe('notify socket: a compromised worker cannot speak for the server to sys
     writeFileSync(cfg, `listen: "127.0.0.1:0"\ndataDir: ${dir}/data\nhostKeysDir: ${dir}/keys\naccountsFile: ${dir}/accounts.yaml\nworkers: { count: 1 }\n`);
     writeFileSync(path.join(dir, 'accounts.yaml'), '{}\n');
     const sock = path.join(dir, 'notify.sock');
-    const rx = spawn('/usr/bin/python3', ['-u', '-c', RECEIVER, sock], { stdio: ['ignore', 'pipe', 'inherit'] });
-    cleanup.add(() => { rx.kill('SIGKILL'); });
-    let pending = '';
-    rx.stdout!.on('data', (d: Buffer) => {
-      pending += d.toString();
-      const lines = pending.split('\n');
-      pending = lines.pop() ?? '';
-      for (const l of lines) notes.push(JSON.parse(l) as string);
-    });
+    notes = startNotifyReceiver(cleanup, sock);
     for (let i = 0; i < 500 && !notes.includes('bound'); i++) await new Promise((r) => setTimeout(r, 10));
     // After the server stops: the runtime directories its start made (empty, no VE ran).
     const run = path.dirname(makeLayout(path.join(dir, 'data')).runtimeRoot);

@@ -1,4 +1,4 @@
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -6,6 +6,7 @@ import { rmdir } from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeLayout } from '../../src/system/layout.js';
 import { Cleanup, startVeshServe, tempDir, type ServeProcess } from '../helpers/ssh-harness.js';
+import { startNotifyReceiver } from '../helpers/notify-receiver.js';
 
 const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..');
 
@@ -20,15 +21,6 @@ const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..',
  */
 
 /** Binds a unix datagram socket and prints each datagram as a JSON string line. */
-const RECEIVER = `
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(sys.argv[1])
-print(json.dumps("bound"), flush=True)
-while True:
-    print(json.dumps(s.recv(4096).decode()), flush=True)
-`;
-
 function config(dir: string, maxStartups: number): string {
   return `listen: "127.0.0.1:0"\ndataDir: ${dir}/data\nhostKeysDir: ${dir}/keys\naccountsFile: ${dir}/accounts.yaml\nauth:\n  maxStartups: ${maxStartups}\n  penalties:\n    sourceFailuresBeforePenalty: 100000\n`;
 }
@@ -49,7 +41,7 @@ describe('service unit', () => {
   let dir = '';
   let cfg = '';
   let serve: ServeProcess;
-  const notes: string[] = [];
+  let notes: string[] = [];
   const open: net.Socket[] = [];
 
   const waitNote = async (pred: (n: string) => boolean, from: number, ms = 15_000): Promise<number> => {
@@ -70,15 +62,7 @@ describe('service unit', () => {
     writeFileSync(cfg, config(dir, 1));
     writeFileSync(path.join(dir, 'accounts.yaml'), '{}\n');
     const sock = path.join(dir, 'notify.sock');
-    const rx = spawn('/usr/bin/python3', ['-u', '-c', RECEIVER, sock], { stdio: ['ignore', 'pipe', 'inherit'] });
-    cleanup.add(() => { rx.kill('SIGKILL'); });
-    let pending = '';
-    rx.stdout!.on('data', (d: Buffer) => {
-      pending += d.toString();
-      const lines = pending.split('\n');
-      pending = lines.pop() ?? '';
-      for (const l of lines) notes.push(JSON.parse(l) as string);
-    });
+    notes = startNotifyReceiver(cleanup, sock);
     await waitNote((n) => n === 'bound', 0);
     // After the server stops: the runtime directories its start made (empty, no VE ran).
     const run = path.dirname(makeLayout(path.join(dir, 'data')).runtimeRoot);
