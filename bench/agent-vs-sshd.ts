@@ -10,16 +10,15 @@
  * Not a test: shared, noisy machines; read the figures side by side.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, mkdtempSync, promises as fs, readFileSync, writeFileSync, chmodSync } from 'node:fs';
+import { mkdtempSync, promises as fs, readFileSync, chmodSync } from 'node:fs';
 import path from 'node:path';
 import { loadServerConfig } from '../src/config/server-config.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
-import { sharedTemplate } from '../test/helpers/templates.js';
-import { median, sleep, freePort, waitForPort } from './lib.js';
+import { median, sleep, freePort } from './lib.js';
+import { startSshd, startVeshServe } from './peers.js';
 
 const N = Number(process.env.N ?? 200);
 const ROUNDS = Number(process.env.ROUNDS ?? 5);
-const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 
 function run(args: string[], env: Record<string, string>): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -41,29 +40,11 @@ async function main(): Promise<void> {
     execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', path.join(dir, 'hostkey')]);
     const pub = readFileSync(path.join(dir, 'id.pub'), 'utf8').trim();
     const [pVesh, pSshd] = [await freePort(), await freePort()];
-    const data = path.join(dir, 'data');
-    mkdirSync(path.join(data, 'templates'), { recursive: true });
-    await fs.symlink((await sharedTemplate('debian')).dir, path.join(data, 'templates', 'debian'));
-    writeFileSync(path.join(dir, 'vesh.yaml'), [
-      `listen: "127.0.0.1:${pVesh}"`, `dataDir: ${data}`, `hostKeysDir: ${dir}/keys`, `accountsFile: ${dir}/accounts.yaml`,
-      'defaults: { template: debian, limits: { memory: 512M, pids: 512, cpus: 2, disk: 1G } }',
-      `network: { bridge: vab${process.pid % 10000}, subnet: 10.${200 + (process.pid % 40)}.${process.pid % 250}.0/24, outbound: false }`,
-      'logging: { level: warn, pretty: false }',
-    ].join('\n'));
-    writeFileSync(path.join(dir, 'accounts.yaml'), `agb:\n  keys:\n    - ${pub}\n`);
-    const serve = spawn(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
-    children.push(serve);
-    await waitForPort(pVesh);
-    mkdirSync('/run/sshd', { recursive: true, mode: 0o755 });
-    writeFileSync(path.join(dir, 'authorized_keys'), `${pub}\n`, { mode: 0o600 });
-    writeFileSync(path.join(dir, 'sshd_config'), [
-      `Port ${pSshd}`, 'ListenAddress 127.0.0.1', `HostKey ${dir}/hostkey`, `PidFile ${dir}/sshd.pid`,
-      `AuthorizedKeysFile ${dir}/authorized_keys`, 'StrictModes no', 'UsePAM no', 'PermitRootLogin prohibit-password',
-      'PasswordAuthentication no', 'KbdInteractiveAuthentication no', 'KexAlgorithms curve25519-sha256', 'AllowAgentForwarding yes', 'PrintMotd no', 'UseDNS no', '',
-    ].join('\n'));
-    const sshd = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', path.join(dir, 'sshd_config')], { stdio: ['ignore', 'ignore', 'ignore'] });
-    children.push(sshd);
-    await waitForPort(pSshd);
+    children.push(await startVeshServe(dir, {
+      port: pVesh, limits: 'memory: 512M, pids: 512, cpus: 2, disk: 1G', accounts: `agb:\n  keys:\n    - ${pub}\n`,
+      bridge: `vab${process.pid % 10000}`, subnet: `10.${200 + (process.pid % 40)}.${process.pid % 250}.0/24`,
+    }));
+    children.push(await startSshd(dir, { port: pSshd, hostKey: path.join(dir, 'hostkey'), authorizedKey: pub, extra: ['KexAlgorithms curve25519-sha256', 'AllowAgentForwarding yes'] }));
     const agentSock = path.join(dir, 'agent.sock');
     const agent = spawn('ssh-agent', ['-D', '-a', agentSock], { stdio: 'ignore' });
     children.push(agent);

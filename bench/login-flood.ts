@@ -30,7 +30,7 @@
  * noisy machines; read the figures side by side.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, promises as fs, readFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -38,8 +38,8 @@ import argon2 from 'argon2';
 import ssh2 from 'ssh2';
 import { loadServerConfig } from '../src/config/server-config.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
-import { sharedTemplate } from '../test/helpers/templates.js';
-import { pct, median, sleep, freePort, waitForPort } from './lib.js';
+import { pct, median, sleep, freePort } from './lib.js';
+import { startSshd, startVeshServe } from './peers.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -61,7 +61,6 @@ const LOGINS = Math.max(5, Number(args.logins));
 const PW_CLIENTS = Number(args['password-clients']);
 const HS_CLIENTS = Number(args['handshake-clients']);
 const HALF_OPEN = Number(args['half-open']);
-const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const USER_SOURCE = '127.0.0.1';
 const FLOOD_SOURCE = '127.0.0.2';
 const USER_PASSWORD = 'the-real-users-password';
@@ -234,38 +233,24 @@ async function main(): Promise<void> {
     const [pVesh, pSshd] = [await freePort(), await freePort()];
 
     // ---- vesh serve with its default auth and session limits
-    const data = path.join(dir, 'data');
-    mkdirSync(path.join(data, 'templates'), { recursive: true });
-    await fs.symlink((await sharedTemplate('debian')).dir, path.join(data, 'templates', 'debian'));
-    writeFileSync(path.join(dir, 'vesh.yaml'), [
-      `listen: "127.0.0.1:${pVesh}"`, `dataDir: ${data}`, `hostKeysDir: ${dir}/keys`, `accountsFile: ${dir}/accounts.yaml`,
-      `defaults: { template: debian, limits: { memory: 512M, pids: 512, cpus: 1, disk: 1G } }`,
-      `network: { bridge: vbf${process.pid % 10000}, subnet: 10.238.${process.pid % 250}.0/24, outbound: false }`,
-      `logging: { level: error, pretty: false }`,
-    ].join('\n'));
     const hash = await argon2.hash(USER_PASSWORD, { type: argon2.argon2id, memoryCost: 65536, timeCost: 3, parallelism: 4 });
     // The victims the flood guesses at exist, with the default (real) hash cost.
     const victims = await Promise.all([0, 1, 2, 3].map(async (i) => `victim${i}:\n  password: "${await argon2.hash(`victim-${i}-secret`, { type: argon2.argon2id, memoryCost: 65536, timeCost: 3, parallelism: 4 })}"\n`));
-    writeFileSync(path.join(dir, 'accounts.yaml'), `user:\n  password: "${hash}"\n  keys:\n    - ${pub}\n${victims.join('')}`);
-    const serve = spawn(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
+    const serve = await startVeshServe(dir, {
+      port: pVesh, limits: 'memory: 512M, pids: 512, cpus: 1, disk: 1G', logLevel: 'error',
+      accounts: `user:\n  password: "${hash}"\n  keys:\n    - ${pub}\n${victims.join('')}`,
+      bridge: `vbf${process.pid % 10000}`, subnet: `10.238.${process.pid % 250}.0/24`,
+    });
     children.push(serve);
-    await waitForPort(pVesh);
 
     // ---- OpenSSH sshd, password auth on, with vesh's default admission limits
     // (MaxStartups 100, PerSourceMaxStartups 10; sshd's own default
     // MaxStartups 10:30:100 drops most of the user's connections under this
     // flood, and 9.2 has no PerSourcePenalties, which came in 9.8).
-    mkdirSync('/run/sshd', { recursive: true, mode: 0o755 });
-    writeFileSync(path.join(dir, 'authorized_keys'), `${pub}\n`, { mode: 0o600 });
-    writeFileSync(path.join(dir, 'sshd_config'), [
-      `Port ${pSshd}`, 'ListenAddress 127.0.0.1', `HostKey ${dir}/sshd_host_key`, `PidFile ${dir}/sshd.pid`,
-      `AuthorizedKeysFile ${dir}/authorized_keys`, 'StrictModes no', 'UsePAM no', 'PermitRootLogin prohibit-password',
-      'PasswordAuthentication yes', 'KbdInteractiveAuthentication no', 'KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org',
-      'MaxStartups 100', 'PerSourceMaxStartups 10', 'PrintMotd no', 'UseDNS no', '',
-    ].join('\n'));
-    const sshd = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', path.join(dir, 'sshd_config')], { stdio: ['ignore', 'ignore', 'ignore'] });
-    children.push(sshd);
-    await waitForPort(pSshd);
+    children.push(await startSshd(dir, {
+      port: pSshd, hostKey: path.join(dir, 'sshd_host_key'), authorizedKey: pub, passwordAuthentication: true,
+      extra: ['KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org', 'MaxStartups 100', 'PerSourceMaxStartups 10'],
+    }));
 
     const targets: Target[] = [
       { key: 'vesh', name: 'vesh', port: pVesh, user: 'user' },

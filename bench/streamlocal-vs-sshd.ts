@@ -11,17 +11,16 @@
  * Not a test: shared, noisy machines; read the figures side by side.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, promises as fs, readFileSync, writeFileSync, chmodSync } from 'node:fs';
+import { existsSync, mkdtempSync, promises as fs, readFileSync, chmodSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { loadServerConfig } from '../src/config/server-config.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
-import { sharedTemplate } from '../test/helpers/templates.js';
-import { median, sleep, freePort, waitForPort } from './lib.js';
+import { median, sleep, freePort } from './lib.js';
+import { startSshd, startVeshServe } from './peers.js';
 
 const MIB = Number(process.env.MIB ?? 256);
 const ROUNDS = Number(process.env.ROUNDS ?? 5);
-const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const SINK = (sock: string) => `rm -f ${sock}; setsid perl -MIO::Socket::UNIX -e '$s=IO::Socket::UNIX->new(Local=>"${sock}",Listen=>5) or die; while($c=$s->accept){my $n=0; my $b; while(my $r=sysread($c,$b,1<<20)){$n+=$r} print $c "$n\\n"; close $c}' >/dev/null 2>&1 </dev/null & for i in $(seq 50); do [ -S ${sock} ] && break; sleep 0.1; done; echo ok`;
 
 function upload(sock: string): Promise<number> {
@@ -51,29 +50,11 @@ async function main(): Promise<void> {
     execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', path.join(dir, 'hostkey')]);
     const pub = readFileSync(path.join(dir, 'id.pub'), 'utf8').trim();
     const [pVesh, pSshd] = [await freePort(), await freePort()];
-    const data = path.join(dir, 'data');
-    mkdirSync(path.join(data, 'templates'), { recursive: true });
-    await fs.symlink((await sharedTemplate('debian')).dir, path.join(data, 'templates', 'debian'));
-    writeFileSync(path.join(dir, 'vesh.yaml'), [
-      `listen: "127.0.0.1:${pVesh}"`, `dataDir: ${data}`, `hostKeysDir: ${dir}/keys`, `accountsFile: ${dir}/accounts.yaml`,
-      'defaults: { template: debian, limits: { memory: 1G, pids: 512, cpus: 2, disk: 1G } }',
-      `network: { bridge: vsb${process.pid % 10000}, subnet: 10.${200 + (process.pid % 40)}.${(process.pid >> 3) % 250}.0/24, outbound: false }`,
-      'logging: { level: warn, pretty: false }',
-    ].join('\n'));
-    writeFileSync(path.join(dir, 'accounts.yaml'), `slb:\n  keys:\n    - ${pub}\n`);
-    const serve = spawn(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', path.join(dir, 'vesh.yaml'), 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
-    children.push(serve);
-    await waitForPort(pVesh);
-    mkdirSync('/run/sshd', { recursive: true, mode: 0o755 });
-    writeFileSync(path.join(dir, 'authorized_keys'), `${pub}\n`, { mode: 0o600 });
-    writeFileSync(path.join(dir, 'sshd_config'), [
-      `Port ${pSshd}`, 'ListenAddress 127.0.0.1', `HostKey ${dir}/hostkey`, `PidFile ${dir}/sshd.pid`,
-      `AuthorizedKeysFile ${dir}/authorized_keys`, 'StrictModes no', 'UsePAM no', 'PermitRootLogin prohibit-password',
-      'PasswordAuthentication no', 'KbdInteractiveAuthentication no', 'KexAlgorithms curve25519-sha256', 'AllowStreamLocalForwarding yes', 'PrintMotd no', 'UseDNS no', '',
-    ].join('\n'));
-    const sshd = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', path.join(dir, 'sshd_config')], { stdio: ['ignore', 'ignore', 'ignore'] });
-    children.push(sshd);
-    await waitForPort(pSshd);
+    children.push(await startVeshServe(dir, {
+      port: pVesh, limits: 'memory: 1G, pids: 512, cpus: 2, disk: 1G', accounts: `slb:\n  keys:\n    - ${pub}\n`,
+      bridge: `vsb${process.pid % 10000}`, subnet: `10.${200 + (process.pid % 40)}.${(process.pid >> 3) % 250}.0/24`,
+    }));
+    children.push(await startSshd(dir, { port: pSshd, hostKey: path.join(dir, 'hostkey'), authorizedKey: pub, extra: ['KexAlgorithms curve25519-sha256', 'AllowStreamLocalForwarding yes'] }));
     const env = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: dir };
     const base = (port: number, user: string) => ['-F', '/dev/null', '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR',
       '-o', 'IdentitiesOnly=yes', '-o', 'BatchMode=yes', '-o', 'IdentityAgent=none', '-i', path.join(dir, 'id'), '-p', String(port), `${user}@127.0.0.1`];
