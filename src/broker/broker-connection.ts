@@ -21,6 +21,9 @@ import { watchClientSilence } from './client-alive-backstop.js';
 import type { Admitted } from './admission.js';
 import type { AuthGrant, BrokerEvent, ConnState, Request } from './request-table.js';
 import { spawnSession, type SpawnedSession } from './session-spawn.js';
+import { recordSession } from './session-recording.js';
+import type { ConnectionRecording, Recordings } from '../audit/recording-store.js';
+import type { Tap } from '../audit/recording-tap.js';
 import { parseUserauthBlob } from './userauth-blob.js';
 import { isCertificateAlgorithm } from '../auth/certificates.js';
 import { forwardingRefusal, permitListenRefusal, permitOpenRefusal } from '../auth/forward-rules.js';
@@ -42,6 +45,8 @@ export interface ConnectionDeps {
   timeouts?: TimeoutSettings;
   /** vesh.yaml's agent and Unix-socket forwarding settings (sessions:); absent fields take OpenSSH's defaults. */
   features?: { agentForwarding?: boolean; streamLocalBindUnlink?: boolean; streamLocalBindMask?: number };
+  /** Session recording (vesh.yaml recording:, accounts.yaml record:); absent: nothing is recorded. */
+  recordings?: Recordings | null;
 }
 
 /** The umask of the agent socket (OpenSSH's too): the session's user only. */
@@ -110,6 +115,10 @@ export class BrokerConnection {
   /** The client went silent past the keepalive limit and we cut it: nothing new starts for it. */
   private silenced = false;
   private resignTokens = RESIGN_BURST;
+  /** This connection's recording, made at its first session when its account is recorded. */
+  private recording: ConnectionRecording | null = null;
+  /** Recorded terminal sessions: the broker holds their master, and window changes come to it. */
+  private readonly taps = new Map<number, Tap>();
   private resignAt = Date.now();
 
   /**
@@ -306,7 +315,7 @@ export class BrokerConnection {
   }
 
   /** Open a session for this connection's account; resolves with the worker's descriptors. */
-  async openSession(r: Request<'session.open'>): Promise<{ fds: number[]; pid: number; replay?: Buffer }> {
+  async openSession(r: Request<'session.open'>): Promise<{ fds: number[]; pid: number; replay?: Buffer; tapped?: boolean }> {
     const result = this.authenticated();
     if (this.sessionIds.has(r.session)) throw new ProtocolViolation(`session id ${r.session} used twice`);
     const maxSessions = this.deps.maxSessions ?? MAX_SESSIONS_PER_CONNECTION;
@@ -321,7 +330,8 @@ export class BrokerConnection {
     // from a dropped connection is taken up again (LC_VESH_SHELL=new asks
     // for a fresh one); it brings its place in the account's caps along.
     const persist = this.persistence(result);
-    const taken = persist && r.pty && r.kind === 'shell' && result.key?.options.command === undefined && !wantsNewShell(r.env)
+    // A recorded account takes up no held shell: it would reach the worker past the broker's tap.
+    const taken = persist && r.pty && r.kind === 'shell' && result.key?.options.command === undefined && !wantsNewShell(r.env) && !this.deps.recordings?.records(result.account)
       ? this.deps.heldShells!.take(result.account.name, result.account.ve)
       : null;
     if (!taken) {
@@ -386,7 +396,39 @@ export class BrokerConnection {
         ...(size ? { consoleSize: { rows: size.rows, cols: size.cols } } : {}),
       };
       const startedAt = Date.now();
+      // A recorded account's session: the broker keeps what it must see (session-recording.ts).
+      const rec = this.recordingFor(result);
+      if (rec) {
+        try {
+          rec.event('session.start', {
+            session: r.session, kind: r.kind, argv,
+            ...(r.kind === 'exec' ? { command: r.command } : {}), ...(r.kind === 'subsystem' ? { subsystem: r.subsystem } : {}),
+            ...(forced !== undefined ? { forcedCommand: forced } : {}), ...(size ? { term, cols: size.cols, rows: size.rows } : {}),
+          });
+          rec.sessionBegan();
+        } catch (err) {
+          this.log.error({ event: 'recording.open_failed', err: errorMessage(err) }, 'a recorded session was refused: its recording could not be written');
+          throw new Refused('your sessions are recorded and the recording could not be written: the session was refused (tell the admin)', { cause: err });
+        }
+      }
+      let recorded: ReturnType<typeof recordSession> | null = null;
+      let recordedExit: ExitReport | null = null;
       const onExit = (report: ExitReport) => {
+        if (rec && !recorded) {
+          // Ended before its recording was set up: finished there.
+          recordedExit = report;
+          return;
+        }
+        if (recorded) {
+          const done = recorded;
+          recorded = null;
+          this.taps.delete(r.session);
+          void done.finish(report).catch((err: unknown) => this.log.error({ event: 'recording.finish_failed', err: errorMessage(err) })).then(() => endSession(report));
+          return;
+        }
+        endSession(report);
+      };
+      const endSession = (report: ExitReport) => {
         this.sessions.delete(r.session);
         this.holdable.delete(r.session);
         this.clearSessionTimer(r.session);
@@ -396,7 +438,8 @@ export class BrokerConnection {
         this.deps.send({ ev: 'session.exit', conn: this.id, session: r.session, report });
       };
       // A new terminal session of an account with persistentShells starts holdable.
-      const hold = !!persist && !!r.pty && r.kind !== 'subsystem' && forced === undefined;
+      // Not for a recorded account: a held terminal goes to the next login without the broker's tap.
+      const hold = !!persist && !!r.pty && r.kind !== 'subsystem' && forced === undefined && !rec;
       let notice = '';
       if (persist && taken && size) {
         const held = taken.session;
@@ -426,11 +469,36 @@ export class BrokerConnection {
           }
         }
       }
-      const s = await this.startProcess(login.account.ve, spec, r.pty && size ? { term: term!, cols: size.cols, rows: size.rows } : null, onExit, hold);
+      let s: SpawnedSession;
+      try {
+        s = await this.startProcess(login.account.ve, spec, r.pty && size ? { term: term!, cols: size.cols, rows: size.rows } : null, onExit, hold);
+      } catch (err) {
+        if (rec) {
+          rec.event('session.failed', { session: r.session, error: errorMessage(err).slice(0, 300) });
+          rec.sessionEnded();
+        }
+        throw err;
+      }
+      let fds = s.fds;
+      if (rec) {
+        try {
+          const made = recordSession(rec, { session: r.session, kind: r.kind, shell, ...(r.pty && size ? { pty: { term: term!, cols: size.cols, rows: size.rows } } : {}) }, s, this.log);
+          recorded = made;
+          fds = made.fds;
+          if (made.tap) this.taps.set(r.session, made.tap);
+        } catch (err) {
+          for (const fd of s.fds) closeFd(fd);
+          s.hangup();
+          rec.sessionEnded();
+          this.log.error({ event: 'recording.open_failed', err: errorMessage(err) }, 'a recorded session was hung up: its recording could not be written');
+          throw new Refused('your sessions are recorded and the recording could not be written: the session was refused (tell the admin)', { cause: err });
+        }
+        if (recordedExit) onExit(recordedExit);
+      }
       this.sessions.set(r.session, s);
       if (s.holdable) this.holdable.set(r.session, release);
       this.limitSessionTime(r.session, s);
-      return { fds: s.fds, pid: s.pid, ...(notice ? { replay: Buffer.from(notice) } : {}) };
+      return { fds, pid: s.pid, ...(notice ? { replay: Buffer.from(notice) } : {}), ...(this.taps.has(r.session) ? { tapped: true } : {}) };
     } catch (err) {
       if (taken && !tookUp && !handedOver && persist) {
         // Not taken up after all (the VE could not be prepared, the connection went): held again as it was.
@@ -516,6 +584,21 @@ export class BrokerConnection {
     const s = this.sessions.get(r.session);
     if (!s || !CLIENT_SIGNALS.has(sig)) throw new Refused('no such session or signal');
     s.signal(`SIG${sig}` as NodeJS.Signals);
+  }
+
+  /** The recording of `result`'s sessions on this connection, made at the first; null when the account is not recorded. */
+  private recordingFor(result: AuthResult): ConnectionRecording | null {
+    const recordings = this.deps.recordings;
+    if (!recordings || !recordings.records(result.account)) return null;
+    this.recording ??= recordings.connection({ account: result.account.name, ve: result.account.ve, conn: this.id, source: this.source });
+    return this.recording;
+  }
+
+  /** A window change of a recorded terminal session: the broker holds its master (unrecorded, the worker sets it itself). */
+  resizeSession(r: Request<'session.resize'>): void {
+    this.authenticated();
+    const size = clampPtySize(r.cols, r.rows);
+    this.taps.get(r.session)?.resize(size.cols, size.rows);
   }
 
   closeSession(r: Request<'session.close'>): void {
@@ -797,6 +880,7 @@ export class BrokerConnection {
     for (const t of this.sessionTimers.values()) clearTimeout(t);
     this.sessionTimers.clear();
     this.hangupAll();
+    this.recording?.connectionGone();
     this.listeners.clear();
     if (this.cutFd >= 0) {
       closeFd(this.cutFd);

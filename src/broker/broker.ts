@@ -17,6 +17,7 @@ import { HeldShells } from './held-shells.js';
 import { hostKeySigner } from './host-key-signer.js';
 import { REQUESTS, SignRequest, parseRequest, type BrokerEvent, type Request } from './request-table.js';
 import { WorkerPool, workerCount, type Worker } from './worker-pool.js';
+import type { Recordings } from '../audit/recording-store.js';
 
 const { utils } = ssh2;
 
@@ -40,6 +41,8 @@ export interface BrokerDeps {
   workerScript?: string;
   /** Where the workers' output (their JSON log lines) goes; our own stdout and stderr when not given. */
   workerOutput?: (chunk: Buffer) => void;
+  /** Session recording (src/audit/recording-store.ts); absent: off. */
+  recordings?: Recordings | null;
 }
 
 /** workers.stallTimeout's default. */
@@ -233,6 +236,7 @@ export class Broker {
       features: this.deps.config.sessions,
       send: (ev, fds) => this.sendTo(worker, ev, fds),
       heldShells: this.heldShells,
+      recordings: this.deps.recordings ?? null,
       onAuthenticated: () => this.admission.leave(adm),
       ...(this.deps.config.timeouts ? { timeouts: this.deps.config.timeouts } : {}),
     }, log);
@@ -341,8 +345,11 @@ export class Broker {
         return { body: c.failure(r) };
       case 'session.open': {
         const s = await c.openSession(r);
-        return { body: { pid: s.pid, ...(s.replay?.length ? { replay: s.replay.toString('base64') } : {}) }, fds: s.fds };
+        return { body: { pid: s.pid, ...(s.replay?.length ? { replay: s.replay.toString('base64') } : {}), ...(s.tapped ? { tapped: true } : {}) }, fds: s.fds };
       }
+      case 'session.resize':
+        c.resizeSession(r);
+        return { body: {} };
       case 'session.signal':
         c.signalSession(r);
         return { body: {} };

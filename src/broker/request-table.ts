@@ -34,7 +34,11 @@ import type { TimeoutSettings } from '../config/server-config.js';
  * | auth.failure      | preauth        |      | — a failed attempt the worker saw (bad k-i answers)  |
  * | session.open      | authenticated  |      | fds: pty master, or stdin+stdout and stderr sockets; |
  * |                   |                |      | replay: a held shell's output, re-attached (b64)     |
+ * |                   |                |      | tapped: a recorded terminal; the fd is a socket whose |
+ * |                   |                |      | other end the broker holds (it keeps the master)      |
  * | session.signal    | authenticated  |      | — signal to a session of this connection             |
+ * | session.resize    | authenticated  |      | — window size of a tapped (recorded) terminal: the    |
+ * |                   |                |      | broker sets it on the master and records it          |
  * | session.close     | authenticated  |      | — hang it up (SIGHUP, SIGKILL after a grace);        |
  * |                   |                |      | dropped: a persistentShells shell is held instead    |
  * | forward.connect   | authenticated  |      | fd: a socket connected from inside the VE            |
@@ -102,6 +106,10 @@ export const REQUESTS = {
   'session.signal': {
     states: ['authenticated'], once: false,
     schema: z.strictObject({ req: z.literal('session.signal'), id, conn, session: id, signal: z.string().max(16) }),
+  },
+  'session.resize': {
+    states: ['authenticated'], once: false,
+    schema: z.strictObject({ req: z.literal('session.resize'), id, conn, session: id, cols: z.number().int().min(1).max(1000), rows: z.number().int().min(1).max(1000) }),
   },
   'session.close': {
     states: ['authenticated'], once: false,

@@ -9,6 +9,7 @@ import { Broker } from '../broker/broker.js';
 import { hiddenFromWorkers } from '../broker/worker-sandbox.js';
 import { createVeManager } from '../ve/index.js';
 import { startMetricsServer } from '../audit/metrics.js';
+import { Recordings } from '../audit/recording-store.js';
 import { veSamples } from '../ve/metrics-samples.js';
 import { buildContext, type GlobalOptions } from './context.js';
 import { reloadOnHup } from './service.js';
@@ -57,9 +58,14 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   // What the workers must never see, even where it lies under the program's
   // own directory (their root shows that directory, read-only).
   mkdirSync(config.dataDir, { recursive: true, mode: 0o700 });
-  const hide = hiddenFromWorkers(config);
+  // Session recording: the directory checked (root-only, out of every VE's
+  // reach), what a crash left unsealed sealed, retention applied. Made when
+  // any account could be recorded (an account's record: true may come with
+  // a later edit of accounts.yaml), hidden from workers like the data dir.
+  const recordings = config.recording ? Recordings.open(config.recording, config.dataDir, config.hostKeysDir, logger) : null;
+  const hide = [...hiddenFromWorkers(config), ...(recordings ? hiddenFromWorkers({ dataDir: recordings.dir, hostKeysDir: config.hostKeysDir, accountsFile: config.accountsFile, configFile: config.configFile }) : [])];
   const server = new Broker({
-    config, authenticator, ves, hostKeys, logger, hide,
+    config, authenticator, ves, hostKeys, logger, hide: [...new Set(hide)], recordings,
     // Tests stand a hostile worker in here; an admin never needs to.
     ...(process.env.VESH_WORKER_SCRIPT ? { workerScript: process.env.VESH_WORKER_SCRIPT } : {}),
   });
@@ -139,6 +145,8 @@ export async function serve(opts: GlobalOptions): Promise<void> {
           log.error({ event: 'serve.close_failed', err: errorMessage(err) });
         }
         await metrics?.close();
+        // Sessions still open after the grace are sealed as cut short by the stop.
+        recordings?.close();
         ves.stopMonitor();
         await Promise.resolve(accounts.close()).catch(() => undefined);
         process.removeListener('SIGHUP', onHup);

@@ -111,6 +111,8 @@ export interface Account {
   agentForwarding: boolean;
   /** Terminal shells survive a dropped connection (persistentShells); absent: off. */
   persistentShells?: { idleLimitMs: number; bufferBytes: number };
+  /** Sessions of this account are recorded (src/audit/recording-*.ts) even when vesh.yaml's recording.enabled is off. */
+  record?: boolean;
 }
 
 /** accounts.yaml `timeouts:` of one account, parsed. */
@@ -455,6 +457,7 @@ const accountSchema = z.strictObject({
   permitListen: ruleListSchema('permitListen', parsePermitListen),
   agentForwarding: z.boolean().optional(),
   persistentShells: persistentShellsSchema.optional(),
+  record: z.boolean({ error: 'record must be true or false (record this account\'s sessions)' }).optional(),
 });
 
 /**
@@ -531,6 +534,7 @@ export function parseAccounts(file: string, text: string): Map<string, Account> 
     if (a?.permitListen?.rules !== undefined) account.permitListen = a.permitListen.rules;
     if (a?.timeouts) account.timeouts = a.timeouts;
     if (a?.persistentShells) account.persistentShells = a.persistentShells;
+    if (a?.record) account.record = true;
     out.set(name, account);
   }
   return out;

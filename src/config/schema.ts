@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { parseCpus, parseDuration, parsePids, parseSize } from './units.js';
+import { clusterSchema } from './cluster.js';
 
 /** A zod refinement that runs one of our unit parsers and reports its message. */
 function parsed<T>(parse: (v: string | number) => T) {
@@ -269,6 +270,26 @@ export const serverConfigSchema = z.strictObject({
   metrics: z.preprocess((v) => v ?? {}, z.strictObject({
     listen: z.string().regex(/^(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}$/, 'metrics.listen must be "ADDRESS:PORT", for example "127.0.0.1:9469"').optional(),
   })),
+  /**
+   * Session recording (src/audit/recording-*.ts): every account when
+   * enabled, else only accounts with `record: true`. A `recording:` line
+   * whose settings are all commented out reads as null: defaults.
+   */
+  recording: z.preprocess((v) => v ?? {}, z.strictObject({
+    enabled: z.boolean().default(false),
+    /** Where recordings live (relative to this file); default DATADIR/recordings. Checked at start: root-only, out of every VE's reach. */
+    dir: z.string().min(1, 'recording.dir must be a directory path').optional(),
+    /** Sealed recordings older than this many days are pruned (a chain entry says so); 0 keeps them forever. */
+    retentionDays: z.number().int('recording.retentionDays must be a whole number of days').min(0).max(36_500).default(0),
+    /** Most bytes one recording file may take; past it the session goes on and the recording says it was truncated. */
+    maxBytes: parsed((v) => parseSize(v, 'recording.maxBytes')).refine((n) => n >= 4096 && n <= 2 ** 40, {
+      message: 'recording.maxBytes must be between 4K and 1T',
+    }).default(64 * 1024 * 1024),
+    /** Chain entries carry an HMAC keyed by keys/recording-chain.key, not a bare SHA-256. */
+    hmac: z.boolean().default(true),
+  })),
+  /** Cluster mode (src/config/cluster.ts): off by default; on, nodes share placement and membership through etcd. */
+  cluster: clusterSchema,
   logging: z.strictObject({
     level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace']).default('info'),
     pretty: z.union([z.boolean(), z.literal('auto')]).default('auto'),

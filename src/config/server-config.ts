@@ -4,6 +4,7 @@ import { ErrorCodes, VeshError } from '../errors.js';
 import { parsePublicKeyLine } from './accounts.js';
 import type { Limits } from './limits.js';
 import { serverConfigSchema } from './schema.js';
+import { resolveClusterConfig, type ClusterConfig } from './cluster.js';
 import { parseYamlWithSchema } from './yaml-validate.js';
 
 /** The server configuration with every path made absolute and every unit resolved. */
@@ -36,6 +37,19 @@ export interface ServerConfig {
   timeouts: TimeoutSettings;
   /** The Prometheus endpoint's address; null or absent (configs built by hand in tests): off. */
   metrics?: { listen: { host: string; port: number } | null };
+  /** Cluster mode (vesh.yaml `cluster:`); absent (configs built by hand in tests) or not enabled: one node, no etcd. */
+  cluster?: ClusterConfig;
+  /** Session recording (vesh.yaml `recording:`); absent (configs built by hand in tests): off. */
+  recording?: RecordingConfig;
+}
+
+/** vesh.yaml `recording:`, resolved: `dir` absolute. */
+export interface RecordingConfig {
+  enabled: boolean;
+  dir: string;
+  retentionDays: number;
+  maxBytes: number;
+  hmac: boolean;
 }
 
 /** Channel types a channelTimeout can name, and `global` (all channels of a connection together). */
@@ -156,6 +170,14 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
     workers: { count: w.count, firstUid: w.firstUid, maxFiles: w.maxFiles, stallTimeoutMs: w.stallTimeout },
     logging: { ...value.logging },
     metrics: { listen: value.metrics.listen === undefined ? null : splitListen(value.metrics.listen) },
+    cluster: resolveClusterConfig(value.cluster, dir, splitListen(value.listen)),
+    recording: {
+      enabled: value.recording.enabled,
+      dir: value.recording.dir === undefined ? path.join(rel(value.dataDir), 'recordings') : rel(value.recording.dir),
+      retentionDays: value.recording.retentionDays,
+      maxBytes: value.recording.maxBytes,
+      hmac: value.recording.hmac,
+    },
     timeouts: {
       clientAliveIntervalMs: value.timeouts.clientAliveInterval,
       clientAliveCountMax: value.timeouts.clientAliveCountMax,

@@ -46,6 +46,8 @@ export interface SshAccount {
   agentForwarding?: boolean;
   /** Shells that survive a dropped connection (accounts.yaml persistentShells); absent: off. */
   persistentShells?: { idleLimitMs: number; bufferBytes: number };
+  /** Sessions of this account are recorded (accounts.yaml record: true). */
+  record?: boolean;
 }
 
 export type PasswordResult<A extends SshAccount> = { ok: true; account: A } | { ok: false };

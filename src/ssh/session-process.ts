@@ -123,6 +123,62 @@ export function ptyProcess(master: number, channel: ServerChannel, onExit: (repo
 }
 
 /**
+ * A recorded terminal: the broker keeps the pty master and taps it
+ * (src/audit/recording-tap.ts); we get one end of a stream socket carrying
+ * the terminal's bytes both ways, and window sizes go to the broker
+ * (`resize`), which sets them on the master. EOF on the socket is the
+ * terminal's end.
+ */
+export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit: (report: ExitReport) => void, resize: (cols: number, rows: number) => void): SessionProcess {
+  const sock = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
+  let report: ExitReport | null = null;
+  let eof = false;
+  let closed = false;
+  let finished = false;
+  let drainTimer: NodeJS.Timeout | null = null;
+  const finish = () => {
+    if (finished || !report) return;
+    finished = true;
+    if (drainTimer) clearTimeout(drainTimer);
+    onExit(report);
+  };
+  const ended = () => {
+    eof = true;
+    finish();
+  };
+  sock.on('error', ended);
+  sock.on('end', ended);
+  sock.on('close', ended);
+  // Output to the channel with its window; input to the broker as the socket takes it.
+  sock.pipe(channel, { end: false });
+  channel.on('data', (d: Buffer) => {
+    if (closed || report || sock.destroyed) return;
+    if (!sock.write(d)) {
+      channel.pause();
+      sock.once('drain', () => channel.resume());
+    }
+  });
+  return {
+    exited: (r) => {
+      report = r;
+      if (eof) finish();
+      else drainTimer = setTimeout(finish, DRAIN_AFTER_EXIT_MS);
+    },
+    resize: (cols, rows) => {
+      if (closed) return;
+      const s = clampPtySize(cols, rows);
+      resize(s.cols, s.rows);
+    },
+    close: () => {
+      if (closed) return;
+      closed = true;
+      if (drainTimer) clearTimeout(drainTimer);
+      sock.destroy();
+    },
+  };
+}
+
+/**
  * The pipe case: [stdio, stderr] stream sockets. stdin and stdout share one
  * (our half-close is the process's EOF on stdin); stderr goes to the
  * channel's extended data, or to `onStderr` (sftp-server's log). The exit is

@@ -8,7 +8,7 @@ import type { CappedLog } from './capped-log.js';
 import { acceptClientEnv, sanitizeTerm } from './environment.js';
 import { CLIENT_SIGNALS, type ExitReport } from './exit-status.js';
 import { ENV_LIMITS, MAX_COMMAND_LENGTH, clampPtySize } from './limits.js';
-import { pipeProcess, ptyProcess, type SessionProcess } from './session-process.js';
+import { pipeProcess, ptyProcess, tappedTerminalProcess, type SessionProcess } from './session-process.js';
 import { SFTP_SERVER_PATH, sftpStderrHandler } from './sftp.js';
 
 /** What a session needs from its connection. */
@@ -194,8 +194,9 @@ export class SessionChannel {
     await this.ctx.agent?.pending;
     let fds: number[];
     let replay: Buffer | undefined;
+    let tapped: boolean | undefined;
     try {
-      ({ fds, replay } = await this.ctx.broker.openSession({
+      ({ fds, replay, tapped } = await this.ctx.broker.openSession({
         session: this.ctx.id, kind, env,
         ...(kind === 'exec' ? { command: detail } : {}),
         ...(kind === 'subsystem' ? { subsystem: detail } : {}),
@@ -216,7 +217,10 @@ export class SessionChannel {
     if (this.pty) {
       // A re-attached held shell: what it wrote while nobody was there, before anything it writes now.
       if (replay?.length) channel.write(replay);
-      this.proc = ptyProcess(fds[0]!, channel, onExit);
+      // A recorded terminal: the broker holds the master and records what passes (session-recording.ts).
+      this.proc = tapped
+        ? tappedTerminalProcess(fds[0]!, channel, onExit, (cols, rows) => this.ctx.broker.resize(this.ctx.id, cols, rows))
+        : ptyProcess(fds[0]!, channel, onExit);
     } else if (kind === 'subsystem') {
       this.proc = pipeProcess(fds, channel, (report) => {
         if (report.kind === 'status' && report.code === 127) {

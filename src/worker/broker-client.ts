@@ -92,9 +92,14 @@ export class ConnectionBroker {
   }
 
   /** The session's descriptors, and a re-attached held shell's output to show first (`replay`). */
-  async openSession(spec: { session: number; kind: 'shell' | 'exec' | 'subsystem'; command?: string; subsystem?: string; pty?: { term: string; cols: number; rows: number }; env: Record<string, string> }): Promise<{ fds: number[]; replay?: Buffer }> {
+  /** tapped: a recorded terminal; fds[0] is a socket to the broker, which holds the master (window sizes go by resize()). */
+  async openSession(spec: { session: number; kind: 'shell' | 'exec' | 'subsystem'; command?: string; subsystem?: string; pty?: { term: string; cols: number; rows: number }; env: Record<string, string> }): Promise<{ fds: number[]; replay?: Buffer; tapped?: boolean }> {
     const r = await this.client.request('session.open', this.conn, spec);
-    return { fds: r.fds, ...(typeof r.body.replay === 'string' ? { replay: Buffer.from(r.body.replay, 'base64') } : {}) };
+    return { fds: r.fds, ...(typeof r.body.replay === 'string' ? { replay: Buffer.from(r.body.replay, 'base64') } : {}), ...(r.body.tapped === true ? { tapped: true } : {}) };
+  }
+
+  resize(session: number, cols: number, rows: number): void {
+    this.client.request('session.resize', this.conn, { session, cols, rows }).catch(() => undefined);
   }
 
   signal(session: number, signal: string): Promise<unknown> {
