@@ -35,6 +35,16 @@ export const ErrorCodes = {
   AUTH_FAILED: 'VESH_AUTH_FAILED',
   /** A cap of vesh.yaml `sessions:` refused a connection, session or forward helper. */
   LIMIT_REACHED: 'VESH_LIMIT_REACHED',
+  /** vesh.yaml has no `cluster: { enabled: true }` but a cluster verb or option was used. */
+  CLUSTER_OFF: 'VESH_CLUSTER_OFF',
+  /** etcd did not answer within cluster.etcd.timeout (down, wrong endpoints, TLS or auth). */
+  CLUSTER_UNAVAILABLE: 'VESH_CLUSTER_UNAVAILABLE',
+  /** Another live process holds this node's name in the cluster. */
+  CLUSTER_NODE_TAKEN: 'VESH_CLUSTER_NODE_TAKEN',
+  /** A record read from etcd failed its schema or size bound (a damaged or hostile writer). */
+  CLUSTER_RECORD_INVALID: 'VESH_CLUSTER_RECORD_INVALID',
+  /** The VE is placed on another node (routing between nodes is not built yet), or no node can take it. */
+  VE_ELSEWHERE: 'VESH_VE_ELSEWHERE',
   INTERNAL: 'VESH_INTERNAL',
 } as const;
 

@@ -8,12 +8,13 @@ import * as user from './user.js';
 import * as doctor from './doctor.js';
 import * as service from './service.js';
 import * as recordings from './recordings.js';
+import * as cluster from './cluster.js';
 
 /**
  * Each object's verbs live in their own file (cli/ve.ts, cli/user.ts, …) and
  * register themselves here; verbs are thin: parse, call, print.
  */
-const registrars: Array<(program: Command) => void> = [serve.register, ve.register, template.register, user.register, user.registerHashPassword, doctor.register, service.register, recordings.register];
+const registrars: Array<(program: Command) => void> = [serve.register, ve.register, template.register, user.register, user.registerHashPassword, doctor.register, service.register, recordings.register, cluster.register];
 
 export function buildProgram(): Command {
   const program = new Command();

@@ -7,7 +7,8 @@ import { loadOrCreateHostKeys } from '../ssh/host-keys.js';
 import { mkdirSync } from 'node:fs';
 import { Broker } from '../broker/broker.js';
 import { hiddenFromWorkers } from '../broker/worker-sandbox.js';
-import { createVeManager } from '../ve/index.js';
+import { createTemplateStore, createVeManager } from '../ve/index.js';
+import { makeLayout } from '../system/layout.js';
 import { startMetricsServer } from '../audit/metrics.js';
 import { Recordings } from '../audit/recording-store.js';
 import { veSamples } from '../ve/metrics-samples.js';
@@ -53,6 +54,12 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   const dummySecret = createHmac('sha256', hostKeys[0]?.privateKey ?? randomBytes(32)).update('vesh: dummy password hash class').digest();
   const authenticator = new Authenticator(accounts, config.auth, logger, { dummySecret, maxHashesPerSource: config.auth.maxPasswordChecksPerSource });
   const ves = createVeManager(config, logger);
+  // Cluster mode (off by default): placement decides which VEs log in here.
+  // Its module, and the etcd client, are loaded only when it is on.
+  let brokerSessions = () => 0;
+  const cluster = config.cluster?.enabled
+    ? await (await import('../cluster/node.js')).startClusterNode({ config, logger, ves, templates: createTemplateStore(config, makeLayout(config.dataDir), logger), sessions: () => brokerSessions() })
+    : null;
 
   // The SSH protocol runs in sandboxed workers; this process is the broker.
   // What the workers must never see, even where it lies under the program's
@@ -65,7 +72,7 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   const recordings = config.recording ? Recordings.open(config.recording, config.dataDir, config.hostKeysDir, logger) : null;
   const hide = [...hiddenFromWorkers(config), ...(recordings ? hiddenFromWorkers({ dataDir: recordings.dir, hostKeysDir: config.hostKeysDir, accountsFile: config.accountsFile, configFile: config.configFile }) : [])];
   const server = new Broker({
-    config, authenticator, ves, hostKeys, logger, hide: [...new Set(hide)], recordings,
+    config, authenticator, ves: cluster ? cluster.access(ves) : ves, hostKeys, logger, hide: [...new Set(hide)], recordings,
     // Tests stand a hostile worker in here; an admin never needs to.
     ...(process.env.VESH_WORKER_SCRIPT ? { workerScript: process.env.VESH_WORKER_SCRIPT } : {}),
   });
@@ -82,6 +89,7 @@ export async function serve(opts: GlobalOptions): Promise<void> {
       if (ended > 0) log.info({ event: 'serve.connections_ended', count: ended }, `ended ${ended} connection(s) of locked or deleted accounts`);
     });
   }
+  brokerSessions = () => server.metricsCounts().sessions;
   const addr = await server.listen();
   // Off unless vesh.yaml sets metrics.listen; every figure is the broker's own.
   const metrics = config.metrics?.listen ? await startMetricsServer(config.metrics.listen, {
@@ -145,6 +153,7 @@ export async function serve(opts: GlobalOptions): Promise<void> {
           log.error({ event: 'serve.close_failed', err: errorMessage(err) });
         }
         await metrics?.close();
+        await cluster?.stop().catch((err: unknown) => log.warn({ event: 'serve.cluster_leave_failed', err: errorMessage(err) }));
         // Sessions still open after the grace are sealed as cut short by the stop.
         recordings?.close();
         ves.stopMonitor();

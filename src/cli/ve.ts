@@ -107,11 +107,21 @@ export function register(program: Command): void {
 
   addLimitOptions(ve.command('create <name>').description('create a VE (stopped) from a template')
     .option('--template <name>', 'template to build it on (default: defaults.template)')
-    .option('--onboot', 'start it whenever vesh serve starts'))
-    .action(async (name: string, o: LimitOptions & { template?: string; onboot?: boolean }) => {
-      const rec = await manager(program).create(name, { template: o.template, limits: limitsFrom(o), onBoot: o.onboot });
-      console.log(`created VE ${rec.name} (template ${rec.template}, address ${rec.address})`);
-      if (rec.limits.disk === 0) console.error(`warning: VE ${rec.name} has no disk limit (disk 0): its files sit on the host disk without limit; "vesh doctor" lists such VEs`);
+    .option('--onboot', 'start it whenever vesh serve starts')
+    .option('--node <name>', 'cluster mode: place it on this node (default: this one); on another node it is created there at its first login'))
+    .action(async (name: string, o: LimitOptions & { template?: string; onboot?: boolean; node?: string }) => {
+      const { config } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
+      const limits = limitsFrom(o);
+      const create = async () => {
+        const rec = await manager(program).create(name, { template: o.template, limits, onBoot: o.onboot });
+        console.log(`created VE ${rec.name} (template ${rec.template}, address ${rec.address})`);
+        if (rec.limits.disk === 0) console.error(`warning: VE ${rec.name} has no disk limit (disk 0): its files sit on the host disk without limit; "vesh doctor" lists such VEs`);
+      };
+      // Without cluster mode and --node this is create() alone: the cluster code is not even loaded.
+      if (!config.cluster?.enabled && o.node === undefined) return create();
+      const { createPlaced } = await import('../cluster/admin.js');
+      const placed = await createPlaced(config, name, { node: o.node, template: o.template ?? config.defaults.template }, create);
+      if (!placed.here) console.log(`placed VE ${name} on node ${placed.node}; it is created there at its first login`);
     });
 
   ve.command('start <name>').description('start a VE').action(async (name: string) => {
@@ -136,6 +146,8 @@ export function register(program: Command): void {
     .action(async (name: string, o: { force?: boolean }) => {
       await manager(program).destroy(name, { force: o.force });
       console.log(`destroyed VE ${name}`);
+      const { config } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
+      if (config.cluster?.enabled && (await (await import('../cluster/admin.js')).releaseDestroyed(config, name))) console.log(`removed VE ${name}'s placement from the cluster`);
     });
 
   ve.command('backup <name> <file>').description('write a VE (its record and disk) to FILE, consistent whether it runs or not (a running VE is frozen for the copy)')
