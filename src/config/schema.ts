@@ -1,7 +1,6 @@
 import { z } from 'zod';
 import { parseCpus, parseDuration, parsePids, parseSize } from './units.js';
 import { clusterSchema } from './cluster.js';
-import { clusterSchema } from './cluster.js';
 
 /** A zod refinement that runs one of our unit parsers and reports its message. */
 function parsed<T>(parse: (v: string | number) => T) {
@@ -289,8 +288,6 @@ export const serverConfigSchema = z.strictObject({
     /** Chain entries carry an HMAC keyed by keys/recording-chain.key, not a bare SHA-256. */
     hmac: z.boolean().default(true),
   })),
-  /** Cluster mode (src/config/cluster.ts): off by default; on, nodes share placement and membership through etcd. */
-  cluster: clusterSchema,
   /** Cluster mode (src/config/cluster.ts): off by default; on, nodes share placement and membership through etcd. */
   cluster: clusterSchema,
   logging: z.strictObject({

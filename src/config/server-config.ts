@@ -5,7 +5,6 @@ import { parsePublicKeyLine } from './accounts.js';
 import type { Limits } from './limits.js';
 import { serverConfigSchema } from './schema.js';
 import { resolveClusterConfig, type ClusterConfig } from './cluster.js';
-import { resolveClusterConfig, type ClusterConfig } from './cluster.js';
 import { parseYamlWithSchema } from './yaml-validate.js';
 
 /** The server configuration with every path made absolute and every unit resolved. */
@@ -38,8 +37,6 @@ export interface ServerConfig {
   timeouts: TimeoutSettings;
   /** The Prometheus endpoint's address; null or absent (configs built by hand in tests): off. */
   metrics?: { listen: { host: string; port: number } | null };
-  /** Cluster mode (vesh.yaml `cluster:`); absent (configs built by hand in tests) or not enabled: one node, no etcd. */
-  cluster?: ClusterConfig;
   /** Cluster mode (vesh.yaml `cluster:`); absent (configs built by hand in tests) or not enabled: one node, no etcd. */
   cluster?: ClusterConfig;
   /** Session recording (vesh.yaml `recording:`); absent (configs built by hand in tests): off. */
@@ -173,7 +170,6 @@ export function parseServerConfig(file: string, text: string): ServerConfig {
     workers: { count: w.count, firstUid: w.firstUid, maxFiles: w.maxFiles, stallTimeoutMs: w.stallTimeout },
     logging: { ...value.logging },
     metrics: { listen: value.metrics.listen === undefined ? null : splitListen(value.metrics.listen) },
-    cluster: resolveClusterConfig(value.cluster, dir, splitListen(value.listen)),
     cluster: resolveClusterConfig(value.cluster, dir, splitListen(value.listen)),
     recording: {
       enabled: value.recording.enabled,
