@@ -47,6 +47,8 @@ declare -A VESH_TEST_PKGS=(
   [psftp]=putty-tools
   [puttygen]=putty-tools
   [curl]=curl
+  # test/integration/session-recording.test.ts plays a recorded session back
+  [asciinema]=asciinema
 )
 
 ensure_system() {

@@ -40,14 +40,18 @@ export interface SessionFacts {
 
 /** An audit logger that also writes what it logs into the connection's events (SFTP changes). */
 function sftpEventSink(rec: ConnectionRecording, log: Logger, session: number): Logger {
+  const record = (o: Record<string, unknown>) => {
+    const { event, ...fields } = o;
+    rec.event(String(event), { session, ...fields });
+  };
   const sink = {
     info: (o: Record<string, unknown>, msg?: string) => {
       log.info(o, msg);
-      rec.event(String(o.event), { session, ...o, event: undefined });
+      record(o);
     },
     warn: (o: Record<string, unknown>, msg?: string) => {
       log.warn(o, msg);
-      rec.event(String(o.event), { session, ...o, event: undefined });
+      record(o);
     },
   };
   return sink as unknown as Logger;
