@@ -5,6 +5,7 @@ import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import type { NodeRecord } from '../../src/cluster/records.js';
 import type { Cleanup } from './ssh-harness.js';
 
 /**
@@ -107,3 +108,14 @@ export async function startEtcdCluster(cleanup: Cleanup, members = 3): Promise<E
     healthy: (i) => healthOf(clientUrl(i)),
   };
 }
+
+/** A valid node record for `name` (tests override what they look at). */
+export function nodeRecord(name: string, over: Partial<NodeRecord> = {}): NodeRecord {
+  const now = new Date().toISOString();
+  return {
+    name, address: '127.0.0.1:2222', version: '0.1.0', publicKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE1mZXhhbXBsZQ',
+    capacity: { cpus: 2, memoryBytes: 2 ** 34, veSlots: 100 }, load: { runningVes: 0, sessions: 0, loadavg: [0, 0, 0] },
+    templates: [{ name: 'busybox', digest: null }], startedAt: now, updatedAt: now, ...over,
+  };
+}
+

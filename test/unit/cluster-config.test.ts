@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { parseServerConfig } from '../../src/config/server-config.js';
 import { conflictKey, nameUnder, nodeKey, veKey, vesPrefix } from '../../src/cluster/keys.js';
 import { MAX_NODE_RECORD_BYTES, parseNodeRecord, parseVeRecord, type NodeRecord } from '../../src/cluster/records.js';
+import { nodeRecord } from '../helpers/etcd-cluster.js';
 import { chooseNode } from '../../src/cluster/placement.js';
 import type { LiveNode } from '../../src/cluster/cluster-state.js';
 import { VE_NAME_PATTERN } from '../../src/ve/names.js';
@@ -61,15 +62,6 @@ describe('cluster keys are built from checked names only', () => {
     expect(nameUnder(p, '/vesh/other/ves/alice', VE_NAME_PATTERN)).toBeNull();
   });
 });
-
-export function nodeRecord(name: string, over: Partial<NodeRecord> = {}): NodeRecord {
-  const now = new Date().toISOString();
-  return {
-    name, address: '127.0.0.1:2222', version: '0.1.0', publicKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE1mZXhhbXBsZQ',
-    capacity: { cpus: 2, memoryBytes: 2 ** 34, veSlots: 100 }, load: { runningVes: 0, sessions: 0, loadavg: [0, 0, 0] },
-    templates: [{ name: 'busybox', digest: null }], startedAt: now, updatedAt: now, ...over,
-  };
-}
 
 describe('records read from etcd', () => {
   it('parse a good node and VE record', () => {
