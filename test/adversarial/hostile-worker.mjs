@@ -216,6 +216,31 @@ const attacks = {
     for (const fd of a.fds) closeFd(fd);
     report({ step: 'shell', ok: a.ok, error: a.error, pid: a.body?.pid, replay: typeof a.body?.replay === 'string' ? Buffer.from(a.body.replay, 'base64').toString('latin1') : '' });
   },
+  /**
+   * A recorded account's terminal session that the worker leaves alone: it
+   * asks for a pty exec (args.command), never reads or writes its end for
+   * args.holdMs but to change its window size, and tries to write a
+   * recording of its own into args.recDir (test/adversarial/recording-attacks.test.ts).
+   */
+  async 'recorded-silent'(conn, report, args) {
+    const r = await loginWithKey(conn, args);
+    report({ step: 'auth.publickey', ok: r.answer.ok, success: r.answer.body?.success === true });
+    const a = await ask('session.open', conn, { session: 1, kind: 'exec', command: args.command, pty: { term: 'xterm', cols: 80, rows: 24 }, env: {} });
+    report({ step: 'session', ok: a.ok, error: a.error, tapped: a.body?.tapped === true, fds: a.fds.length });
+    const resized = await ask('session.resize', conn, { session: 1, cols: 120, rows: 40 });
+    report({ step: 'resize', ok: resized.ok, error: resized.error });
+    await new Promise((res) => setTimeout(res, args.holdMs ?? 3000));
+    let forged;
+    try {
+      const fd = openSync(`${args.recDir}/forged.cast`, 'w');
+      closeFd(fd);
+      forged = 'written';
+    } catch (err) {
+      forged = String(err && err.code);
+    }
+    report({ step: 'forge', result: forged });
+    for (const fd of a.fds) closeFd(fd);
+  },
   /** A host-key signing service: sign many hashes for one connection that never logs in. */
   async 'sign-many'(conn, report) {
     const answers = [];
