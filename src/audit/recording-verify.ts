@@ -45,7 +45,7 @@ export function verifyRecordings(dir: string, key: Buffer | null): VerifyReport 
     prev = hash;
     prevSeq = e.seq;
   }
-  if (entries.length > 0 && hashMismatches === entries.length) {
+  if (entries.length > 1 && hashMismatches === entries.length) {
     problems.push({ kind: 'chain-broken', message: `no entry's hash matches: if nothing was edited, the chain was made ${key ? 'without' : 'with'} an HMAC key; check recording.hmac and ${key ? 'that keys/recording-chain.key is the one the chain was made with' : 'that keys/recording-chain.key is there'}` });
   }
 
