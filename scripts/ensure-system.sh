@@ -49,6 +49,10 @@ declare -A VESH_TEST_PKGS=(
   [curl]=curl
   # test/integration/session-recording.test.ts plays a recorded session back
   [asciinema]=asciinema
+  # test/*/cluster-*.test.ts start three etcd members on free loopback ports
+  # (never 2379/2380, where the package's own etcd.service may listen)
+  [etcd]=etcd-server
+  [etcdctl]=etcd-client
 )
 
 ensure_system() {
