@@ -29,6 +29,10 @@
  *   run (client ssh, worker, broker, sftp-server, sshd…) and how busy the
  *   host's CPUs were, read from /proc every 100 ms by this process, which
  *   also hosts the bare ssh2 server: its own figures are then a little low.
+ *   Where cgroup v1 cpuacct is there (this host), also CPU per login of
+ *   every process, short-lived clients included, by group: clients, this
+ *   process, server tree, VE, rest of the host (login-cpu.ts), and the
+ *   logins/s those costs allow.
  *
  * Not a test: shared, noisy machines; read the figures side by side.
  */
@@ -44,6 +48,7 @@ import { makeLayout } from '../src/system/layout.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
 import { sharedTemplate } from '../test/helpers/templates.js';
 import { pct, median, sleep, freePort, waitForPort, spread, sampleProcessCpu, hostCpuTicks, busyShare, type ProcessCpu } from './lib.js';
+import { LoginCpuGroups, formatLoginCpu, loginCeiling, type LoginCpu } from './login-cpu.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -246,6 +251,8 @@ async function main(): Promise<void> {
   const children: ChildProcess[] = [];
   const configs: string[] = [];
   let bare: net.Server | null = null;
+  // --cpu: every process's CPU per login, clients included (login-cpu.ts).
+  let cpuGroups: LoginCpuGroups | null = null;
   // Ctrl-C or a timeout still removes the VEs, bridges and files this run made.
   const onSignal = () => {
     void cleanupAll().finally(() => process.exit(130));
@@ -264,6 +271,8 @@ async function main(): Promise<void> {
       if (existsSync(configFile)) await removeInstance(loadServerConfig(configFile)).catch((err: Error) => console.error(`cleanup of ${configFile}: ${err.message}`));
     }
     await fs.rm(dir, { recursive: true, force: true });
+    const left = cpuGroups?.remove() ?? [];
+    if (left.length) console.error(`cgroups left with processes in them (rmdir them later): ${left.join(' ')}`);
   };
   try {
     execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', path.join(dir, 'id_ed25519')]);
@@ -276,8 +285,11 @@ async function main(): Promise<void> {
     // ---- vesh serve (this tree), Debian template (the shared cache the tests use), disk big enough for the SFTP file
     const veshConfig = await writeVeshInstance(path.join(dir, 'vesh'), { tree: REPO, port: pVesh, bridge: `vbs${id}`, subnet: `10.239.${process.pid % 250}.0/24`, pub, accounts: ['warm', 'cold'], workers: WORKERS });
     configs.push(veshConfig);
+    cpuGroups = args.cpu ? LoginCpuGroups.create() : null;
     const serve = spawn(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', veshConfig, 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
     children.push(serve);
+    cpuGroups?.server('vesh', serve.pid!);
+    cpuGroups?.ve('vesh', `${makeLayout(loadServerConfig(veshConfig).dataDir).cgroupParent}/warm`);
     const vesh = (...a: string[]) => execFileSync(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', veshConfig, ...a], { encoding: 'utf8' });
 
     // ---- the baseline build of vesh: its own everything, its own code
@@ -288,6 +300,9 @@ async function main(): Promise<void> {
       configs.push(baseConfig);
       baseServe = spawn(process.execPath, [path.join(BASELINE, 'bin/vesh.js'), '--config', baseConfig, 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
       children.push(baseServe);
+      cpuGroups?.server('baseline', baseServe.pid!);
+      // 3f64454 names its VEs' cgroups as this tree does.
+      cpuGroups?.ve('baseline', `${makeLayout(loadServerConfig(baseConfig).dataDir).cgroupParent}/warm`);
       baseLabel = execFileSync('git', ['-C', BASELINE, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim();
       await waitForPort(pBase);
     }
@@ -305,6 +320,7 @@ async function main(): Promise<void> {
     ].join('\n'));
     const sshd = spawn('/usr/sbin/sshd', ['-D', '-e', '-f', path.join(dir, 'sshd_config')], { stdio: ['ignore', 'ignore', 'ignore'] });
     children.push(sshd);
+    cpuGroups?.server('sshd', sshd.pid!);
     await waitForPort(pSshd);
 
     bare = await startBareSsh2(dir, pBare);
@@ -329,6 +345,7 @@ async function main(): Promise<void> {
     // Whose CPU a phase used: the processes of each server's tree, the clients, the rest of the host.
     const roots: Array<[number, string]> = [[serve.pid!, 'vesh'], [sshd.pid!, 'sshd'], [process.pid, 'bench'], ...(baseServe ? [[baseServe.pid!, 'baseline'] as [number, string]] : [])];
     const loginCpu: Array<{ target: Key; round: number; wallS: number; busyShare: number; cpuS: Record<string, number> }> = [];
+    const loginGroupCpu: Array<{ target: Key; round: number } & LoginCpu> = [];
     if (!SFTP_ONLY) {
       for (let round = 0; round < ROUNDS; round++) {
         for (const k of rotate(keys, round)) {
@@ -339,7 +356,9 @@ async function main(): Promise<void> {
         for (const k of rotate(keys, round)) {
           const sampler = args.cpu ? sampleProcessCpu() : null;
           const [t0, ticks0] = [performance.now(), hostCpuTicks()];
+          const groupRun = cpuGroups?.start(k, PAR_LOGINS);
           loginRounds[k].lps.push(await loginsPerSecond(dir, targets[k]!, PAR_LOGINS));
+          if (groupRun) loginGroupCpu.push({ target: k, round, ...groupRun() });
           if (sampler) {
             const busy = busyShare(ticks0, hostCpuTicks());
             loginCpu.push({ target: k, round, wallS: Number(((performance.now() - t0) / 1000).toFixed(2)), busyShare: Number(busy.toFixed(2)), cpuS: cpuByRole(sampler.stop(), roots) });
@@ -412,7 +431,7 @@ async function main(): Promise<void> {
         loginRounds,
         coldLoginMs: { p50: pct(cold, 50), p95: pct(cold, 95) },
         runcExecTrueMs: { p50: pct(execFloor, 50), p95: pct(execFloor, 95) },
-        ...(args.cpu ? { loginsPerSecondCpu: loginCpu } : {}),
+        ...(args.cpu ? { loginsPerSecondCpu: loginCpu, loginCpuMsPerLogin: loginGroupCpu } : {}),
       }),
       ...(LOGINS_ONLY ? {} : {
         sftpMiB: SFTP_MIB,
@@ -452,6 +471,15 @@ async function main(): Promise<void> {
       if (args.cpu) {
         console.log(`CPU during each logins/s run: busy = the host's busy share of its ${availableParallelism()} CPUs (/proc/stat); CPU seconds of the longer-lived processes (a client ssh lives ~0.1 s and mostly escapes the 100 ms sampling)`);
         for (const c of loginCpu) console.log(`  ${c.target} round ${c.round + 1}, ${c.wallS} s, busy ${c.busyShare}: ${Object.entries(c.cpuS).map(([l, s]) => `${l} ${s}`).join(', ')}`);
+        if (loginGroupCpu.length) {
+          console.log('CPU per login, ms, every process counted (cpuacct groups; login-cpu.ts): clients = the ssh processes; bench = this process (spawning them, the sampler; for bare, its ssh2 server); VE = the session agent and `sh -c true`; rest = the host\'s other busy time');
+          for (const c of loginGroupCpu) console.log(`  ${c.target} round ${c.round + 1}: ${formatLoginCpu(c)}`);
+          console.log(`logins/s the host's ${availableParallelism()} CPUs would allow at these costs, were they all this run's (median of rounds): ceiling / with a server that cost nothing`);
+          for (const k of keys) {
+            const runs = loginGroupCpu.filter((c) => c.target === k).map(loginCeiling);
+            if (runs.length) console.log(`  ${k}: ${median(runs.map((r) => r.ceiling)).toFixed(1)} / ${median(runs.map((r) => r.freeServer)).toFixed(1)}`);
+          }
+        }
       }
     }
     if (!LOGINS_ONLY) {
