@@ -119,7 +119,7 @@ export async function startClusterNode(deps: {
       continue;
     }
     log.error({ event: 'cluster.placement_conflict', ve: s.name, owner: r.placement.node },
-      `VE ${s.name} is on this node's disk, but the cluster places it on node ${r.placement.node}: logins here are refused; keep one copy ("vesh ve destroy ${s.name}" on the node whose copy goes; on the owner first if this one stays, then "vesh ve create --node" is not needed: restart this node to claim it)`);
+      `VE ${s.name} is on this node's disk, but the cluster places it on node ${r.placement.node}: logins to it here are refused and nothing is changed; keep one copy by hand ("vesh ve destroy ${s.name}" on the node whose copy goes; its placement goes with it if it was that node's), then restart this node to claim the copy it keeps`);
     // Listed under our lease, so it goes when we do: "vesh cluster status" shows it.
     await withDeadline(client.put(conflictKey(cfg.clusterName, s.name, cfg.nodeName)).value('').lease(membershipLease(membership)).exec(), cfg.etcd.timeoutMs, 'a conflict note', cfg)
       .catch((err: unknown) => log.warn({ event: 'cluster.conflict_note_failed', err: errorMessage(err) }));
