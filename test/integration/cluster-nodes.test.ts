@@ -162,6 +162,21 @@ describe('a vesh cluster of two nodes on etcd', () => {
     expect(r.stderr).toContain('Your environment bob lives on cluster node nb; routing between nodes is not built yet, which is down right now');
   }, 60_000);
 
+  it('node nb back: its VEs log in again there, and a copy of na\'s VE on its disk is reported as a conflict, not taken', async () => {
+    // A copy of alice's VE (placed on na) made on nb's disk behind the cluster's back.
+    await b.ves.create('alice');
+    serveB = await startVeshServe(cleanup, b.configFile);
+    const conflict = await serveB.waitForLog((r) => r.event === 'cluster.placement_conflict');
+    expect(conflict).toMatchObject({ ve: 'alice', owner: 'na' });
+    const back = await sshWithKey(serveB.port, 'bob', keys.bob!, ['hostname'], { timeoutMs: 30_000 });
+    expect(back.stdout.trim(), back.stderr).toBe('bob');
+    const refused = await sshWithKey(serveB.port, 'alice', keys.alice!, ['hostname'], { timeoutMs: 30_000 });
+    expect(refused.stderr).toContain('Your environment alice lives on cluster node na');
+    const s = await status(a);
+    expect(s.conflicts).toEqual([{ ve: 'alice', node: 'nb' }]);
+    expect(s.ves.find((v) => v.ve === 'alice')?.node).toBe('na');
+  }, 60_000);
+
   it('etcd without quorum: a login to a VE placed here still works, a new VE fails fast with a message', async () => {
     await etcd.kill(1);
     const r = await ssh('alice', ['echo', 'cached']);
