@@ -119,6 +119,8 @@ export class Membership {
       if (res.succeeded) this.writes += 1;
       else log.warn({ event: 'cluster.record_not_ours' }, 'this node\'s record in etcd is no longer under our lease: registering again');
       if (!res.succeeded && !this.closed) {
+        // Its keepalives would otherwise go on for a lease that holds nothing.
+        this.lease?.release();
         this.lease = null;
         void this.rejoin();
       }
