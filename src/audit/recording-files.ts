@@ -93,17 +93,18 @@ export class CastWriter extends CappedFile {
   }
 
   private event(code: 'o' | 'i' | 'r', data: string): void {
-    if (data === '') return;
+    if (data === '' || !this.open) return;
     const t = this.at();
     this.line(JSON.stringify([t, code, data]), () => JSON.stringify([t, 'o', `\r\n[vesh: recording truncated here: it reached recording.maxBytes; the session went on unrecorded]\r\n`]));
   }
 
+  // Past the cap nothing is decoded: a flood costs the broker only the copy.
   output(buf: Buffer): void {
-    this.event('o', this.out.write(buf));
+    if (this.open) this.event('o', this.out.write(buf));
   }
 
   input(buf: Buffer): void {
-    this.event('i', this.inp.write(buf));
+    if (this.open) this.event('i', this.inp.write(buf));
   }
 
   resize(cols: number, rows: number): void {

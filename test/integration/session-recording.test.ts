@@ -2,7 +2,7 @@ import { cpSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync }
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeArena, type Arena } from '../adversarial/kit.js';
-import { ClientTerminal, keyAuthArgs, runProgram, sshBaseArgs } from '../helpers/ssh-harness.js';
+import { ClientTerminal, keyAuthArgs, runProgram, sshBaseArgs, startVeshServe } from '../helpers/ssh-harness.js';
 import { waitFor } from '../helpers/ve-env.js';
 import { Recordings } from '../../src/audit/recording-store.js';
 import { readChain, type SealEntry } from '../../src/audit/recording-chain.js';
@@ -15,7 +15,9 @@ import { silentLogger } from '../../src/audit/logger.js';
  * asciinema plays back; her exec and SFTP put/rm become events; bob leaves
  * nothing. `vesh recordings verify` passes, and fails with the right line
  * for an edited byte, a removed file and a removed chain entry; retention
- * pruning is told apart from removal.
+ * pruning is told apart from removal. A server killed mid-session leaves
+ * its recordings unsealed (verify says so); the next start seals them as
+ * `recovered`.
  */
 const RECORDING_LINE = 'recording: { maxBytes: 256K }';
 
@@ -195,4 +197,29 @@ describe('vesh serve: session recording', () => {
     expect(v.stdout).toMatch(/\((\d+) pruned by retention\)/);
     expect(v.stdout).not.toMatch(/removed:/);
   });
+
+  // Last: it replaces the server.
+  it('a server killed mid-session leaves the recording unsealed, and the next start seals it as recovered', async () => {
+    const t = new ClientTerminal([...sshBaseArgs(arena.serve.port), ...keyAuthArgs(arena.keys.alice!), '-tt', 'alice@127.0.0.1']);
+    terms.push(t);
+    t.write('echo crash-$((6*7))\r');
+    await t.expect(/crash-42/);
+    const sealedBefore = new Set(seals().map((e) => e.file));
+    const open = () => readdirSync(recDir).filter((f) => f !== 'chain.jsonl' && !sealedBefore.has(f));
+    expect(open().some((f) => f.endsWith('.cast'))).toBe(true);
+    // A crash: nothing gets to seal.
+    await arena.serve.stop('SIGKILL');
+    const v = arena.env.cli(['recordings', 'verify'], { allowFailure: true });
+    expect(v.code).not.toBe(0);
+    for (const f of open()) expect(v.stdout).toContain(`unsealed: ${f}`);
+
+    const again = await startVeshServe(arena.cleanup, arena.env.configFile);
+    await again.waitForLog((r) => r.event === 'recording.recovered', 30_000);
+    const recovered = seals().filter((e) => e.reason === 'recovered').map((e) => e.file);
+    expect(recovered.sort()).toEqual(open().sort());
+    expect(readFileSync(path.join(recDir, recovered.find((f) => f.endsWith('.cast'))!), 'utf8')).toContain('crash-42');
+    const ok = arena.env.cli(['recordings', 'verify']);
+    expect(ok.stdout).toMatch(/^ok: /m);
+    expect(arena.env.cli(['recordings', 'list']).stdout).toContain('(recovered)');
+  }, 120_000);
 });
