@@ -88,7 +88,8 @@ try {
       const b1 = cpuMs(broker);
       const w1 = workers.reduce((s, p) => s + cpuMs(p), 0);
       const got = out.bytes / (1024 * 1024);
-      // A few KiB of a terminal's last output can go missing at its end, recorded or not (see the README).
+      // A few KiB of a terminal's last output can go missing at its end, recorded or not: measured
+      // here on both paths alike (the recording holds what the broker read from the master).
       if (out.bytes < (mib - 1) * 1024 * 1024) throw new Error(`${who}: only ${out.bytes} of ${mib * 1024 * 1024} bytes arrived`);
       res[who]!.broker.push((b1 - b0) / got);
       res[who]!.workers.push((w1 - w0) / got);

@@ -72,15 +72,24 @@ describe('session recording under attack', () => {
     expect(text).toContain('"r","120x40"');
   }, 120_000);
 
+  /** Files holding `text` anywhere in the VE's tree, seen from / and through /proc/1/root (busybox find: its grep has no --exclude-dir). */
+  const search = (text: string) => {
+    const pseudo = ['/proc', '/sys', '/dev', '/proc/1/root/proc', '/proc/1/root/sys', '/proc/1/root/dev'].map((p) => `-path ${p}`).join(' -o ');
+    return `find / /proc/1/root/ \\( ${pseudo} \\) -prune -o -type f -exec grep -l ${text} {} + 2>/dev/null`;
+  };
+
   it('VE root reaches no recording: not in its mounts, not through /proc/1/root; a directory in a VE tree is refused', async () => {
     expect(casts().length).toBeGreaterThan(0);
     const r = await arena.sh('alice', [
       `cat /proc/self/mountinfo /proc/1/mountinfo | grep -c -e '${recDir}' -e '${arena.env.config.dataDir}' || true`,
       `ls -d '${recDir}' '/proc/1/root${recDir}' '/proc/self/root${recDir}' 2>/dev/null | wc -l`,
-      // The VE's whole file system, for the one string only a recording holds.
-      'grep -rl silent-proof-42 / /proc/1/root/ --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev 2>/dev/null | wc -l',
+      // The VE's whole file system, for the one string only a recording holds;
+      // and the same search for a file of the VE's own, which it must find
+      // (through / and through /proc/1/root), so that a grep that fails finds nothing by mistake.
+      `${search('silent-proof-42')} | wc -l`,
+      `echo own-proof-$((6*7)) > /root/own; ${search('own-proof-42')} | wc -l`,
     ].join('; '), { timeoutMs: 120_000 });
-    expect(r.stdout.trim().split(/\s+/)).toEqual(['0', '0', '0']);
+    expect(r.stdout.trim().split(/\s+/)).toEqual(['0', '0', '0', '2']);
 
     const data = arena.env.config.dataDir;
     for (const inside of [path.join(data, 'ves', 'alice', 'recordings'), path.join(data, 'templates', 'rec'), data]) {
