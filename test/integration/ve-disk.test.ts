@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeVeTestEnv, shInVe, type VeTestEnv } from '../helpers/ve-env.js';
@@ -59,6 +59,15 @@ describe('VE disk limits (busybox template, real runc, one disk image per VE)', 
     }
     // Freed, the full VE writes again.
     expect((await shInVe(env, 'small', 'echo back > /root/note && cat /root/note')).stdout).toBe('back\n');
+  });
+
+  it("a VE's disk is attached with direct I/O and the read-ahead vesh sets (not the kernel's 2.5 MiB)", () => {
+    const image = path.join(env.layout.veDir('large'), 'disk.img');
+    const dev = path.basename(execFileSync('losetup', ['-n', '-O', 'NAME', '-j', image], { encoding: 'utf8' }).trim());
+    expect(dev).toMatch(/^loop\d+$/);
+    expect(readFileSync(`/sys/block/${dev}/loop/dio`, 'utf8').trim()).toBe('1');
+    // VE_DISK_READ_AHEAD_KB in src/native/vesh-setup.c; the kernel's own at attach is twice the device's largest request.
+    expect(readFileSync(`/sys/block/${dev}/queue/read_ahead_kb`, 'utf8').trim()).toBe('256');
   });
 
   it('destroy leaves no disk image, loop device or mount of the VE behind', async () => {
