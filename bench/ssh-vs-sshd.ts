@@ -19,7 +19,7 @@
  *
  *   npx vite-node bench/ssh-vs-sshd.ts -- [--rounds 3] [--logins 30] [--parallel-logins 80]
  *     [--baseline-tree DIR] [--workers N] [--sftp-mib 1024] [--sftp-rounds N] [--sftp-only | --logins-only]
- *     [--ve-memory 1G] [--cipher NAME] [--cpu] [--json]
+ *     [--ve-memory 1G] [--ve-read-ahead-kb KB[,KB…]] [--cipher NAME] [--cpu] [--json]
  *
  * --baseline-tree DIR: a built checkout of another commit, e.g.
  *   git worktree add /var/tmp/vesh-baseline 3f64454 && ln -s $PWD/node_modules /var/tmp/vesh-baseline/ &&
@@ -69,6 +69,11 @@ const { values: args } = parseArgs({
     // The client's cipher for every target (default: the client's own choice,
     // chacha20-poly1305 for OpenSSH 9.2).
     cipher: { type: 'string' },
+    // Read-ahead (KiB) of the warm VE's disk (its loop device) for vesh's
+    // transfers, a comma list taken in turn round by round (round r uses
+    // item r mod n): two settings compared against the same sshd rounds.
+    // Default: what vesh set when it attached the disk.
+    've-read-ahead-kb': { type: 'string' },
     cpu: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
   },
@@ -84,6 +89,8 @@ const LOGINS_ONLY = args['logins-only'];
 const WORKERS = args.workers === undefined ? null : Number(args.workers);
 const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const BASELINE = args['baseline-tree'] ? path.resolve(args['baseline-tree']) : null;
+const VE_READ_AHEAD = args['ve-read-ahead-kb']?.split(',').map(Number) ?? [];
+if (VE_READ_AHEAD.some((x) => !(Number.isInteger(x) && x >= 0))) throw new Error(`--ve-read-ahead-kb ${args['ve-read-ahead-kb']}: KiB, a whole number or a comma list of them`);
 if (SFTP_ONLY && LOGINS_ONLY) throw new Error('--sftp-only and --logins-only leave nothing to measure');
 if (WORKERS !== null && !(Number.isInteger(WORKERS) && WORKERS >= 0)) throw new Error(`--workers ${args.workers}: a whole number of workers (0 = one per CPU)`);
 if (BASELINE && !existsSync(path.join(BASELINE, 'dist', 'cli'))) {
@@ -381,6 +388,7 @@ async function main(): Promise<void> {
 
     const sftpRounds = Object.fromEntries(keys.map((k) => [k, { upMBs: [] as number[], downMBs: [] as number[] }])) as Record<Key, { upMBs: number[]; downMBs: number[] }>;
     const cpu: Array<{ target: Key; round: number; dir: 'up' | 'down'; wallS: number; cpuS: Record<string, number> }> = [];
+    const readAheadRounds: number[] = [];
     if (!LOGINS_ONLY) {
       const src = path.join(dir, 'payload');
       execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SFTP_MIB}`, 'status=none']);
@@ -391,7 +399,17 @@ async function main(): Promise<void> {
         if (sampler) cpu.push({ target: k, round, dir: d, wallS: Number((ms / 1000).toFixed(2)), cpuS: cpuByRole(sampler.stop(), roots) });
         return ms;
       };
+      // The warm VE's disk: its loop device's read-ahead, set per round when asked.
+      const veLoop = (): string => {
+        const image = path.join(makeLayout(loadServerConfig(veshConfig).dataDir).veDir('warm'), 'disk.img');
+        const dev = execFileSync('losetup', ['-n', '-O', 'NAME', '-j', image], { encoding: 'utf8' }).trim().split('\n')[0];
+        if (!dev) throw new Error(`no loop device holds ${image}: is the warm VE running?`);
+        return path.join('/sys/block', path.basename(dev), 'queue', 'read_ahead_kb');
+      };
       for (let round = 0; round < SFTP_ROUNDS; round++) {
+        const raFile = veLoop();
+        if (VE_READ_AHEAD.length) writeFileSync(raFile, String(VE_READ_AHEAD[round % VE_READ_AHEAD.length]));
+        readAheadRounds.push(Number(readFileSync(raFile, 'utf8')));
         for (const k of rotate(keys, round)) {
           const remote = `${targets[k]!.remoteDir}/payload`;
           // Each transfer starts with no dirty data of an earlier one: without
@@ -437,6 +455,7 @@ async function main(): Promise<void> {
         sftpMiB: SFTP_MIB,
         sftp: Object.fromEntries(keys.map((k) => [k, { upMBs: median(sftpRounds[k].upMBs), downMBs: median(sftpRounds[k].downMBs) }])),
         sftpRounds,
+        veReadAheadKbRounds: readAheadRounds,
         ...(args.cpu ? { sftpCpu: cpu } : {}),
       }),
       ratios: Object.fromEntries(Object.entries(ratios).map(([k, v]) => [k, { median: median(v), perRound: v.map((x) => Number(x.toFixed(3))) }])),
@@ -486,6 +505,7 @@ async function main(): Promise<void> {
       console.log(`SFTP of ${SFTP_MIB} MiB, MB/s: median of ${SFTP_ROUNDS} interleaved rounds [lowest–highest round]`);
       console.log(`${''.padEnd(34)} ${'up'.padEnd(18)} down`);
       for (const [k, label] of labels) console.log(`${label.padEnd(34)} ${sp(sftpRounds[k].upMBs, f)} ${sp(sftpRounds[k].downMBs, f)}`);
+      console.log(`read-ahead of the VE's disk per round, KiB: ${readAheadRounds.join(' ')}`);
       console.log(`ratio vesh/sshd SFTP up: ${rr(ratios.sftpUpVeshOverSshd!, 'min')}, target ≥ 1.2`);
       console.log(`ratio vesh/sshd SFTP down: ${rr(ratios.sftpDownVeshOverSshd!, 'min')}, target ≥ 1.2`);
       if (args.cpu) {
