@@ -102,6 +102,17 @@ describe('a vesh cluster of two nodes on etcd', () => {
     expect(statSync(path.join(a.config.hostKeysDir, 'vesh_node_ed25519_key')).mode & 0o777).toBe(0o600);
     const text = await cliAsync(a, ['cluster', 'status']);
     expect(text.stdout).toMatch(/^na\s+127\.0\.0\.1:\d+\s+alive \d+s/m);
+    // The same verb with cluster mode off says what to set.
+    const offFile = path.join(a.dir, 'off.yaml');
+    writeFileSync(offFile, readFileSync(a.configFile, 'utf8').replace('enabled: true', 'enabled: false'));
+    const off = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+      const child = spawn(process.execPath, [path.resolve('bin/vesh.js'), '--config', offFile, 'cluster', 'status'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+      child.on('close', (code) => resolve({ code, stderr }));
+    });
+    expect(off.code).toBe(1);
+    expect(off.stderr).toMatch(/cluster mode, which is off in .*off\.yaml: set cluster\.enabled: true .*VESH_CLUSTER_OFF/);
   });
 
   it('two nodes creating the same VE at once leave exactly one placement', async () => {
