@@ -1,4 +1,4 @@
-import { existsSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { CHAIN_FILE, GENESIS, entryHash, readChain, type ChainEntry, type SealEntry } from './recording-chain.js';
 import { hashFile, parseRecordingName } from './recording-store.js';
@@ -23,10 +23,34 @@ export interface VerifyReport {
   entries: number;
   sealed: number;
   pruned: number;
+  /** Unsealed files a running process (the server) has open: being recorded now, not a problem. */
+  recording: string[];
   problems: Problem[];
 }
 
-export function verifyRecordings(dir: string, key: Buffer | null): VerifyReport {
+/** Files under `dir` some process has open now (read from /proc as root; what it cannot read it skips). */
+export function filesOpenIn(dir: string): Set<string> {
+  const open = new Set<string>();
+  const prefix = `${dir.replace(/\/$/, '')}/`;
+  for (const pid of readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      try {
+        const target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+        if (target.startsWith(prefix)) open.add(target.slice(prefix.length));
+      } catch { /* closed meanwhile */ }
+    }
+  }
+  return open;
+}
+
+export function verifyRecordings(dir: string, key: Buffer | null, openNow: Set<string> = filesOpenIn(dir)): VerifyReport {
   const { entries, bad } = readChain(path.join(dir, CHAIN_FILE));
   const problems: Problem[] = [];
   for (const b of bad) problems.push({ kind: 'chain-broken', message: `chain broken: line ${b.line} of ${CHAIN_FILE} is ${b.why}: the chain file was edited` });
@@ -65,12 +89,13 @@ export function verifyRecordings(dir: string, key: Buffer | null): VerifyReport 
       problems.push({ kind: 'edited', seq: e.seq, file: e.file, message: `edited: ${e.file} no longer matches its seal (entry ${e.seq}): ${now.size === e.size ? 'same size, other bytes' : `${e.size} bytes sealed, ${now.size} now`}` });
     }
   }
+  const recording: string[] = [];
   for (const f of readdirSync(dir).sort()) {
-    if (parseRecordingName(f) && !named.has(f)) {
-      problems.push({ kind: 'unsealed', file: f, message: `unsealed: ${f} is in no chain entry: a session is recording it now, or the server stopped without sealing it and has not started since (it seals such files at start), or it was put here` });
-    }
+    if (!parseRecordingName(f) || named.has(f)) continue;
+    if (openNow.has(f)) recording.push(f);
+    else problems.push({ kind: 'unsealed', file: f, message: `unsealed: ${f} is in no chain entry and no process is writing it: the server stopped without sealing it and has not started since (it seals such files at start), or it was put here` });
   }
-  return { ok: problems.length === 0, entries: entries.length, sealed: seals.length, pruned: pruned.size, problems };
+  return { ok: problems.length === 0, entries: entries.length, sealed: seals.length, pruned: pruned.size, recording, problems };
 }
 
 export interface RecordingListing {

@@ -95,7 +95,8 @@ export function register(program: Command): void {
       if (o.json) console.log(JSON.stringify(report, null, 2));
       else {
         for (const p of report.problems) console.log(p.message);
-        console.log(`${report.ok ? 'ok' : 'FAILED'}: ${report.entries} chain entries, ${report.sealed} sealed files (${report.pruned} pruned by retention), ${report.problems.length} problem(s)`);
+        for (const f of report.recording) console.log(`recording: ${f} is being written now (sealed when its session ends)`);
+        console.log(`${report.ok ? 'ok' : 'FAILED'}: ${report.entries} chain entries, ${report.sealed} sealed files (${report.pruned} pruned by retention), ${report.recording.length} being recorded, ${report.problems.length} problem(s)`);
       }
       if (!report.ok) process.exitCode = 1;
     });

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { silentLogger } from '../../src/audit/logger.js';
@@ -94,6 +94,15 @@ describe('recording chain', () => {
     r1.close();
     writeFileSync(path.join(dir, name), '{"version":2}\n[0.1,"o","cut short"]\n');
     expect(verifyRecordings(dir, null).problems.map((p) => p.kind)).toEqual(['unsealed']);
+    // Held open by a process (as the server holds a recording it writes): being recorded, not a problem.
+    const fd = openSync(path.join(dir, name), 'r');
+    try {
+      const live = verifyRecordings(dir, null);
+      expect(live.problems).toEqual([]);
+      expect(live.recording).toEqual([name]);
+    } finally {
+      closeSync(fd);
+    }
     const r2 = Recordings.open({ enabled: true, dir, retentionDays: 0, maxBytes: 1 << 20, hmac: true }, path.join(base, 'data'), path.join(base, 'keys'), silentLogger());
     r2.close();
     const entries = readChain(path.join(dir, 'chain.jsonl')).entries;
