@@ -59,14 +59,26 @@ export class LoginCpuGroups {
 
   /** Null where there is no cgroup v1 cpuacct hierarchy (then only the /proc sampler reports). */
   static create(): LoginCpuGroups | null {
-    return existsSync(path.join(CPUACCT, 'cpuacct.usage')) && ownGroup() !== null ? new LoginCpuGroups() : null;
+    if (!existsSync(path.join(CPUACCT, 'cpuacct.usage')) || ownGroup() === null) return null;
+    try {
+      return new LoginCpuGroups();
+    } catch (err) {
+      // A read-only or delegated cgroup tree: the run goes on with the sampler's figures only.
+      console.error(`--cpu: no cpuacct groups for this run (${(err as Error).message}); CPU per login by group is left out`);
+      return null;
+    }
   }
 
   private constructor() {
     mkdirSync(this.root);
     this.made.push(this.root);
-    // This process goes into "clients": every ssh it spawns is born there.
-    this.group('clients', process.pid);
+    try {
+      // This process goes into "clients": every ssh it spawns is born there.
+      this.group('clients', process.pid);
+    } catch (err) {
+      this.remove();
+      throw err;
+    }
   }
 
   private group(name: string, pid: number): string {
@@ -79,7 +91,12 @@ export class LoginCpuGroups {
 
   /** A server's process tree, from its first process (call right after spawning it: workers it starts later are born in the group). */
   server(target: string, pid: number): void {
-    this.servers.set(target, this.group(`server-${target}`, pid));
+    try {
+      this.servers.set(target, this.group(`server-${target}`, pid));
+    } catch (err) {
+      // Gone already (it failed to start): the run reports that itself; its server figure reads 0.
+      console.error(`--cpu: cannot count ${target}'s CPU by group: ${(err as Error).message}`);
+    }
   }
 
   /** The VE a target's sessions run in: the group runc made for it (`cgroupsPath`, e.g. /vesh-1a2b3c/warm). */
