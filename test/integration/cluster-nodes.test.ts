@@ -115,6 +115,22 @@ describe('a vesh cluster of two nodes on etcd', () => {
     expect(off.stderr).toMatch(/cluster mode, which is off in .*off\.yaml: set cluster\.enabled: true .*VESH_CLUSTER_OFF/);
   });
 
+  it('a second vesh serve with a node name that a live node holds refuses to start, saying why', async () => {
+    const twin = path.join(b.dir, 'twin.yaml');
+    writeFileSync(twin, readFileSync(b.configFile, 'utf8').replace('name: nb', 'name: na').replace(/listen: "127\.0\.0\.1:\d+"/, `listen: "127.0.0.1:${await freePort()}"`));
+    const r = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+      const child = spawn(process.execPath, [path.resolve('bin/vesh.js'), '--config', twin, 'serve'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      const kill = setTimeout(() => child.kill('SIGKILL'), 30_000);
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+      child.on('close', (code) => { clearTimeout(kill); resolve({ code, stderr }); });
+    });
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/node name "na" is registered in cluster "t2" by another live vesh process .*give this one another cluster.name .*VESH_CLUSTER_NODE_TAKEN/);
+    // na itself is untouched.
+    expect((await status(a)).nodes.map((n) => n.name).sort()).toEqual(['na', 'nb']);
+  }, 40_000);
+
   it('two nodes creating the same VE at once leave exactly one placement', async () => {
     const [ra, rb] = await Promise.all([cliAsync(a, ['ve', 'create', 'dup']), cliAsync(b, ['ve', 'create', 'dup'])]);
     expect([ra.code, rb.code].sort()).toEqual([0, 1]);
