@@ -129,7 +129,7 @@ export function ptyProcess(master: number, channel: ServerChannel, onExit: (repo
  * (`resize`), which sets them on the master. EOF on the socket is the
  * terminal's end.
  */
-export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit: (report: ExitReport) => void, resize: (cols: number, rows: number) => void): SessionProcess {
+export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit: (report: ExitReport) => void, resize: (cols: number, rows: number) => Promise<void>): SessionProcess {
   const sock = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
   let report: ExitReport | null = null;
   let eof = false;
@@ -151,12 +151,24 @@ export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit
   sock.on('close', ended);
   // Output to the channel with its window; input to the broker as the socket takes it.
   sock.pipe(channel, { end: false });
-  channel.on('data', (d: Buffer) => {
+  // Input typed after a window change reaches the terminal after it (as
+  // behind a TIOCSWINSZ on a master we held): held while a resize is asked.
+  let resizing = 0;
+  const held: Buffer[] = [];
+  const send = (d: Buffer) => {
     if (closed || report || sock.destroyed) return;
     if (!sock.write(d)) {
       channel.pause();
       sock.once('drain', () => channel.resume());
     }
+  };
+  channel.on('data', (d: Buffer) => {
+    if (resizing > 0) {
+      held.push(d);
+      if (held.length === 1) channel.pause();
+      return;
+    }
+    send(d);
   });
   return {
     exited: (r) => {
@@ -167,7 +179,13 @@ export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit
     resize: (cols, rows) => {
       if (closed) return;
       const s = clampPtySize(cols, rows);
-      resize(s.cols, s.rows);
+      resizing += 1;
+      void resize(s.cols, s.rows).then(() => {
+        resizing -= 1;
+        if (resizing > 0) return;
+        for (const d of held.splice(0)) send(d);
+        if (channel.isPaused()) channel.resume();
+      });
     },
     close: () => {
       if (closed) return;

@@ -98,8 +98,9 @@ export class ConnectionBroker {
     return { fds: r.fds, ...(typeof r.body.replay === 'string' ? { replay: Buffer.from(r.body.replay, 'base64') } : {}), ...(r.body.tapped === true ? { tapped: true } : {}) };
   }
 
-  resize(session: number, cols: number, rows: number): void {
-    this.client.request('session.resize', this.conn, { session, cols, rows }).catch(() => undefined);
+  /** Resolves once the broker has set the size (or refused): input typed after a resize waits for it, as it would behind an ioctl. */
+  resize(session: number, cols: number, rows: number): Promise<void> {
+    return this.client.request('session.resize', this.conn, { session, cols, rows }).then(() => undefined, () => undefined);
   }
 
   signal(session: number, signal: string): Promise<unknown> {

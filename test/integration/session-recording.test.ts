@@ -54,8 +54,16 @@ describe('vesh serve: session recording', () => {
     t.write(`echo ${marker}-$((6*7))\r`);
     await t.expect(new RegExp(`${marker}-42`));
     t.proc.resize(100, 30);
-    t.write('stty size\r');
-    await t.expect(/30 100/);
+    // ssh sends the window change when its loop comes round: ask until the size has arrived.
+    for (let i = 0; ; i++) {
+      t.write('stty size\r');
+      try {
+        await t.expect(/30 100/, 1000);
+        break;
+      } catch (err) {
+        if (i === 10) throw err;
+      }
+    }
     t.write('exit\r');
     await t.waitExit();
 
