@@ -280,7 +280,8 @@ export const serverConfigSchema = z.strictObject({
     /** Where recordings live (relative to this file); default DATADIR/recordings. Checked at start: root-only, out of every VE's reach. */
     dir: z.string().min(1, 'recording.dir must be a directory path').optional(),
     /** Sealed recordings older than this many days are pruned (a chain entry says so); 0 keeps them forever. */
-    retentionDays: z.number().int('recording.retentionDays must be a whole number of days').min(0).max(36_500).default(0),
+    retentionDays: z.number().int('recording.retentionDays must be a whole number of days')
+      .min(0, 'recording.retentionDays must be 0 (keep forever) or a number of days').max(36_500, 'recording.retentionDays must be at most 36500 (100 years)').default(0),
     /** Most bytes one recording file may take; past it the session goes on and the recording says it was truncated. */
     maxBytes: parsed((v) => parseSize(v, 'recording.maxBytes')).refine((n) => n >= 4096 && n <= 2 ** 40, {
       message: 'recording.maxBytes must be between 4K and 1T',
