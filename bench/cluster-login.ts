@@ -25,14 +25,13 @@ async function main(): Promise<void> {
     const dir = tempDir(cleanup);
     const key = makeClientKey(dir, 'ed25519', 'bench');
     const serve = async (cluster: boolean): Promise<ServeProcess> => {
+      const port = await freePort();
       const env = await makeVeTestEnv({
         template: 'busybox',
-        extraYaml: [
-          cluster ? `cluster: { enabled: true, name: bench, clusterName: bench, loadInterval: 300, etcd: { endpoints: ${JSON.stringify(etcd.endpoints)} } }` : '',
-        ].join('\n'),
+        extraYaml: cluster ? `cluster: { enabled: true, name: bench, clusterName: bench, advertise: "127.0.0.1:${port}", loadInterval: 300, etcd: { endpoints: ${JSON.stringify(etcd.endpoints)} } }` : '',
       });
       cleanup.add(() => env.cleanup());
-      writeFileSync(env.configFile, readFileSync(env.configFile, 'utf8').replace('listen: "127.0.0.1:0"', `listen: "127.0.0.1:${await freePort()}"`));
+      writeFileSync(env.configFile, readFileSync(env.configFile, 'utf8').replace('listen: "127.0.0.1:0"', `listen: "127.0.0.1:${port}"`));
       writeAccounts(env.config.accountsFile, `u:\n  keys:\n    - ${key.publicLine}\n`);
       return startVeshServe(cleanup, env.configFile);
     };

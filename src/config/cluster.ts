@@ -1,6 +1,7 @@
 import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
+import { ErrorCodes, VeshError } from '../errors.js';
 
 /**
  * Names that become one segment of an etcd key (`/vesh/<cluster>/nodes/<node>`):
@@ -74,6 +75,10 @@ export interface ClusterConfig {
 /** Resolve the parsed block; `dir` is vesh.yaml's directory, `listen` the server's listen address. */
 export function resolveClusterConfig(value: ClusterConfigFile, dir: string, listen: { host: string; port: number }): ClusterConfig {
   const rel = (p: string) => path.resolve(dir, p);
+  if (value.enabled && value.advertise === undefined && listen.port === 0) {
+    // Port 0 is picked at bind time: other nodes could not be told it.
+    throw new VeshError(ErrorCodes.CONFIG_INVALID, 'cluster mode with listen port 0 needs cluster.advertise ("HOST:PORT" other nodes reach this node at), or a fixed listen port');
+  }
   const host = listen.host === '0.0.0.0' || listen.host === '::' ? os.hostname() : listen.host;
   const tls = value.etcd?.tls;
   return {

@@ -56,20 +56,21 @@ describe('a vesh cluster of two nodes on etcd', () => {
     try {
       etcd = await startEtcdCluster(cleanup);
       const node = async (name: string) => {
+        // A fixed port, so that the address the node advertises is the one it listens on.
+        const port = await freePort();
         const env = await makeVeTestEnv({
           template: 'busybox',
-          extraYaml: `cluster: { enabled: true, name: ${name}, clusterName: t2, leaseSeconds: 3, loadInterval: 60, etcd: { endpoints: ${JSON.stringify(etcd.endpoints)}, timeout: 1500 } }`,
+          extraYaml: `cluster: { enabled: true, name: ${name}, clusterName: t2, advertise: "127.0.0.1:${port}", leaseSeconds: 3, loadInterval: 60, etcd: { endpoints: ${JSON.stringify(etcd.endpoints)}, timeout: 1500 } }`,
         });
         cleanup.add(() => env.cleanup());
-        // A fixed port: the address the node advertises is its listen address.
-        writeFileSync(env.configFile, readFileSync(env.configFile, 'utf8').replace('listen: "127.0.0.1:0"', `listen: "127.0.0.1:${await freePort()}"`));
+        writeFileSync(env.configFile, readFileSync(env.configFile, 'utf8').replace('listen: "127.0.0.1:0"', `listen: "127.0.0.1:${port}"`));
         return env;
       };
       a = await node('na');
       b = await node('nb');
       const dir = tempDir(cleanup);
       const lines: string[] = [];
-      for (const user of ['alice', 'bob', 'carol']) {
+      for (const user of ['alice', 'bob', 'carol', 'dave']) {
         keys[user] = makeClientKey(dir, 'ed25519', user);
         lines.push(`${user}:`, '  keys:', `    - ${keys[user].publicLine}`);
       }
@@ -144,6 +145,21 @@ describe('a vesh cluster of two nodes on etcd', () => {
     const d = await cliAsync(winner, ['ve', 'destroy', 'dup']);
     expect(d.stdout).toMatch(/removed VE dup's placement/);
     expect((await client.getAll().prefix('/vesh/t2/ves/dup').exec()).kvs.length).toBe(0);
+  }, 60_000);
+
+  it('first logins of one account on both nodes at once place its VE once: one gets a shell, the other is told where it lives', async () => {
+    const [ra, rb] = await Promise.all([
+      ssh('dave', ['hostname']),
+      sshWithKey(serveB.port, 'dave', keys.dave!, ['hostname'], { timeoutMs: 30_000 }),
+    ]);
+    const kvs = (await client.getAll().prefix('/vesh/t2/ves/dave').exec()).kvs;
+    expect(kvs.length).toBe(1);
+    expect(String(kvs[0]!.version)).toBe('1');
+    const owner = JSON.parse(kvs[0]!.value.toString()).node as string;
+    const [won, lost] = owner === 'na' ? [ra, rb] : [rb, ra];
+    expect(won.stdout.trim(), won.stderr).toBe('dave');
+    expect(lost.code).not.toBe(0);
+    expect(lost.stderr).toContain(`Your environment dave lives on cluster node ${owner}`);
   }, 60_000);
 
   it('a login to a VE placed on this node works, and a second one writes nothing to etcd', async () => {

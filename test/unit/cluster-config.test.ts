@@ -23,6 +23,11 @@ describe('cluster settings in vesh.yaml', () => {
     expect(c.etcd.auth).toEqual({ username: 'vesh', password: 'secret' });
   });
 
+  it('refuse cluster mode on listen port 0 without an advertise address', () => {
+    expect(() => parseServerConfig('/v.yaml', 'listen: "127.0.0.1:0"\ncluster: { enabled: true, etcd: { endpoints: ["http://e:1"] } }')).toThrow(/listen port 0 needs cluster.advertise/);
+    expect(parseServerConfig('/v.yaml', 'listen: "127.0.0.1:0"\ncluster: { enabled: true, advertise: "10.0.0.5:2222", etcd: { endpoints: ["http://e:1"] } }').cluster!.advertise).toBe('10.0.0.5:2222');
+  });
+
   it.each([
     ['enabled without endpoints', 'cluster: { enabled: true }', /cluster.etcd.endpoints is not set/],
     ['a name that would leave its key prefix', 'cluster: { name: "../b", etcd: { endpoints: ["http://127.0.0.1:1"] } }', /cluster.name must be 1-63 lower-case/],
