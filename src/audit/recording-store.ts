@@ -57,7 +57,9 @@ function stamp(d: Date): string {
  * Refuse a recordings directory a VE could reach: inside the VEs' or the
  * templates' trees, the runtime's state, LXCFS, or any of the host's pseudo
  * file systems, or the data directory itself (which holds them). Checked on
- * the real path, so a symlink does not lead around it.
+ * the real path, so a symlink does not lead around it; that the directory
+ * is root's (prepareRecordingDir) keeps anyone who could have made it first,
+ * in /tmp say, from owning it.
  */
 export function unsafeRecordingDir(real: string, dataDir: string): string | null {
   const within = (p: string, root: string) => p === root || p.startsWith(`${root.replace(/\/$/, '')}/`);
@@ -69,7 +71,7 @@ export function unsafeRecordingDir(real: string, dataDir: string): string | null
   for (const [root, what] of [
     [path.join(data, 'ves'), 'the VEs\' own files'], [path.join(data, 'templates'), 'the templates VEs are built on'],
     ['/run/vesh', 'the runtime\'s state'], ['/var/lib/lxcfs', 'LXCFS, which every VE mounts'],
-    ['/proc', 'a kernel file system'], ['/sys', 'a kernel file system'], ['/dev', 'device nodes'], ['/tmp', 'a world-writable directory'],
+    ['/proc', 'a kernel file system'], ['/sys', 'a kernel file system'], ['/dev', 'device nodes'],
   ] as const) {
     if (within(real, root)) return `it is inside ${root} (${what})`;
   }
