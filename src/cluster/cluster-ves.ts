@@ -9,9 +9,13 @@ import { chooseNode } from './placement.js';
 
 /** The error a login gets for a VE placed on another node (routing between nodes is the next step of issue 14). */
 export function veElsewhere(ve: string, node: string, live: LiveNode | undefined): VeshError {
-  const where = live ? `; log in at ${live.record.address} instead` : ', which is down right now (no live registration); try again when it is back';
-  return new VeshError(ErrorCodes.VE_ELSEWHERE, `VE ${ve} lives on node ${node}; routing between nodes is not built yet${live ? `: the user must log in at ${live.record.address}` : ` and node ${node} is not live`}`, {
-    userMessage: `Your environment ${ve} lives on cluster node ${node}; routing between nodes is not built yet${where}.`,
+  if (!live) {
+    return new VeshError(ErrorCodes.VE_ELSEWHERE, `VE ${ve} lives on node ${node}, which is not live (no registration in etcd): its logins fail until it is back`, {
+      userMessage: `Your environment ${ve} lives on cluster node ${node}, which is down right now; try again when it is back.`,
+    });
+  }
+  return new VeshError(ErrorCodes.VE_ELSEWHERE, `VE ${ve} lives on node ${node}; routing between nodes is not built yet: the user must log in at ${live.record.address}`, {
+    userMessage: `Your environment ${ve} lives on cluster node ${node}; routing between nodes is not built yet; log in at ${live.record.address} instead.`,
   });
 }
 

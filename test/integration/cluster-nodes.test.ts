@@ -202,7 +202,7 @@ describe('a vesh cluster of two nodes on etcd', () => {
     await waitFor('nb to drop out of the cluster', async () => !(await status(a)).nodes.some((n) => n.name === 'nb'), 20_000);
     const r = await ssh('bob', ['hostname']);
     expect(r.code).not.toBe(0);
-    expect(r.stderr).toContain('Your environment bob lives on cluster node nb; routing between nodes is not built yet, which is down right now');
+    expect(r.stderr).toContain('Your environment bob lives on cluster node nb, which is down right now; try again when it is back.');
   }, 60_000);
 
   it('node nb back: its VEs log in again there, and a copy of na\'s VE on its disk is reported as a conflict, not taken', async () => {
