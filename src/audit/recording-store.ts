@@ -1,6 +1,6 @@
 import { randomBytes, createHash } from 'node:crypto';
 import {
-  chmodSync, closeSync, lstatSync, mkdirSync, openSync, readSync, readdirSync, realpathSync, unlinkSync, writeSync, constants as fsc,
+  chmodSync, closeSync, lstatSync, mkdirSync, openSync, readSync, readdirSync, realpathSync, statSync, unlinkSync, writeSync, constants as fsc,
 } from 'node:fs';
 import path from 'node:path';
 import type { RecordingConfig } from '../config/server-config.js';
@@ -87,6 +87,15 @@ export function prepareRecordingDir(dir: string, dataDir: string): string {
   const why = unsafeRecordingDir(real, dataDir);
   if (why) throw new VeshError(ErrorCodes.CONFIG_INVALID, `recording.dir ${dir} cannot hold recordings: ${why}; choose a root-only directory outside the VEs' reach (the default is DATADIR/recordings)`);
   if (process.getuid?.() === 0 && st.uid !== 0) throw new VeshError(ErrorCodes.CONFIG_INVALID, `recording.dir ${dir} belongs to uid ${st.uid}, not root: whoever owns it could rewrite recordings; chown root it or pick another`);
+  // Whoever may rename entries of a directory above it could swap the whole directory.
+  for (let up = path.dirname(real); ; up = path.dirname(up)) {
+    const a = statSync(up);
+    const sticky = (a.mode & 0o1000) !== 0;
+    if (process.getuid?.() === 0 && (a.uid !== 0 || ((a.mode & 0o022) !== 0 && !sticky))) {
+      throw new VeshError(ErrorCodes.CONFIG_INVALID, `recording.dir ${dir} lies under ${up}, which someone other than root can change (owner uid ${a.uid}, mode ${(a.mode & 0o7777).toString(8)}): they could put another directory in its place; choose a directory whose parents are root's`);
+    }
+    if (up === '/') break;
+  }
   chmodSync(real, 0o700);
   return real;
 }

@@ -1,11 +1,11 @@
 import { createHash } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { silentLogger } from '../../src/audit/logger.js';
 import { ChainWriter, readChain } from '../../src/audit/recording-chain.js';
 import { CastWriter } from '../../src/audit/recording-files.js';
-import { Recordings, parseRecordingName } from '../../src/audit/recording-store.js';
+import { Recordings, parseRecordingName, prepareRecordingDir } from '../../src/audit/recording-store.js';
 import { verifyRecordings } from '../../src/audit/recording-verify.js';
 
 /**
@@ -62,6 +62,17 @@ describe('recording files', () => {
     for (const bad of ['../x.cast', '20261203T160512Z+alice+alice+0a1b2c3d.cast', '20261203T160512Z+alice+alice+0a1b2c3d+s1.events.jsonl', '/etc/passwd', 'chain.jsonl']) {
       expect(parseRecordingName(bad)).toBe(null);
     }
+  });
+});
+
+describe('recording directory', () => {
+  it('is refused under a directory someone other than root could change', () => {
+    const base = tmp();
+    chownSync(base, 65534, 65534);
+    expect(() => prepareRecordingDir(path.join(base, 'rec'), path.join(base, 'data'))).toThrow(/someone other than root can change/);
+    chownSync(base, 0, 0);
+    chmodSync(base, 0o700);
+    expect(prepareRecordingDir(path.join(base, 'rec'), path.join(base, 'data'))).toBe(path.join(base, 'rec'));
   });
 });
 
