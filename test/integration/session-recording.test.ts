@@ -207,7 +207,7 @@ describe('vesh serve: session recording', () => {
   });
 
   // Last: it replaces the server.
-  it('a server killed mid-session leaves the recording unsealed, and the next start seals it as recovered', async () => {
+  it('a server killed mid-session leaves the recording unsealed, the next start seals it as recovered, and a stop seals what is open', async () => {
     const t = new ClientTerminal([...sshBaseArgs(arena.serve.port), ...keyAuthArgs(arena.keys.alice!), '-tt', 'alice@127.0.0.1']);
     terms.push(t);
     t.write('echo crash-$((6*7))\r');
@@ -229,5 +229,19 @@ describe('vesh serve: session recording', () => {
     const ok = arena.env.cli(['recordings', 'verify']);
     expect(ok.stdout).toMatch(/^ok: /m);
     expect(arena.env.cli(['recordings', 'list']).stdout).toContain('(recovered)');
+
+    // A stop (SIGTERM) with a recorded terminal open: it is sealed before the server exits.
+    const t2 = new ClientTerminal([...sshBaseArgs(again.port), ...keyAuthArgs(arena.keys.alice!), '-tt', 'alice@127.0.0.1']);
+    terms.push(t2);
+    t2.write('echo stop-$((6*7))\r');
+    await t2.expect(/stop-42/);
+    const beforeStop = new Set(seals().map((e) => e.file));
+    expect(arena.env.cli(['recordings', 'verify']).stdout).toMatch(/^recording: .*\.cast is being written now/m);
+    await again.stop('SIGTERM');
+    const stopped = seals().filter((e) => !beforeStop.has(e.file));
+    expect(stopped.map((e) => e.kind).sort()).toEqual(['cast', 'events']);
+    expect(['ended', 'shutdown']).toContain(stopped[0]!.reason);
+    expect(readFileSync(path.join(recDir, stopped.find((e) => e.kind === 'cast')!.file), 'utf8')).toContain('stop-42');
+    expect(arena.env.cli(['recordings', 'verify']).stdout).toMatch(/^ok: /m);
   }, 120_000);
 });
