@@ -106,6 +106,11 @@ export class Membership {
     return this.rejoining;
   }
 
+  /** Publish this node's record now rather than at the next load update (e.g. template digests just computed). */
+  update(): Promise<void> {
+    return this.refresh();
+  }
+
   /** Write the current load, only while the key is still ours (same lease): never over another process's record. */
   private async refresh(): Promise<void> {
     const { client, cfg, log } = this.deps;

@@ -62,14 +62,15 @@ export async function startClusterNode(deps: {
   const version = veshVersion();
   const startedAt = new Date().toISOString();
   let templates: NodeRecord['templates'] = [];
-  const refreshTemplates = async () => {
-    templates = (await templateDigests(deps.config.dataDir, await deps.templates.list())).slice(0, 256);
+  const refreshTemplates = async (compute: boolean) => {
+    templates = (await templateDigests(deps.config.dataDir, await deps.templates.list(), { compute })).slice(0, 256);
   };
-  await refreshTemplates();
+  // Digests not yet cached are computed after the node has joined (below).
+  await refreshTemplates(false);
   let ticks = 0;
   const record = async (): Promise<NodeRecord> => {
     // Templates change rarely (a build or import): looked at every 12th update.
-    if (++ticks % 12 === 0) await refreshTemplates().catch((err: unknown) => log.warn({ event: 'cluster.templates_unreadable', err: errorMessage(err) }));
+    if (++ticks % 12 === 0) await refreshTemplates(true).catch((err: unknown) => log.warn({ event: 'cluster.templates_unreadable', err: errorMessage(err) }));
     const list = await deps.ves.list().catch(() => []);
     return {
       name: cfg.nodeName,
@@ -91,6 +92,10 @@ export async function startClusterNode(deps: {
   } catch (err) {
     client.close();
     throw err;
+  }
+
+  if (templates.some((t) => t.digest === null)) {
+    void refreshTemplates(true).then(() => membership.update(), (err: unknown) => log.warn({ event: 'cluster.templates_unreadable', err: errorMessage(err) }));
   }
 
   // Keep the caches current: a placement that moves away or goes is dropped.

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { promises as fs } from 'node:fs';
+import { createReadStream, promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { TemplateInfo } from '../template/types.js';
 
@@ -23,7 +23,7 @@ export async function templateDigest(t: TemplateInfo): Promise<string> {
       h.update(`${r}\0${st.mode.toString(8)}\0${st.uid}\0${st.gid}\0`);
       if (st.isDirectory()) await walk(abs, r);
       else if (st.isSymbolicLink()) h.update(`${await fs.readlink(abs)}\0`);
-      else if (st.isFile()) h.update(createHash('sha256').update(await fs.readFile(abs)).digest());
+      else if (st.isFile()) h.update(await fileHash(abs));
       h.update('\n');
     }
   };
@@ -31,10 +31,22 @@ export async function templateDigest(t: TemplateInfo): Promise<string> {
   return `sha256:${h.digest('hex')}`;
 }
 
+/** A file's sha256, read in chunks: a template may hold files of any size. */
+function fileHash(file: string): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const h = createHash('sha256');
+    createReadStream(file).on('data', (d) => h.update(d)).on('error', reject).on('end', () => resolve(h.digest()));
+  });
+}
+
 type Cache = Record<string, string>;
 
-/** Digests of `templates`, from the cache where it still holds, computed (and cached) otherwise. */
-export async function templateDigests(dataDir: string, templates: TemplateInfo[]): Promise<Array<{ name: string; digest: string | null }>> {
+/**
+ * Digests of `templates`, from the cache where it still holds, computed
+ * (and cached) otherwise; with `compute: false` a digest not cached is null
+ * (a 200 MB Debian template takes about 4 s to read: not at start-up).
+ */
+export async function templateDigests(dataDir: string, templates: TemplateInfo[], opts: { compute?: boolean } = {}): Promise<Array<{ name: string; digest: string | null }>> {
   const file = path.join(dataDir, 'cluster', 'template-digests.json');
   let cache: Cache = {};
   try {
@@ -46,7 +58,7 @@ export async function templateDigests(dataDir: string, templates: TemplateInfo[]
   for (const t of templates) {
     const id = `${t.name}@${t.createdAt}@${t.sizeBytes}`;
     let digest: string | null = typeof cache[id] === 'string' && /^sha256:[0-9a-f]{64}$/.test(cache[id]) ? cache[id] : null;
-    if (digest === null) {
+    if (digest === null && opts.compute !== false) {
       digest = await templateDigest(t).catch(() => null);
       if (digest !== null) {
         cache[id] = digest;

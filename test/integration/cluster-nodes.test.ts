@@ -90,7 +90,12 @@ describe('a vesh cluster of two nodes on etcd', () => {
   }, 120_000);
 
   it('vesh cluster status lists both nodes with address, lease, capacity and templates; each node made its key', async () => {
-    const s = await status(a);
+    // Template digests are computed once the node has joined, then published.
+    let s = await status(a);
+    await waitFor('both nodes to publish their template digests', async () => {
+      s = await status(a);
+      return s.nodes.length === 2 && s.nodes.every((n) => n.templates.every((t) => t.digest !== null));
+    }, 20_000);
     expect(s.nodes.map((n) => n.name).sort()).toEqual(['na', 'nb']);
     const na = s.nodes.find((n) => n.name === 'na')!;
     expect(na.address).toBe(`127.0.0.1:${serveA.port}`);
