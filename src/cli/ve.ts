@@ -95,6 +95,12 @@ function runAttached(file: string, args: string[], tty: boolean): Promise<number
   });
 }
 
+/** In cluster mode, refuses to start a VE the cluster places on another node (the cluster code loads only then). */
+async function placedHere(program: Command, name: string): Promise<void> {
+  const { config } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
+  if (config.cluster?.enabled) await (await import('../cluster/admin.js')).assertPlacedHere(config, name);
+}
+
 /** Registers `vesh ve …`: the VE lifecycle verbs, in the manner of vzctl/vzlist. */
 export function register(program: Command): void {
   const ve = program.command('ve').description('create, run and inspect virtual environments');
@@ -125,6 +131,7 @@ export function register(program: Command): void {
     });
 
   ve.command('start <name>').description('start a VE').action(async (name: string) => {
+    await placedHere(program, name);
     await manager(program).start(name);
     console.log(`started VE ${name}`);
   });
@@ -137,6 +144,7 @@ export function register(program: Command): void {
     });
 
   ve.command('restart <name>').description('stop and start a VE').action(async (name: string) => {
+    await placedHere(program, name);
     await manager(program).restart(name);
     console.log(`restarted VE ${name}`);
   });
@@ -213,6 +221,7 @@ export function register(program: Command): void {
     .action(async (name: string) => {
       const m = manager(program);
       if (!(await m.exists(name))) await m.status(name);
+      await placedHere(program, name);
       await m.ensureRunning(name, { reason: 'enter' });
       const root = await m.lookupUser(name, 'root');
       const tty = Boolean(process.stdin.isTTY);

@@ -72,3 +72,20 @@ export async function releaseDestroyed(config: ServerConfig, ve: string): Promis
     return placement.release(ve, p.modRevision);
   });
 }
+
+/**
+ * Before `vesh ve start|restart|enter` in cluster mode: a VE whose placement
+ * names another node is not started here (that would run a second copy
+ * beside the owner's); one with no placement is placed here first.
+ */
+export async function assertPlacedHere(config: ServerConfig, ve: string): Promise<void> {
+  if (!config.cluster?.enabled) return;
+  const cfg = config.cluster;
+  const { Placement } = await import('./placement.js');
+  await withEtcd(cfg, async (client) => {
+    const { placement } = await new Placement(client, cfg).claim(ve, cfg.nodeName);
+    if (placement.node !== cfg.nodeName) {
+      throw new VeshError(ErrorCodes.VE_ELSEWHERE, `VE ${ve} is placed on node ${placement.node}, not on this node (${cfg.nodeName}): start it there; a copy on this node's disk is a conflict to resolve by hand ("vesh ve destroy ${ve}" on the node whose copy goes)`);
+    }
+  });
+}

@@ -220,6 +220,10 @@ describe('a vesh cluster of two nodes on etcd', () => {
     expect(back.stdout.trim(), back.stderr).toBe('bob');
     const refused = await sshWithKey(serveB.port, 'alice', keys.alice!, ['hostname'], { timeoutMs: 30_000 });
     expect(refused.stderr).toContain('Your environment alice lives on cluster node na');
+    // Nor does the admin start nb's copy by hand.
+    const start = await cliAsync(b, ['ve', 'start', 'alice']);
+    expect(start.code).toBe(1);
+    expect(start.stderr).toMatch(/VE alice is placed on node na, not on this node \(nb\): start it there.*VESH_VE_ELSEWHERE/);
     const s = await status(a);
     expect(s.conflicts).toEqual([{ ve: 'alice', node: 'nb' }]);
     expect(s.ves.find((v) => v.ve === 'alice')?.node).toBe('na');
