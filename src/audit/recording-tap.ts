@@ -1,7 +1,7 @@
 import { write as fsWrite } from 'node:fs';
 import net from 'node:net';
-import tty from 'node:tty';
 import { closeFd, setBlocking, setWinsize, socketpair } from '../system/fdpass.js';
+import { readPtyMaster } from '../system/pty-reader.js';
 import type { CastWriter } from './recording-files.js';
 
 /**
@@ -21,7 +21,13 @@ import type { CastWriter } from './recording-files.js';
  */
 
 const INPUT_QUEUE_MAX = 256 * 1024;
-/** How long after the process's end the terminal's last output is waited for. */
+/**
+ * After the process's end, how long the copy may stand still (no byte read
+ * from the terminal, none taken by the worker) before the tap lets go: the
+ * tail is copied however long it takes while it moves, and a terminal held
+ * open by a silent background job, or a worker that stopped reading, cannot
+ * keep the session's end (its place in the caps, session.exit) waiting.
+ */
 const DRAIN_MS = 2_000;
 
 export interface Tap {
@@ -37,7 +43,6 @@ export interface Tap {
 export function startTap(master: number, cast: CastWriter): Tap {
   const [ours, theirs] = socketpair('stream');
   setBlocking(master, false);
-  const reader = new tty.ReadStream(master);
   const worker = new net.Socket({ fd: ours, readable: true, writable: true, allowHalfOpen: true });
   let masterDone = false;
   let closed = false;
@@ -48,22 +53,18 @@ export function startTap(master: number, cast: CastWriter): Tap {
     onDrained?.();
   };
 
-  // VE terminal → recording → worker.
-  reader.on('data', (d: Buffer) => {
+  // VE terminal → recording → worker, to EIO: the slave side is closed (the
+  // process and everything holding its terminal ended) and all it wrote was read.
+  const reader = readPtyMaster(master, (d) => {
     cast.output(d);
     if (!worker.destroyed && !worker.write(d)) {
       reader.pause();
       worker.once('drain', () => reader.resume());
     }
-  });
-  // EIO: the slave side is closed (the process and everything holding its terminal ended).
-  reader.on('error', masterEnded);
-  reader.on('end', masterEnded);
+  }, masterEnded);
   worker.on('error', () => undefined);
   // A worker that closed its end stops taking output: the rest is still read and recorded.
-  worker.on('close', () => {
-    if (reader.isPaused()) reader.resume();
-  });
+  worker.on('close', () => reader.resume());
 
   // Worker → recording → VE terminal: written as the master takes it.
   const queue: Buffer[] = [];
@@ -79,6 +80,10 @@ export function startTap(master: number, cast: CastWriter): Tap {
     writing = true;
     fsWrite(master, chunk, 0, chunk.length, null, (err, n) => {
       writing = false;
+      if (closeWhenIdle) {
+        closeWhenIdle = false;
+        closeFd(master);
+      }
       if (closed) return;
       if (err) {
         if ((err as NodeJS.ErrnoException).code === 'EAGAIN') {
@@ -104,11 +109,17 @@ export function startTap(master: number, cast: CastWriter): Tap {
     pump();
   });
 
+  /** The master is closed only once no write is in flight on the thread pool (its number could be reused). */
+  let closeWhenIdle = false;
+  const closeMaster = () => {
+    reader.stop();
+    if (writing) closeWhenIdle = true;
+    else closeFd(master);
+  };
   const destroy = () => {
     if (closed) return;
     closed = true;
-    // Destroying the stream closes the master.
-    reader.destroy();
+    closeMaster();
     worker.destroy();
   };
 
@@ -122,26 +133,50 @@ export function startTap(master: number, cast: CastWriter): Tap {
       } catch { /* the terminal is gone */ }
     },
     finish: () => new Promise<void>((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        if (closed) return resolve();
+      /** What moves while the tail is copied: bytes read from the master, bytes the worker has yet to take. */
+      const progress = () => `${reader.bytesRead}/${worker.writableLength}/${worker.destroyed}`;
+      let seen = progress();
+      let timer: NodeJS.Timeout | null = null;
+      let resolved = false;
+      const settle = () => {
+        if (resolved) return;
+        resolved = true;
+        if (timer) clearTimeout(timer);
+        resolve();
+      };
+      /** `then` once the copy stood still for DRAIN_MS (checked again while it moves). */
+      const watchdog = (then: () => void) => {
+        timer = setTimeout(() => {
+          const now = progress();
+          if (now !== seen) {
+            seen = now;
+            watchdog(then);
+          } else then();
+        }, DRAIN_MS);
+        timer.unref();
+      };
+      const letGo = () => {
+        if (timer) clearTimeout(timer);
+        if (closed) return settle();
         closed = true;
-        reader.destroy();
+        closeMaster();
         // The last output goes to the worker before its end closes.
-        if (worker.destroyed) return resolve();
+        if (worker.destroyed) return settle();
         worker.end(() => {
           worker.destroy();
-          resolve();
+          settle();
         });
-        setTimeout(() => {
+        seen = progress();
+        watchdog(() => {
           worker.destroy();
-          resolve();
-        }, DRAIN_MS).unref();
+          settle();
+        });
       };
-      const timer = setTimeout(done, DRAIN_MS);
-      timer.unref();
-      if (masterDone) done();
-      else onDrained = done;
+      if (masterDone) letGo();
+      else {
+        onDrained = letGo;
+        watchdog(letGo);
+      }
     }),
     destroy: () => {
       destroy();

@@ -1,8 +1,8 @@
 import { write as fsWrite } from 'node:fs';
 import net from 'node:net';
-import tty from 'node:tty';
 import type { ServerChannel } from 'ssh2';
 import { closeFd, setWinsize } from '../system/fdpass.js';
+import { readPtyMaster } from '../system/pty-reader.js';
 import type { ExitReport } from './exit-status.js';
 import { clampPtySize } from './limits.js';
 
@@ -21,50 +21,87 @@ export interface SessionProcess {
   close(): void;
 }
 
-/** How long output may still arrive after the broker reported the exit (a relay's last bytes). */
+/**
+ * How long a terminal may stay silent after the broker reported the exit
+ * before the client is told anyway (something in the VE, a background job,
+ * still holds the terminal open and writes nothing). Not a cap on the
+ * drain: while output still comes, or waits for the client's window, the
+ * tail is passed on first.
+ */
 const DRAIN_AFTER_EXIT_MS = 2_000;
 /** Bytes of input queued for a terminal that does not read, before the channel is paused. */
 const PTY_WRITE_QUEUE_MAX = 256 * 1024;
 
 /**
+ * After the exit report: call `finish` once the output has stood still for
+ * DRAIN_AFTER_EXIT_MS. `progress` is a count that grows while output passes;
+ * `heldBack` says the client's window holds it back (then it has not stood
+ * still: it is on its way, and the client can close the channel itself).
+ */
+function whenOutputSettles(progress: () => number, heldBack: () => boolean, finish: () => void): () => void {
+  let seen = progress();
+  let timer: NodeJS.Timeout | null = null;
+  const check = () => {
+    const now = progress();
+    if (now !== seen || heldBack()) {
+      seen = now;
+      timer = setTimeout(check, DRAIN_AFTER_EXIT_MS);
+      return;
+    }
+    timer = null;
+    finish();
+  };
+  timer = setTimeout(check, DRAIN_AFTER_EXIT_MS);
+  return () => {
+    if (timer) clearTimeout(timer);
+    timer = null;
+  };
+}
+
+/**
  * The terminal case: the broker made the pseudo-terminal and gave us the
- * master. Reading: a tty.ReadStream (EIO when the relay's side closes);
+ * master. Reading: readPtyMaster (to EIO, every byte: see pty-reader.ts
+ * for why not tty.ReadStream), paused while the channel's window is full;
  * writing: fs.write, retried on EAGAIN, with the channel paused while
  * input queues up. Window sizes are set on the master here (TIOCSWINSZ),
- * which the kernel turns into SIGWINCH for the relay.
+ * which the kernel turns into SIGWINCH for the relay. The client hears of
+ * the exit after the last byte the terminal held went to the channel.
  */
 export function ptyProcess(master: number, channel: ServerChannel, onExit: (report: ExitReport) => void): SessionProcess {
-  const reader = new tty.ReadStream(master);
   let report: ExitReport | null = null;
   let eof = false;
   let closed = false;
   let finished = false;
-  let drainTimer: NodeJS.Timeout | null = null;
+  let stopWaiting: (() => void) | null = null;
   const finish = () => {
     if (finished || !report) return;
     finished = true;
-    if (drainTimer) clearTimeout(drainTimer);
+    stopWaiting?.();
     onExit(report);
   };
-  reader.on('error', () => {
-    // EIO: the slave side is closed (the relay ended). Whatever came before was delivered.
-    eof = true;
-    finish();
-  });
-  reader.on('end', () => {
-    eof = true;
-    finish();
-  });
-  reader.on('data', (d: Buffer) => {
+  const reader = readPtyMaster(master, (d) => {
     if (!channel.write(d)) {
       reader.pause();
       channel.once('drain', () => reader.resume());
     }
+  }, () => {
+    // EIO: the VE side is closed and everything it wrote went to the channel.
+    eof = true;
+    finish();
   });
 
   const queue: Buffer[] = [];
   let queued = 0;
   let writing = false;
+  /** The master is closed only once no write is in flight on the thread pool (its number could be reused). */
+  let closeWhenIdle = false;
+  const closeMaster = () => {
+    if (writing) {
+      closeWhenIdle = true;
+      return;
+    }
+    closeFd(master);
+  };
   const pump = () => {
     if (writing || closed) return;
     const chunk = queue[0];
@@ -75,6 +112,10 @@ export function ptyProcess(master: number, channel: ServerChannel, onExit: (repo
     writing = true;
     fsWrite(master, chunk, 0, chunk.length, null, (err, n) => {
       writing = false;
+      if (closeWhenIdle) {
+        closeWhenIdle = false;
+        closeFd(master);
+      }
       if (closed) return;
       if (err) {
         if ((err as NodeJS.ErrnoException).code === 'EAGAIN') {
@@ -103,7 +144,7 @@ export function ptyProcess(master: number, channel: ServerChannel, onExit: (repo
     exited: (r) => {
       report = r;
       if (eof) finish();
-      else drainTimer = setTimeout(finish, DRAIN_AFTER_EXIT_MS);
+      else stopWaiting = whenOutputSettles(() => reader.bytesRead, () => reader.paused, finish);
     },
     resize: (cols, rows) => {
       if (closed) return;
@@ -115,9 +156,10 @@ export function ptyProcess(master: number, channel: ServerChannel, onExit: (repo
     close: () => {
       if (closed) return;
       closed = true;
-      if (drainTimer) clearTimeout(drainTimer);
-      // Destroying the stream closes the master: the relay sees its terminal hang up.
-      reader.destroy();
+      stopWaiting?.();
+      reader.stop();
+      // Closing our master: the relay sees its terminal hang up.
+      closeMaster();
     },
   };
 }
@@ -135,11 +177,11 @@ export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit
   let eof = false;
   let closed = false;
   let finished = false;
-  let drainTimer: NodeJS.Timeout | null = null;
+  let stopWaiting: (() => void) | null = null;
   const finish = () => {
     if (finished || !report) return;
     finished = true;
-    if (drainTimer) clearTimeout(drainTimer);
+    stopWaiting?.();
     onExit(report);
   };
   const ended = () => {
@@ -174,7 +216,9 @@ export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit
     exited: (r) => {
       report = r;
       if (eof) finish();
-      else drainTimer = setTimeout(finish, DRAIN_AFTER_EXIT_MS);
+      // The broker ends the socket once its tap read the terminal to its end;
+      // the tail may still be in the socket, behind the client's window.
+      else stopWaiting = whenOutputSettles(() => sock.bytesRead, () => channel.writableNeedDrain, finish);
     },
     resize: (cols, rows) => {
       if (closed) return;
@@ -190,7 +234,7 @@ export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit
     close: () => {
       if (closed) return;
       closed = true;
-      if (drainTimer) clearTimeout(drainTimer);
+      stopWaiting?.();
       sock.destroy();
     },
   };
