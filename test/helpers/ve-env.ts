@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { chmodSync, mkdtempSync, promises as fs, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, promises as fs, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger, silentLogger, type Logger } from '../../src/audit/logger.js';
 import { parseServerConfig, type ServerConfig } from '../../src/config/server-config.js';
@@ -50,7 +50,14 @@ export async function makeVeTestEnv(opts: { template?: 'busybox' | 'debian'; ext
   ].join('\n');
   const configFile = path.join(dir, 'vesh.yaml');
   writeFileSync(configFile, yaml);
-  const config = parseServerConfig(configFile, yaml);
+  let config: ServerConfig;
+  try {
+    config = parseServerConfig(configFile, yaml);
+  } catch (err) {
+    // Nothing was made yet but the directory: a test's bad extraYaml leaves no trace.
+    rmSync(dir, { recursive: true, force: true });
+    throw err;
+  }
   const layout = makeLayout(config.dataDir);
   // VESH_TEST_LOG=debug shows the VE layer's log events while a test runs.
   const logger = opts.logger ?? (process.env.VESH_TEST_LOG ? createLogger({ level: process.env.VESH_TEST_LOG as 'debug', pretty: false }) : silentLogger());
