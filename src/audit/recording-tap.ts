@@ -22,11 +22,12 @@ import type { CastWriter } from './recording-files.js';
 
 const INPUT_QUEUE_MAX = 256 * 1024;
 /**
- * After the process's end, how long the copy may stand still (no byte read
- * from the terminal, none taken by the worker) before the tap lets go: the
- * tail is copied however long it takes while it moves, and a terminal held
- * open by a silent background job, or a worker that stopped reading, cannot
- * keep the session's end (its place in the caps, session.exit) waiting.
+ * After the process's end, how long the terminal may stay silent before the
+ * tap lets go (a background job in the VE holds it open and writes nothing).
+ * Not a cap on the drain: while output still comes, or waits for the worker
+ * to take it (the client's window), the tail is copied first. A worker that
+ * never takes it holds up only its own session's end, as it would by not
+ * reading a master it held; its end closing lets go of it.
  */
 const DRAIN_MS = 2_000;
 
@@ -135,6 +136,8 @@ export function startTap(master: number, cast: CastWriter): Tap {
     finish: () => new Promise<void>((resolve) => {
       /** What moves while the tail is copied: bytes read from the master, bytes the worker has yet to take. */
       const progress = () => `${reader.bytesRead}/${worker.writableLength}/${worker.destroyed}`;
+      /** Output waits for the worker: the tail is on its way, not gone quiet. */
+      const heldBack = () => !worker.destroyed && (reader.paused || worker.writableLength > 0);
       let seen = progress();
       let timer: NodeJS.Timeout | null = null;
       let resolved = false;
@@ -144,11 +147,11 @@ export function startTap(master: number, cast: CastWriter): Tap {
         if (timer) clearTimeout(timer);
         resolve();
       };
-      /** `then` once the copy stood still for DRAIN_MS (checked again while it moves). */
+      /** `then` once the terminal stood silent for DRAIN_MS (checked again while output moves or waits). */
       const watchdog = (then: () => void) => {
         timer = setTimeout(() => {
           const now = progress();
-          if (now !== seen) {
+          if (now !== seen || heldBack()) {
             seen = now;
             watchdog(then);
           } else then();
