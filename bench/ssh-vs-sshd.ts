@@ -6,7 +6,7 @@
  *   - login + `true` latency p50/p95, warm VE (running, in use: its session
  *     agent is up), and once at the end cold VE (stopped: boot on demand,
  *     the session goes through `runc exec`);
- *   - logins per second with 8 clients in parallel;
+ *   - logins per second with 8 clients in parallel (started by `xargs -P 8`);
  *   - SFTP upload and download of one file (1 GiB by default) in MB/s.
  * Every figure is taken in --rounds rounds, each round one measurement per
  * target in turn (the order rotating), so that a slow spell of the machine
@@ -17,7 +17,7 @@
  * any ssh2-based server. The baseline vesh gets its own data dir, port,
  * bridge and VE, like the main one.
  *
- *   npx vite-node bench/ssh-vs-sshd.ts -- [--rounds 3] [--logins 30] [--parallel-logins 80]
+ *   npx vite-node bench/ssh-vs-sshd.ts -- [--rounds 3] [--logins 30] [--parallel-logins 80] [--spawn-from-bench]
  *     [--baseline-tree DIR] [--workers N] [--sftp-mib 1024] [--sftp-rounds N] [--sftp-only | --logins-only]
  *     [--ve-memory 1G] [--ve-read-ahead-kb KB[,KB…]] [--cipher NAME] [--cpu] [--json]
  *
@@ -55,6 +55,8 @@ const { values: args } = parseArgs({
     rounds: { type: 'string', default: '3' },
     logins: { type: 'string', default: '30' },
     'parallel-logins': { type: 'string', default: '80' },
+    // Fork each parallel login's client from this process, as before 2026-12-03 17:00.
+    'spawn-from-bench': { type: 'boolean', default: false },
     'baseline-tree': { type: 'string' },
     workers: { type: 'string' },
     'sftp-mib': { type: 'string', default: '1024' },
@@ -138,15 +140,35 @@ async function waitForAgent(dir: string, t: Target): Promise<void> {
   throw new Error(`${t.name}: the warm VE has no session agent after 20 s: is dist/vesh-session built (npm run build)?`);
 }
 
+/**
+ * `total` logins (`ssh … true`), `parallel` at a time, as logins per second.
+ * The clients are started by one `xargs -P` (a small process) rather than
+ * forked one by one from this process: a fork of this 150–250 MB Node
+ * process cost each login 3–4 ms more in the client and 2.6–4.4 ms more in
+ * this process (cpuacct, 16:45 run in bench/README.md), the same for every
+ * target, which on 2 CPUs is CPU the servers being compared never get.
+ * --spawn-from-bench restores the old way, to compare with earlier figures.
+ */
 async function loginsPerSecond(dir: string, t: Target, total: number, parallel = 8): Promise<number> {
-  let next = 0;
   const t0 = performance.now();
-  await Promise.all(Array.from({ length: parallel }, async () => {
-    while (next < total) {
-      next++;
-      await loginOnce(dir, t);
-    }
-  }));
+  if (args['spawn-from-bench']) {
+    let next = 0;
+    await Promise.all(Array.from({ length: parallel }, async () => {
+      while (next < total) {
+        next++;
+        await loginOnce(dir, t);
+      }
+    }));
+  } else {
+    // xargs appends one number per login: the remote command is `true N`.
+    await new Promise<void>((resolve, reject) => {
+      const x = spawn('xargs', ['-P', String(parallel), '-n', '1', 'ssh', ...sshArgs(dir, t), `${t.user}@127.0.0.1`, 'true'], { stdio: ['pipe', 'ignore', 'pipe'] });
+      let err = '';
+      x.stderr.on('data', (d) => { err += d; });
+      x.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`${t.name}: a login of the parallel run failed (xargs exited ${code}): ${err.slice(0, 2000)}`))));
+      x.stdin.end(Array.from({ length: total }, (_, i) => String(i)).join('\n') + '\n');
+    });
+  }
   return total / ((performance.now() - t0) / 1000);
 }
 
