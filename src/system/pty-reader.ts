@@ -12,7 +12,8 @@ import { watch, type FdWatch } from './fdpass.js';
  * the VE side closes with more queued (always so after a pause for a
  * client's window) the rest was dropped: 0.6-15 KB of `seq 1 400000` in 8
  * of 12 `ssh -tt` sessions here. Delete this module and go back to
- * tty.ReadStream once the Node in use ships libuv >= 1.52.
+ * tty.ReadStream once the Node in use ships a libuv with both PRs
+ * (test/integration/ssh-terminal-tail.test.ts tells).
  *
  * Backpressure: pause() stops watching the descriptor (the terminal's buffer
  * fills and its writer blocks, as with any terminal); resume() starts again.
