@@ -1,7 +1,7 @@
-import { write as fsWrite } from 'node:fs';
 import net from 'node:net';
 import { closeFd, setBlocking, setWinsize, socketpair } from '../system/fdpass.js';
 import { readPtyMaster } from '../system/pty-reader.js';
+import { ptyWriter } from '../system/pty-writer.js';
 import type { CastWriter } from './recording-files.js';
 
 /**
@@ -68,54 +68,15 @@ export function startTap(master: number, cast: CastWriter): Tap {
   worker.on('close', () => reader.resume());
 
   // Worker → recording → VE terminal: written as the master takes it.
-  const queue: Buffer[] = [];
-  let queued = 0;
-  let writing = false;
-  const pump = () => {
-    if (writing || closed) return;
-    const chunk = queue[0];
-    if (!chunk) {
-      if (worker.isPaused()) worker.resume();
-      return;
-    }
-    writing = true;
-    fsWrite(master, chunk, 0, chunk.length, null, (err, n) => {
-      writing = false;
-      if (closeWhenIdle) {
-        closeWhenIdle = false;
-        closeFd(master);
-      }
-      if (closed) return;
-      if (err) {
-        if ((err as NodeJS.ErrnoException).code === 'EAGAIN') {
-          setTimeout(pump, 5);
-          return;
-        }
-        queue.length = 0;
-        queued = 0;
-        return;
-      }
-      cast.input(chunk.subarray(0, n));
-      queued -= n;
-      if (n < chunk.length) queue[0] = chunk.subarray(n);
-      else queue.shift();
-      pump();
-    });
-  };
+  const input = ptyWriter(master, worker, INPUT_QUEUE_MAX, (chunk) => cast.input(chunk));
   worker.on('data', (d: Buffer) => {
     if (closed) return;
-    queue.push(d);
-    queued += d.length;
-    if (queued > INPUT_QUEUE_MAX) worker.pause();
-    pump();
+    input.push(d);
   });
 
-  /** The master is closed only once no write is in flight on the thread pool (its number could be reused). */
-  let closeWhenIdle = false;
   const closeMaster = () => {
     reader.stop();
-    if (writing) closeWhenIdle = true;
-    else closeFd(master);
+    input.close();
   };
   const destroy = () => {
     if (closed) return;

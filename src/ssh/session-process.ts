@@ -1,8 +1,8 @@
-import { write as fsWrite } from 'node:fs';
 import net from 'node:net';
 import type { ServerChannel } from 'ssh2';
 import { closeFd, setWinsize } from '../system/fdpass.js';
 import { readPtyMaster } from '../system/pty-reader.js';
+import { ptyWriter } from '../system/pty-writer.js';
 import type { ExitReport } from './exit-status.js';
 import { clampPtySize } from './limits.js';
 
@@ -62,8 +62,7 @@ function whenOutputSettles(progress: () => number, heldBack: () => boolean, fini
  * The terminal case: the broker made the pseudo-terminal and gave us the
  * master. Reading: readPtyMaster (to EIO, every byte: see pty-reader.ts
  * for why not tty.ReadStream), paused while the channel's window is full;
- * writing: fs.write, retried on EAGAIN, with the channel paused while
- * input queues up. Window sizes are set on the master here (TIOCSWINSZ),
+ * writing: ptyWriter (in order, the channel paused while input queues up). Window sizes are set on the master here (TIOCSWINSZ),
  * which the kernel turns into SIGWINCH for the relay. The client hears of
  * the exit after the last byte the terminal held went to the channel.
  */
@@ -90,54 +89,10 @@ export function ptyProcess(master: number, channel: ServerChannel, onExit: (repo
     finish();
   });
 
-  const queue: Buffer[] = [];
-  let queued = 0;
-  let writing = false;
-  /** The master is closed only once no write is in flight on the thread pool (its number could be reused). */
-  let closeWhenIdle = false;
-  const closeMaster = () => {
-    if (writing) {
-      closeWhenIdle = true;
-      return;
-    }
-    closeFd(master);
-  };
-  const pump = () => {
-    if (writing || closed) return;
-    const chunk = queue[0];
-    if (!chunk) {
-      if (channel.isPaused()) channel.resume();
-      return;
-    }
-    writing = true;
-    fsWrite(master, chunk, 0, chunk.length, null, (err, n) => {
-      writing = false;
-      if (closeWhenIdle) {
-        closeWhenIdle = false;
-        closeFd(master);
-      }
-      if (closed) return;
-      if (err) {
-        if ((err as NodeJS.ErrnoException).code === 'EAGAIN') {
-          setTimeout(pump, 5);
-          return;
-        }
-        queue.length = 0;
-        queued = 0;
-        return;
-      }
-      queued -= n;
-      if (n < chunk.length) queue[0] = chunk.subarray(n);
-      else queue.shift();
-      pump();
-    });
-  };
+  const input = ptyWriter(master, channel, PTY_WRITE_QUEUE_MAX);
   channel.on('data', (d: Buffer) => {
     if (closed || report) return;
-    queue.push(d);
-    queued += d.length;
-    if (queued > PTY_WRITE_QUEUE_MAX) channel.pause();
-    pump();
+    input.push(d);
   });
 
   return {
@@ -159,7 +114,7 @@ export function ptyProcess(master: number, channel: ServerChannel, onExit: (repo
       stopWaiting?.();
       reader.stop();
       // Closing our master: the relay sees its terminal hang up.
-      closeMaster();
+      input.close();
     },
   };
 }
