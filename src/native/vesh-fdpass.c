@@ -864,9 +864,9 @@ static const int allowed_syscalls[] = {
   /* Node, V8 and libuv name threads, set dumpability, query the THP mode. */
   __NR_prctl,
   /*
-   * Every ioctl: a worker holds only sockets, pipes, a pty master (TIOCSWINSZ
-   * is the broker's, but TCGETS/TIOCGWINSZ come from tty.ReadStream) and its
-   * stdio; the dangerous ioctls (TIOCSTI, TIOCLINUX) need a tty this process
+   * Every ioctl: a worker holds only sockets, pipes, a pty master (it sets a
+   * session's window size with TIOCSWINSZ; libuv makes descriptors
+   * non-blocking with FIONBIO) and its stdio; the dangerous ioctls (TIOCSTI, TIOCLINUX) need a tty this process
    * controls or capabilities it does not hold, and the pty masters it gets
    * belong to sessions it serves anyway.
    */
