@@ -62,8 +62,9 @@ function whenOutputSettles(progress: () => number, heldBack: () => boolean, fini
  * The terminal case: the broker made the pseudo-terminal and gave us the
  * master. Reading: readPtyMaster (to EIO, every byte: see pty-reader.ts
  * for why not tty.ReadStream), paused while the channel's window is full;
- * writing: ptyWriter (in order, the channel paused while input queues up). Window sizes are set on the master here (TIOCSWINSZ),
- * which the kernel turns into SIGWINCH for the relay. The client hears of
+ * writing: ptyWriter (in order, the channel paused while input queues
+ * up). Window sizes are set on the master here (TIOCSWINSZ), which the
+ * kernel turns into SIGWINCH for the relay. The client hears of
  * the exit after the last byte the terminal held went to the channel.
  */
 export function ptyProcess(master: number, channel: ServerChannel, onExit: (report: ExitReport) => void): SessionProcess {
