@@ -59,6 +59,39 @@ function whenOutputSettles(progress: () => number, heldBack: () => boolean, fini
 }
 
 /**
+ * A terminal's exit, told to the client once both are in: the broker's
+ * report, and the terminal's end (everything it wrote went to the channel)
+ * or, without that end, output that has settled (whenOutputSettles).
+ */
+function exitAfterOutput(onExit: (report: ExitReport) => void, progress: () => number, heldBack: () => boolean) {
+  let report: ExitReport | null = null;
+  let eof = false;
+  let finished = false;
+  let stopWaiting: (() => void) | null = null;
+  const finish = () => {
+    if (finished || !report) return;
+    finished = true;
+    stopWaiting?.();
+    onExit(report);
+  };
+  return {
+    /** The broker reported the exit: input is no longer taken. */
+    get reported(): boolean { return report !== null; },
+    /** The terminal's end: all its output is out. */
+    ended: () => {
+      eof = true;
+      finish();
+    },
+    exited: (r: ExitReport) => {
+      report = r;
+      if (eof) finish();
+      else stopWaiting = whenOutputSettles(progress, heldBack, finish);
+    },
+    stop: () => stopWaiting?.(),
+  };
+}
+
+/**
  * The terminal case: the broker made the pseudo-terminal and gave us the
  * master. Reading: readPtyMaster (to EIO, every byte: see pty-reader.ts
  * for why not tty.ReadStream), paused while the channel's window is full;
@@ -68,17 +101,8 @@ function whenOutputSettles(progress: () => number, heldBack: () => boolean, fini
  * the exit after the last byte the terminal held went to the channel.
  */
 export function ptyProcess(master: number, channel: ServerChannel, onExit: (report: ExitReport) => void): SessionProcess {
-  let report: ExitReport | null = null;
-  let eof = false;
   let closed = false;
-  let finished = false;
-  let stopWaiting: (() => void) | null = null;
-  const finish = () => {
-    if (finished || !report) return;
-    finished = true;
-    stopWaiting?.();
-    onExit(report);
-  };
+  const exit = exitAfterOutput(onExit, () => reader.bytesRead, () => reader.paused);
   const reader = readPtyMaster(master, (d) => {
     if (!channel.write(d)) {
       reader.pause();
@@ -86,22 +110,17 @@ export function ptyProcess(master: number, channel: ServerChannel, onExit: (repo
     }
   }, () => {
     // EIO: the VE side is closed and everything it wrote went to the channel.
-    eof = true;
-    finish();
+    exit.ended();
   });
 
   const input = ptyWriter(master, channel, PTY_WRITE_QUEUE_MAX);
   channel.on('data', (d: Buffer) => {
-    if (closed || report) return;
+    if (closed || exit.reported) return;
     input.push(d);
   });
 
   return {
-    exited: (r) => {
-      report = r;
-      if (eof) finish();
-      else stopWaiting = whenOutputSettles(() => reader.bytesRead, () => reader.paused, finish);
-    },
+    exited: exit.exited,
     resize: (cols, rows) => {
       if (closed) return;
       const s = clampPtySize(cols, rows);
@@ -112,7 +131,7 @@ export function ptyProcess(master: number, channel: ServerChannel, onExit: (repo
     close: () => {
       if (closed) return;
       closed = true;
-      stopWaiting?.();
+      exit.stop();
       reader.stop();
       // Closing our master: the relay sees its terminal hang up.
       input.close();
@@ -129,24 +148,13 @@ export function ptyProcess(master: number, channel: ServerChannel, onExit: (repo
  */
 export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit: (report: ExitReport) => void, resize: (cols: number, rows: number) => Promise<void>): SessionProcess {
   const sock = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
-  let report: ExitReport | null = null;
-  let eof = false;
   let closed = false;
-  let finished = false;
-  let stopWaiting: (() => void) | null = null;
-  const finish = () => {
-    if (finished || !report) return;
-    finished = true;
-    stopWaiting?.();
-    onExit(report);
-  };
-  const ended = () => {
-    eof = true;
-    finish();
-  };
-  sock.on('error', ended);
-  sock.on('end', ended);
-  sock.on('close', ended);
+  // The broker ends the socket once its tap read the terminal to its end;
+  // the tail may still be in the socket, behind the client's window.
+  const exit = exitAfterOutput(onExit, () => sock.bytesRead, () => channel.writableNeedDrain);
+  sock.on('error', exit.ended);
+  sock.on('end', exit.ended);
+  sock.on('close', exit.ended);
   // Output to the channel with its window; input to the broker as the socket takes it.
   sock.pipe(channel, { end: false });
   // Input typed after a window change reaches the terminal after it (as
@@ -154,7 +162,7 @@ export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit
   let resizing = 0;
   const held: Buffer[] = [];
   const send = (d: Buffer) => {
-    if (closed || report || sock.destroyed) return;
+    if (closed || exit.reported || sock.destroyed) return;
     if (!sock.write(d)) {
       channel.pause();
       sock.once('drain', () => channel.resume());
@@ -169,13 +177,7 @@ export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit
     send(d);
   });
   return {
-    exited: (r) => {
-      report = r;
-      if (eof) finish();
-      // The broker ends the socket once its tap read the terminal to its end;
-      // the tail may still be in the socket, behind the client's window.
-      else stopWaiting = whenOutputSettles(() => sock.bytesRead, () => channel.writableNeedDrain, finish);
-    },
+    exited: exit.exited,
     resize: (cols, rows) => {
       if (closed) return;
       const s = clampPtySize(cols, rows);
@@ -190,7 +192,7 @@ export function tappedTerminalProcess(fd: number, channel: ServerChannel, onExit
     close: () => {
       if (closed) return;
       closed = true;
-      stopWaiting?.();
+      exit.stop();
       sock.destroy();
     },
   };
