@@ -8,9 +8,8 @@ import { connectEtcd, type Etcd3 } from '../../src/cluster/etcd.js';
 import { ClusterVeAccess, liveNodesReader } from '../../src/cluster/cluster-ves.js';
 import { Placement } from '../../src/cluster/placement.js';
 import { isVeshError } from '../../src/errors.js';
-import type { VeAccess } from '../../src/ve/access.js';
 import { Cleanup, ensureBuilt, tempDir } from '../helpers/ssh-harness.js';
-import { nodeRecord, startEtcdCluster, type EtcdCluster } from '../helpers/etcd-cluster.js';
+import { CountingVes, nodeRecord, startEtcdCluster, type EtcdCluster } from '../helpers/etcd-cluster.js';
 
 /**
  * What a hostile party tries against the cluster's records. Every node can
@@ -28,14 +27,6 @@ import { nodeRecord, startEtcdCluster, type EtcdCluster } from '../helpers/etcd-
  * removed, "../nodes/na" and the other names go on to placement instead of
  * VESH_INVALID_NAME.
  */
-
-class CountingVes implements VeAccess {
-  ensured: string[] = [];
-  async ensureRunning(ve: string): Promise<void> { this.ensured.push(ve); }
-  async lookupUser(): Promise<never> { throw new Error('not used'); }
-  async processCommand(): Promise<never> { throw new Error('not used'); }
-  async forwardCommand(): Promise<never> { throw new Error('not used'); }
-}
 
 describe('adversarial: hostile cluster records and names', () => {
   const cleanup = new Cleanup();

@@ -6,6 +6,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import type { NodeRecord } from '../../src/cluster/records.js';
+import type { VeAccess } from '../../src/ve/access.js';
 import type { Cleanup } from './ssh-harness.js';
 
 /**
@@ -119,3 +120,11 @@ export function nodeRecord(name: string, over: Partial<NodeRecord> = {}): NodeRe
   };
 }
 
+/** A VeAccess that only counts the VEs it is asked to run, standing in for the VE manager. */
+export class CountingVes implements VeAccess {
+  ensured: string[] = [];
+  async ensureRunning(ve: string): Promise<void> { this.ensured.push(ve); }
+  async lookupUser(): Promise<never> { throw new Error('not used'); }
+  async processCommand(): Promise<never> { throw new Error('not used'); }
+  async forwardCommand(): Promise<never> { throw new Error('not used'); }
+}

@@ -7,9 +7,8 @@ import { Placement } from '../../src/cluster/placement.js';
 import { readNodes, readState } from '../../src/cluster/cluster-state.js';
 import { ClusterVeAccess } from '../../src/cluster/cluster-ves.js';
 import { isVeshError } from '../../src/errors.js';
-import type { VeAccess } from '../../src/ve/access.js';
 import { Cleanup, freePort } from '../helpers/ssh-harness.js';
-import { nodeRecord, startEtcdCluster, type EtcdCluster } from '../helpers/etcd-cluster.js';
+import { CountingVes, nodeRecord, startEtcdCluster, type EtcdCluster } from '../helpers/etcd-cluster.js';
 
 /**
  * The cluster modules against a real etcd of three members on loopback:
@@ -20,15 +19,6 @@ import { nodeRecord, startEtcdCluster, type EtcdCluster } from '../helpers/etcd-
 
 function clusterCfg(endpoints: string[], node: string, over: Record<string, unknown> = {}): ClusterConfig {
   return resolveClusterConfig(clusterSchema.parse({ enabled: true, name: node, clusterName: 'ptest', leaseSeconds: 2, loadInterval: 1, etcd: { endpoints, timeout: 1500 }, ...over }), '/', { host: '127.0.0.1', port: 2222 });
-}
-
-/** A VeAccess that only counts, standing in for the VE manager. */
-class CountingVes implements VeAccess {
-  ensured: string[] = [];
-  async ensureRunning(ve: string): Promise<void> { this.ensured.push(ve); }
-  async lookupUser(): Promise<never> { throw new Error('not used'); }
-  async processCommand(): Promise<never> { throw new Error('not used'); }
-  async forwardCommand(): Promise<never> { throw new Error('not used'); }
 }
 
 describe('cluster placement and membership on a real etcd', () => {
