@@ -180,7 +180,8 @@ describe('adversarial: Unix-socket forwarding', () => {
     expect(stepOf(steps, 'forward.listen_unix')).toMatchObject({ ok: false, error: 'forwarding is off for this account' });
     // Off for the account and for the server here: the server's switch is checked first.
     expect(stepOf(steps, 'agent.listen')).toMatchObject({ ok: false, error: 'agent forwarding refused: agent forwarding is off on this server (sessions.agentForwarding)' });
-    expect(arena.serve.logs.slice(m).some((e) => e.event === 'agent.refused' && e.account === 'carol')).toBe(true);
+    // The log line comes through the server's output, which may trail the reply the worker got.
+    await arena.serve.waitForLog((e) => arena.serve.logs.indexOf(e) >= m && e.event === 'agent.refused' && e.account === 'carol', 15_000);
     // Nothing was started for it: no forward helper in alice's VE (carol's), no socket.
     const r = await arena.sh('alice', 'ls /tmp/vesh-sl-pwned.sock /tmp/ssh-* 2>&1; echo end');
     expect(r.stdout).not.toMatch(/^\/tmp\/(vesh-sl-pwned\.sock|ssh-)/m);
