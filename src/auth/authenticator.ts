@@ -276,6 +276,11 @@ export class Authenticator implements SshAuthenticator<Account, AuthorizedKey> {
     this.log.warn({ event: 'auth.weak_hash', account, costClass: costClassKey(c) }, `the password hash of ${account} is weaker than OWASP's argon2id minimum (m=19456,t=2): set it again with vesh user passwd ${account}`);
   }
 
+  findAccount(name: string): Account | null {
+    const account = this.accounts.get(name);
+    return account && !account.locked ? account : null;
+  }
+
   findKey(user: string, algo: string, blob: Buffer, source: string): { account: Account; key: AuthorizedKey } | null {
     const account = this.accounts.get(user);
     if (!account || account.locked) return null;

@@ -25,6 +25,10 @@ import { recordSession } from './session-recording.js';
 import type { ConnectionRecording, Recordings } from '../audit/recording-store.js';
 import type { Tap } from '../audit/recording-tap.js';
 import { parseUserauthBlob } from './userauth-blob.js';
+import { verify as cryptoVerify, type KeyObject } from 'node:crypto';
+import type { NodeRoutes } from './node-routes.js';
+import { VOUCH_MAX_SKEW_MS, decodeVouch, encodeVouch, isVouchName, keyFromVouch, vouchKeyOf, type Vouch, type VouchedKeySource } from './node-vouch.js';
+import { MAX_USER_NAME_CHARS } from './request-table.js';
 import { isCertificateAlgorithm } from '../auth/certificates.js';
 import { forwardingRefusal, permitListenRefusal, permitOpenRefusal } from '../auth/forward-rules.js';
 
@@ -47,6 +51,8 @@ export interface ConnectionDeps {
   features?: { agentForwarding?: boolean; streamLocalBindUnlink?: boolean; streamLocalBindMask?: number };
   /** Session recording (vesh.yaml recording:, accounts.yaml record:); absent: nothing is recorded. */
   recordings?: Recordings | null;
+  /** Cluster mode: logins carried to and from other nodes (node-routes.ts); absent: a single node. */
+  routes?: NodeRoutes | null;
 }
 
 /** The umask of the agent socket (OpenSSH's too): the session's user only. */
@@ -60,7 +66,12 @@ interface AuthResult {
   account: SshAccount;
   key: SshAuthorizedKey | null;
   method: 'publickey' | 'password' | 'keyboard-interactive';
+  /** Authenticated by another cluster node, which carried the login here (its vouch). */
+  via?: Vouch;
 }
+
+/** Signatures with the node key one carried connection may ask for (ssh2 signs once; a retry or two at most). */
+const NODE_SIGNS_PER_CONNECTION = 3;
 
 /** Re-key signatures one connection may have at once, and how often one more. */
 const RESIGN_BURST = 4;
@@ -120,6 +131,9 @@ export class BrokerConnection {
   /** Recorded terminal sessions: the broker holds their master, and window changes come to it. */
   private readonly taps = new Map<number, Tap>();
   private resignAt = Date.now();
+  /** The account's VE lives on another node: the worker carries the connection there, under this vouching user name. */
+  private remote: { node: string; user: string } | null = null;
+  private nodeSignsLeft = NODE_SIGNS_PER_CONNECTION;
 
   /**
    * May the key exchange be signed again (a re-key)? Never before login;
@@ -171,8 +185,17 @@ export class BrokerConnection {
 
   // ------------------------------------------------------------ authentication
 
-  keyQuery(r: Request<'auth.key_query'>): { acceptable: boolean } {
+  async keyQuery(r: Request<'auth.key_query'>): Promise<{ acceptable: boolean }> {
     const key = Buffer.from(r.key, 'base64');
+    if (isVouchName(r.user)) {
+      const v = await this.vouched(r.user, r.algo, key);
+      if (v) {
+        this.audit('key-acceptable', 'publickey', r.user, { account: v.vouch.account, via: v.vouch.from, fingerprint: sshFingerprint(key) });
+        return { acceptable: true };
+      }
+      this.countFailure();
+      return { acceptable: false };
+    }
     const found = this.deps.authenticator.findKey(r.user, r.algo, key, this.source);
     const fingerprint = sshFingerprint(key);
     if (found) {
@@ -186,11 +209,12 @@ export class BrokerConnection {
     return { acceptable: false };
   }
 
-  publickey(r: Request<'auth.publickey'>): { success: boolean; grant?: AuthGrant; disconnect?: boolean } {
+  async publickey(r: Request<'auth.publickey'>): Promise<{ success: boolean; grant?: AuthGrant; disconnect?: boolean }> {
     if (this.authDone) return { success: false, disconnect: true };
     const key = Buffer.from(r.key, 'base64');
     const blob = Buffer.from(r.blob, 'base64');
     const fingerprint = sshFingerprint(key);
+    if (isVouchName(r.user)) return this.nodePublickey(r, key, blob);
     const found = this.deps.authenticator.findKey(r.user, r.algo, key, this.source);
     const parsed = parseUserauthBlob(blob);
     const bound = !!parsed && !!this.sessionId && parsed.sessionId.equals(this.sessionId)
@@ -201,7 +225,7 @@ export class BrokerConnection {
     if (ok && found) {
       const cert = found.key.certificate;
       this.audit('success', 'publickey', r.user, { account: found.account.name, fingerprint, algo: r.algo, ...(cert ? { fingerprint: found.key.fingerprint, keyId: cert.keyId, serial: cert.serial, ca: cert.caFingerprint } : {}) });
-      return { success: true, grant: this.succeed({ account: found.account, key: found.key, method: 'publickey' }) };
+      return { success: true, grant: await this.succeed({ account: found.account, key: found.key, method: 'publickey' }) };
     }
     this.audit('failure', 'publickey', r.user, { account: found?.account.name, fingerprint, algo: r.algo, ...(found && !bound ? { reason: 'signed data does not name this connection' } : {}) });
     this.holdAgainstSource(r.user);
@@ -232,7 +256,7 @@ export class BrokerConnection {
     if (this.authDone || this.state !== 'preauth') return { success: false, disconnect: true };
     if (res.ok) {
       this.audit('success', r.method, r.user, { account: res.account.name });
-      return { success: true, grant: this.succeed({ account: res.account, key: null, method: r.method }) };
+      return { success: true, grant: await this.succeed({ account: res.account, key: null, method: r.method }) };
     }
     this.audit('failure', r.method, r.user, {});
     this.holdAgainstSource(r.user);
@@ -245,8 +269,104 @@ export class BrokerConnection {
     return { disconnect: this.countFailure() };
   }
 
-  private succeed(result: AuthResult): AuthGrant {
+  /**
+   * A login carried here by another cluster node (node-vouch.ts): the
+   * node's key, a vouch that names this node, an account that exists here,
+   * and a VE that lives here; then the signature over this connection's
+   * session id. The key's restrictions come from the vouch.
+   */
+  private async nodePublickey(r: Request<'auth.publickey'>, key: Buffer, blob: Buffer): Promise<{ success: boolean; grant?: AuthGrant; disconnect?: boolean }> {
+    const v = await this.vouched(r.user, r.algo, key);
+    const parsed = parseUserauthBlob(blob);
+    const bound = !!parsed && !!this.sessionId && parsed.sessionId.equals(this.sessionId)
+      && parsed.user === r.user && parsed.key.equals(key) && parsed.service === 'ssh-connection' && parsed.algo === 'ssh-ed25519';
+    const signature = Buffer.from(r.signature, 'base64');
+    let ok = false;
+    try {
+      ok = !!v && bound && signature.length === 64 && cryptoVerify(null, blob, v.key, signature);
+    } catch { /* malformed: not ok */ }
+    if (!v || !ok || this.authDone || this.state !== 'preauth') {
+      this.audit('failure', 'publickey', r.user, { via: v?.vouch.from, ...(v && !bound ? { reason: 'signed data does not name this connection' } : {}) });
+      this.holdAgainstSource(r.user);
+      return { success: false, disconnect: this.countFailure() };
+    }
+    const vouch = v.vouch;
+    let vkey: SshAuthorizedKey | null;
+    try {
+      vkey = keyFromVouch(vouch);
+    } catch (err) {
+      this.log.warn({ event: 'cluster.vouch_refused', via: vouch.from, account: vouch.account, reason: `a key rule does not parse here: ${errorMessage(err)}` });
+      return { success: false, disconnect: this.countFailure() };
+    }
+    this.audit('success', vouch.method, vouch.account, { account: vouch.account, via: vouch.from, clientSource: vouch.source, fingerprint: vouch.key?.fingerprint });
+    return { success: true, grant: await this.succeed({ account: v.account, key: vkey, method: vouch.method, via: vouch }) };
+  }
+
+  /**
+   * The vouch in a node login's user name, when everything it claims holds
+   * here; null (and why, in the log) otherwise.
+   */
+  private async vouched(user: string, algo: string, key: Buffer): Promise<{ vouch: Vouch; account: SshAccount; key: KeyObject } | null> {
+    const routes = this.deps.routes;
+    const refuse = (reason: string, extra: Record<string, unknown> = {}) => {
+      this.log.warn({ event: 'cluster.vouch_refused', source: this.source, reason, ...extra }, `a login carried from another node refused: ${reason}`);
+      return null;
+    };
+    if (!routes) return refuse('cluster mode is off on this node');
+    const d = decodeVouch(user);
+    if (!d.ok) return refuse(`the user name is not a node's vouch (${d.why})`);
+    const vouch = d.vouch;
+    if (algo !== 'ssh-ed25519') return refuse(`node keys are ed25519, not ${algo.slice(0, 40)}`);
+    let node;
+    try {
+      node = await routes.nodeOfKey(key);
+    } catch (err) {
+      return refuse(`cannot read the cluster's nodes: ${errorMessage(err)}`);
+    }
+    if (!node) return refuse('the key is not the node key of a live node of this cluster', { claims: vouch.from, fingerprint: sshFingerprint(key) });
+    if (node.name !== vouch.from) return refuse(`node ${node.name}'s key vouches as node ${vouch.from}`);
+    if (vouch.to !== routes.nodeName) return refuse(`the login is for node ${vouch.to}, not this one`, { via: node.name });
+    if (Math.abs(Date.now() - vouch.at) > VOUCH_MAX_SKEW_MS) return refuse(`node ${node.name}'s clock is more than ${VOUCH_MAX_SKEW_MS / 60_000} minutes from ours (or the vouch is old): check NTP on both`, { via: node.name });
+    const account = this.deps.authenticator.findAccount?.(vouch.account) ?? null;
+    if (!account) return refuse(`account ${vouch.account} does not exist here or is locked (accounts.yaml must be the same on every node)`, { via: node.name });
+    let where: string;
+    try {
+      where = await routes.locate(account.ve);
+    } catch (err) {
+      return refuse(`cannot tell where VE ${account.ve} lives: ${errorMessage(err)}`, { via: node.name });
+    }
+    if (where !== routes.nodeName) return refuse(`VE ${account.ve} lives on node ${where}, not here: logins are carried one hop only`, { via: node.name });
+    return { vouch, account, key: node.key };
+  }
+
+  private async succeed(result: AuthResult): Promise<AuthGrant> {
     this.authDone = true;
+    // Where the VE lives decides what this connection is: here, its
+    // sessions run here; on another node, the worker carries them there.
+    const routes = this.deps.routes;
+    let remote: { node: string; user: string } | null = null;
+    let placeError: unknown = null;
+    if (routes && !result.via) {
+      try {
+        const node = await routes.locate(result.account.ve);
+        if (node !== routes.nodeName) {
+          const vouch: Vouch = {
+            v: 1, from: routes.nodeName, to: node, account: result.account.name, source: this.source, port: this.port,
+            at: Date.now(), method: result.method, key: vouchKeyOf(result.key as VouchedKeySource | null),
+          };
+          const user = encodeVouch(vouch, MAX_USER_NAME_CHARS);
+          if (user === null) {
+            placeError = new VeshError(ErrorCodes.VE_ELSEWHERE, `the restrictions of the key ${result.key?.fingerprint ?? ''} are too long to carry to node ${node} (over ${MAX_USER_NAME_CHARS} characters): shorten its options`, {
+              userMessage: `Your environment lives on cluster node ${node}, and your key's options are too long to carry there; ask the administrator.`,
+            });
+          } else {
+            remote = { node, user };
+          }
+        }
+      } catch (err) {
+        placeError = err;
+      }
+    }
     this.result = result;
     this.state = 'authenticated';
     this.deps.authenticator.recordSuccess(this.source, result.account.name);
@@ -274,11 +394,26 @@ export class BrokerConnection {
     this.countedAccount = result.account.name;
     const watch = watchClientSilence(this.cutFd, this.timeouts, (silentMs, limitMs) => this.onClientSilent(silentMs, limitMs));
     if (watch) this.timers.push(watch);
-    const connection = { clientIp: this.source, clientPort: this.port, serverIp: this.local.address, serverPort: this.local.port };
+    const via = result.via ? { via: result.via.from, clientSource: result.via.source } : {};
+    if (remote || placeError) {
+      // Nothing runs here: a compromised worker asking for a session or a
+      // forward anyway is told what the client would be.
+      this.remote = remote;
+      const why = placeError ?? new VeshError(ErrorCodes.VE_ELSEWHERE, `VE ${result.account.ve} lives on node ${remote!.node}: this connection is carried there`, { userMessage: 'This connection is carried to another node.' });
+      this.login = Promise.reject(why);
+      this.login.catch(() => undefined);
+      if (remote) grant.remote = { node: remote.node };
+      this.log.info({ event: 'ssh.login', method: result.method, fingerprint: key?.fingerprint, source: this.source, ...(remote ? { node: remote.node } : { placeError: errorMessage(placeError) }) });
+      return grant;
+    }
+    // A login carried from another node: the session's SSH_CLIENT names the client, not that node.
+    const connection = result.via
+      ? { clientIp: result.via.source, clientPort: result.via.port, serverIp: this.local.address, serverPort: this.local.port }
+      : { clientIp: this.source, clientPort: this.port, serverIp: this.local.address, serverPort: this.local.port };
     // The VE boots while the client is still opening its first channel.
     this.login = prepareLogin(this.deps.ves, result.account, connection, this.log);
     this.login.catch(() => undefined);
-    this.log.info({ event: 'ssh.login', method: result.method, fingerprint: key?.fingerprint, source: this.source });
+    this.log.info({ event: 'ssh.login', method: result.method, fingerprint: key?.fingerprint, source: this.source, ...via });
     return grant;
   }
 
@@ -302,7 +437,54 @@ export class BrokerConnection {
 
   private audit(result: string, method: string, user: string, extra: Record<string, unknown>): void {
     countLogin(result, method);
-    this.log.info({ event: 'ssh.auth', method, user, source: this.source, result, ...extra });
+    // A node's vouch is long; the account it names is logged beside it.
+    this.log.info({ event: 'ssh.auth', method, user: user.length > 64 ? `${user.slice(0, 64)}…` : user, source: this.source, result, ...extra });
+  }
+
+  // ------------------------------------------------------------ carried to another node
+
+  /** cluster.connect: the connection to the node this login's VE lives on (once per connection). */
+  async clusterConnect(): Promise<{ body: Record<string, unknown>; fd: number }> {
+    const result = this.authenticated();
+    const remote = this.remote;
+    const routes = this.deps.routes;
+    if (!remote || !routes) throw new Refused('this connection is not carried to another node');
+    const started = Date.now();
+    try {
+      const link = await routes.connect(remote.node, result.account.ve);
+      if (this.state !== 'authenticated') {
+        closeFd(link.fd);
+        throw new Refused('the connection is closing');
+      }
+      this.log.info({ event: 'cluster.route', node: remote.node, ms: Date.now() - started }, `carrying the connection to node ${remote.node}`);
+      return { body: { node: remote.node, user: remote.user, nodeKey: routes.nodeKey.line, hostKeys: link.hostKeys }, fd: link.fd };
+    } catch (err) {
+      if (!(err instanceof Refused)) this.log.warn({ event: 'cluster.route_failed', node: remote.node, ms: Date.now() - started, err: errorMessage(err) });
+      throw err;
+    }
+  }
+
+  /**
+   * cluster.sign: the node key's signature over the login the worker makes
+   * on the other node, and only that one: the blob must be a publickey
+   * userauth request for the vouching user name we wrote, the
+   * ssh-connection service and our node key. (Its session id is the other
+   * node's, which we cannot know; it binds the signature to that one
+   * connection there.)
+   */
+  clusterSign(r: Request<'cluster.sign'>): { signature: string } {
+    this.authenticated();
+    const remote = this.remote;
+    const routes = this.deps.routes;
+    if (!remote || !routes) throw new ProtocolViolation('cluster.sign for a connection that is not carried to another node');
+    const data = Buffer.from(r.data, 'base64');
+    const parsed = parseUserauthBlob(data);
+    if (!parsed || parsed.user !== remote.user || parsed.service !== 'ssh-connection' || parsed.algo !== 'ssh-ed25519' || !parsed.key.equals(routes.nodeKey.blob) || parsed.sessionId.length < 20 || parsed.sessionId.length > 64) {
+      throw new ProtocolViolation('cluster.sign over data that is not this connection\'s login to its node');
+    }
+    if (this.nodeSignsLeft <= 0) throw new ProtocolViolation(`cluster.sign more than ${NODE_SIGNS_PER_CONNECTION} times for one connection`);
+    this.nodeSignsLeft -= 1;
+    return { signature: routes.sign(data).toString('base64') };
   }
 
   // ------------------------------------------------------------ sessions

@@ -17,6 +17,7 @@ import { HeldShells } from './held-shells.js';
 import { hostKeySigner } from './host-key-signer.js';
 import { REQUESTS, SignRequest, parseRequest, type BrokerEvent, type Request } from './request-table.js';
 import { WorkerPool, workerCount, type Worker } from './worker-pool.js';
+import type { NodeRoutes } from './node-routes.js';
 import type { Recordings } from '../audit/recording-store.js';
 
 const { utils } = ssh2;
@@ -43,6 +44,8 @@ export interface BrokerDeps {
   workerOutput?: (chunk: Buffer) => void;
   /** Session recording (src/audit/recording-store.ts); absent: off. */
   recordings?: Recordings | null;
+  /** Cluster mode: carrying logins to the node their VE lives on (node-routes.ts); absent: a single node. */
+  routes?: NodeRoutes | null;
 }
 
 /** workers.stallTimeout's default. */
@@ -237,6 +240,7 @@ export class Broker {
       send: (ev, fds) => this.sendTo(worker, ev, fds),
       heldShells: this.heldShells,
       recordings: this.deps.recordings ?? null,
+      routes: this.deps.routes ?? null,
       onAuthenticated: () => this.admission.leave(adm),
       ...(this.deps.config.timeouts ? { timeouts: this.deps.config.timeouts } : {}),
     }, log);
@@ -336,9 +340,9 @@ export class Broker {
   private async answer(w: Worker, c: BrokerConnection, r: Request): Promise<{ body: Record<string, unknown>; fds?: number[] } | null> {
     switch (r.req) {
       case 'auth.key_query':
-        return { body: c.keyQuery(r) };
+        return { body: await c.keyQuery(r) };
       case 'auth.publickey':
-        return { body: c.publickey(r) };
+        return { body: await c.publickey(r) };
       case 'auth.password':
         return { body: await c.password(r) };
       case 'auth.failure':
@@ -375,6 +379,12 @@ export class Broker {
         return { body: await c.forwardListenUnix(r) };
       case 'agent.listen':
         return { body: await c.agentListen(r) };
+      case 'cluster.connect': {
+        const link = await c.clusterConnect();
+        return { body: link.body, fds: [link.fd] };
+      }
+      case 'cluster.sign':
+        return { body: c.clusterSign(r) };
       case 'conn.closed':
         this.connectionClosed(w, c, r);
         return null;

@@ -48,6 +48,11 @@ import type { TimeoutSettings } from '../config/server-config.js';
  * |                   |                |      | inside the VE as its user (direct-streamlocal)       |
  * | forward.listen_unix | authenticated |      | listener id of a Unix socket bound inside the VE     |
  * |                   |                |      | (streamlocal-forward; mask and unlink from vesh.yaml) |
+ * | cluster.connect   | authenticated  | once | fd: a TCP socket to the node the account's VE lives   |
+ * |                   |                |      | on (grant.remote), with that node's host keys, our   |
+ * |                   |                |      | node key and the user name that vouches for the login |
+ * | cluster.sign      | authenticated  |      | signature with our node key over the userauth blob   |
+ * |                   |                |      | of that login (only that user, service and key)      |
  * | agent.listen      | authenticated  |      | listener id and path of the connection's agent socket |
  * |                   |                |      | in the VE (made once; later sessions get             |
  * |                   |                |      | SSH_AUTH_SOCK); refused by the account, key, server  |
@@ -63,7 +68,13 @@ import type { TimeoutSettings } from '../config/server-config.js';
 export const MAX_FRAME_BYTES = 256 * 1024;
 
 const conn = z.string().regex(/^[0-9a-f]{8,16}$/);
-const user = z.string().min(0).max(128);
+/**
+ * A user name as the client sent it. Up to 4 KiB: a login carried from
+ * another cluster node names the account and its key's restrictions in it
+ * (src/broker/node-vouch.ts); an ordinary account name is at most 32.
+ */
+export const MAX_USER_NAME_CHARS = 4096;
+const user = z.string().min(0).max(MAX_USER_NAME_CHARS);
 const b64 = (max: number) => z.string().max(Math.ceil(max / 3) * 4 + 4).regex(/^[A-Za-z0-9+/]*={0,2}$/);
 const id = z.number().int().min(1).max(2 ** 31);
 const port = z.number().int().min(0).max(65535);
@@ -135,6 +146,14 @@ export const REQUESTS = {
   'forward.listen_unix': {
     states: ['authenticated'], once: false,
     schema: z.strictObject({ req: z.literal('forward.listen_unix'), id, conn, path: socketPath }),
+  },
+  'cluster.connect': {
+    states: ['authenticated'], once: true,
+    schema: z.strictObject({ req: z.literal('cluster.connect'), id, conn }),
+  },
+  'cluster.sign': {
+    states: ['authenticated'], once: false,
+    schema: z.strictObject({ req: z.literal('cluster.sign'), id, conn, data: b64(16384) }),
   },
   'agent.listen': {
     states: ['authenticated'], once: false,
@@ -219,6 +238,12 @@ export interface AuthGrant {
    * worker does with them (client-alive-backstop.ts, maxSessionTime).
    */
   timeouts?: TimeoutSettings;
+  /**
+   * The account's VE lives on another cluster node: nothing runs here. The
+   * worker carries the connection's channels to that node (cluster.connect,
+   * cluster.sign; src/ssh/remote-link.ts), whose broker decides them.
+   */
+  remote?: { node: string };
 }
 
 /**

@@ -58,7 +58,7 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   // Its module, and the etcd client, are loaded only when it is on.
   let brokerSessions = () => 0;
   const cluster = config.cluster?.enabled
-    ? await (await import('../cluster/node.js')).startClusterNode({ config, logger, ves, templates: createTemplateStore(config, makeLayout(config.dataDir), logger), sessions: () => brokerSessions() })
+    ? await (await import('../cluster/node.js')).startClusterNode({ config, logger, ves, templates: createTemplateStore(config, makeLayout(config.dataDir), logger), sessions: () => brokerSessions(), hostKeys: hostKeys.map((k) => k.publicKey) })
     : null;
 
   // The SSH protocol runs in sandboxed workers; this process is the broker.
@@ -71,8 +71,10 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   // a later edit of accounts.yaml), hidden from workers like the data dir.
   const recordings = config.recording ? Recordings.open(config.recording, config.dataDir, config.hostKeysDir, logger) : null;
   const hide = [...hiddenFromWorkers(config), ...(recordings ? hiddenFromWorkers({ dataDir: recordings.dir, hostKeysDir: config.hostKeysDir, accountsFile: config.accountsFile, configFile: config.configFile }) : [])];
+  const gate = cluster ? cluster.access(ves) : null;
   const server = new Broker({
-    config, authenticator, ves: cluster ? cluster.access(ves) : ves, hostKeys, logger, hide: [...new Set(hide)], recordings,
+    config, authenticator, ves: gate ?? ves, hostKeys, logger, hide: [...new Set(hide)], recordings,
+    routes: cluster && gate ? cluster.routes(gate) : null,
     // Tests stand a hostile worker in here; an admin never needs to.
     ...(process.env.VESH_WORKER_SCRIPT ? { workerScript: process.env.VESH_WORKER_SCRIPT } : {}),
   });

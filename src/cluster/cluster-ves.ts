@@ -7,15 +7,18 @@ import { readNodes, type LiveNode } from './cluster-state.js';
 import type { Placement } from './placement.js';
 import { chooseNode } from './placement.js';
 
-/** The error a login gets for a VE placed on another node (routing between nodes is the next step of issue 14). */
+/** The error for a VE placed on another node, where the caller acts on this node's VEs only (logins are carried there instead: routing.ts). */
 export function veElsewhere(ve: string, node: string, live: LiveNode | undefined): VeshError {
-  if (!live) {
-    return new VeshError(ErrorCodes.VE_ELSEWHERE, `VE ${ve} lives on node ${node}, which is not live (no registration in etcd): its logins fail until it is back`, {
-      userMessage: `Your environment ${ve} lives on cluster node ${node}, which is down right now; try again when it is back.`,
-    });
-  }
-  return new VeshError(ErrorCodes.VE_ELSEWHERE, `VE ${ve} lives on node ${node}; routing between nodes is not built yet: the user must log in at ${live.record.address}`, {
-    userMessage: `Your environment ${ve} lives on cluster node ${node}; routing between nodes is not built yet; log in at ${live.record.address} instead.`,
+  if (!live) return nodeDown(ve, node);
+  return new VeshError(ErrorCodes.VE_ELSEWHERE, `VE ${ve} lives on node ${node} (${live.record.address}): run this there`, {
+    userMessage: `Your environment ${ve} lives on cluster node ${node}.`,
+  });
+}
+
+/** A login to a VE whose node is not live (no registration) or does not answer. */
+export function nodeDown(ve: string, node: string, why = 'not live (no registration in etcd)'): VeshError {
+  return new VeshError(ErrorCodes.VE_ELSEWHERE, `VE ${ve} lives on node ${node}, which is ${why}: its logins fail until it is back`, {
+    userMessage: `Your environment ${ve} lives on cluster node ${node}, which is down right now; try again when it is back.`,
   });
 }
 
@@ -26,8 +29,10 @@ export function veElsewhere(ve: string, node: string, live: LiveNode | undefined
  * VeManager with no etcd call, so a login to it needs no etcd at all and
  * goes on while etcd is down. A VE without a placement is placed on the
  * least-loaded live node that has its template (a create-if-absent
- * transaction); one placed on another node fails fast with a message.
- * Only ensureRunning is gated: the other calls come after it in a login.
+ * transaction). A login to a VE on another node is carried there by the
+ * broker (it asks `locate` first); what still reaches ensureRunning for
+ * such a VE fails fast with a message. Only ensureRunning is gated: the
+ * other calls come after it.
  */
 export class ClusterVeAccess implements VeAccess {
   /** VEs whose placement names this node, as last seen (kept current by the placement watch). */
@@ -46,20 +51,26 @@ export class ClusterVeAccess implements VeAccess {
   agentRoute?: VeAccess['agentRoute'];
 
   async ensureRunning(ve: string, opts: { template?: string; limits?: LimitsInput; reason?: string } = {}): Promise<void> {
-    if (!this.local.has(ve)) await this.placeHere(ve, opts.template);
+    if (!this.local.has(ve)) {
+      const node = await this.locate(ve, opts.template);
+      if (node !== this.deps.cfg.nodeName) throw await this.elsewhere(ve, node);
+    }
     return this.inner.ensureRunning(ve, opts);
   }
 
-  /** Resolves once `ve` is placed on this node; throws VESH_VE_ELSEWHERE when it is (or goes) elsewhere. */
-  private async placeHere(ve: string, template: string | undefined): Promise<void> {
+  /**
+   * The node `ve` lives on: read from its placement, or placed now on the
+   * least-loaded live node that has the template (which may be another
+   * node) when it has none. A VE known to live here needs no etcd call.
+   */
+  async locate(ve: string, template?: string): Promise<string> {
     const { cfg, placement, log } = this.deps;
     const me = cfg.nodeName;
+    if (this.local.has(ve)) return me;
     let current = await placement.get(ve);
-    let nodes: LiveNode[] | null = null;
     if (!current) {
       const t = template ?? this.deps.defaultTemplate;
-      nodes = await this.deps.nodes();
-      const target = chooseNode(nodes, t);
+      const target = chooseNode(await this.deps.nodes(), t);
       if (!target) {
         throw new VeshError(ErrorCodes.VE_ELSEWHERE, `no live node of cluster ${cfg.clusterName} has template ${t} and a free VE slot: VE ${ve} cannot be placed; build or import the template on a node ("vesh template build"), or check "vesh cluster status"`, {
           userMessage: 'Your environment cannot be created right now: no cluster node can take it; the administrator has been told.',
@@ -69,17 +80,19 @@ export class ClusterVeAccess implements VeAccess {
       current = r.placement;
       if (r.won) log.info({ event: 'cluster.ve_placed', ve, node: current.node, template: t }, `placed VE ${ve} on node ${current.node}`);
     }
-    if (current.node === me) {
-      this.local.add(ve);
-      return;
-    }
-    nodes ??= await this.deps.nodes().catch((err: unknown) => {
-      log.warn({ event: 'cluster.nodes_unreadable', err: errorMessage(err) });
+    if (current.node === me) this.local.add(ve);
+    return current.node;
+  }
+
+  /** The error for a VE that lives on `node`, for callers that cannot carry it there (vesh ve exec and the like). */
+  private async elsewhere(ve: string, node: string): Promise<VeshError> {
+    const nodes = await this.deps.nodes().catch((err: unknown) => {
+      this.deps.log.warn({ event: 'cluster.nodes_unreadable', err: errorMessage(err) });
       return [];
     });
-    const err = veElsewhere(ve, current.node, nodes.find((n) => n.record.name === current.node));
-    log.info({ event: 'cluster.ve_elsewhere', ve, node: current.node }, err.message);
-    throw err;
+    const err = veElsewhere(ve, node, nodes.find((n) => n.record.name === node));
+    this.deps.log.info({ event: 'cluster.ve_elsewhere', ve, node }, err.message);
+    return err;
   }
 
   lookupUser: VeAccess['lookupUser'] = (ve, user) => this.inner.lookupUser(ve, user);

@@ -16,6 +16,7 @@ import { loadOrCreateNodeKey } from './node-key.js';
 import { Placement } from './placement.js';
 import type { NodeRecord } from './records.js';
 import { parseVeRecord } from './records.js';
+import { NodeRouter } from './routing.js';
 import { templateDigests } from './template-digest.js';
 import { VE_NAME_PATTERN } from '../ve/names.js';
 
@@ -36,6 +37,8 @@ export interface ClusterNode {
   placement: Placement;
   /** `inner` behind the placement gate (see ClusterVeAccess). */
   access(inner: VeAccess): ClusterVeAccess;
+  /** The broker's way to the other nodes, for logins whose VE lives there (and theirs to here); `gate` from access(). */
+  routes(gate: ClusterVeAccess): NodeRouter;
   stop(): Promise<void>;
 }
 
@@ -53,6 +56,8 @@ export async function startClusterNode(deps: {
   templates: TemplateStore;
   /** Sessions open on this node right now (the broker's count). */
   sessions: () => number;
+  /** This server's SSH host keys ("ssh-ed25519 AAAA…"): published, so other nodes know who answers at our address. */
+  hostKeys: string[];
 }): Promise<ClusterNode> {
   const cfg = deps.config.cluster;
   if (!cfg?.enabled) throw new VeshError(ErrorCodes.CLUSTER_OFF, 'cluster mode is off');
@@ -77,6 +82,7 @@ export async function startClusterNode(deps: {
       address: cfg.advertise,
       version,
       publicKey: key.publicKey,
+      hostKeys: deps.hostKeys.slice(0, 8),
       capacity: { cpus: os.availableParallelism(), memoryBytes: os.totalmem(), veSlots: deps.config.runtime.idRanges },
       load: { runningVes: list.filter((s) => s.state === 'running').length, sessions: deps.sessions(), loadavg: os.loadavg().map((l) => Math.round(l * 100) / 100) },
       templates,
@@ -137,6 +143,9 @@ export async function startClusterNode(deps: {
       for (const ve of mine) gate.local.add(ve);
       gates.push(gate);
       return gate;
+    },
+    routes(gate) {
+      return new NodeRouter({ cfg, gate, nodes: liveNodesReader(client, cfg, log), key, log });
     },
     async stop() {
       await watcher.cancel().catch(() => undefined);

@@ -22,11 +22,17 @@ const time = z.string().regex(/^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]{1,20}Z$/);
 
 export const nodeRecordSchema = z.strictObject({
   name: z.string().regex(CLUSTER_NAME_PATTERN),
-  /** HOST:PORT other nodes reach this node at (for the node-to-node channel to come). */
+  /** HOST:PORT other nodes reach this node at: its SSH port, where logins carried from other nodes arrive. */
   address: z.string().max(300).regex(/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/),
   version: z.string().regex(/^[0-9A-Za-z.+-]{1,64}$/),
   /** The node's public key, "ssh-ed25519 AAAA…" (keys/vesh_node_ed25519_key). */
   publicKey: z.string().max(200).regex(/^ssh-ed25519 [A-Za-z0-9+/]+=*$/),
+  /**
+   * The node's SSH host keys ("ssh-ed25519 AAAA…", "ssh-rsa AAAA…"): another
+   * node carrying a login here accepts only these, so the cluster, not the
+   * network, says who answers at `address`.
+   */
+  hostKeys: z.array(z.string().max(1024).regex(/^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=*$/)).max(8).default([]),
   capacity: z.strictObject({ cpus: count, memoryBytes: count, veSlots: count }),
   load: z.strictObject({
     runningVes: count,

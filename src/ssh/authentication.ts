@@ -4,6 +4,9 @@ import type { AuthGrant } from '../broker/request-table.js';
 import { errorMessage } from '../errors.js';
 import type { ConnectionBroker } from '../worker/broker-client.js';
 
+/** The request table's bound (MAX_USER_NAME_CHARS): a login carried from another cluster node names more than an account. */
+const MAX_USER_NAME_CHARS = 4096;
+
 const METHODS: Array<'publickey' | 'password' | 'keyboard-interactive'> = ['publickey', 'password', 'keyboard-interactive'];
 
 /**
@@ -32,7 +35,7 @@ export class ConnectionAuthentication {
       ctx.reject();
       return;
     }
-    const user = ctx.username.slice(0, 128);
+    const user = ctx.username.slice(0, MAX_USER_NAME_CHARS);
     switch (ctx.method) {
       case 'none':
         // Clients ask "none" first to learn the methods; not an attempt.

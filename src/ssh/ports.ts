@@ -58,6 +58,8 @@ export interface SshAuthenticator<A extends SshAccount = SshAccount, K extends S
   /** The account's key matching this public key blob, honouring from= for `source`; null if none. */
   findKey(user: string, algo: string, blob: Buffer, source: string): { account: A; key: K } | null;
   verifySignature(key: K, data: Buffer, signature: Buffer, hashAlgo?: string): boolean;
+  /** The account of this name when it exists and is not locked (a login another cluster node authenticated); null otherwise. */
+  findAccount?(name: string): A | null;
   /**
    * Milliseconds this source must still wait before it may try again (0 =
    * none): the whole source, or with `account` its attempts at that account.

@@ -114,7 +114,7 @@ export async function startEtcdCluster(cleanup: Cleanup, members = 3): Promise<E
 export function nodeRecord(name: string, over: Partial<NodeRecord> = {}): NodeRecord {
   const now = new Date().toISOString();
   return {
-    name, address: '127.0.0.1:2222', version: '0.1.0', publicKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE1mZXhhbXBsZQ',
+    name, address: '127.0.0.1:2222', version: '0.1.0', publicKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE1mZXhhbXBsZQ', hostKeys: [],
     capacity: { cpus: 2, memoryBytes: 2 ** 34, veSlots: 100 }, load: { runningVes: 0, sessions: 0, loadavg: [0, 0, 0] },
     templates: [{ name: 'busybox', digest: null }], startedAt: now, updatedAt: now, ...over,
   };

@@ -103,7 +103,7 @@ describe('cluster placement and membership on a real etcd', () => {
     expect(inner.ensured).toEqual(['cached']);
   }, 20_000);
 
-  it('places a new VE on the least-loaded live node, and refuses a login here to a VE placed there', async () => {
+  it('places a new VE on the least-loaded live node (locate names it), and refuses to run here a VE placed there', async () => {
     const a = clusterCfg(etcd.endpoints, 'pa');
     const nodes = [
       { record: nodeRecord('pa', { load: { runningVes: 9, sessions: 0, loadavg: [0, 0, 0] } }), leaseRemaining: 2 },
@@ -111,9 +111,10 @@ describe('cluster placement and membership on a real etcd', () => {
     ];
     const inner = new CountingVes();
     const gate = new ClusterVeAccess(inner, { cfg: a, placement: new Placement(await client(a), a), nodes: async () => nodes, defaultTemplate: 'busybox', log: silentLogger() });
+    expect(await gate.locate('newve')).toBe('pb');
     const err = await gate.ensureRunning('newve').then(() => null, (e: unknown) => e);
     expect(isVeshError(err, 'VESH_VE_ELSEWHERE'), String(err)).toBe(true);
-    expect((err as { userMessage: string }).userMessage).toBe('Your environment newve lives on cluster node pb; routing between nodes is not built yet; log in at 127.0.0.2:2222 instead.');
+    expect((err as Error).message).toBe('VE newve lives on node pb (127.0.0.2:2222): run this there');
     expect(inner.ensured).toEqual([]);
     // pb gets busier: the next new VE comes here.
     nodes[1]!.record.load.runningVes = 50;
