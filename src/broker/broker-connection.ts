@@ -134,6 +134,8 @@ export class BrokerConnection {
   /** The account's VE lives on another node: the worker carries the connection there, under this vouching user name. */
   private remote: { node: string; user: string } | null = null;
   private nodeSignsLeft = NODE_SIGNS_PER_CONNECTION;
+  /** A node login's key was a live node's, vouching as itself (its other checks may still fail). */
+  private keyOfLiveNode = false;
 
   /**
    * May the key exchange be signed again (a re-key)? Never before login;
@@ -287,7 +289,10 @@ export class BrokerConnection {
     } catch { /* malformed: not ok */ }
     if (!v || !ok || this.authDone || this.state !== 'preauth') {
       this.audit('failure', 'publickey', r.user, { via: v?.vouch.from, ...(v && !bound ? { reason: 'signed data does not name this connection' } : {}) });
-      this.holdAgainstSource(r.user);
+      // A live node's own key and vouch, refused for what this node knows
+      // (an account or placement the nodes disagree on): not an attack by
+      // that address, whose other users' logins must go on.
+      if (v || !this.keyOfLiveNode) this.holdAgainstSource(r.user);
       return { success: false, disconnect: this.countFailure() };
     }
     const vouch = v.vouch;
@@ -325,6 +330,7 @@ export class BrokerConnection {
     }
     if (!node) return refuse('the key is not the node key of a live node of this cluster', { claims: vouch.from, fingerprint: sshFingerprint(key) });
     if (node.name !== vouch.from) return refuse(`node ${node.name}'s key vouches as node ${vouch.from}`);
+    this.keyOfLiveNode = true;
     if (vouch.to !== routes.nodeName) return refuse(`the login is for node ${vouch.to}, not this one`, { via: node.name });
     if (Math.abs(Date.now() - vouch.at) > VOUCH_MAX_SKEW_MS) return refuse(`node ${node.name}'s clock is more than ${VOUCH_MAX_SKEW_MS / 60_000} minutes from ours (or the vouch is old): check NTP on both`, { via: node.name });
     const account = this.deps.authenticator.findAccount?.(vouch.account) ?? null;
