@@ -9,6 +9,7 @@ import { CappedLog } from './capped-log.js';
 import type { ExitReport } from './exit-status.js';
 import { AgentForwarding } from './agent-forwarding.js';
 import { ConnectionForwarding } from './forwarding.js';
+import { RemoteNodeLink } from './remote-link.js';
 import {
   MAX_CHANNELS_PER_CONNECTION, MAX_REFUSAL_LOGS_PER_CONNECTION, MAX_REFUSED_CHANNEL_OPENS, MAX_SESSIONS_PER_CONNECTION,
 } from './limits.js';
@@ -25,6 +26,8 @@ export interface ConnectionDeps {
   broker: ConnectionBroker;
   /** Session channels per connection (sessions.maxSessions); MAX_SESSIONS_PER_CONNECTION when not given. */
   maxSessions?: number;
+  /** How long a login carried to another cluster node may take (remote-link.ts's default when not given; tests). */
+  remoteReadyTimeoutMs?: number;
 }
 
 /**
@@ -50,6 +53,8 @@ export class SshConnection {
   /** Keepalives, channel idle times, the unused-connection time (from the broker's grant). */
   private timeouts: ConnectionTimeouts | null = null;
   private agent: AgentForwarding | null = null;
+  /** The account's VE lives on another cluster node (grant.remote): every channel and forward is carried there. */
+  private link: RemoteNodeLink | null = null;
   private closed = false;
   /** The first key exchange completed (ssh2's 'handshake'). */
   keyExchangeDone = false;
@@ -82,7 +87,8 @@ export class SshConnection {
     conn.on('session', (accept, reject) => this.onSession(accept, reject));
     conn.on('tcpip', (accept, reject, i) => this.onTcpip(accept, reject, i));
     conn.on('openssh.streamlocal', (accept, reject, i) => {
-      if (!this.forwarding || this.closed) reject();
+      if (this.link && !this.closed) this.link.onDirectStreamLocal(accept, reject, i);
+      else if (!this.forwarding || this.closed) reject();
       else this.forwarding.onDirectStreamLocal(accept, reject, i);
     });
     conn.on('request', (accept, reject, name, i) => this.onRequest(accept, reject, name, i as TcpipBindInfo));
@@ -140,6 +146,26 @@ export class SshConnection {
     }
     this.timeouts = new ConnectionTimeouts(this.conn, grant.timeouts ?? NO_TIMEOUTS, this.log, (why, message) => this.expired(why, message));
     this.timeouts.start();
+    if (grant.remote) {
+      this.link = new RemoteNodeLink({
+        conn: this.conn,
+        broker: this.deps.broker,
+        log: this.log,
+        noisy: this.noisy,
+        node: grant.remote.node,
+        noPty: grant.noPty,
+        forwardingRefusal: grant.forwardingRefusal,
+        reserveChannel: (session) => this.reserveChannel(session),
+        releaseChannel: (session) => this.releaseChannel(session),
+        refuseSession: (accept, reject, text) => this.refuseSession(accept, reject, text),
+        endClient: () => {
+          this.end();
+          setTimeout(() => this.socket.destroy(), 1_000).unref();
+        },
+        ...(this.deps.remoteReadyTimeoutMs ? { readyTimeoutMs: this.deps.remoteReadyTimeoutMs } : {}),
+      });
+      return;
+    }
     this.forwarding = new ConnectionForwarding({
       conn: this.conn,
       broker: this.deps.broker,
@@ -166,6 +192,10 @@ export class SshConnection {
     }
     if (this.capRefusal) {
       this.refuseSession(accept, reject, this.capRefusal);
+      return;
+    }
+    if (this.link) {
+      this.link.onSession(accept, reject);
       return;
     }
     if (!this.reserveChannel(true)) {
@@ -277,6 +307,10 @@ export class SshConnection {
   }
 
   private onTcpip(accept: () => ServerChannel, reject: () => void, info: TcpipRequestInfo): void {
+    if (this.link && !this.closed) {
+      this.link.onDirectTcpip(accept, reject, info);
+      return;
+    }
     if (!this.forwarding || this.closed) {
       reject();
       return;
@@ -286,6 +320,10 @@ export class SshConnection {
 
   private onRequest(accept: ((port?: number) => void) | undefined, reject: (() => void) | undefined, name: string, info: TcpipBindInfo): void {
     const forwards = ['tcpip-forward', 'cancel-tcpip-forward', 'streamlocal-forward@openssh.com', 'cancel-streamlocal-forward@openssh.com'];
+    if (this.link && !this.closed && forwards.includes(name)) {
+      this.link.onGlobalRequest(accept, reject, name, info);
+      return;
+    }
     if (!this.forwarding || this.closed || !forwards.includes(name)) {
       reject?.();
       return;
@@ -348,6 +386,7 @@ export class SshConnection {
     this.sessions.clear();
     this.forwarding?.close();
     this.agent?.close();
+    this.link?.close();
     this.log.info({ event: 'ssh.connection_closed', durationMs: Date.now() - this.startedAt, authenticated: this.result !== null, ...(this.noisy.suppressed > 0 ? { logLinesSuppressed: this.noisy.suppressed } : {}) });
     this.onClosed?.();
   }

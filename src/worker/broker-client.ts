@@ -144,6 +144,26 @@ export class ConnectionBroker {
     return { listener: Number(r.body.listener), path: String(r.body.path) };
   }
 
+  /**
+   * The connection to the cluster node this login's VE lives on (grant.remote;
+   * once per connection): a connected TCP socket, the user name to log in
+   * there with, our node key and that node's host keys (OpenSSH lines).
+   */
+  async clusterConnect(): Promise<{ fd: number; node: string; user: string; nodeKey: string; hostKeys: string[] }> {
+    const r = await this.client.request('cluster.connect', this.conn);
+    const [fd, ...extra] = r.fds;
+    for (const x of extra) closeFd(x);
+    if (fd === undefined) throw new BrokerRefusal('no socket in the answer');
+    const hostKeys = Array.isArray(r.body.hostKeys) ? r.body.hostKeys.filter((k): k is string => typeof k === 'string') : [];
+    return { fd, node: String(r.body.node), user: String(r.body.user), nodeKey: String(r.body.nodeKey), hostKeys };
+  }
+
+  /** Our node key's raw ed25519 signature over the userauth blob of that login (the broker signs nothing else). */
+  async clusterSign(data: Buffer): Promise<Buffer> {
+    const r = await this.client.request('cluster.sign', this.conn, { data: data.toString('base64') });
+    return Buffer.from(String(r.body.signature), 'base64');
+  }
+
   forwardUnlisten(listener: number): void {
     this.client.request('forward.unlisten', this.conn, { listener }).catch(() => undefined);
   }
