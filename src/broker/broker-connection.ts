@@ -373,6 +373,9 @@ export class BrokerConnection {
         placeError = err;
       }
     }
+    // The client may have gone during that etcd read (the broker forgot the
+    // connection): counting it now would hold its caps' slots for good.
+    if (this.state !== 'preauth') throw new Refused('the connection is closing');
     this.result = result;
     this.state = 'authenticated';
     this.deps.authenticator.recordSuccess(this.source, result.account.name);
