@@ -16,7 +16,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino, type Logger } from 'pino';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it } from 'vitest';
 import { Authenticator } from '../../src/auth/authenticator.js';
 import { BrokerConnection, ProtocolViolation, Refused } from '../../src/broker/broker-connection.js';
 import type { NodeRoutes } from '../../src/broker/node-routes.js';
@@ -447,10 +447,14 @@ describe('node B: a login carried from another node', () => {
 // ---------------------------------------------------------------- B: which keys are node keys
 
 describe('node B: NodeRouter\'s idea of a node key', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'vesh-vouch-'));
-  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  let dir = '';
+  afterEach(() => {
+    if (dir) rmSync(dir, { recursive: true, force: true });
+    dir = '';
+  });
 
   it('its own node key, a dead node\'s and a non-ed25519 record vouch for nothing; a live node\'s does', async () => {
+    dir = mkdtempSync(join(tmpdir(), 'vesh-vouch-'));
     const own = generateKeyPair('ed25519');
     const file = join(dir, 'node_key');
     writeFileSync(file, own.private, { mode: 0o600 });
