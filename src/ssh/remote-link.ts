@@ -28,6 +28,8 @@ const MAX_WAITING = 64;
 const CLOSE_FLUSH_MS = 5_000;
 /** How long a session's last output may take to reach the client before its exit is told anyway (the client stopped reading). */
 const FINISH_FLUSH_MS = 30_000;
+/** How long sessions may take to be told that the node's connection ended before the client's connection ends anyway. */
+const SESSIONS_END_MS = 2_000;
 /** Most of an exit-signal's error message passed on (the owning node's VE writes nothing there, but its length is not ours to trust). */
 const MAX_EXIT_MESSAGE = 256;
 /** Longest subsystem name passed on (the owning node takes only sftp). */
@@ -230,7 +232,11 @@ export class RemoteNodeLink {
     this.ctx.log.info({ event: 'cluster.remote_closed', node, durationMs: Date.now() - this.startedAt }, `node ${node} ended the carried connection: ending the client's`);
     for (const s of this.sessions) s.notify(`vesh: the connection to cluster node ${node}, where your environment lives, ended.\r\n`);
     this.dropLink();
-    this.ctx.endClient();
+    // Each session ends first (that text, then EOF and close, as ssh2 closes
+    // their channels to the node): OpenSSH drops what it has not yet written
+    // out when a disconnect arrives, so the disconnect comes after.
+    const done = Promise.all([...this.sessions].map((s) => s.done));
+    void Promise.race([done, new Promise((r) => setTimeout(r, SESSIONS_END_MS).unref())]).then(() => this.ctx.endClient());
   }
 
   /** The client's connection is gone: end the owning node's too. */
@@ -557,6 +563,11 @@ class RelayedSession {
   private closed = false;
   /** A window change arrived before the owning node had answered: sent once it has. */
   private sizeChanged = false;
+  private resolveDone!: () => void;
+  /** Resolves when the client's channel is closed. */
+  readonly done = new Promise<void>((r) => {
+    this.resolveDone = r;
+  });
 
   constructor(private readonly session: Session, private readonly ctx: SessionRelayContext, private readonly onClosed: () => void) {
     session.on('error', () => undefined);
@@ -758,6 +769,7 @@ class RelayedSession {
     try {
       this.back?.close();
     } catch { /* already gone */ }
+    this.resolveDone();
     this.onClosed();
   }
 }
