@@ -468,6 +468,45 @@ describe('a login carried to the node its VE lives on (remote-link)', () => {
     c.end();
   });
 
+  it('a subsystem (what sftp asks for) is carried by name', async () => {
+    const r = await ssh('alice', ['-s', 'sftp']);
+    expect(r.stdout).toBe('subsystem sftp\n');
+    expect(b.seen).toContain('subsystem sftp');
+  });
+
+  it('a client opening sessions before the link is up: held up to the session cap, the rest refused at once, the held ones told why when it fails', async () => {
+    const c = new Client();
+    await new Promise<void>((resolve, reject) => {
+      c.once('ready', () => resolve());
+      c.once('error', reject);
+      c.connect({ host: '127.0.0.1', port: aPort, username: 'silent-node', privateKey: readFileSync(user.file) });
+    });
+    cleanup.add(() => { c.end(); });
+    const events: string[] = [];
+    const one = () => new Promise<string>((resolve) => c.exec('echo-both a b 0', (err, s) => {
+      if (err) {
+        events.push('refused');
+        return resolve('refused');
+      }
+      let text = '';
+      s.resume();
+      s.stderr.on('data', (d: Buffer) => { text += d.toString(); });
+      s.on('close', (code: number) => {
+        events.push('told');
+        resolve(`${code} ${text}`);
+      });
+    }));
+    // The link to the silent node fails after the ready timeout (1.5 s here); 12 sessions against a cap of 10.
+    const results = await Promise.all(Array.from({ length: 12 }, one));
+    expect(results.filter((r) => r === 'refused')).toHaveLength(2);
+    const told = results.filter((r) => r !== 'refused');
+    expect(told).toHaveLength(10);
+    for (const t of told) expect(t).toMatch(/^1 vesh: Your environment lives on cluster node nb, which is not answering right now/);
+    // The refusals came at once, before the link gave up.
+    expect(events.slice(0, 2)).toEqual(['refused', 'refused']);
+    c.end();
+  });
+
   it('-L to a TCP port and to a Unix socket: bytes both ways, EOF in order', async () => {
     const lport = await freePort();
     const dir = tempDir(cleanup);
