@@ -27,7 +27,8 @@ import type { Tap } from '../audit/recording-tap.js';
 import { parseUserauthBlob } from './userauth-blob.js';
 import { verify as cryptoVerify, type KeyObject } from 'node:crypto';
 import type { NodeRoutes } from './node-routes.js';
-import { VOUCH_MAX_SKEW_MS, decodeVouch, encodeVouch, isVouchName, keyFromVouch, vouchKeyOf, type Vouch, type VouchedKeySource } from './node-vouch.js';
+import { VOUCH_MAX_SKEW_MS, decodeVouch, encodeVouch, isVouchName, keyFromVouch, vouchKeyOf, type MoveVouch, type Vouch, type VouchedKeySource } from './node-vouch.js';
+import { parseMoveCommand, type VeReceiver } from './ve-receive.js';
 import { MAX_USER_NAME_CHARS } from './request-table.js';
 import { isCertificateAlgorithm } from '../auth/certificates.js';
 import { forwardingRefusal, permitListenRefusal, permitOpenRefusal } from '../auth/forward-rules.js';
@@ -53,6 +54,8 @@ export interface ConnectionDeps {
   recordings?: Recordings | null;
   /** Cluster mode: logins carried to and from other nodes (node-routes.ts); absent: a single node. */
   routes?: NodeRoutes | null;
+  /** Cluster mode: VEs other nodes move here (vesh ve move; ve-receive.ts); absent: this node takes none. */
+  veReceiver?: VeReceiver | null;
 }
 
 /** The umask of the agent socket (OpenSSH's too): the session's user only. */
@@ -136,6 +139,8 @@ export class BrokerConnection {
   private nodeSignsLeft = NODE_SIGNS_PER_CONNECTION;
   /** A node login's key was a live node's, vouching as itself (its other checks may still fail). */
   private keyOfLiveNode = false;
+  /** A node moving a VE here logged in (a move vouch): no account, no login; its sessions are the receiver's (ve-receive.ts). */
+  private move: MoveVouch | null = null;
 
   /**
    * May the key exchange be signed again (a re-key)? Never before login;
@@ -192,7 +197,7 @@ export class BrokerConnection {
     if (isVouchName(r.user)) {
       const v = await this.vouched(r.user, r.algo, key);
       if (v) {
-        this.audit('key-acceptable', 'publickey', r.user, { account: v.vouch.account, via: v.vouch.from, fingerprint: sshFingerprint(key) });
+        this.audit('key-acceptable', 'publickey', r.user, { account: v.account?.name, via: v.vouch.from, fingerprint: sshFingerprint(key) });
         return { acceptable: true };
       }
       this.countFailure();
@@ -295,6 +300,7 @@ export class BrokerConnection {
       if (v || !this.keyOfLiveNode) this.holdAgainstSource(r.user);
       return { success: false, disconnect: this.countFailure() };
     }
+    if (v.account === null) return this.moveAccepted(v.vouch, r.user);
     const vouch = v.vouch;
     let vkey: SshAuthorizedKey | null;
     try {
@@ -311,7 +317,7 @@ export class BrokerConnection {
    * The vouch in a node login's user name, when everything it claims holds
    * here; null (and why, in the log) otherwise.
    */
-  private async vouched(user: string, algo: string, key: Buffer): Promise<{ vouch: Vouch; account: SshAccount; key: KeyObject } | null> {
+  private async vouched(user: string, algo: string, key: Buffer): Promise<{ vouch: Vouch; account: SshAccount; key: KeyObject } | { vouch: MoveVouch; account: null; key: KeyObject } | null> {
     const routes = this.deps.routes;
     const refuse = (reason: string, extra: Record<string, unknown> = {}) => {
       this.log.warn({ event: 'cluster.vouch_refused', source: this.source, reason, ...extra }, `a login carried from another node refused: ${reason}`);
@@ -333,6 +339,8 @@ export class BrokerConnection {
     this.keyOfLiveNode = true;
     if (vouch.to !== routes.nodeName) return refuse(`the login is for node ${vouch.to}, not this one`, { via: node.name });
     if (Math.abs(Date.now() - vouch.at) > VOUCH_MAX_SKEW_MS) return refuse(`node ${node.name}'s clock is more than ${VOUCH_MAX_SKEW_MS / 60_000} minutes from ours (or the vouch is old): check NTP on both`, { via: node.name });
+    // A move names no account: what it may do is decided at its one session (ve-receive.ts).
+    if (vouch.purpose === 'move') return this.deps.veReceiver ? { vouch, account: null, key: node.key } : refuse('this node takes no VE moves', { via: node.name });
     const account = this.deps.authenticator.findAccount?.(vouch.account) ?? null;
     if (!account) return refuse(`account ${vouch.account} does not exist here or is locked (accounts.yaml must be the same on every node)`, { via: node.name });
     let where: string;
@@ -496,9 +504,48 @@ export class BrokerConnection {
     return { signature: routes.sign(data).toString('base64') };
   }
 
+  /**
+   * A node moving a VE here (vesh ve move): authenticated without an
+   * account. No login is prepared and nothing runs in a VE; its sessions
+   * are vesh-receive-ve or vesh-discard-ve for the vouch's VE, answered by
+   * the receiver (openMoveSession); everything else is refused.
+   */
+  private moveAccepted(move: MoveVouch, user: string): { success: boolean; grant: AuthGrant } {
+    this.authDone = true;
+    this.move = move;
+    this.state = 'authenticated';
+    this.deps.onAuthenticated();
+    this.log = this.log.child({ via: move.from, ve: move.ve, purpose: 'move' });
+    this.audit('success', 'publickey', user, { via: move.from, ve: move.ve, purpose: 'move' });
+    const no = `this connection moves VE ${move.ve} from node ${move.from}: nothing but its transfer`;
+    return { success: true, grant: { account: `vesh-node:${move.from}`, ve: move.ve, forwardingRefusal: no, agentForwardingRefusal: no, noPty: true, timeouts: NO_TIMEOUTS } };
+  }
+
+  /** A move connection's session: one of the receiver's two commands, one at a time. */
+  private openMoveSession(move: MoveVouch, r: Request<'session.open'>): { fds: number[]; pid: number } {
+    if (this.sessionIds.has(r.session)) throw new ProtocolViolation(`session id ${r.session} used twice`);
+    const receiver = this.deps.veReceiver;
+    if (!receiver || this.state !== 'authenticated' || this.sessions.size > 0) throw new Refused('a connection moving a VE has one transfer at a time');
+    const cmd = parseMoveCommand(move, r);
+    if ('refusal' in cmd) {
+      this.log.warn({ event: 'cluster.move_session_refused', kind: r.kind, reason: cmd.refusal });
+      throw new Refused(cmd.refusal);
+    }
+    this.sessionIds.add(r.session);
+    this.log.info({ event: 'ssh.session_start', kind: r.kind, command: r.command });
+    const s = receiver.open(move, cmd, (report) => {
+      this.sessions.delete(r.session);
+      this.log.info({ event: 'ssh.session_end', kind: r.kind, ...(report.kind === 'status' ? { exitStatus: report.code } : { exitSignal: report.signal }) });
+      this.deps.send({ ev: 'session.exit', conn: this.id, session: r.session, report });
+    });
+    this.sessions.set(r.session, s);
+    return { fds: s.fds, pid: s.pid };
+  }
+
   // ------------------------------------------------------------ sessions
 
   private authenticated(): AuthResult {
+    if (this.move) throw new Refused(`this connection moves VE ${this.move.ve}: nothing but its transfer`);
     if (!this.result || this.state !== 'authenticated') throw new Error('not authenticated');
     if (this.capRefusal) throw new Refused(this.capRefusal.userMessage);
     if (this.silenced) throw new Refused('the connection is closing');
@@ -507,6 +554,7 @@ export class BrokerConnection {
 
   /** Open a session for this connection's account; resolves with the worker's descriptors. */
   async openSession(r: Request<'session.open'>): Promise<{ fds: number[]; pid: number; replay?: Buffer; tapped?: boolean }> {
+    if (this.move) return this.openMoveSession(this.move, r);
     const result = this.authenticated();
     if (this.sessionIds.has(r.session)) throw new ProtocolViolation(`session id ${r.session} used twice`);
     const maxSessions = this.deps.maxSessions ?? MAX_SESSIONS_PER_CONNECTION;

@@ -18,6 +18,7 @@ import { hostKeySigner } from './host-key-signer.js';
 import { REQUESTS, SignRequest, parseRequest, type BrokerEvent, type Request } from './request-table.js';
 import { WorkerPool, workerCount, type Worker } from './worker-pool.js';
 import type { NodeRoutes } from './node-routes.js';
+import type { VeReceiver } from './ve-receive.js';
 import type { Recordings } from '../audit/recording-store.js';
 
 const { utils } = ssh2;
@@ -46,6 +47,8 @@ export interface BrokerDeps {
   recordings?: Recordings | null;
   /** Cluster mode: carrying logins to the node their VE lives on (node-routes.ts); absent: a single node. */
   routes?: NodeRoutes | null;
+  /** Cluster mode: VEs other nodes move here (vesh ve move; ve-receive.ts); absent: none taken. */
+  veReceiver?: VeReceiver | null;
 }
 
 /** workers.stallTimeout's default. */
@@ -241,6 +244,7 @@ export class Broker {
       heldShells: this.heldShells,
       recordings: this.deps.recordings ?? null,
       routes: this.deps.routes ?? null,
+      veReceiver: this.deps.veReceiver ?? null,
       onAuthenticated: () => this.admission.leave(adm),
       ...(this.deps.config.timeouts ? { timeouts: this.deps.config.timeouts } : {}),
     }, log);

@@ -3,6 +3,7 @@ import { ACCOUNT_NAME_PATTERN } from '../config/accounts.js';
 import { CLUSTER_NAME_PATTERN } from '../config/cluster.js';
 import { parsePermitListen, parsePermitOpen } from '../config/forward-rules.js';
 import type { SshAuthorizedKey } from '../ssh/ports.js';
+import { VE_NAME_PATTERN } from '../ve/names.js';
 
 /**
  * A login carried from one cluster node to another. Node A authenticated
@@ -54,8 +55,26 @@ const vouchSchema = z.strictObject({
       extensions: z.array(z.string().max(64)).max(32),
     }).optional(),
   }).nullable(),
+  /** What the vouch is for: a login (the default; vouches written before moves existed have no purpose). */
+  purpose: z.literal('login').optional(),
 });
 export type Vouch = z.infer<typeof vouchSchema>;
+
+/**
+ * A node moving one of its VEs here (src/cluster/ve-move.ts): no account,
+ * nothing runs in any VE; the connection may only stream the VE's backup
+ * in, or remove a copy it streamed that never got placed here
+ * (src/broker/ve-receive.ts).
+ */
+const moveVouchSchema = z.strictObject({
+  v: z.literal(1),
+  purpose: z.literal('move'),
+  from: z.string().regex(CLUSTER_NAME_PATTERN),
+  to: z.string().regex(CLUSTER_NAME_PATTERN),
+  ve: z.string().regex(VE_NAME_PATTERN),
+  at: z.number().int().min(0),
+});
+export type MoveVouch = z.infer<typeof moveVouchSchema>;
 
 /** What A knows of the key a login used (AuthorizedKey carries all of it). */
 export interface VouchedKeySource extends SshAuthorizedKey {
@@ -89,7 +108,7 @@ export function vouchKeyOf(key: VouchedKeySource | null): Vouch['key'] {
 }
 
 /** The user name that carries `v`; null when it would not fit the request table's bound. */
-export function encodeVouch(v: Vouch, maxChars: number): string | null {
+export function encodeVouch(v: Vouch | MoveVouch, maxChars: number): string | null {
   const name = VOUCH_PREFIX + Buffer.from(JSON.stringify(v)).toString('base64url');
   return name.length <= maxChars ? name : null;
 }
@@ -98,8 +117,8 @@ export function isVouchName(user: string): boolean {
   return user.startsWith(VOUCH_PREFIX);
 }
 
-/** The vouch in a user name, or why it is not one. Never throws. */
-export function decodeVouch(user: string): { ok: true; vouch: Vouch } | { ok: false; why: string } {
+/** The vouch in a user name (a login's, or a move's), or why it is not one. Never throws. */
+export function decodeVouch(user: string): { ok: true; vouch: Vouch | MoveVouch } | { ok: false; why: string } {
   if (!isVouchName(user)) return { ok: false, why: 'not a node login' };
   const text = user.slice(VOUCH_PREFIX.length);
   if (!/^[A-Za-z0-9_-]+$/.test(text)) return { ok: false, why: 'not base64url' };
@@ -109,7 +128,8 @@ export function decodeVouch(user: string): { ok: true; vouch: Vouch } | { ok: fa
   } catch {
     return { ok: false, why: 'not JSON' };
   }
-  const r = vouchSchema.safeParse(json);
+  const move = typeof json === 'object' && json !== null && (json as { purpose?: unknown }).purpose === 'move';
+  const r = (move ? moveVouchSchema : vouchSchema).safeParse(json);
   if (!r.success) return { ok: false, why: `invalid: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ').slice(0, 200)}` };
   return { ok: true, vouch: r.data };
 }

@@ -75,6 +75,10 @@ export async function serve(opts: GlobalOptions): Promise<void> {
   const server = new Broker({
     config, authenticator, ves: gate ?? ves, hostKeys, logger, hide: [...new Set(hide)], recordings,
     routes: cluster && gate ? cluster.routes(gate) : null,
+    // VEs moved here from other nodes (vesh ve move): restored, placed here only once the sender says so.
+    veReceiver: cluster ? new (await import('../broker/ve-receive.js')).VeReceiver({
+      config, logger, ves, nodeName: config.cluster!.nodeName, placedOn: async (ve) => (await cluster.placement.get(ve))?.node ?? null,
+    }) : null,
     // Tests stand a hostile worker in here; an admin never needs to.
     ...(process.env.VESH_WORKER_SCRIPT ? { workerScript: process.env.VESH_WORKER_SCRIPT } : {}),
   });

@@ -170,6 +170,21 @@ export function register(program: Command): void {
       console.log(`restored VE ${rec.name} (template ${rec.template}, address ${rec.address}); start it with "vesh ve start ${rec.name}"`);
     });
 
+  ve.command('move <name>').description('cluster mode: move a stopped VE from this node to another (backup, copy over the node-to-node channel, restore there, then the placement); a failure leaves it here')
+    .requiredOption('--to <node>', 'the live node to move it to (it needs the same template)')
+    .action(async (name: string, o: { to: string }) => {
+      const { config, logger } = buildContext(program.opts<GlobalOptions>(), { quiet: true });
+      // Loaded here: a single node never loads the cluster code.
+      const { moveVe } = await import('../cluster/ve-move.js');
+      const r = await moveVe(config, logger, name, o.to, (line) => console.log(line));
+      const mib = r.bytes / 1048576;
+      console.log(`moved VE ${r.ve} to node ${r.to}: ${mib.toFixed(1)} MiB in ${r.seconds.toFixed(1)} s; it starts there at its next login or with "vesh ve start ${r.ve}" on ${r.to}`);
+      if (r.leftHere) {
+        console.error(`warning: ${r.leftHere}`);
+        process.exitCode = 1;
+      }
+    });
+
   ve.command('set <name>').description('change a VE\'s settings')
     .option('--onboot <yes|no>', 'start it whenever vesh serve starts')
     .action(async (name: string, o: { onboot?: string }) => {
