@@ -148,6 +148,12 @@ describe('vesh ve move between two nodes', () => {
     expect(st.state).toBe('running');
     const prefix = b.config.network.subnet.replace(/\.0\/24$/, '.');
     expect(st.address.startsWith(prefix), `${st.address} in ${b.config.network.subnet}`).toBe(true);
+    // Placed on nb now: the node that sent it can no longer have nb's copy removed.
+    const c = await login(serveB.port, move('alice'), naKey, cleanup);
+    const late = await execOn(c, 'vesh-discard-ve alice');
+    expect(late.code).toBe(1);
+    expect(late.stderr).toMatch(/VE alice is placed on this node \(nb\): it is this node's now and is not removed/);
+    expect(await b.ves.exists('alice')).toBe(true);
   }, 120_000);
 
   it('a running VE is refused with what to do and why (CRIU), and nothing changes', async () => {
@@ -207,31 +213,33 @@ describe('vesh ve move between two nodes', () => {
     const disk = 256 * 1024 * 1024;
 
     beforeAll(async () => {
-      // A real backup of a VE placed on na (bob, stopped), streamed by hand as na would.
-      backupFile = path.join(a.dir, 'bob.vbk');
-      const made = await cliAsync(a, ['ve', 'backup', 'bob', backupFile]);
+      // A real backup of a VE placed on na (dave, stopped), streamed by hand as na would; erin is placed on nb.
+      expect((await cliAsync(a, ['ve', 'create', 'dave'])).code).toBe(0);
+      expect((await cliAsync(a, ['ve', 'create', 'erin', '--node', 'nb'])).code).toBe(0);
+      backupFile = path.join(a.dir, 'dave.vbk');
+      const made = await cliAsync(a, ['ve', 'backup', 'dave', backupFile]);
       expect(made.code, made.stderr).toBe(0);
       backupBytes = readFileSync(backupFile);
     }, 60_000);
 
     it('a client key (not a node\'s) under a move vouch is refused', async () => {
       // alice's own key, which logs her in: as a node's, it is nothing.
-      await expect(login(serveB.port, move('bob'), readFileSync(keys.alice!.file), cleanup)).rejects.toThrow(/authentication methods failed/);
+      await expect(login(serveB.port, move('dave'), readFileSync(keys.alice!.file), cleanup)).rejects.toThrow(/authentication methods failed/);
       await serveB.waitForLog((l) => l.event === 'cluster.vouch_refused' && String(l.reason).includes('not the node key of a live node'));
-      expect(await b.ves.exists('bob')).toBe(false);
+      expect(await b.ves.exists('dave')).toBe(false);
     }, 30_000);
 
     it('a stream cut short, longer than declared, or over the cap is refused and leaves nothing on nb', async () => {
-      const c = await login(serveB.port, move('bob'), naKey, cleanup);
+      const c = await login(serveB.port, move('dave'), naKey, cleanup);
       const short = await execOn(c, `vesh-receive-ve ${backupBytes.length} ${disk}`, backupBytes.subarray(0, backupBytes.length >> 1));
       expect(short.code).toBe(1);
       expect(short.stderr).toMatch(/the stream ended after \d+ of the \d+ bytes declared \(truncated\)/);
-      expect(await b.ves.exists('bob')).toBe(false);
+      expect(await b.ves.exists('dave')).toBe(false);
       expect(nbTempsLeft()).toEqual([]);
       const long = await execOn(c, `vesh-receive-ve ${backupBytes.length - 100} ${disk}`, backupBytes);
       expect(long.code).toBe(1);
       expect(long.stderr).toMatch(/the stream is longer than the \d+ bytes declared/);
-      expect(await b.ves.exists('bob')).toBe(false);
+      expect(await b.ves.exists('dave')).toBe(false);
       expect(nbTempsLeft()).toEqual([]);
       const over = await execOn(c, `vesh-receive-ve ${maxBackupBytes(disk) + 1} ${disk}`, Buffer.alloc(0));
       expect(over.code).not.toBe(0);
@@ -240,13 +248,12 @@ describe('vesh ve move between two nodes', () => {
     }, 60_000);
 
     it('a move connection opens no shell, no other command, no SFTP and no forward; discard removes only what it received', async () => {
-      const c = await login(serveB.port, move('bob'), naKey, cleanup);
+      const c = await login(serveB.port, move('dave'), naKey, cleanup);
       const other = await execOn(c, 'cat /etc/shadow');
       expect(other.code).not.toBe(0);
       expect(`${other.stderr}${other.stdout}`).toMatch(/runs only vesh-receive-ve and vesh-discard-ve/);
-      const elsewhere = await execOn(c, 'vesh-discard-ve alice');
-      expect(`${elsewhere.stderr}${elsewhere.stdout}`).toMatch(/this connection moves VE bob, not alice/);
-      expect(await b.ves.exists('alice')).toBe(true);
+      const elsewhere = await execOn(c, 'vesh-discard-ve erin');
+      expect(`${elsewhere.stderr}${elsewhere.stdout}`).toMatch(/this connection moves VE dave, not erin/);
       const shellOn = (pty: boolean) => new Promise<string>((resolve) => {
         const done = (err: Error | undefined, ch: ssh2.ClientChannel) => {
           if (err) return resolve(err.message);
@@ -260,30 +267,29 @@ describe('vesh ve move between two nodes', () => {
       });
       // With a terminal, refused at the terminal request; without, the shell itself reaches the broker and is refused there.
       expect(await shellOn(true)).toMatch(/Unable to request a pseudo-terminal/);
-      expect(await shellOn(false)).toMatch(/a connection moving VE bob opens no shell: only vesh-receive-ve and vesh-discard-ve/);
+      expect(await shellOn(false)).toMatch(/a connection moving VE dave opens no shell: only vesh-receive-ve and vesh-discard-ve/);
       const sftp = await new Promise<string>((resolve) => c.sftp((err) => resolve(err ? err.message : 'opened')));
       expect(sftp).not.toBe('opened');
       const fwd = await new Promise<string>((resolve) => c.forwardOut('127.0.0.1', 1, '127.0.0.1', 22, (err) => resolve(err ? err.message : 'opened')));
       expect(fwd).not.toBe('opened');
-      // The one thing it may do: receive bob (placed on na, not here), and take it back.
+      // The one thing it may do: receive dave (placed on na, not here), and take it back.
       const got = await execOn(c, `vesh-receive-ve ${backupBytes.length} ${disk}`, backupBytes);
       expect(got.code, got.stderr).toBe(0);
-      expect(JSON.parse(got.stdout)).toMatchObject({ ve: 'bob', node: 'nb' });
-      expect(await b.ves.exists('bob')).toBe(true);
-      expect(await placedOn('bob')).toBe('na');
-      const gone = await execOn(c, 'vesh-discard-ve bob');
+      expect(JSON.parse(got.stdout)).toMatchObject({ ve: 'dave', node: 'nb' });
+      expect(await b.ves.exists('dave')).toBe(true);
+      expect(await placedOn('dave')).toBe('na');
+      const gone = await execOn(c, 'vesh-discard-ve dave');
       expect(gone.code, gone.stderr).toBe(0);
-      expect(JSON.parse(gone.stdout)).toMatchObject({ ve: 'bob', discarded: true });
-      expect(await b.ves.exists('bob')).toBe(false);
-      // alice was moved to nb and is placed there: a move vouch for her from na is refused at the receive, and a discard removes nothing.
-      const c2 = await login(serveB.port, move('alice'), naKey, cleanup);
+      expect(JSON.parse(gone.stdout)).toMatchObject({ ve: 'dave', discarded: true });
+      expect(await b.ves.exists('dave')).toBe(false);
+      // erin is placed on nb: a move vouch for her from na is refused at the receive, and a discard finds nothing of a receive to remove.
+      const c2 = await login(serveB.port, move('erin'), naKey, cleanup);
       const steal = await execOn(c2, `vesh-receive-ve ${backupBytes.length} ${disk}`, backupBytes);
       expect(steal.code).toBe(1);
-      expect(steal.stderr).toMatch(/VE alice is placed on node nb, not on node na, which sends it/);
-      const keep = await execOn(c2, 'vesh-discard-ve alice');
-      expect(keep.code).toBe(1);
-      expect(keep.stderr).toMatch(/VE alice is placed on this node \(nb\): it is this node's now and is not removed/);
-      expect(await b.ves.exists('alice')).toBe(true);
+      expect(steal.stderr).toMatch(/VE erin is placed on node nb, not on node na, which sends it/);
+      const keep = await execOn(c2, 'vesh-discard-ve erin');
+      expect(JSON.parse(keep.stdout)).toMatchObject({ ve: 'erin', discarded: false });
+      expect(nbTempsLeft()).toEqual([]);
       expect(statSync(backupFile).size).toBe(backupBytes.length);
     }, 90_000);
   });
