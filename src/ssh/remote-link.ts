@@ -113,10 +113,6 @@ export class RemoteNodeLink {
     void this.connect();
   }
 
-  get node(): string {
-    return this.ctx.node;
-  }
-
   // ------------------------------------------------------------ the link
 
   private async connect(): Promise<void> {
@@ -244,7 +240,11 @@ export class RemoteNodeLink {
     if (this.state === 'closed') return;
     this.state = 'closed';
     for (const s of [...this.sessions]) s.close();
-    for (const w of this.waiting.splice(0)) w.fail();
+    for (const w of this.waiting.splice(0)) {
+      try {
+        w.fail();
+      } catch { /* the client's connection is gone: nothing to refuse it on */ }
+    }
     this.dropLink();
   }
 

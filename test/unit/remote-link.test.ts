@@ -59,6 +59,8 @@ interface NodeB {
   verified: Buffer[];
   /** Every request B's sessions saw, as text ("exec cat", "signal INT", "env LANG=C"…). */
   seen: string[];
+  /** Bytes of the last `flood` that ssh2 took from B's side (within the window A gave). */
+  flooded: number;
   conns: Set<Connection>;
   hostKeyLine: string;
 }
@@ -66,7 +68,7 @@ interface NodeB {
 /** Node B: accepts only `nodeKey` for VOUCH; `exec` runs a tiny fake shell, -L connects on this host, -R listens here. */
 async function startNodeB(cleanup: Cleanup, nodeKey: ParsedKey): Promise<NodeB> {
   const host = utils.generateKeyPairSync('ed25519');
-  const b: NodeB = { port: 0, verified: [], seen: [], conns: new Set(), hostKeyLine: host.public };
+  const b: NodeB = { port: 0, verified: [], seen: [], flooded: 0, conns: new Set(), hostKeyLine: host.public };
   const server = new Server({ hostKeys: [host.private] }, (conn) => {
     b.conns.add(conn);
     conn.on('close', () => b.conns.delete(conn));
@@ -165,6 +167,25 @@ async function startNodeB(cleanup: Cleanup, nodeKey: ParsedKey): Promise<NodeB> 
             case 'hang':
               ch.write('hanging\n');
               break;
+            case 'flood': {
+              // Writes as fast as the windows let it, up to 32 MiB; counts what went out.
+              b.flooded = 0;
+              const chunk = Buffer.alloc(64 * 1024, 'f');
+              let left = 512;
+              const more = () => {
+                while (left > 0) {
+                  left -= 1;
+                  if (!ch.write(chunk, () => { b.flooded += chunk.length; })) {
+                    ch.once('drain', more);
+                    return;
+                  }
+                }
+                ch.exit(0);
+                ch.end();
+              };
+              more();
+              break;
+            }
             default:
               ch.stderr.write(`no such command ${cmd}\n`);
               ch.exit(127);
@@ -504,6 +525,34 @@ describe('a login carried to the node its VE lives on (remote-link)', () => {
     for (const t of told) expect(t).toMatch(/^1 vesh: Your environment lives on cluster node nb, which is not answering right now/);
     // The refusals came at once, before the link gave up.
     expect(events.slice(0, 2)).toEqual(['refused', 'refused']);
+    c.end();
+  });
+
+  it('a VE that writes without end to a client that does not read: the node is held back by the windows, nothing piles up here', async () => {
+    const c = await userClient();
+    const stream = await new Promise<ClientChannel>((resolve, reject) => c.exec('flood', (err, s) => (err ? reject(err) : resolve(s))));
+    stream.pause();
+    stream.stderr.resume();
+    // Wait until the node can send no more (its count stops moving).
+    let last = -1;
+    let still = 0;
+    await poll('the flood to stall', () => {
+      if (b.flooded > 0 && b.flooded === last) still += 1;
+      else still = 0;
+      last = b.flooded;
+      return still >= 5 ? true : null;
+    });
+    // Windows and stream buffers of 2 MiB each on the way (node → A, A's two streams, A → client, the client's stream): a few of them, not 32 MiB.
+    expect(b.flooded).toBeGreaterThan(0);
+    expect(b.flooded).toBeLessThan(16 * 1024 * 1024);
+    // Reading again: every byte arrives.
+    let got = 0;
+    stream.on('data', (d: Buffer) => { got += d.length; });
+    stream.resume();
+    const code = await new Promise<number>((r) => stream.on('exit', (x: number) => r(x)));
+    await new Promise((r) => stream.on('close', r));
+    expect(code).toBe(0);
+    expect(got).toBe(32 * 1024 * 1024);
     c.end();
   });
 
