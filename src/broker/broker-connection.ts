@@ -343,13 +343,15 @@ export class BrokerConnection {
     if (vouch.purpose === 'move') return this.deps.veReceiver ? { vouch, account: null, key: node.key } : refuse('this node takes no VE moves', { via: node.name });
     const account = this.deps.authenticator.findAccount?.(vouch.account) ?? null;
     if (!account) return refuse(`account ${vouch.account} does not exist here or is locked (accounts.yaml must be the same on every node)`, { via: node.name });
-    let where: string;
+    // Read, never placed: the carrying node placed it before it vouched,
+    // and a node key alone must not make this node write to etcd.
+    let here: boolean;
     try {
-      where = await routes.locate(account.ve);
+      here = await routes.placedHere(account.ve);
     } catch (err) {
       return refuse(`cannot tell where VE ${account.ve} lives: ${errorMessage(err)}`, { via: node.name });
     }
-    if (where !== routes.nodeName) return refuse(`VE ${account.ve} lives on node ${where}, not here: logins are carried one hop only`, { via: node.name });
+    if (!here) return refuse(`VE ${account.ve} is not placed on this node: logins are carried one hop only, to the VE's node`, { via: node.name });
     return { vouch, account, key: node.key };
   }
 

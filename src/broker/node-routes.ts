@@ -17,6 +17,8 @@ export interface NodeRoutes {
   readonly nodeKey: { blob: Buffer; line: string };
   /** The node `ve` lives on (placed now, maybe on another node, when it has no placement). */
   locate(ve: string): Promise<string>;
+  /** Whether `ve` is placed on this node; never places it (for logins other nodes carry here). */
+  placedHere(ve: string): Promise<boolean>;
   /**
    * A descriptor of a TCP connection to `node`'s SSH port (the caller owns
    * it) and the host keys the cluster lists for that node. Throws a

@@ -84,6 +84,15 @@ export class ClusterVeAccess implements VeAccess {
     return current.node;
   }
 
+  /** Whether `ve` is placed on this node: read, never placed (a login another node carries here). */
+  async placedHere(ve: string): Promise<boolean> {
+    if (this.local.has(ve)) return true;
+    const p = await this.deps.placement.get(ve);
+    if (p?.node !== this.deps.cfg.nodeName) return false;
+    this.local.add(ve);
+    return true;
+  }
+
   /** The error for a VE that lives on `node`, for callers that cannot carry it there (vesh ve exec and the like). */
   private async elsewhere(ve: string, node: string): Promise<VeshError> {
     const nodes = await this.deps.nodes().catch((err: unknown) => {

@@ -67,6 +67,10 @@ export class NodeRouter implements NodeRoutes {
     return this.deps.gate.locate(ve);
   }
 
+  placedHere(ve: string): Promise<boolean> {
+    return this.deps.gate.placedHere(ve);
+  }
+
   sign(data: Buffer): Buffer {
     const sig = this.signer.sign(data);
     if (sig instanceof Error) throw sig;

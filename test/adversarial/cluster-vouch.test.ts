@@ -129,6 +129,9 @@ class FakeRoutes implements NodeRoutes {
     if (typeof p === 'function') return p();
     return p ?? this.nodeName;
   }
+  async placedHere(ve: string): Promise<boolean> {
+    return (await this.locate(ve)) === this.nodeName;
+  }
   async connect(_node: string, _ve: string): Promise<{ fd: number; hostKeys: string[] }> {
     this.connects += 1;
     // No socket: clusterConnect hands the descriptor on and never reads it here.
@@ -276,7 +279,7 @@ describe('node B: a login carried from another node', () => {
   it('4. an account missing or locked here, a VE on a third node (no second hop), or no answer where it lives: refused', async () => {
     await expectRefused(vouchName(goodVouch({ account: 'nobody' })), /account nobody does not exist here or is locked/);
     await expectRefused(vouchName(goodVouch({ account: 'bob' })), /account bob does not exist here or is locked/);
-    const third = await expectRefused(vouchName(goodVouch({ account: 'carol' })), /VE carol lives on node node-c, not here: logins are carried one hop only/, {
+    const third = await expectRefused(vouchName(goodVouch({ account: 'carol' })), /VE carol is not placed on this node: logins are carried one hop only/, {
       setup: (n) => n.routes.placements.set('carol', 'node-c'),
     });
     expect(third.routes.connects).toBe(0);
