@@ -93,6 +93,13 @@ export interface VeReceiverDeps {
   placedOn(ve: string): Promise<string | null>;
 }
 
+/** How a command ended: its exit status and what it says. */
+interface Outcome {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
 /** A session's answer: our halves of its stdio and stderr sockets, and how to end it. */
 interface Answer {
   out: net.Socket;
@@ -167,45 +174,55 @@ export class VeReceiver {
     };
   }
 
+  /** A receive, answered once its temp file is gone and its VE free again: what the sender hears is final here. */
   private async receive(move: MoveVouch, cmd: { bytes: number; disk: number }, a: Answer, signal: AbortSignal, log: Logger): Promise<void> {
     const ve = move.ve;
-    const fail = (why: string) => {
+    const fail = (why: string): Outcome => {
       log.warn({ event: 'cluster.move_receive_refused', reason: why, bytes: cmd.bytes }, `a move of VE ${ve} from node ${move.from} refused: ${why}`);
-      a.done(1, '', `vesh-receive-ve: ${why}\n`);
+      return { code: 1, stdout: '', stderr: `vesh-receive-ve: ${why}\n` };
     };
-    if (this.busy.has(ve)) return fail(`VE ${ve} is being received or discarded here already`);
-    if (this.busy.size >= MAX_RECEIVES) return fail(`this node already receives ${MAX_RECEIVES} VEs: try again when they are done`);
-    let release!: () => void;
-    this.busy.set(ve, new Promise<void>((r) => { release = r; }));
-    const tmp = path.join(this.dir, `.in-${ve}-${randomBytes(6).toString('hex')}`);
-    try {
-      const owner = await this.deps.placedOn(ve);
-      if (owner !== move.from) return fail(`VE ${ve} is placed on ${owner === null ? 'no node' : `node ${owner}`}, not on node ${move.from}, which sends it`);
-      if (await this.deps.ves.exists(ve)) return fail(`a VE named ${ve} exists on node ${this.deps.nodeName}'s disk already (a copy left there?): remove it there ("vesh ve destroy ${ve}") if it is not needed, then move again`);
-      await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
-      const st = await fs.statfs(this.dir);
-      const free = st.bavail * st.bsize;
-      // The backup file, then the restored image holding the same data.
-      if (2 * cmd.bytes + FREE_RESERVE_BYTES > free) return fail(`node ${this.deps.nodeName} has ${Math.floor(free / 1048576)} MiB free in its data directory, too little for a ${Math.ceil(cmd.bytes / 1048576)} MiB backup and its restore`);
-      const started = Date.now();
-      const got = await this.readStream(a.out, tmp, cmd.bytes, signal);
-      if (got !== null) return fail(got);
-      log.info({ event: 'cluster.move_received', bytes: cmd.bytes, ms: Date.now() - started });
-      const rec = await this.backups.restore(tmp, ve).catch((e: unknown) => {
-        throw new Error(`the restore on node ${this.deps.nodeName} failed: ${errorMessage(e)}`);
-      });
-      if (rec.limits.disk !== cmd.disk) {
-        await this.deps.ves.destroy(ve, { force: true }).catch(() => undefined);
-        return fail(`the backup's disk limit is ${rec.limits.disk} bytes, not the ${cmd.disk} declared`);
+    let outcome: Outcome;
+    if (this.busy.has(ve)) outcome = fail(`VE ${ve} is being received or discarded here already`);
+    else if (this.busy.size >= MAX_RECEIVES) outcome = fail(`this node already receives ${MAX_RECEIVES} VEs: try again when they are done`);
+    else {
+      let release!: () => void;
+      this.busy.set(ve, new Promise<void>((r) => { release = r; }));
+      const tmp = path.join(this.dir, `.in-${ve}-${randomBytes(6).toString('hex')}`);
+      try {
+        outcome = await this.receiveInto(move, cmd, a, tmp, signal, log, fail);
+      } finally {
+        await fs.rm(tmp, { force: true });
+        this.busy.delete(ve);
+        release();
       }
-      this.received.add(ve);
-      log.info({ event: 'cluster.move_restored', address: rec.address, ms: Date.now() - started }, `restored VE ${ve} moved from node ${move.from} (not placed here until that node says so)`);
-      a.done(0, `${JSON.stringify({ ve, node: this.deps.nodeName, address: rec.address, ms: Date.now() - started })}\n`, '');
-    } finally {
-      await fs.rm(tmp, { force: true });
-      this.busy.delete(ve);
-      release();
     }
+    a.done(outcome.code, outcome.stdout, outcome.stderr);
+  }
+
+  private async receiveInto(move: MoveVouch, cmd: { bytes: number; disk: number }, a: Answer, tmp: string, signal: AbortSignal, log: Logger, fail: (why: string) => Outcome): Promise<Outcome> {
+    const ve = move.ve;
+    const owner = await this.deps.placedOn(ve);
+    if (owner !== move.from) return fail(`VE ${ve} is placed on ${owner === null ? 'no node' : `node ${owner}`}, not on node ${move.from}, which sends it`);
+    if (await this.deps.ves.exists(ve)) return fail(`a VE named ${ve} exists on node ${this.deps.nodeName}'s disk already (a copy left there?): remove it there ("vesh ve destroy ${ve}") if it is not needed, then move again`);
+    await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
+    const st = await fs.statfs(this.dir);
+    const free = st.bavail * st.bsize;
+    // The backup file, then the restored image holding the same data.
+    if (2 * cmd.bytes + FREE_RESERVE_BYTES > free) return fail(`node ${this.deps.nodeName} has ${Math.floor(free / 1048576)} MiB free in its data directory, too little for a ${Math.ceil(cmd.bytes / 1048576)} MiB backup and its restore`);
+    const started = Date.now();
+    const got = await this.readStream(a.out, tmp, cmd.bytes, signal);
+    if (got !== null) return fail(got);
+    log.info({ event: 'cluster.move_received', bytes: cmd.bytes, ms: Date.now() - started });
+    const rec = await this.backups.restore(tmp, ve).catch((e: unknown) => {
+      throw new Error(`the restore on node ${this.deps.nodeName} failed: ${errorMessage(e)}`);
+    });
+    if (rec.limits.disk !== cmd.disk) {
+      await this.deps.ves.destroy(ve, { force: true }).catch(() => undefined);
+      return fail(`the backup's disk limit is ${rec.limits.disk} bytes, not the ${cmd.disk} declared`);
+    }
+    this.received.add(ve);
+    log.info({ event: 'cluster.move_restored', address: rec.address, ms: Date.now() - started }, `restored VE ${ve} moved from node ${move.from} (not placed here until that node says so)`);
+    return { code: 0, stdout: `${JSON.stringify({ ve, node: this.deps.nodeName, address: rec.address, ms: Date.now() - started })}\n`, stderr: '' };
   }
 
   /**
@@ -263,6 +280,7 @@ export class VeReceiver {
     })();
   }
 
+  /** Remove a copy a receive made, while it is not placed here; answered once it is gone. */
   private async discard(move: MoveVouch, a: Answer, log: Logger): Promise<void> {
     const ve = move.ve;
     // A receive of it still under way (its connection dropped mid-restore) is waited for first.
@@ -283,11 +301,11 @@ export class VeReceiver {
     try {
       await this.deps.ves.destroy(ve, { force: true });
       this.received.delete(ve);
-      log.info({ event: 'cluster.move_discarded' }, `removed the copy of VE ${ve} received from node ${move.from} (the move did not complete)`);
-      a.done(0, `${JSON.stringify({ ve, discarded: true })}\n`, '');
     } finally {
       this.busy.delete(ve);
       release();
     }
+    log.info({ event: 'cluster.move_discarded' }, `removed the copy of VE ${ve} received from node ${move.from} (the move did not complete)`);
+    a.done(0, `${JSON.stringify({ ve, discarded: true })}\n`, '');
   }
 }

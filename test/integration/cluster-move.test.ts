@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import ssh2 from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -205,6 +205,36 @@ describe('vesh ve move between two nodes', () => {
     expect((await b.ves.status('carol')).state).toBe('running');
     expect(nbTempsLeft()).toEqual([]);
     await b.ves.destroy('carol', { force: true });
+  }, 60_000);
+
+  it('a VE whose disk changes while it is on its way stays on na, and the copy nb restored is removed', async () => {
+    // The image touched once the backup is made (as a start would change it): the flip must refuse, and nb's copy go.
+    const moves = path.join(a.config.dataDir, 'moves');
+    const image = path.join(a.config.dataDir, 'ves', 'bob', 'disk.img');
+    let touched = false;
+    const touch = (async () => {
+      for (const until = Date.now() + 30_000; Date.now() < until;) {
+        if (readdirSync(moves).some((f) => /^out-bob-.*\.vesh-backup$/.test(f))) {
+          const now = new Date();
+          utimesSync(image, now, now);
+          touched = true;
+          return;
+        }
+        await new Promise((r) => setTimeout(r, 2));
+      }
+    })();
+    const r = await cliAsync(a, ['ve', 'move', 'bob', '--to', 'nb']);
+    await touch;
+    expect(touched).toBe(true);
+    expect(r.code).toBe(1);
+    expect(r.stdout).toMatch(/^restored on node nb in /m);
+    expect(r.stdout).toMatch(/^removed the copy on node nb$/m);
+    expect(r.stderr).toMatch(/VE bob's disk changed during the move \(it was started meanwhile\): the copy on node nb is not current; move it again.*VESH_VE_BUSY/s);
+    expect(await placedOn('bob')).toBe('na');
+    expect(await a.ves.exists('bob')).toBe(true);
+    expect(await b.ves.exists('bob')).toBe(false);
+    expect(nbTempsLeft()).toEqual([]);
+    expect(readdirSync(moves)).toEqual([]);
   }, 60_000);
 
   describe('attacks on the move channel', () => {
