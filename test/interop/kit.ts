@@ -1,5 +1,5 @@
 import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn as ptySpawn, type IPty } from 'node-pty';
@@ -50,14 +50,32 @@ export class ProgramTerminal {
   private buf = '';
   private exited: number | null = null;
   readonly proc: IPty;
+  /**
+   * Our own descriptor on the terminal's slave side, held until the program
+   * has exited. node-pty closes the master as soon as a read of it fails
+   * with EIO, which is as soon as no slave descriptor is open any more, and
+   * closing the master hangs the terminal up: a program that closes its
+   * stdin, stdout and stderr before it exits (dbclient does, when its
+   * session channel closes) could get SIGHUP in between, and node-pty then
+   * reports exit code 0 (and signal 1) instead of its status. A terminal
+   * stays open until its program has exited; so does this one. (Opened in
+   * the tick that spawned the program: node-pty cannot have closed the
+   * master yet.)
+   */
+  private slave: number | null;
   constructor(file: string, args: string[], env: Record<string, string> = {}) {
     this.proc = ptySpawn(file, args, { name: 'xterm', cols: 80, rows: 24, env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: os.tmpdir(), TERM: 'xterm', ...env } });
+    const pts = (this.proc as IPty & { ptsName?: string }).ptsName;
+    if (!pts) throw new Error('ProgramTerminal: node-pty gave no slave path (ptsName), needed to keep the terminal open until the program exits');
+    this.slave = openSync(pts, fsConstants.O_RDWR | fsConstants.O_NOCTTY);
     this.proc.onData((d) => {
       this.buf += d;
       if (this.buf.length > 1_000_000) this.buf = this.buf.slice(-500_000);
     });
     this.proc.onExit(({ exitCode }) => {
       this.exited = exitCode;
+      if (this.slave !== null) closeSync(this.slave);
+      this.slave = null;
     });
   }
   write(s: string): void {
