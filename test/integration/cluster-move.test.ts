@@ -38,7 +38,7 @@ const moveUser = (v: Record<string, unknown>): string => VOUCH_PREFIX + Buffer.f
 /** An SSH login to `port` as `user` with `privateKey` (any host key: the test knows whom it dials). */
 function login(port: number, user: string, privateKey: Buffer | string, cleanup: Cleanup): Promise<ssh2.Client> {
   const c = new ssh2.Client();
-  cleanup.add(() => c.end());
+  cleanup.add(() => { c.end(); });
   return new Promise((resolve, reject) => {
     c.on('ready', () => resolve(c));
     c.on('error', reject);
