@@ -17,6 +17,7 @@ import path from 'node:path';
 import { Cleanup, freePort, makeClientKey, startVeshServe, tempDir } from '../test/helpers/ssh-harness.js';
 import { makeVeTestEnv, shInVe, waitFor, type VeTestEnv } from '../test/helpers/ve-env.js';
 import { startEtcdCluster } from '../test/helpers/etcd-cluster.js';
+import { clusterNodeEnv } from '../test/helpers/cluster-node.js';
 import { startSshd } from './peers.js';
 import { spread } from './lib.js';
 
@@ -28,16 +29,7 @@ const cli = (env: VeTestEnv, args: string[]): string => execFileSync(process.exe
 
 try {
   const etcd = await startEtcdCluster(cleanup);
-  const node = async (name: string) => {
-    const port = await freePort();
-    const env = await makeVeTestEnv({
-      template: 'busybox',
-      extraYaml: `cluster: { enabled: true, name: ${name}, clusterName: bm, advertise: "127.0.0.1:${port}", leaseSeconds: 5, loadInterval: 60, etcd: { endpoints: ${JSON.stringify(etcd.endpoints)}, timeout: 2000 } }`,
-    });
-    cleanup.add(() => env.cleanup());
-    writeFileSync(env.configFile, readFileSync(env.configFile, 'utf8').replace('listen: "127.0.0.1:0"', `listen: "127.0.0.1:${port}"`));
-    return env;
-  };
+  const node = (name: string) => clusterNodeEnv(cleanup, { name, clusterName: 'bm', endpoints: etcd.endpoints, leaseSeconds: 5, timeoutMs: 2000 });
   const a = await node('na');
   const b = await node('nb');
   const [serveA, serveB] = await Promise.all([startVeshServe(cleanup, a.configFile), startVeshServe(cleanup, b.configFile)]);

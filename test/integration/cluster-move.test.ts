@@ -11,6 +11,7 @@ import {
   Cleanup, freePort, makeClientKey, sshWithKey, startVeshServe, tempDir, writeAccounts, type ClientKey, type ServeProcess,
 } from '../helpers/ssh-harness.js';
 import { makeVeTestEnv, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
+import { clusterNodeEnv } from '../helpers/cluster-node.js';
 import { nodeRecord, startEtcdCluster, type EtcdCluster } from '../helpers/etcd-cluster.js';
 
 /**
@@ -89,16 +90,7 @@ describe('vesh ve move between two nodes', () => {
   beforeAll(async () => {
     try {
       etcd = await startEtcdCluster(cleanup);
-      const node = async (name: string) => {
-        const port = await freePort();
-        const env = await makeVeTestEnv({
-          template: 'busybox',
-          extraYaml: `cluster: { enabled: true, name: ${name}, clusterName: tm, advertise: "127.0.0.1:${port}", leaseSeconds: 3, loadInterval: 60, etcd: { endpoints: ${JSON.stringify(etcd.endpoints)}, timeout: 1500 } }`,
-        });
-        cleanup.add(() => env.cleanup());
-        writeFileSync(env.configFile, readFileSync(env.configFile, 'utf8').replace('listen: "127.0.0.1:0"', `listen: "127.0.0.1:${port}"`));
-        return env;
-      };
+      const node = (name: string) => clusterNodeEnv(cleanup, { name, clusterName: 'tm', endpoints: etcd.endpoints });
       a = await node('na');
       b = await node('nb');
       const dir = tempDir(cleanup);

@@ -8,7 +8,8 @@ import { connectEtcd, type Etcd3 } from '../../src/cluster/etcd.js';
 import {
   Cleanup, freePort, keyAuthArgs, makeClientKey, readFrom, runProgram, sshBaseArgs, sshWithKey, startVeshServe, tempDir, writeAccounts, type ClientKey, type ServeProcess,
 } from '../helpers/ssh-harness.js';
-import { makeVeTestEnv, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
+import { waitFor, type VeTestEnv } from '../helpers/ve-env.js';
+import { clusterNodeEnv } from '../helpers/cluster-node.js';
 import { startEtcdCluster, type EtcdCluster } from '../helpers/etcd-cluster.js';
 
 /**
@@ -79,18 +80,8 @@ describe('a vesh cluster of two nodes on etcd', () => {
   beforeAll(async () => {
     try {
       etcd = await startEtcdCluster(cleanup);
-      const node = async (name: string) => {
-        // A fixed port, so that the address the node advertises is the one it listens on.
-        const port = await freePort();
-        const env = await makeVeTestEnv({
-          // Debian's template: sftp-server, perl and iproute2 for what is carried between nodes.
-          template: 'debian',
-          extraYaml: `cluster: { enabled: true, name: ${name}, clusterName: t2, advertise: "127.0.0.1:${port}", leaseSeconds: 3, loadInterval: 60, etcd: { endpoints: ${JSON.stringify(etcd.endpoints)}, timeout: 1500 } }`,
-        });
-        cleanup.add(() => env.cleanup());
-        writeFileSync(env.configFile, readFileSync(env.configFile, 'utf8').replace('listen: "127.0.0.1:0"', `listen: "127.0.0.1:${port}"`));
-        return env;
-      };
+      // Debian's template: sftp-server, perl and iproute2 for what is carried between nodes.
+      const node = (name: string) => clusterNodeEnv(cleanup, { name, clusterName: 't2', endpoints: etcd.endpoints, template: 'debian' });
       a = await node('na');
       b = await node('nb');
       c = await node('nc');
