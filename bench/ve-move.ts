@@ -12,10 +12,10 @@
  *   flock /tmp/vesh-bench.lock ./node_modules/.bin/vite-node bench/ve-move.ts -- [rounds] [dataMiB]
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { Cleanup, freePort, makeClientKey, startVeshServe, tempDir } from '../test/helpers/ssh-harness.js';
-import { makeVeTestEnv, shInVe, waitFor, type VeTestEnv } from '../test/helpers/ve-env.js';
+import { shInVe, waitFor, type VeTestEnv } from '../test/helpers/ve-env.js';
 import { startEtcdCluster } from '../test/helpers/etcd-cluster.js';
 import { clusterNodeEnv } from '../test/helpers/cluster-node.js';
 import { startSshd } from './peers.js';

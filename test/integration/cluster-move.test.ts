@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { readdirSync, readFileSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync, utimesSync } from 'node:fs';
 import path from 'node:path';
 import ssh2 from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -10,7 +10,7 @@ import { connectEtcd, type Etcd3 } from '../../src/cluster/etcd.js';
 import {
   Cleanup, freePort, makeClientKey, sshWithKey, startVeshServe, tempDir, writeAccounts, type ClientKey, type ServeProcess,
 } from '../helpers/ssh-harness.js';
-import { makeVeTestEnv, waitFor, type VeTestEnv } from '../helpers/ve-env.js';
+import { waitFor, type VeTestEnv } from '../helpers/ve-env.js';
 import { clusterNodeEnv } from '../helpers/cluster-node.js';
 import { nodeRecord, startEtcdCluster, type EtcdCluster } from '../helpers/etcd-cluster.js';
 
