@@ -102,22 +102,27 @@ export class AgentForwarding {
   }
 
   private openAgentChannel(cb: (err: Error | undefined, channel?: ServerChannel) => void): void {
-    const internals = this.ctx.conn as unknown as Ssh2ChannelInternals;
-    const wrapper = Object.assign((err: Error | undefined, channel?: ServerChannel) => cb(err, channel), { type: 'auth-agent@openssh.com' });
-    let local: number;
-    try {
-      local = internals._chanMgr.add(wrapper);
-      if (local === -1) {
-        cb(new Error('no free channels'));
-        return;
-      }
-      internals._protocol.openssh_authAgent(local, SSH2_MAX_WINDOW, SSH2_PACKET_SIZE);
-    } catch (err) {
-      cb(err instanceof Error ? err : new Error(String(err)));
-    }
+    openClientAgentChannel(this.ctx.conn, cb);
   }
 
   close(): void {
     this.closed = true;
+  }
+}
+
+/** Open an auth-agent@openssh.com channel to the client's agent (see Ssh2ChannelInternals). */
+export function openClientAgentChannel(conn: Connection, cb: (err: Error | undefined, channel?: ServerChannel) => void): void {
+  const internals = conn as unknown as Ssh2ChannelInternals;
+  const wrapper = Object.assign((err: Error | undefined, channel?: ServerChannel) => cb(err, channel), { type: 'auth-agent@openssh.com' });
+  let local: number;
+  try {
+    local = internals._chanMgr.add(wrapper);
+    if (local === -1) {
+      cb(new Error('no free channels'));
+      return;
+    }
+    internals._protocol.openssh_authAgent(local, SSH2_MAX_WINDOW, SSH2_PACKET_SIZE);
+  } catch (err) {
+    cb(err instanceof Error ? err : new Error(String(err)));
   }
 }

@@ -155,6 +155,7 @@ export class SshConnection {
         node: grant.remote.node,
         noPty: grant.noPty,
         forwardingRefusal: grant.forwardingRefusal,
+        agentForwardingRefusal: grant.agentForwardingRefusal === undefined ? 'the broker gave no answer on agent forwarding' : grant.agentForwardingRefusal,
         reserveChannel: (session) => this.reserveChannel(session),
         releaseChannel: (session) => this.releaseChannel(session),
         refuseSession: (accept, reject, text) => this.refuseSession(accept, reject, text),

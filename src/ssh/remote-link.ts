@@ -11,6 +11,7 @@ import { errorMessage, isVeshError } from '../errors.js';
 import { closeFd } from '../system/fdpass.js';
 import { BrokerRefusal, type ConnectionBroker } from '../worker/broker-client.js';
 import type { CappedLog } from './capped-log.js';
+import { openClientAgentChannel } from './agent-forwarding.js';
 import { CLIENT_SIGNALS } from './exit-status.js';
 import { ENV_LIMITS, MAX_COMMAND_LENGTH, MAX_REMOTE_FORWARDS_PER_CONNECTION } from './limits.js';
 
@@ -51,6 +52,8 @@ export interface RemoteLinkContext {
   noPty: boolean;
   /** Why forwarding is refused for this login, or null (the owning node decides the same from the vouch). */
   forwardingRefusal: string | null;
+  /** Why ssh -A is refused for this login, or null (the owning node decides too: the vouch carries the key's rule). */
+  agentForwardingRefusal: string | null;
   /** The connection's channel caps (sessions and all channels). */
   reserveChannel(session: boolean): boolean;
   releaseChannel(session: boolean): void;
@@ -83,10 +86,11 @@ type AnyChannel = Duplex & { eof(): void; close(): void };
  *
  * What is carried: sessions (pty, env, shell, exec, subsystem, window
  * changes, signals, exit status and signal), -L and -R to TCP ports and
- * Unix sockets. Agent forwarding (-A) is not: a relayed agent channel would
- * have to come back from the owning node, and this link's client must
- * never answer agent requests (its key is the node key); it is refused and
- * said so in the log.
+ * Unix sockets, and agent forwarding (-A): the owning node makes the
+ * agent socket in the VE and opens an agent channel back to this link for
+ * each connection to it, which goes on to the client's own agent
+ * (ClientAgentRelay). The node key never answers those: it signs only
+ * through the agent in the login method.
  *
  * The owning node is trusted, but its VE's root is not, and much of what
  * comes back starts there: forwarded connections to our -R listeners,
@@ -175,6 +179,9 @@ export class RemoteNodeLink {
     client.on('close', () => this.onLinkClosed(node));
     client.on('tcp connection', (info, accept, reject) => this.onForwardedTcp(info, accept, reject));
     client.on('unix connection', (info, accept, reject) => this.onForwardedUnix(info, accept, reject));
+    // The agent ssh2 hands the owning node's agent channels to (asked per
+    // session with agentForward, never for all: no allowAgentFwd).
+    const agentRelay = this.ctx.agentForwardingRefusal === null ? new ClientAgentRelay(this.ctx) : undefined;
     let asked = false;
     // Only the node key, through the broker, and never as an agent the
     // other side could use: the agent is in the auth method, not in the
@@ -193,6 +200,7 @@ export class RemoteNodeLink {
         if (!ok) hostKeyRefused = true;
         return ok;
       },
+      ...(agentRelay ? { agent: agentRelay } : {}),
       readyTimeout: this.ctx.readyTimeoutMs ?? READY_TIMEOUT_MS,
       keepaliveInterval: KEEPALIVE_INTERVAL_MS,
       keepaliveCountMax: KEEPALIVE_COUNT_MAX,
@@ -302,10 +310,11 @@ export class RemoteNodeLink {
       noPty: this.ctx.noPty,
       log: this.ctx.log,
       noisy: this.ctx.noisy,
+      agentAllowed: this.ctx.agentForwardingRefusal === null,
       refuseAgent: () => {
         if (this.agentRefusalLogged) return;
         this.agentRefusalLogged = true;
-        this.ctx.log.info({ event: 'agent.refused', node: this.ctx.node, reason: 'agent forwarding is not carried to another cluster node' }, 'ssh -A refused: this login is carried to another cluster node, and agent forwarding is not carried there');
+        this.ctx.log.info({ event: 'agent.refused', node: this.ctx.node, reason: this.ctx.agentForwardingRefusal }, `ssh -A refused: ${this.ctx.agentForwardingRefusal}`);
       },
     };
   }
@@ -526,6 +535,46 @@ class NodeKeyAgent extends BaseAgent<ParsedKey> {
   }
 }
 
+// ------------------------------------------------------------ the client's agent, for the owning node
+
+/**
+ * The agent ssh2 gives the owning node's auth-agent@openssh.com channels
+ * to: each becomes a new agent channel to our client (its own agent), as a
+ * local login's agent connections do. It holds no key and signs nothing:
+ * authentication goes through NodeKeyAgent, in the login method only.
+ */
+class ClientAgentRelay extends BaseAgent {
+  constructor(private readonly ctx: Pick<RemoteLinkContext, 'conn' | 'reserveChannel' | 'releaseChannel' | 'log'>) {
+    super();
+  }
+
+  getIdentities(cb: (err: Error | undefined) => void): void {
+    cb(new Error('this agent only relays the client\'s agent channels'));
+  }
+
+  sign(_pubKey: unknown, _data: Buffer, options: unknown, cb?: (err: Error | undefined) => void): void {
+    ((typeof options === 'function' ? options : cb) as (err: Error | undefined) => void)(new Error('this agent only relays the client\'s agent channels'));
+  }
+
+  override getStream(cb: (err: Error | undefined, stream?: Duplex) => void): void {
+    if (!this.ctx.reserveChannel(false)) {
+      cb(new Error('too many channels'));
+      return;
+    }
+    openClientAgentChannel(this.ctx.conn, (err, channel) => {
+      if (err || !channel) {
+        this.ctx.releaseChannel(false);
+        this.ctx.log.info({ event: 'agent.channel_failed', err: err ? errorMessage(err) : 'no channel' });
+        cb(err ?? new Error('no channel'));
+        return;
+      }
+      channel.on('error', () => undefined);
+      channel.once('close', () => this.ctx.releaseChannel(false));
+      cb(undefined, channel);
+    });
+  }
+}
+
 // ------------------------------------------------------------ one relayed session
 
 interface SessionRelayContext {
@@ -535,7 +584,9 @@ interface SessionRelayContext {
   noPty: boolean;
   log: Logger;
   noisy: Pick<CappedLog, 'info'>;
-  /** The client asked for agent forwarding (logged once per connection). */
+  /** ssh -A may be carried for this login. */
+  agentAllowed: boolean;
+  /** The client asked for agent forwarding and may not (logged once per connection). */
   refuseAgent(): void;
 }
 
@@ -552,6 +603,7 @@ class RelayedSession {
   private readonly env: Record<string, string> = Object.create(null) as Record<string, string>;
   private envCount = 0;
   private pty: PseudoTtyInfo | null = null;
+  private agentForward = false;
   private started = false;
   private front: ServerChannel | null = null;
   private back: ClientChannel | null = null;
@@ -575,9 +627,15 @@ class RelayedSession {
     session.on('pty', (accept, reject, info) => this.onPty(accept, reject, info));
     session.on('window-change', (accept, reject, info) => this.onWindowChange(accept, reject, info));
     session.on('signal', (accept, reject, info) => this.onSignal(accept, reject, info.name));
-    session.on('auth-agent', (_accept, reject) => {
-      ctx.refuseAgent();
-      reject?.();
+    session.on('auth-agent', (accept, reject) => {
+      if (!ctx.agentAllowed || this.started) {
+        if (!ctx.agentAllowed) ctx.refuseAgent();
+        reject?.();
+        return;
+      }
+      // Asked of the owning node with this session's shell or command.
+      this.agentForward = true;
+      accept?.();
     });
     session.on('shell', (accept, reject) => this.start('shell', accept, reject));
     session.on('exec', (accept, reject, info) => this.start('exec', accept, reject, info.command));
@@ -689,8 +747,9 @@ class RelayedSession {
     }
     const pty = this.pty ? { rows: this.pty.rows, cols: this.pty.cols, height: this.pty.height, width: this.pty.width, term: this.pty.term, modes: this.pty.modes } : undefined;
     try {
-      if (kind === 'exec') client.exec(detail!, { env: this.env, ...(pty ? { pty } : {}) }, opened);
-      else if (kind === 'shell') client.shell(pty ?? false, { env: this.env }, opened);
+      const agent = this.agentForward ? { agentForward: true } : {};
+      if (kind === 'exec') client.exec(detail!, { env: this.env, ...(pty ? { pty } : {}), ...agent }, opened);
+      else if (kind === 'shell') client.shell(pty ?? false, { env: this.env, ...agent }, opened);
       else client.subsys(detail!, opened);
     } catch (err) {
       this.opened(kind, err instanceof Error ? err : new Error(String(err)), null);

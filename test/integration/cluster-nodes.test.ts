@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { clusterSchema, resolveClusterConfig } from '../../src/config/cluster.js';
@@ -257,6 +257,24 @@ describe('a vesh cluster of two nodes on etcd', () => {
     }
     expect(got).toBe('from-bob-ve\n');
     child.kill();
+  }, 60_000);
+
+  it('ssh -A through na: ssh-add -l in bob\'s VE on nb lists the key of the client\'s own agent', async () => {
+    const agentSock = path.join(work, 'agent.sock');
+    const agent = spawn('ssh-agent', ['-D', '-a', agentSock], { stdio: 'ignore' });
+    cleanup.add(() => { agent.kill('SIGKILL'); });
+    await waitFor('ssh-agent to listen', async () => existsSync(agentSock), 10_000);
+    const env = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: work, SSH_AUTH_SOCK: agentSock };
+    const added = await runProgram('ssh-add', [keys.carol!.file], { env });
+    expect(added.code, added.stderr).toBe(0);
+    const r = await runProgram('ssh', [
+      ...sshBaseArgs(serveA.port).filter((x, i, all) => x !== 'IdentityAgent=none' && !(x === '-o' && all[i + 1] === 'IdentityAgent=none')),
+      ...keyAuthArgs(keys.bob!), '-A', 'bob@127.0.0.1', 'hostname; ssh-add -l',
+    ], { env, timeoutMs: 60_000 });
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toContain('bob\n');
+    expect(r.stdout).toContain(keys.carol!.fingerprint);
+    agent.kill('SIGKILL');
   }, 60_000);
 
   it('a key\'s restrictions hold on the node its login is carried to: its forced command runs there, and -L is refused', async () => {
