@@ -18,9 +18,10 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import tty from 'node:tty';
 import { Worker } from 'node:worker_threads';
 import { fileURLToPath } from 'node:url';
+// The real worker's pty reader (tty.ReadStream drops a terminal's last output: see that module).
+import { readPtyMaster } from '../../dist/system/pty-reader.js';
 
 const require = createRequire(import.meta.url);
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -85,14 +86,15 @@ function probe(port, reply) {
 
 function pipeSession(s, fd) {
   if (s.kind === 'shell') {
-    // A pty master: read with a tty stream, write with fs.write (the master is nonblocking).
-    const rs = new tty.ReadStream(fd);
-    // The master reads EIO once the last slave descriptor is closed: the output is over.
+    // A pty master: read to its end (EIO once the last slave descriptor is
+    // closed: the output is over), write with fs.write (the master is nonblocking).
     const over = () => { s.outputDone = true; finish(s); };
-    rs.on('error', over);
-    rs.on('end', over);
-    rs.on('close', over);
-    rs.pipe(s.channel, { end: false });
+    const reader = readPtyMaster(fd, (d) => {
+      if (!s.channel.write(d)) {
+        reader.pause();
+        s.channel.once('drain', () => reader.resume());
+      }
+    }, over);
     let pending = Promise.resolve();
     s.channel.on('data', (d) => {
       pending = pending.then(() => writeAll(fd, d)).catch(() => undefined);
