@@ -548,9 +548,12 @@ describe('a login carried to the node its VE lives on (remote-link)', () => {
     // Reading again: every byte arrives.
     let got = 0;
     stream.on('data', (d: Buffer) => { got += d.length; });
+    // Both listened for first: ssh2 can emit close in the same turn as exit.
+    const exited = new Promise<number>((r) => stream.on('exit', (x: number) => r(x)));
+    const closed = new Promise((r) => stream.on('close', r));
     stream.resume();
-    const code = await new Promise<number>((r) => stream.on('exit', (x: number) => r(x)));
-    await new Promise((r) => stream.on('close', r));
+    const code = await exited;
+    await closed;
     expect(code).toBe(0);
     expect(got).toBe(32 * 1024 * 1024);
     c.end();
