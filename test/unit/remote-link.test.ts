@@ -531,6 +531,10 @@ describe('a login carried to the node its VE lives on (remote-link)', () => {
   it('a VE that writes without end to a client that does not read: the node is held back by the windows, nothing piles up here', async () => {
     const c = await userClient();
     const stream = await new Promise<ClientChannel>((resolve, reject) => c.exec('flood', (err, s) => (err ? reject(err) : resolve(s))));
+    // Listened for from the start: ssh2 emits exit as soon as it arrives,
+    // and can emit close in the same turn.
+    const exited = new Promise<number>((r) => stream.on('exit', (x: number) => r(x)));
+    const closed = new Promise((r) => stream.on('close', r));
     stream.pause();
     stream.stderr.resume();
     // Wait until the node can send no more (its count stops moving).
@@ -548,9 +552,6 @@ describe('a login carried to the node its VE lives on (remote-link)', () => {
     // Reading again: every byte arrives.
     let got = 0;
     stream.on('data', (d: Buffer) => { got += d.length; });
-    // Both listened for first: ssh2 can emit close in the same turn as exit.
-    const exited = new Promise<number>((r) => stream.on('exit', (x: number) => r(x)));
-    const closed = new Promise((r) => stream.on('close', r));
     stream.resume();
     const code = await exited;
     await closed;
