@@ -6,7 +6,10 @@
  *   - login + `true` latency p50/p95, warm VE (running, in use: its session
  *     agent is up), and once at the end cold VE (stopped: boot on demand,
  *     the session goes through `runc exec`);
- *   - logins per second with 8 clients in parallel (started by `xargs -P 8`);
+ *   - logins per second with 8 clients in parallel, made two ways: OpenSSH
+ *     `ssh` processes started by `xargs -P 8`, and 8 connections at a time
+ *     from one light ssh2 client process (login-load.ts), whose CPU per
+ *     login is a third of ssh's, so that the servers' own costs show;
  *   - SFTP upload and download of one file (1 GiB by default) in MB/s.
  * Every figure is taken in --rounds rounds, each round one measurement per
  * target in turn (the order rotating), so that a slow spell of the machine
@@ -17,7 +20,7 @@
  * any ssh2-based server. The baseline vesh gets its own data dir, port,
  * bridge and VE, like the main one.
  *
- *   npx vite-node bench/ssh-vs-sshd.ts -- [--rounds 3] [--logins 30] [--parallel-logins 80] [--spawn-from-bench]
+ *   npx vite-node bench/ssh-vs-sshd.ts -- [--rounds 3] [--logins 30] [--parallel-logins 200] [--warmup-logins 200] [--spawn-from-bench] [--login-clients openssh,ssh2]
  *     [--baseline-tree DIR] [--workers N] [--sftp-mib 1024] [--sftp-rounds N] [--sftp-only | --logins-only]
  *     [--ve-memory 1G] [--ve-read-ahead-kb KB[,KB…]] [--cipher NAME] [--cpu] [--json]
  *
@@ -49,14 +52,22 @@ import { removeInstance } from '../test/helpers/ve-env.js';
 import { sharedTemplate } from '../test/helpers/templates.js';
 import { pct, median, sleep, freePort, waitForPort, spread, sampleProcessCpu, hostCpuTicks, busyShare, type ProcessCpu } from './lib.js';
 import { LoginCpuGroups, formatLoginCpu, loginCeiling, type LoginCpu } from './login-cpu.js';
+import { LoginLoadChild } from './login-load.js';
 
 const { values: args } = parseArgs({
   options: {
     rounds: { type: 'string', default: '3' },
     logins: { type: 'string', default: '30' },
-    'parallel-logins': { type: 'string', default: '80' },
+    'parallel-logins': { type: 'string', default: '200' },
+    // Untimed logins (8 at a time) per target before the first round: every
+    // server measured as it runs after a while (JIT-compiled, caches warm),
+    // not in its first second.
+    'warmup-logins': { type: 'string', default: '200' },
     // Fork each parallel login's client from this process, as before 2026-12-03 17:00.
     'spawn-from-bench': { type: 'boolean', default: false },
+    // Who makes the logins/s load: OpenSSH's ssh (a process per login) and/or
+    // a light ssh2 client in one process (login-load.ts); both by default.
+    'login-clients': { type: 'string', default: 'openssh,ssh2' },
     'baseline-tree': { type: 'string' },
     workers: { type: 'string' },
     'sftp-mib': { type: 'string', default: '1024' },
@@ -67,7 +78,11 @@ const { values: args } = parseArgs({
     'logins-only': { type: 'boolean', default: false },
     // The VE's memory limit; its page cache counts against it, so whether the
     // transferred file stays cached (as it does for sshd) depends on it.
-    've-memory': { type: 'string', default: '1G' },
+    // Default: the SFTP file plus 1 GiB, so that the file stays in the VE's
+    // page cache between upload and download as it stays in the host's for
+    // sshd (with less, vesh's download reads the VE's disk and sshd's RAM;
+    // bench/README.md has figures of both).
+    've-memory': { type: 'string' },
     // The client's cipher for every target (default: the client's own choice,
     // chacha20-poly1305 for OpenSSH 9.2).
     cipher: { type: 'string' },
@@ -84,11 +99,17 @@ const { values: args } = parseArgs({
 const ROUNDS = Math.max(1, Number(args.rounds));
 const LOGINS = Number(args.logins);
 const PAR_LOGINS = Number(args['parallel-logins']);
+const WARMUP_LOGINS = Number(args['warmup-logins']);
 const SFTP_MIB = Number(args['sftp-mib']);
+const VE_MEMORY = args['ve-memory'] ?? `${SFTP_MIB + 1024}M`;
 const SFTP_ROUNDS = Math.max(1, Number(args['sftp-rounds'] ?? ROUNDS));
 const SFTP_ONLY = args['sftp-only'];
 const LOGINS_ONLY = args['logins-only'];
 const WORKERS = args.workers === undefined ? null : Number(args.workers);
+const LOGIN_CLIENTS = new Set(args['login-clients'].split(',').map((c) => c.trim()));
+if (![...LOGIN_CLIENTS].every((c) => c === 'openssh' || c === 'ssh2') || LOGIN_CLIENTS.size === 0) {
+  throw new Error(`--login-clients ${args['login-clients']}: openssh, ssh2 or both (comma between)`);
+}
 const REPO = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
 const BASELINE = args['baseline-tree'] ? path.resolve(args['baseline-tree']) : null;
 const VE_READ_AHEAD = args['ve-read-ahead-kb']?.split(',').map(Number) ?? [];
@@ -262,9 +283,13 @@ async function writeVeshInstance(dir: string, o: { tree: string; port: number; b
   await fs.symlink(await templateFor(o.tree), path.join(data, 'templates', 'debian'));
   writeFileSync(path.join(dir, 'vesh.yaml'), [
     `listen: "127.0.0.1:${o.port}"`, `dataDir: ${data}`, `hostKeysDir: ${dir}/keys`, `accountsFile: ${dir}/accounts.yaml`,
-    `defaults: { template: debian, limits: { memory: ${args['ve-memory']}, pids: 512, cpus: 2, disk: ${Math.ceil((SFTP_MIB * 2.2) / 1024) + 1}G } }`,
+    `defaults: { template: debian, limits: { memory: ${VE_MEMORY}, pids: 512, cpus: 2, disk: ${Math.ceil((SFTP_MIB * 2.2) / 1024) + 1}G } }`,
     `network: { bridge: ${o.bridge}, subnet: ${o.subnet}, outbound: false }`,
     `logging: { level: warn, pretty: false }`,
+    // Every login comes from 127.0.0.1: the per-source admission limits
+    // (20 connections a second, 10 unauthenticated) are lifted as sshd's
+    // MaxStartups is below, so that they are not what is measured.
+    `auth: { maxStartupsPerSource: 100, maxConnectionRatePerSource: 10000 }`,
     ...(o.workers === null ? [] : [`workers: { count: ${o.workers} }`]),
   ].join('\n'));
   writeFileSync(path.join(dir, 'accounts.yaml'), o.accounts.map((a) => `${a}:\n  keys:\n    - ${o.pub}\n`).join(''));
@@ -280,6 +305,9 @@ async function main(): Promise<void> {
   const children: ChildProcess[] = [];
   const configs: string[] = [];
   let bare: net.Server | null = null;
+  let lightLoad: LoginLoadChild | null = null;
+  // Where SFTP downloads land (a tmpfs directory of this run's).
+  let sink: string | null = null;
   // --cpu: every process's CPU per login, clients included (login-cpu.ts).
   let cpuGroups: LoginCpuGroups | null = null;
   // Ctrl-C or a timeout still removes the VEs, bridges and files this run made.
@@ -293,6 +321,7 @@ async function main(): Promise<void> {
     if (cleaned) return;
     cleaned = true;
     bare?.close();
+    lightLoad?.stop();
     for (const c of children) c.kill('SIGTERM');
     await sleep(1000);
     // vesh serve leaves VEs running by design: remove what the bench's instances made.
@@ -300,6 +329,7 @@ async function main(): Promise<void> {
       if (existsSync(configFile)) await removeInstance(loadServerConfig(configFile)).catch((err: Error) => console.error(`cleanup of ${configFile}: ${err.message}`));
     }
     await fs.rm(dir, { recursive: true, force: true });
+    if (sink) await fs.rm(sink, { recursive: true, force: true });
     const left = cpuGroups?.remove() ?? [];
     if (left.length) console.error(`cgroups left with processes in them (rmdir them later): ${left.join(' ')}`);
   };
@@ -368,13 +398,26 @@ async function main(): Promise<void> {
     if (targets.baseline) await waitForAgent(dir, targets.baseline);
 
     // Per round and target: warm login p50/p95 and logins/s with 8 clients.
-    const loginRounds = Object.fromEntries(keys.map((k) => [k, { p50: [] as number[], p95: [] as number[], lps: [] as number[] }])) as Record<Key, { p50: number[]; p95: number[]; lps: number[] }>;
+    const loginRounds = Object.fromEntries(keys.map((k) => [k, { p50: [] as number[], p95: [] as number[], lps: [] as number[], lpsLight: [] as number[] }])) as Record<Key, { p50: number[]; p95: number[]; lps: number[]; lpsLight: number[] }>;
     const execFloor: number[] = [];
     let cold: number[] = [];
     // Whose CPU a phase used: the processes of each server's tree, the clients, the rest of the host.
     const roots: Array<[number, string]> = [[serve.pid!, 'vesh'], [sshd.pid!, 'sshd'], [process.pid, 'bench'], ...(baseServe ? [[baseServe.pid!, 'baseline'] as [number, string]] : [])];
-    const loginCpu: Array<{ target: Key; round: number; wallS: number; busyShare: number; cpuS: Record<string, number> }> = [];
-    const loginGroupCpu: Array<{ target: Key; round: number } & LoginCpu> = [];
+    type LoginClient = 'openssh' | 'ssh2';
+    const loginCpu: Array<{ target: Key; client: LoginClient; round: number; wallS: number; busyShare: number; cpuS: Record<string, number> }> = [];
+    const loginGroupCpu: Array<{ target: Key; client: LoginClient; round: number } & LoginCpu> = [];
+    if (!SFTP_ONLY && LOGIN_CLIENTS.has('ssh2')) lightLoad = LoginLoadChild.start();
+    if (!SFTP_ONLY && WARMUP_LOGINS > 0) {
+      // Untimed: WARMUP_LOGINS logins per target, from the light client where it runs (quicker), else ssh.
+      for (const k of keys) {
+        if (lightLoad) {
+          const r = await lightLoad.run({ port: targets[k]!.port, user: targets[k]!.user, keyFile: path.join(dir, 'id_ed25519'), total: WARMUP_LOGINS, parallel: 8 });
+          if (r.failed) throw new Error(`${targets[k]!.name}: ${r.failed} of the ssh2 client's warm-up logins failed: ${r.firstError}`);
+        } else {
+          await loginsPerSecond(dir, targets[k]!, WARMUP_LOGINS);
+        }
+      }
+    }
     if (!SFTP_ONLY) {
       for (let round = 0; round < ROUNDS; round++) {
         for (const k of rotate(keys, round)) {
@@ -383,14 +426,22 @@ async function main(): Promise<void> {
           loginRounds[k].p95.push(pct(v, 95));
         }
         for (const k of rotate(keys, round)) {
-          const sampler = args.cpu ? sampleProcessCpu() : null;
-          const [t0, ticks0] = [performance.now(), hostCpuTicks()];
-          const groupRun = cpuGroups?.start(k, PAR_LOGINS);
-          loginRounds[k].lps.push(await loginsPerSecond(dir, targets[k]!, PAR_LOGINS));
-          if (groupRun) loginGroupCpu.push({ target: k, round, ...groupRun() });
-          if (sampler) {
-            const busy = busyShare(ticks0, hostCpuTicks());
-            loginCpu.push({ target: k, round, wallS: Number(((performance.now() - t0) / 1000).toFixed(2)), busyShare: Number(busy.toFixed(2)), cpuS: cpuByRole(sampler.stop(), roots) });
+          for (const client of (['openssh', 'ssh2'] as const).filter((c) => LOGIN_CLIENTS.has(c))) {
+            const sampler = args.cpu ? sampleProcessCpu() : null;
+            const [t0, ticks0] = [performance.now(), hostCpuTicks()];
+            const groupRun = cpuGroups?.start(k, PAR_LOGINS);
+            if (client === 'openssh') {
+              loginRounds[k].lps.push(await loginsPerSecond(dir, targets[k]!, PAR_LOGINS));
+            } else {
+              const r = await lightLoad!.run({ port: targets[k]!.port, user: targets[k]!.user, keyFile: path.join(dir, 'id_ed25519'), total: PAR_LOGINS, parallel: 8 });
+              if (r.failed) throw new Error(`${targets[k]!.name}: ${r.failed} of ${PAR_LOGINS} logins of the ssh2 client failed: ${r.firstError}`);
+              loginRounds[k].lpsLight.push(r.perSecond);
+            }
+            if (groupRun) loginGroupCpu.push({ target: k, client, round, ...groupRun() });
+            if (sampler) {
+              const busy = busyShare(ticks0, hostCpuTicks());
+              loginCpu.push({ target: k, client, round, wallS: Number(((performance.now() - t0) / 1000).toFixed(2)), busyShare: Number(busy.toFixed(2)), cpuS: cpuByRole(sampler.stop(), roots) });
+            }
           }
         }
       }
@@ -428,6 +479,23 @@ async function main(): Promise<void> {
         if (!dev) throw new Error(`no loop device holds ${image}: is the warm VE running?`);
         return path.join('/sys/block', path.basename(dev), 'queue', 'read_ahead_kb');
       };
+      // Downloads land in RAM (tmpfs), not on the host's disk: the client's
+      // own writing back of a 1 GiB file (its sftp took 1.0 to 3.3 CPU-s per
+      // download on /var/tmp, 2026-12-03 23:10) is the same work whichever
+      // server sent it, and only blurred the comparison.
+      sink = existsSync('/dev/shm') ? mkdtempSync('/dev/shm/vesh-bench-down-') : dir;
+      const down = path.join(sink, 'down');
+      // Untimed, once per target: a transfer each way of a quarter of the
+      // file, so that the rounds measure the servers' data paths warm (in
+      // the 23:10 run vesh's worker took 2.3 CPU-s for its first upload and
+      // 1.5-1.7 for the next ones).
+      const warmFile = path.join(dir, 'warmup');
+      execFileSync('dd', [`if=${src}`, `of=${warmFile}`, 'bs=1M', `count=${Math.max(1, Math.floor(SFTP_MIB / 4))}`, 'status=none']);
+      for (const k of keys) {
+        const remote = `${targets[k]!.remoteDir}/warmup`;
+        await sftpTransfer(dir, targets[k]!, `put ${warmFile} ${remote}\nget ${remote} ${down}\nrm ${remote}\n`);
+        await fs.rm(down, { force: true });
+      }
       for (let round = 0; round < SFTP_ROUNDS; round++) {
         const raFile = veLoop();
         if (VE_READ_AHEAD.length) writeFileSync(raFile, String(VE_READ_AHEAD[round % VE_READ_AHEAD.length]));
@@ -440,10 +508,10 @@ async function main(): Promise<void> {
           execFileSync('sync');
           const up = await timed(k, round, 'up', `put ${src} ${remote}\n`);
           execFileSync('sync');
-          const down = await timed(k, round, 'down', `get ${remote} ${dir}/down\nrm ${remote}\n`);
-          await fs.rm(path.join(dir, 'down'), { force: true });
+          const downMs = await timed(k, round, 'down', `get ${remote} ${down}\nrm ${remote}\n`);
+          await fs.rm(down, { force: true });
           sftpRounds[k].upMBs.push(mb / (up / 1000));
-          sftpRounds[k].downMBs.push(mb / (down / 1000));
+          sftpRounds[k].downMBs.push(mb / (downMs / 1000));
         }
       }
     }
@@ -453,7 +521,8 @@ async function main(): Promise<void> {
     const ratios = {
       ...(SFTP_ONLY ? {} : {
         warmP50VeshOverBare: perRound(loginRounds.vesh.p50, loginRounds.bare.p50),
-        ...(BASELINE ? { loginsPerSecondVeshOverBaseline: perRound(loginRounds.vesh.lps, loginRounds.baseline.lps) } : {}),
+        ...(BASELINE && LOGIN_CLIENTS.has('openssh') ? { loginsPerSecondVeshOverBaseline: perRound(loginRounds.vesh.lps, loginRounds.baseline.lps) } : {}),
+        ...(BASELINE && LOGIN_CLIENTS.has('ssh2') ? { loginsPerSecondSsh2ClientVeshOverBaseline: perRound(loginRounds.vesh.lpsLight, loginRounds.baseline.lpsLight) } : {}),
       }),
       ...(LOGINS_ONLY ? {} : {
         sftpUpVeshOverSshd: perRound(sftpRounds.vesh.upMBs, sftpRounds.sshd.upMBs),
@@ -467,7 +536,7 @@ async function main(): Promise<void> {
       baseline: BASELINE ? { tree: BASELINE, commit: baseLabel } : null,
       rounds: ROUNDS,
       ...(SFTP_ONLY ? {} : {
-        logins: Object.fromEntries(keys.map((k) => [k, { p50Ms: spread(loginRounds[k].p50), p95Ms: spread(loginRounds[k].p95), perSecond8: spread(loginRounds[k].lps) }])),
+        logins: Object.fromEntries(keys.map((k) => [k, { p50Ms: spread(loginRounds[k].p50), p95Ms: spread(loginRounds[k].p95), perSecond8: spread(loginRounds[k].lps), perSecond8Ssh2Client: spread(loginRounds[k].lpsLight) }])),
         loginRounds,
         coldLoginMs: { p50: pct(cold, 50), p95: pct(cold, 95) },
         runcExecTrueMs: { p50: pct(execFloor, 50), p95: pct(execFloor, 95) },
@@ -489,6 +558,7 @@ async function main(): Promise<void> {
     const f = (x: number) => x.toFixed(0);
     const f1 = (x: number) => x.toFixed(1);
     const sp = (xs: number[], fmt: (x: number) => string) => {
+      if (!xs.length) return '–'.padEnd(18);
       const s = spread(xs);
       return `${fmt(s.median)} [${fmt(s.min)}–${fmt(s.max)}]`.padEnd(18);
     };
@@ -498,27 +568,30 @@ async function main(): Promise<void> {
       ...(BASELINE ? [['baseline', `vesh ${baseLabel}, warm VE`] as [Key, string]] : []),
       ['sshd', 'OpenSSH sshd'], ['bare', 'bare ssh2 on host'],
     ];
-    console.log(`SSH: vesh vs OpenSSH sshd vs bare ssh2${BASELINE ? ` vs vesh ${baseLabel}` : ''}, OpenSSH client, curve25519${args.cipher ? `, ${args.cipher}` : ''}, VE memory ${args['ve-memory']} (${result.date}, load ${result.load})`);
+    console.log(`SSH: vesh vs OpenSSH sshd vs bare ssh2${BASELINE ? ` vs vesh ${baseLabel}` : ''}, OpenSSH client, curve25519${args.cipher ? `, ${args.cipher}` : ''}, VE memory ${VE_MEMORY} (${result.date}, load ${result.load})`);
     if (!SFTP_ONLY) {
-      console.log(`Logins: median of ${ROUNDS} interleaved rounds [lowest–highest round]; ${LOGINS} logins per round for p50/p95, ${PAR_LOGINS} for logins/s`);
-      console.log(`${''.padEnd(34)} ${'login p50, ms'.padEnd(18)} ${'login p95, ms'.padEnd(18)} logins/s (8 clients)`);
+      console.log(`Logins: median of ${ROUNDS} interleaved rounds [lowest–highest round]; ${LOGINS} logins per round for p50/p95, ${PAR_LOGINS} for logins/s, after ${WARMUP_LOGINS} untimed logins per target`);
+      console.log(`${''.padEnd(34)} ${'login p50, ms'.padEnd(18)} ${'login p95, ms'.padEnd(18)} ${'logins/s, 8 ssh'.padEnd(18)} logins/s, 8 ssh2 clients`);
       for (const [k, label] of labels) {
-        console.log(`${label.padEnd(34)} ${sp(loginRounds[k].p50, f)} ${sp(loginRounds[k].p95, f)} ${sp(loginRounds[k].lps, f1)}`);
+        console.log(`${label.padEnd(34)} ${sp(loginRounds[k].p50, f)} ${sp(loginRounds[k].p95, f)} ${sp(loginRounds[k].lps, f1)} ${sp(loginRounds[k].lpsLight, f1)}`);
       }
       console.log(`${'vesh, cold VE (once)'.padEnd(34)} ${f(pct(cold, 50)).padEnd(18)} ${f(pct(cold, 95)).padEnd(18)}`);
       console.log(`${'runc exec true (once)'.padEnd(34)} ${f(pct(execFloor, 50)).padEnd(18)} ${f(pct(execFloor, 95)).padEnd(18)}`);
       console.log(`ratio vesh/bare ssh2 warm p50: ${rr(ratios.warmP50VeshOverBare!, 'max')}, target ≤ 1.3`);
-      if (BASELINE) console.log(`ratio vesh/${baseLabel} logins/s: ${rr(ratios.loginsPerSecondVeshOverBaseline!, 'min')}, target ≥ 1.5`);
+      if (ratios.loginsPerSecondVeshOverBaseline) console.log(`ratio vesh/${baseLabel} logins/s, OpenSSH ssh clients: ${rr(ratios.loginsPerSecondVeshOverBaseline, 'min')}, target ≥ 1.5`);
+      if (ratios.loginsPerSecondSsh2ClientVeshOverBaseline) console.log(`ratio vesh/${baseLabel} logins/s, ssh2 clients (login-load.ts): ${rr(ratios.loginsPerSecondSsh2ClientVeshOverBaseline, 'min')}, target ≥ 1.5`);
       if (args.cpu) {
         console.log(`CPU during each logins/s run: busy = the host's busy share of its ${availableParallelism()} CPUs (/proc/stat); CPU seconds of the longer-lived processes (a client ssh lives ~0.1 s and mostly escapes the 100 ms sampling)`);
-        for (const c of loginCpu) console.log(`  ${c.target} round ${c.round + 1}, ${c.wallS} s, busy ${c.busyShare}: ${Object.entries(c.cpuS).map(([l, s]) => `${l} ${s}`).join(', ')}`);
+        for (const c of loginCpu) console.log(`  ${c.target}, ${c.client} clients, round ${c.round + 1}, ${c.wallS} s, busy ${c.busyShare}: ${Object.entries(c.cpuS).map(([l, s]) => `${l} ${s}`).join(', ')}`);
         if (loginGroupCpu.length) {
-          console.log('CPU per login, ms, every process counted (cpuacct groups; login-cpu.ts): clients = the ssh processes; bench = this process (spawning them, the sampler; for bare, its ssh2 server); VE = the session agent and `sh -c true`; rest = the host\'s other busy time');
-          for (const c of loginGroupCpu) console.log(`  ${c.target} round ${c.round + 1}: ${formatLoginCpu(c)}`);
+          console.log('CPU per login, ms, every process counted (cpuacct groups; login-cpu.ts): clients = the ssh processes or the ssh2 load process; bench = this process (spawning them, the sampler; for bare, its ssh2 server); VE = the session agent and `sh -c true`; rest = the host\'s other busy time');
+          for (const c of loginGroupCpu) console.log(`  ${c.target}, ${c.client} clients, round ${c.round + 1}: ${formatLoginCpu(c)}`);
           console.log(`logins/s the host's ${availableParallelism()} CPUs would allow at these costs, were they all this run's (median of rounds): ceiling / with a server that cost nothing`);
           for (const k of keys) {
-            const runs = loginGroupCpu.filter((c) => c.target === k).map(loginCeiling);
-            if (runs.length) console.log(`  ${k}: ${median(runs.map((r) => r.ceiling)).toFixed(1)} / ${median(runs.map((r) => r.freeServer)).toFixed(1)}`);
+            for (const client of ['openssh', 'ssh2'] as const) {
+              const runs = loginGroupCpu.filter((c) => c.target === k && c.client === client).map(loginCeiling);
+              if (runs.length) console.log(`  ${k}, ${client} clients: ${median(runs.map((r) => r.ceiling)).toFixed(1)} / ${median(runs.map((r) => r.freeServer)).toFixed(1)}`);
+            }
           }
         }
       }
