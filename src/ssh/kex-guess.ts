@@ -1,4 +1,5 @@
 import type { Connection } from 'ssh2';
+import { watchKeyExchanges } from './kex-watch.js';
 
 /**
  * Corrects how ssh2 1.17 treats a client's guessed key-exchange packet
@@ -28,19 +29,6 @@ import type { Connection } from 'ssh2';
  * algorithms of both KEXINITs (check kex.js handleKexInit; the unit test
  * test/unit/kex-guess.test.ts shows a right guess with the wrapper off).
  */
-
-interface KeyExchangeLike {
-  /** The KEXINIT payload we sent (message byte, cookie, name-lists, flag, reserved). */
-  _kexinit?: Buffer;
-  /** The peer's KEXINIT payload, same layout. */
-  _remoteKexinit?: Buffer;
-}
-
-interface ProtocolInternals {
-  _server: boolean;
-  _kex: KeyExchangeLike | undefined;
-  _skipNextInboundPacket: boolean;
-}
 
 /** Offset of the first name-list in a KEXINIT payload: message number (1) + cookie (16). */
 const FIRST_LIST_OFFSET = 17;
@@ -87,19 +75,7 @@ export function mustIgnoreGuess(local: Buffer, remote: Buffer): boolean {
 
 /** Installs the correction on one connection; call it synchronously from the server's 'connection' event, before the peer's KEXINIT is parsed. */
 export function correctKexGuessHandling(conn: Connection): void {
-  const proto = (conn as unknown as { _protocol: ProtocolInternals })._protocol;
-  let current = proto._kex;
-  Object.defineProperty(proto, '_kex', {
-    configurable: true,
-    enumerable: true,
-    get: () => current,
-    set: (kex: KeyExchangeLike | undefined) => {
-      current = kex;
-      // ssh2 makes a key exchange object only in handleKexInit, holding both
-      // KEXINITs; anything else it assigns here (undefined) carries neither.
-      if (kex?._kexinit && kex._remoteKexinit) {
-        proto._skipNextInboundPacket = mustIgnoreGuess(kex._kexinit, kex._remoteKexinit);
-      }
-    },
+  watchKeyExchanges(conn, (kex, proto) => {
+    proto._skipNextInboundPacket = mustIgnoreGuess(kex._kexinit!, kex._remoteKexinit!);
   });
 }
