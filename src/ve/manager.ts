@@ -22,7 +22,7 @@ import { withRevert } from '../system/revert.js';
 import type { AgentRoute, VeAccess, VeProcessSpec, VeUserInfo } from './access.js';
 import { withLock } from './lock.js';
 import { assertVeName } from './names.js';
-import { parseGroup, parsePasswd } from './passwd.js';
+import { parseGroup, parsePasswd, type GroupEntry, type PasswdEntry } from './passwd.js';
 import { DEFAULT_REBOOT_POLICY, decideReboot, type RebootPolicy } from './reboot-policy.js';
 import { SessionAgents } from './session-agents.js';
 import { readRecord, writeJsonAtomic, type VeRecord } from './record.js';
@@ -114,7 +114,7 @@ export class VeManager implements VeAccess {
   private readonly watched = new Map<string, number>();
   /** Start time (/proc/PID/stat field 22) of each watched init: a reused pid is not the VE's init. */
   private readonly initStart = new Map<string, string>();
-  private readonly userDbCache = new Map<string, { key: string; passwd: string; group: string }>();
+  private readonly userDbCache = new Map<string, UserDatabase>();
   private readonly agents: SessionAgents;
   private monitorTimer: NodeJS.Timeout | null = null;
   private monitorBusy = false;
@@ -656,8 +656,11 @@ export class VeManager implements VeAccess {
   }
 
   async lookupUser(ve: string, user: string): Promise<VeUserInfo> {
-    const { passwd, group } = await this.userDatabase(ve);
-    const entry = parsePasswd(passwd).find((e) => e.name === user);
+    const db = await this.userDatabase(ve);
+    // Parsed once per read of the files, not per login.
+    db.users ??= parsePasswd(db.passwd);
+    db.groups ??= parseGroup(db.group);
+    const entry = db.users.find((e) => e.name === user);
     if (!entry) {
       throw new VeshError(ErrorCodes.ACCOUNT_NOT_FOUND, `user "${user}" does not exist inside VE "${ve}": add it there (adduser) or change the account's "user"`, { userMessage: `User ${user} does not exist in your environment.` });
     }
@@ -665,7 +668,7 @@ export class VeManager implements VeAccess {
       throw new VeshError(ErrorCodes.ACCOUNT_NOT_FOUND, `user "${user}" inside VE "${ve}" cannot log in: its /etc/passwd entry has ${entry.invalid}; fix the entry in the VE (vesh ve exec ${ve} -- vipw)`,
         { userMessage: `User ${user} cannot log in: its entry in your environment's /etc/passwd has ${entry.invalid}.` });
     }
-    const extra = parseGroup(group).filter((g) => g.members.includes(user) && g.gid !== entry.gid).map((g) => g.gid);
+    const extra = db.groups.filter((g) => g.members.includes(user) && g.gid !== entry.gid).map((g) => g.gid);
     return { name: entry.name, uid: entry.uid, gid: entry.gid, groups: [entry.gid, ...extra], home: entry.home || '/', shell: entry.shell || '/bin/sh' };
   }
 
@@ -678,13 +681,15 @@ export class VeManager implements VeAccess {
    * included, means reading them again inside. Stat data only decides
    * whether to re-read; no content is ever taken from the host path.
    */
-  private async userDatabase(ve: string): Promise<{ passwd: string; group: string }> {
+  private async userDatabase(ve: string): Promise<UserDatabase> {
+    // Async on purpose: a tenant can keep its own disk busy, and a sync
+    // stat waiting on it would stall every tenant's logins in this process.
     const key = await this.userDatabaseKey(ve);
     const cached = this.userDbCache.get(ve);
     if (cached && key && cached.key === key) return cached;
     const out = await this.readInside(ve, ['/bin/sh', '-c', 'cat /etc/passwd; echo "$1"; cat /etc/group 2>/dev/null; true', 'vesh-userdb', USERDB_SEPARATOR], '/etc/passwd and /etc/group');
     const i = out.indexOf(`${USERDB_SEPARATOR}\n`);
-    const db = { key: key ?? '', passwd: i >= 0 ? out.slice(0, i) : out, group: i >= 0 ? out.slice(i + USERDB_SEPARATOR.length + 1) : '' };
+    const db: UserDatabase = { key: key ?? '', passwd: i >= 0 ? out.slice(0, i) : out, group: i >= 0 ? out.slice(i + USERDB_SEPARATOR.length + 1) : '' };
     if (key) this.userDbCache.set(ve, db);
     return db;
   }
@@ -1005,6 +1010,15 @@ function stepTimer(): ((step: string) => void) & { steps: Record<string, number>
 /** Taken innermost (after a VE's lock) by whatever chooses an id range and records it. */
 const IDS_LOCK = 'ids';
 const USERDB_SEPARATOR = '--vesh-userdb-separator--';
+
+/** A VE's /etc/passwd and /etc/group as last read inside it, the stat key they were read under, and their entries once parsed. */
+interface UserDatabase {
+  key: string;
+  passwd: string;
+  group: string;
+  users?: PasswdEntry[];
+  groups?: GroupEntry[];
+}
 /** /etc/passwd plus /etc/group of a VE: a few KiB normally, 1 MiB is far beyond any real one. */
 const READ_INSIDE_MAX_BYTES = 1024 * 1024;
 /** One runc exec and two cats: well under a second normally, even on a busy host. */
