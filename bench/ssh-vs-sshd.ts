@@ -10,7 +10,10 @@
  *     `ssh` processes started by `xargs -P 8`, and 8 connections at a time
  *     from one light ssh2 client process (login-load.ts), whose CPU per
  *     login is a third of ssh's, so that the servers' own costs show;
- *   - SFTP upload and download of one file (1 GiB by default) in MB/s.
+ *   - SFTP upload and download of one file (1 GiB by default) in MB/s, the
+ *     download written to /dev/null by the client.
+ * Before the first round every target gets untimed warm-up logins and one
+ * warm-up transfer each way: servers measured as they run after a while.
  * Every figure is taken in --rounds rounds, each round one measurement per
  * target in turn (the order rotating), so that a slow spell of the machine
  * falls on all of them; the report gives the median of the per-round
@@ -306,8 +309,6 @@ async function main(): Promise<void> {
   const configs: string[] = [];
   let bare: net.Server | null = null;
   let lightLoad: LoginLoadChild | null = null;
-  // Where SFTP downloads land (a tmpfs directory of this run's).
-  let sink: string | null = null;
   // --cpu: every process's CPU per login, clients included (login-cpu.ts).
   let cpuGroups: LoginCpuGroups | null = null;
   // Ctrl-C or a timeout still removes the VEs, bridges and files this run made.
@@ -329,7 +330,6 @@ async function main(): Promise<void> {
       if (existsSync(configFile)) await removeInstance(loadServerConfig(configFile)).catch((err: Error) => console.error(`cleanup of ${configFile}: ${err.message}`));
     }
     await fs.rm(dir, { recursive: true, force: true });
-    if (sink) await fs.rm(sink, { recursive: true, force: true });
     const left = cpuGroups?.remove() ?? [];
     if (left.length) console.error(`cgroups left with processes in them (rmdir them later): ${left.join(' ')}`);
   };
@@ -479,12 +479,11 @@ async function main(): Promise<void> {
         if (!dev) throw new Error(`no loop device holds ${image}: is the warm VE running?`);
         return path.join('/sys/block', path.basename(dev), 'queue', 'read_ahead_kb');
       };
-      // Downloads land in RAM (tmpfs), not on the host's disk: the client's
-      // own writing back of a 1 GiB file (its sftp took 1.0 to 3.3 CPU-s per
-      // download on /var/tmp, 2026-12-03 23:10) is the same work whichever
-      // server sent it, and only blurred the comparison.
-      sink = existsSync('/dev/shm') ? mkdtempSync('/dev/shm/vesh-bench-down-') : dir;
-      const down = path.join(sink, 'down');
+      // Downloads go to /dev/null: writing a 1 GiB file on the client's side
+      // (its sftp took 1.0 to 3.5 CPU-s per download to /var/tmp or tmpfs,
+      // 2026-12-03 23:10-23:30) is the same work whichever server sent it,
+      // and only blurred the comparison.
+      const down = '/dev/null';
       // Untimed, once per target: a transfer each way of a quarter of the
       // file, so that the rounds measure the servers' data paths warm (in
       // the 23:10 run vesh's worker took 2.3 CPU-s for its first upload and
@@ -494,7 +493,6 @@ async function main(): Promise<void> {
       for (const k of keys) {
         const remote = `${targets[k]!.remoteDir}/warmup`;
         await sftpTransfer(dir, targets[k]!, `put ${warmFile} ${remote}\nget ${remote} ${down}\nrm ${remote}\n`);
-        await fs.rm(down, { force: true });
       }
       for (let round = 0; round < SFTP_ROUNDS; round++) {
         const raFile = veLoop();
@@ -509,7 +507,6 @@ async function main(): Promise<void> {
           const up = await timed(k, round, 'up', `put ${src} ${remote}\n`);
           execFileSync('sync');
           const downMs = await timed(k, round, 'down', `get ${remote} ${down}\nrm ${remote}\n`);
-          await fs.rm(down, { force: true });
           sftpRounds[k].upMBs.push(mb / (up / 1000));
           sftpRounds[k].downMBs.push(mb / (downMs / 1000));
         }
