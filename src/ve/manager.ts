@@ -22,7 +22,7 @@ import { withRevert } from '../system/revert.js';
 import type { AgentRoute, VeAccess, VeProcessSpec, VeUserInfo } from './access.js';
 import { withLock } from './lock.js';
 import { assertVeName } from './names.js';
-import { parseGroup, parsePasswd, type GroupEntry, type PasswdEntry } from './passwd.js';
+import { parseGroup, parsePasswd } from './passwd.js';
 import { DEFAULT_REBOOT_POLICY, decideReboot, type RebootPolicy } from './reboot-policy.js';
 import { SessionAgents } from './session-agents.js';
 import { readRecord, writeJsonAtomic, type VeRecord } from './record.js';
@@ -657,10 +657,13 @@ export class VeManager implements VeAccess {
 
   async lookupUser(ve: string, user: string): Promise<VeUserInfo> {
     const db = await this.userDatabase(ve);
-    // Parsed once per read of the files, not per login.
-    db.users ??= parsePasswd(db.passwd);
-    db.groups ??= parseGroup(db.group);
-    const entry = db.users.find((e) => e.name === user);
+    // A user found once under this read of the files is not parsed for again.
+    // Only the answers are kept, for the user names accounts name: parsed
+    // entries of a passwd VE root filled to the read cap would hold many
+    // times the text's memory in this process for as long as the VE lives.
+    const known = db.found.get(user);
+    if (known) return { ...known, groups: [...known.groups] };
+    const entry = parsePasswd(db.passwd).find((e) => e.name === user);
     if (!entry) {
       throw new VeshError(ErrorCodes.ACCOUNT_NOT_FOUND, `user "${user}" does not exist inside VE "${ve}": add it there (adduser) or change the account's "user"`, { userMessage: `User ${user} does not exist in your environment.` });
     }
@@ -668,8 +671,10 @@ export class VeManager implements VeAccess {
       throw new VeshError(ErrorCodes.ACCOUNT_NOT_FOUND, `user "${user}" inside VE "${ve}" cannot log in: its /etc/passwd entry has ${entry.invalid}; fix the entry in the VE (vesh ve exec ${ve} -- vipw)`,
         { userMessage: `User ${user} cannot log in: its entry in your environment's /etc/passwd has ${entry.invalid}.` });
     }
-    const extra = db.groups.filter((g) => g.members.includes(user) && g.gid !== entry.gid).map((g) => g.gid);
-    return { name: entry.name, uid: entry.uid, gid: entry.gid, groups: [entry.gid, ...extra], home: entry.home || '/', shell: entry.shell || '/bin/sh' };
+    const extra = parseGroup(db.group).filter((g) => g.members.includes(user) && g.gid !== entry.gid).map((g) => g.gid);
+    const info: VeUserInfo = { name: entry.name, uid: entry.uid, gid: entry.gid, groups: [entry.gid, ...extra], home: entry.home || '/', shell: entry.shell || '/bin/sh' };
+    db.found.set(user, info);
+    return { ...info, groups: [...info.groups] };
   }
 
   /**
@@ -689,7 +694,7 @@ export class VeManager implements VeAccess {
     if (cached && key && cached.key === key) return cached;
     const out = await this.readInside(ve, ['/bin/sh', '-c', 'cat /etc/passwd; echo "$1"; cat /etc/group 2>/dev/null; true', 'vesh-userdb', USERDB_SEPARATOR], '/etc/passwd and /etc/group');
     const i = out.indexOf(`${USERDB_SEPARATOR}\n`);
-    const db: UserDatabase = { key: key ?? '', passwd: i >= 0 ? out.slice(0, i) : out, group: i >= 0 ? out.slice(i + USERDB_SEPARATOR.length + 1) : '' };
+    const db: UserDatabase = { key: key ?? '', passwd: i >= 0 ? out.slice(0, i) : out, group: i >= 0 ? out.slice(i + USERDB_SEPARATOR.length + 1) : '', found: new Map() };
     if (key) this.userDbCache.set(ve, db);
     return db;
   }
@@ -1011,13 +1016,12 @@ function stepTimer(): ((step: string) => void) & { steps: Record<string, number>
 const IDS_LOCK = 'ids';
 const USERDB_SEPARATOR = '--vesh-userdb-separator--';
 
-/** A VE's /etc/passwd and /etc/group as last read inside it, the stat key they were read under, and their entries once parsed. */
+/** A VE's /etc/passwd and /etc/group as last read inside it, the stat key they were read under, and the users looked up in them since. */
 interface UserDatabase {
   key: string;
   passwd: string;
   group: string;
-  users?: PasswdEntry[];
-  groups?: GroupEntry[];
+  found: Map<string, VeUserInfo>;
 }
 /** /etc/passwd plus /etc/group of a VE: a few KiB normally, 1 MiB is far beyond any real one. */
 const READ_INSIDE_MAX_BYTES = 1024 * 1024;
