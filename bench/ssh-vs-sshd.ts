@@ -407,12 +407,17 @@ async function main(): Promise<void> {
     const loginCpu: Array<{ target: Key; client: LoginClient; round: number; wallS: number; busyShare: number; cpuS: Record<string, number> }> = [];
     const loginGroupCpu: Array<{ target: Key; client: LoginClient; round: number } & LoginCpu> = [];
     if (!SFTP_ONLY && LOGIN_CLIENTS.has('ssh2')) lightLoad = LoginLoadChild.start();
+    /** `total` logins to `k` from the ssh2 load, 8 at a time, as logins per second; any failed login fails the run. */
+    const lightLogins = async (k: Key, total: number, what: string): Promise<number> => {
+      const r = await lightLoad!.run({ port: targets[k]!.port, user: targets[k]!.user, keyFile: path.join(dir, 'id_ed25519'), total, parallel: 8 });
+      if (r.failed) throw new Error(`${targets[k]!.name}: ${r.failed} of ${total} ${what} logins of the ssh2 client failed: ${r.firstError}`);
+      return r.perSecond;
+    };
     if (!SFTP_ONLY && WARMUP_LOGINS > 0) {
       // Untimed: WARMUP_LOGINS logins per target, from the light client where it runs (quicker), else ssh.
       for (const k of keys) {
         if (lightLoad) {
-          const r = await lightLoad.run({ port: targets[k]!.port, user: targets[k]!.user, keyFile: path.join(dir, 'id_ed25519'), total: WARMUP_LOGINS, parallel: 8 });
-          if (r.failed) throw new Error(`${targets[k]!.name}: ${r.failed} of the ssh2 client's warm-up logins failed: ${r.firstError}`);
+          await lightLogins(k, WARMUP_LOGINS, 'warm-up');
         } else {
           await loginsPerSecond(dir, targets[k]!, WARMUP_LOGINS);
         }
@@ -433,9 +438,7 @@ async function main(): Promise<void> {
             if (client === 'openssh') {
               loginRounds[k].lps.push(await loginsPerSecond(dir, targets[k]!, PAR_LOGINS));
             } else {
-              const r = await lightLoad!.run({ port: targets[k]!.port, user: targets[k]!.user, keyFile: path.join(dir, 'id_ed25519'), total: PAR_LOGINS, parallel: 8 });
-              if (r.failed) throw new Error(`${targets[k]!.name}: ${r.failed} of ${PAR_LOGINS} logins of the ssh2 client failed: ${r.firstError}`);
-              loginRounds[k].lpsLight.push(r.perSecond);
+              loginRounds[k].lpsLight.push(await lightLogins(k, PAR_LOGINS, 'timed'));
             }
             if (groupRun) loginGroupCpu.push({ target: k, client, round, ...groupRun() });
             if (sampler) {
