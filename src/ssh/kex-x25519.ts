@@ -36,6 +36,25 @@ export function toMpint(buf: Buffer): Buffer {
   return Buffer.from(rest);
 }
 
+/** X25519's base point, u = 9 (RFC 7748 §4.1). */
+const BASE_POINT = createPublicKey({ key: { kty: 'OKP', crv: 'X25519', x: Buffer.concat([Buffer.from([9]), Buffer.alloc(31)]).toString('base64url') }, format: 'jwk' });
+
+/**
+ * The 32 bytes of an X25519 public key, as X25519(private, 9): the public
+ * key is the scalar times the base point (RFC 7748 §6.1).
+ *
+ * Not `publicKey.export({ format: 'jwk' })`: Node 20 holds the key's mutex
+ * while it makes the JWK's strings, and a garbage collection in that
+ * allocation runs the finalizer of the generateKeyPairSync job that made
+ * the key, which takes the same mutex: the thread deadlocks (seen in a
+ * worker under login load, and in 3 of 3 runs of a loop of 60 000 keys;
+ * test/unit/kex-x25519.test.ts). diffieHellman() takes the keys' locks
+ * only around OpenSSL's derive and makes its Buffer after.
+ */
+export function x25519PublicKey(privateKey: KeyObject): Buffer {
+  return diffieHellman({ privateKey, publicKey: BASE_POINT });
+}
+
 /** Gives one of ssh2's Curve25519Exchange objects the raw-key methods. Exported for the unit test. */
 export function useRawX25519(kex: KeyExchangeLike): void {
   if (kex.type !== '25519') return;
@@ -46,7 +65,7 @@ export function useRawX25519(kex: KeyExchangeLike): void {
   };
   x.getPublicKey = function getPublicKey(this: Curve25519Like) {
     this.generateKeys();
-    ownPublic ??= Buffer.from(this._keys!.publicKey.export({ format: 'jwk' }).x!, 'base64url');
+    ownPublic ??= x25519PublicKey(this._keys!.privateKey);
     return ownPublic;
   };
   x.computeSecret = function computeSecret(this: Curve25519Like, otherPublicKey: Buffer) {

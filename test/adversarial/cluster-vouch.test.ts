@@ -45,7 +45,8 @@ function sshString(b: Buffer | string): Buffer {
 interface NodeKey { priv: KeyObject; pub: KeyObject; blob: Buffer; line: string }
 function ed25519(): NodeKey {
   const { privateKey, publicKey } = generateKeyPairSync('ed25519');
-  const raw = Buffer.from(publicKey.export({ format: 'jwk' }).x!, 'base64url');
+  // The DER's last 32 bytes (Node 20's JWK export of a generated key can deadlock: src/ssh/kex-x25519.ts).
+  const raw = publicKey.export({ format: 'der', type: 'spki' }).subarray(-32);
   const blob = Buffer.concat([sshString('ssh-ed25519'), sshString(raw)]);
   return { priv: privateKey, pub: publicKey, blob, line: `ssh-ed25519 ${blob.toString('base64')}` };
 }

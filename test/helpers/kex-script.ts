@@ -43,8 +43,9 @@ export interface Ephemeral { pub: Buffer; priv: crypto.KeyObject }
 
 export function x25519(): Ephemeral {
   const { publicKey, privateKey } = crypto.generateKeyPairSync('x25519');
-  const jwk = publicKey.export({ format: 'jwk' });
-  return { pub: Buffer.from(jwk.x!, 'base64url'), priv: privateKey };
+  // From the DER (its last 32 bytes), not the JWK: Node 20's JWK export of a
+  // generated key can deadlock in a garbage collection (src/ssh/kex-x25519.ts).
+  return { pub: publicKey.export({ format: 'der', type: 'spki' }).subarray(-32), priv: privateKey };
 }
 
 export function ecdhInit(e: Ephemeral): Buffer {
