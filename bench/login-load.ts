@@ -19,10 +19,13 @@
  * line of JSON on stdin, one line of JSON per job on stdout.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { createPublicKey, verify, type KeyObject } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import ssh2 from 'ssh2';
-import type { ParsedKey } from 'ssh2';
+import type { Connection, ParsedKey } from 'ssh2';
+import { hostKeySigner } from '../src/broker/host-key-signer.js';
+import { rawX25519KeyExchange } from '../src/ssh/kex-x25519.js';
 
 export interface LoginLoadJob {
   port: number;
@@ -41,10 +44,48 @@ export interface LoginLoadResult {
 }
 
 function parsedKey(file: string): ParsedKey {
-  const key = ssh2.utils.parseKey(readFileSync(file));
-  if (key instanceof Error) throw new Error(`${file}: ${key.message}`);
-  return Array.isArray(key) ? key[0]! : key;
+  const parsed = ssh2.utils.parseKey(readFileSync(file));
+  if (parsed instanceof Error) throw new Error(`${file}: ${parsed.message}`);
+  const key = Array.isArray(parsed) ? parsed[0]! : parsed;
+  // Signs from a key object made once: ssh2 signs from the key's PEM text,
+  // which OpenSSL decodes anew for every login (a fifth of this client's CPU).
+  const sign = hostKeySigner(key);
+  (key as unknown as { sign: typeof sign }).sign = sign;
+  return key;
 }
+
+/**
+ * ssh2's client checks the server's host-key signature from the key's PEM
+ * text, which OpenSSL decodes anew at every login (13% of this client's
+ * CPU); an ed25519 host key is decoded here once per key instead, and the
+ * signature is still checked at every login. Other key types go ssh2's way.
+ */
+let hostKeysFromKeyObjects = false;
+function verifyHostKeysFromKeyObjects(anyParsedKey: ParsedKey): void {
+  if (hostKeysFromKeyObjects) return;
+  hostKeysFromKeyObjects = true;
+  // The prototype that holds ssh2's verify(), shared by every parsed key.
+  type Verifying = { verify(this: ParsedKey, data: Buffer, signature: Buffer, algo?: string): boolean | Error };
+  let proto = Object.getPrototypeOf(anyParsedKey) as Verifying | null;
+  while (proto && !Object.hasOwn(proto, 'verify')) proto = Object.getPrototypeOf(proto) as Verifying | null;
+  if (!proto) throw new Error('ssh2 parsed keys have no verify() any more: drop verifyHostKeysFromKeyObjects');
+  const original = proto.verify;
+  const keys = new Map<string, KeyObject>();
+  proto.verify = function fastVerify(this: ParsedKey, data, signature, algo) {
+    if (this.type !== 'ssh-ed25519') return original.call(this, data, signature, algo);
+    const pem = this.getPublicPEM();
+    let key = keys.get(pem);
+    if (!key) keys.set(pem, (key = createPublicKey(pem)));
+    try {
+      return verify(null, data, key, signature);
+    } catch (err) {
+      return err as Error;
+    }
+  };
+}
+
+/** A login not done in this long fails (a hung server, not a slow one: a login takes milliseconds). */
+const LOGIN_DEADLINE_MS = 60_000;
 
 /** One login: connect, authenticate, `true n`, exit status 0, close. */
 function loginOnce(job: LoginLoadJob, key: ParsedKey, n: number): Promise<void> {
@@ -52,9 +93,12 @@ function loginOnce(job: LoginLoadJob, key: ParsedKey, n: number): Promise<void> 
     const c = new ssh2.Client();
     let status: number | null = null;
     const fail = (err: Error) => {
+      clearTimeout(deadline);
       c.destroy();
       reject(err);
     };
+    // A login that hangs fails (and with it the run) instead of holding the bench for good.
+    const deadline = setTimeout(() => fail(new Error(`login ${n} did not finish in ${LOGIN_DEADLINE_MS / 1000} s`)), LOGIN_DEADLINE_MS);
     c.on('ready', () => {
       c.exec(`true ${n}`, (err, ch) => {
         if (err) return fail(err);
@@ -65,7 +109,11 @@ function loginOnce(job: LoginLoadJob, key: ParsedKey, n: number): Promise<void> 
       });
     });
     c.on('error', fail);
-    c.on('close', () => (status === 0 ? resolve() : reject(new Error(status === null ? 'the connection closed before an exit status' : `exit status ${status}`))));
+    c.on('close', () => {
+      clearTimeout(deadline);
+      if (status === 0) resolve();
+      else reject(new Error(status === null ? 'the connection closed before an exit status' : `exit status ${status}`));
+    });
     c.connect({
       host: '127.0.0.1',
       port: job.port,
@@ -75,11 +123,15 @@ function loginOnce(job: LoginLoadJob, key: ParsedKey, n: number): Promise<void> 
       algorithms: { kex: ['curve25519-sha256'] },
       readyTimeout: 60_000,
     });
+    // The same X25519 as vesh's server uses (raw keys instead of ssh2's DER):
+    // the client's own share of the host's CPU, not the server's.
+    rawX25519KeyExchange(c as unknown as Connection);
   });
 }
 
 export async function runJob(job: LoginLoadJob): Promise<LoginLoadResult> {
   const key = parsedKey(job.keyFile);
+  verifyHostKeysFromKeyObjects(key);
   let next = 0;
   let failed = 0;
   let firstError: string | undefined;

@@ -43,7 +43,7 @@
  * Not a test: shared, noisy machines; read the figures side by side.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, promises as fs, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
@@ -345,7 +345,10 @@ async function main(): Promise<void> {
     const veshConfig = await writeVeshInstance(path.join(dir, 'vesh'), { tree: REPO, port: pVesh, bridge: `vbs${id}`, subnet: `10.239.${process.pid % 250}.0/24`, pub, accounts: ['warm', 'cold'], workers: WORKERS });
     configs.push(veshConfig);
     cpuGroups = args.cpu ? LoginCpuGroups.create() : null;
-    const serve = spawn(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', veshConfig, 'serve'], { stdio: ['ignore', 'ignore', 'inherit'] });
+    // Its log (warnings up) goes to a file, shown if the run fails.
+    const serveLog = openSync(path.join(dir, 'vesh-serve.log'), 'a');
+    const serve = spawn(process.execPath, [path.join(REPO, 'bin/vesh.js'), '--config', veshConfig, 'serve'], { stdio: ['ignore', serveLog, 'inherit'] });
+    closeSync(serveLog);
     children.push(serve);
     cpuGroups?.server('vesh', serve.pid!);
     cpuGroups?.ve('vesh', `${makeLayout(loadServerConfig(veshConfig).dataDir).cgroupParent}/warm`);
@@ -608,6 +611,11 @@ async function main(): Promise<void> {
         for (const c of cpu) console.log(`  ${c.target} ${c.dir} round ${c.round + 1}, ${c.wallS} s: ${Object.entries(c.cpuS).map(([l, s]) => `${l} ${s}`).join(', ')}`);
       }
     }
+  } catch (err) {
+    // What vesh logged (warnings and errors) before the failure, before the cleanup removes it.
+    const log = path.join(dir, 'vesh-serve.log');
+    if (existsSync(log)) console.error(`vesh serve's last log lines:\n${readFileSync(log, 'utf8').trim().split('\n').slice(-20).join('\n')}`);
+    throw err;
   } finally {
     await cleanupAll();
   }
