@@ -123,6 +123,12 @@ function loginOnce(job: LoginLoadJob, key: ParsedKey, n: number): Promise<void> 
       algorithms: { kex: ['curve25519-sha256'] },
       readyTimeout: 60_000,
     });
+    // Nagle off, as every server here has it: with it on, the key exchange's
+    // second small packet (KEXECDH_INIT) waits behind the unacknowledged
+    // KEXINIT for the server's delayed ACK, ~40 ms, whenever the server is
+    // a little late (measured: the reply's median wait at 8 in flight went
+    // from 43.7 ms to 4.9 ms). Idle waits that no server can avoid.
+    c.setNoDelay(true);
     // The same X25519 as vesh's server uses (raw keys instead of ssh2's DER):
     // the client's own share of the host's CPU, not the server's.
     rawX25519KeyExchange(c as unknown as Connection);
