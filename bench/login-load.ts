@@ -11,8 +11,10 @@
  * per login, two thirds of everything a login costs on this 2-CPU machine;
  * the servers compared then share what the clients leave, and the figure
  * says more about the clients than about a server's capacity. This load
- * costs ~4–5 ms per login (measured by the bench's --cpu, "clients"), so the
- * servers' own costs and their use of the host's CPUs show. The bench
+ * costs ~2 ms per login (1.6–2.6 ms by the bench's --cpu, "clients"; it
+ * keys its own crypto once, see parsedKey and verifyHostKeysFromKeyObjects,
+ * and turns Nagle off), so the servers' own costs and their use of the
+ * host's CPUs show; on a real host the clients are elsewhere. The bench
  * reports both figures.
  *
  * Runs as the bench's child (`vite-node bench/login-load.ts`): one job per
