@@ -46,8 +46,9 @@ const BASE_POINT = createPublicKey({ key: { kty: 'OKP', crv: 'X25519', x: Buffer
  * Not `publicKey.export({ format: 'jwk' })`: Node 20 holds the key's mutex
  * while it makes the JWK's strings, and a garbage collection in that
  * allocation runs the finalizer of the generateKeyPairSync job that made
- * the key, which takes the same mutex: the thread deadlocks (seen in a
- * worker under login load, and in 3 of 3 runs of a loop of 60 000 keys;
+ * the key, which takes the same mutex: the thread deadlocks (seen under
+ * login load in the bench's ssh2 load process, which made its keys with
+ * this code, and in 3 of 3 runs of a loop of 60 000 keys;
  * test/unit/kex-x25519.test.ts). diffieHellman() takes the keys' locks
  * only around OpenSSL's derive and makes its Buffer after.
  */
