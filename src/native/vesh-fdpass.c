@@ -728,6 +728,25 @@ static napi_value js_tcp_idle(napi_env env, napi_callback_info info) {
   return obj;
 }
 
+/*
+ * quickAck(fd): ACK what has arrived on a TCP socket now, and leave the
+ * kernel's delayed-ACK ("pingpong") mode for the next segments
+ * (TCP_QUICKACK, which the kernel clears again on its own). A client that
+ * leaves Nagle on (OpenSSH's ssh without a terminal, ssh2's client) holds
+ * its next small packet until its last one is ACKed; when the server has
+ * no reply to the last one (a KEXINIT crossing ours, a NEWKEYS), that wait
+ * is the server's whole delayed-ACK timer, ~40 ms. The worker calls this
+ * after each short read.
+ */
+static napi_value js_quick_ack(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd;
+  if (get_args(env, info, 1, argv) || get_fd(env, argv[0], &fd)) return NULL;
+  int one = 1;
+  if (setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one) < 0) return throw_errno(env, "setsockopt(TCP_QUICKACK)", errno);
+  return make_undefined(env);
+}
+
 /* ---- a VE's session agent: connect, and the terminal it hands back ----- */
 
 /*
@@ -1099,7 +1118,8 @@ static napi_value init(napi_env env, napi_value exports) {
     { "watch", js_watch }, { "callSync", js_call_sync },
     { "closeFd", js_close_fd }, { "dupFd", js_dup_fd }, { "shutdownFd", js_shutdown_fd },
     { "openPty", js_open_pty }, { "setWinsize", js_set_winsize },
-    { "peerCred", js_peer_cred }, { "tcpIdle", js_tcp_idle }, { "lockdown", js_lockdown },
+    { "peerCred", js_peer_cred }, { "tcpIdle", js_tcp_idle }, { "quickAck", js_quick_ack },
+    { "lockdown", js_lockdown },
     { "spawn", js_spawn }, { "reap", js_reap },
     { "connectUnix", js_connect_unix }, { "isPtyMaster", js_is_pty_master },
     { "sendDatagram", js_send_datagram },

@@ -56,6 +56,7 @@ interface FdpassAddon {
   setWinsize(fd: number, cols: number, rows: number): void;
   peerCred(fd: number): PeerCred;
   tcpIdle(fd: number): TcpIdle;
+  quickAck(fd: number): void;
   lockdown(): void;
   spawn(file: string, argv: string[], env: string[], stdio: [number, number, number]): SpawnedChild;
   reap(pidfd: number): ProcessEnd | null;
@@ -165,6 +166,15 @@ export interface TcpIdle {
 /** TCP_INFO of a socket we hold (throws with code ENOTSOCK, EOPNOTSUPP… for anything else). */
 export function tcpIdle(fd: number): TcpIdle {
   return addon().tcpIdle(fd);
+}
+
+/**
+ * ACK now what arrived on TCP socket fd and leave delayed-ACK mode for the
+ * next segments (TCP_QUICKACK): a client with Nagle on then sends its next
+ * small packet at once instead of after our ~40 ms delayed-ACK timer.
+ */
+export function quickAck(fd: number): void {
+  addon().quickAck(fd);
 }
 
 /**
