@@ -266,10 +266,10 @@ describe('vesh serve: logins and sessions in real VEs', () => {
     expect((await env.ves.status('bob')).state).toBe('running');
     // A new server finds them again.
     serve = await startVeshServe(cleanup, env.configFile);
-    const r = await ssh(aliceKey, 'alice', ['cat /root/secret.txt']);
-    expect(r.stdout).toBe('alice-private\n');
-    // The new server takes over the VE's session agent instead of starting a second one.
-    await waitFor('sessions by the agent again', async () => (await ssh(aliceKey, 'alice', ['cat /proc/$PPID/comm'])).stdout.trim() === 'vesh-agent', 30_000);
+    // The new server takes over the VE's session agent at its first session
+    // (not through runc exec until a launch finds it), and starts no second one.
+    const first = await ssh(aliceKey, 'alice', ['echo $PPID; cat /root/secret.txt']);
+    expect(first.stdout).toBe(`${agentBefore}\nalice-private\n`);
     const agents = await ssh(aliceKey, 'alice', ['echo $PPID; pgrep -c -x vesh-agent']);
     expect(agents.stdout).toBe(`${agentBefore}\n1\n`);
     void path;
