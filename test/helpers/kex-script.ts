@@ -7,7 +7,8 @@ import net from 'node:net';
  * scripts (guessed KEX_ECDH_INITs, or hostile ones), in one write, as
  * dropbear's dbclient does; then it tells from the server's signature over
  * the exchange hash H which of its ECDH keys the server answered.
- * Used by test/unit/kex-guess.test.ts and test/adversarial/kex-guess.test.ts.
+ * Used by test/unit/kex-guess.test.ts, test/adversarial/kex-guess.test.ts and
+ * test/integration/ssh-tcp-acks.test.ts.
  */
 
 export const MSG = { DISCONNECT: 1, KEXINIT: 20, NEWKEYS: 21, KEX_ECDH_INIT: 30, KEX_ECDH_REPLY: 31, USERAUTH_REQUEST: 50 } as const;

@@ -1,8 +1,7 @@
-import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeVeTestEnv, type VeTestEnv } from '../helpers/ve-env.js';
+import { MSG, ScriptedClient, kexInit } from '../helpers/kex-script.js';
 import { Cleanup, startVeshServe, writeAccounts, type ServeProcess } from '../helpers/ssh-harness.js';
 
 /**
@@ -50,54 +49,17 @@ describe('vesh serve: no delayed ACK for a login packet', () => {
  * arrived in full (so that the server has nothing left to send), our
  * KEXINIT, and 150 ms for a delayed-ACK timer (40–200 ms) to fire.
  */
-function crossingKexinit(port: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const s = net.connect(port, '127.0.0.1');
-    let buf = Buffer.alloc(0);
-    let sent = false;
-    const fail = (err: Error) => {
-      s.destroy();
-      reject(err);
-    };
-    s.on('error', fail);
-    s.on('close', () => {
-      if (!sent) reject(new Error(`the server closed before its KEXINIT (got ${JSON.stringify(buf.toString('latin1').slice(0, 80))})`));
-    });
-    s.on('connect', () => s.write('SSH-2.0-OpenSSH_9.2p1 vesh-test\r\n'));
-    s.on('data', (d: Buffer) => {
-      if (sent) return;
-      buf = Buffer.concat([buf, d]);
-      const eol = buf.indexOf('\r\n');
-      if (eol < 0) return;
-      const packet = buf.subarray(eol + 2);
-      if (packet.length < 6 || packet.length < 4 + packet.readUInt32BE(0)) return;
-      if (packet[5] !== 20) return fail(new Error(`the server's first packet is type ${packet[5]}, not KEXINIT`));
-      sent = true;
-      s.write(clientKexinit());
-      setTimeout(() => {
-        s.destroy();
-        resolve();
-      }, 150);
-    });
-  });
-}
-
-/** An unencrypted SSH_MSG_KEXINIT packet (RFC 4253 §7.1) with padding. */
-function clientKexinit(): Buffer {
-  const nameList = (s: string) => {
-    const b = Buffer.from(s);
-    const len = Buffer.alloc(4);
-    len.writeUInt32BE(b.length);
-    return Buffer.concat([len, b]);
-  };
-  const lists = ['curve25519-sha256', 'ssh-ed25519', 'aes128-ctr', 'aes128-ctr', 'hmac-sha2-256', 'hmac-sha2-256', 'none', 'none', '', ''];
-  const payload = Buffer.concat([Buffer.from([20]), randomBytes(16), ...lists.map(nameList), Buffer.from([0, 0, 0, 0, 0])]);
-  let padding = 8 - ((5 + payload.length) % 8);
-  if (padding < 4) padding += 8;
-  const head = Buffer.alloc(5);
-  head.writeUInt32BE(1 + payload.length + padding);
-  head[4] = padding;
-  return Buffer.concat([head, payload, Buffer.alloc(padding)]);
+async function crossingKexinit(port: number): Promise<void> {
+  const c = await ScriptedClient.connect(port);
+  try {
+    await c.readIdent();
+    const theirs = await c.readPacket('KEXINIT');
+    if (theirs[0] !== MSG.KEXINIT) throw new Error(`the server's first packet is type ${theirs[0]}, not KEXINIT`);
+    c.send(kexInit(['curve25519-sha256'], ['ssh-ed25519'], false));
+    await new Promise((resolve) => setTimeout(resolve, 150));
+  } finally {
+    c.close();
+  }
 }
 
 /** A TcpExt counter of this network namespace, from /proc/net/netstat (a names line, then a values line). */
