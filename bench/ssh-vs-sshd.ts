@@ -50,7 +50,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import ssh2 from 'ssh2';
 import { loadServerConfig } from '../src/config/server-config.js';
-import { quickAck } from '../src/system/fdpass.js';
+import { ackShortRead } from '../src/system/fdpass.js';
 import { makeLayout } from '../src/system/layout.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
 import { sharedTemplate } from '../test/helpers/templates.js';
@@ -245,14 +245,7 @@ function startBareSsh2(dir: string, port: number): Promise<net.Server> {
     sock.setNoDelay(true);
     const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
     server.injectSocket(sock);
-    if (typeof fd === 'number' && fd >= 0) {
-      sock.prependListener('data', (d: Buffer) => {
-        if (d.length >= 8192) return;
-        try {
-          quickAck(fd);
-        } catch { /* closing */ }
-      });
-    }
+    if (typeof fd === 'number' && fd >= 0) sock.prependListener('data', (d: Buffer) => ackShortRead(fd, d.length));
   });
   return new Promise((r) => tcp.listen(port, '127.0.0.1', () => r(tcp)));
 }

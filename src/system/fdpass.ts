@@ -178,6 +178,24 @@ export function quickAck(fd: number): void {
 }
 
 /**
+ * Reads shorter than this (every packet of a login, keystrokes, channel
+ * requests) are ACKed at once: clients that leave Nagle on hold their next
+ * small packet until the last is ACKed, and when the server has no reply to
+ * send (their KEXINIT crossing ours, their NEWKEYS), Linux's delayed ACK made
+ * that a ~40 ms stall in about half of OpenSSH's `ssh host cmd` logins. Bulk
+ * reads (uploads) keep delayed ACKs: fewer packets, and nothing waits on them.
+ */
+export const QUICK_ACK_BELOW = 8192;
+
+/** After a read of `bytes` from TCP socket fd: quickAck when it was short. A socket closing under us is left alone (nothing waits for an ACK then). */
+export function ackShortRead(fd: number, bytes: number): void {
+  if (bytes >= QUICK_ACK_BELOW) return;
+  try {
+    addon().quickAck(fd);
+  } catch { /* closing */ }
+}
+
+/**
  * Locks the worker down, irreversibly: non-dumpable (a sibling of the same
  * uid cannot open its /proc/PID/mem or fds), no_new_privs, and the seccomp
  * filter on every thread of the process: no new processes, no exec, no

@@ -5,29 +5,11 @@ import type { BrokerEvent, WorkerSettings } from '../broker/request-table.js';
 import { errorMessage } from '../errors.js';
 import { SERVER_ALGORITHMS } from '../ssh/algorithms.js';
 import { SshConnection } from '../ssh/connection.js';
-import { closeFd, quickAck } from '../system/fdpass.js';
+import { ackShortRead, closeFd } from '../system/fdpass.js';
 import { ConnectionBroker, type BrokerClient } from './broker-client.js';
 import { brokerSignedHostKeys, type SignFn } from './host-key-proxy.js';
 
 const Ssh2Server = ssh2.Server;
-
-/**
- * Reads shorter than this (every packet of a login, keystrokes, channel
- * requests) are ACKed at once: clients that leave Nagle on hold their next
- * small packet until the last is ACKed, and when we have no reply to send
- * (their KEXINIT crossing ours, their NEWKEYS), Linux's delayed ACK made that
- * a ~40 ms stall in about half of OpenSSH's `ssh host cmd` logins. Bulk
- * reads (uploads) keep delayed ACKs: fewer packets, and nothing waits on them.
- */
-const QUICK_ACK_BELOW = 8192;
-
-function ackNow(fd: number): void {
-  try {
-    quickAck(fd);
-  } catch {
-    // The socket is closing under us: nothing is waiting for an ACK then.
-  }
-}
 
 /** One client connection the broker handed us. */
 interface Held {
@@ -123,7 +105,8 @@ export class WorkerServer {
     // so that a key exchange in them is signed for this connection.
     socket.prependListener('data', (d: Buffer) => {
       this.current = h.id;
-      if (d.length < QUICK_ACK_BELOW) ackNow(fd);
+      // Short reads ACKed at once (ackShortRead says why).
+      ackShortRead(fd, d.length);
     });
     socket.once('data', (d: Buffer) => {
       if (!h.connection) h.firstBytes = Buffer.from(d.subarray(0, 64));
