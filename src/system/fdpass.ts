@@ -169,15 +169,6 @@ export function tcpIdle(fd: number): TcpIdle {
 }
 
 /**
- * ACK now what arrived on TCP socket fd and leave delayed-ACK mode for the
- * next segments (TCP_QUICKACK): a client with Nagle on then sends its next
- * small packet at once instead of after our ~40 ms delayed-ACK timer.
- */
-export function quickAck(fd: number): void {
-  addon().quickAck(fd);
-}
-
-/**
  * Reads shorter than this (every packet of a login, keystrokes, channel
  * requests) are ACKed at once: clients that leave Nagle on hold their next
  * small packet until the last is ACKed, and when the server has no reply to
@@ -187,7 +178,11 @@ export function quickAck(fd: number): void {
  */
 export const QUICK_ACK_BELOW = 8192;
 
-/** After a read of `bytes` from TCP socket fd: quickAck when it was short. A socket closing under us is left alone (nothing waits for an ACK then). */
+/**
+ * After a read of `bytes` from TCP socket fd: when it was short, ACK it now
+ * and leave delayed-ACK mode for the next segments (TCP_QUICKACK). A socket
+ * closing under us is left alone (nothing waits for an ACK then).
+ */
 export function ackShortRead(fd: number, bytes: number): void {
   if (bytes >= QUICK_ACK_BELOW) return;
   try {
