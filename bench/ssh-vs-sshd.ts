@@ -496,15 +496,20 @@ async function main(): Promise<void> {
       // 2026-12-03 23:10-23:30) is the same work whichever server sent it,
       // and only blurred the comparison.
       const down = '/dev/null';
-      // Untimed, once per target: a transfer each way of a quarter of the
-      // file, so that the rounds measure the servers' data paths warm (in
-      // the 23:10 run vesh's worker took 2.3 CPU-s for its first upload and
-      // 1.5-1.7 for the next ones).
-      const warmFile = path.join(dir, 'warmup');
-      execFileSync('dd', [`if=${src}`, `of=${warmFile}`, 'bs=1M', `count=${Math.max(1, Math.floor(SFTP_MIB / 4))}`, 'status=none']);
+      // Untimed, once per target: the whole file each way, so that the
+      // rounds measure the servers' data paths warm (in the 23:10 run vesh's
+      // worker took 2.3 CPU-s for its first upload and 1.5-1.7 for the next
+      // ones), and so that the first timed upload, like every later one,
+      // follows the removal of a whole file. On this VM (Firecracker, free
+      // page reporting of 8 MiB blocks) memory the kernel left free for a
+      // few seconds goes back to the hypervisor, and the first write to such
+      // a page costs 3-6 us instead of under 2: 0.4 to 1.5 s more for 1 GiB
+      // of page cache (2026-12-04 17:12). With a quarter-size warm-up the
+      // first target of round 1 paid that alone (vesh's sftp-server 2.36
+      // CPU-s for that upload, 1.09-1.10 in the next rounds, 17:07).
       for (const k of keys) {
         const remote = `${targets[k]!.remoteDir}/warmup`;
-        await sftpTransfer(dir, targets[k]!, `put ${warmFile} ${remote}\nget ${remote} ${down}\nrm ${remote}\n`);
+        await sftpTransfer(dir, targets[k]!, `put ${src} ${remote}\nget ${remote} ${down}\nrm ${remote}\n`);
       }
       for (let round = 0; round < SFTP_ROUNDS; round++) {
         const raFile = veLoop();
