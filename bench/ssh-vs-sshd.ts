@@ -65,8 +65,12 @@ const { values: args } = parseArgs({
     'parallel-logins': { type: 'string', default: '200' },
     // Untimed logins (8 at a time) per target before the first round: every
     // server measured as it runs after a while (JIT-compiled, caches warm),
-    // not in its first second.
-    'warmup-logins': { type: 'string', default: '200' },
+    // not in its first second. 1000 since 2026-12-04 17:30: after 200, vesh
+    // (a broker and two workers, each worker JIT-compiling its own ~100
+    // logins) still took 4.8-5.0 ms of server CPU per login in round 1 and
+    // 3.6-4.0 in later rounds (17:07, 17:21); after 1000, 4.1 and 3.2-3.7.
+    // The single-process baseline's round 1 was no slower than its others.
+    'warmup-logins': { type: 'string', default: '1000' },
     // Fork each parallel login's client from this process, as before 2026-12-03 17:00.
     'spawn-from-bench': { type: 'boolean', default: false },
     // Who makes the logins/s load: OpenSSH's ssh (a process per login) and/or
