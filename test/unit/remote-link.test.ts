@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { AuthGrant } from '../../src/broker/request-table.js';
 import { parseUserauthBlob, type UserauthBlob } from '../../src/broker/userauth-blob.js';
 import { SshConnection } from '../../src/ssh/connection.js';
+import { generateKeyPair } from '../../src/ssh/keygen.js';
 import { dupFd } from '../../src/system/fdpass.js';
 import { BrokerRefusal, type ConnectionBroker } from '../../src/worker/broker-client.js';
 import {
@@ -67,7 +68,7 @@ interface NodeB {
 
 /** Node B: accepts only `nodeKey` for VOUCH; `exec` runs a tiny fake shell, -L connects on this host, -R listens here. */
 async function startNodeB(cleanup: Cleanup, nodeKey: ParsedKey): Promise<NodeB> {
-  const host = utils.generateKeyPairSync('ed25519');
+  const host = generateKeyPair('ed25519');
   const b: NodeB = { port: 0, verified: [], seen: [], flooded: 0, conns: new Set(), hostKeyLine: host.public };
   const server = new Server({ hostKeys: [host.private] }, (conn) => {
     b.conns.add(conn);
@@ -358,7 +359,7 @@ describe('a login carried to the node its VE lives on (remote-link)', () => {
     nodeLine = ed25519Line(pair.publicKey);
     const nodeParsed = utils.parseKey(nodeLine.line) as ParsedKey;
     b = await startNodeB(cleanup, nodeParsed);
-    otherHostKey = utils.generateKeyPairSync('ed25519').public;
+    otherHostKey = generateKeyPair('ed25519').public;
     upperPort = await startUpperServer(cleanup);
     downPort = await freePort();
     // A node that takes the TCP connection and never says a word.
@@ -374,7 +375,7 @@ describe('a login carried to the node its VE lives on (remote-link)', () => {
       silent.close(() => r());
     }));
 
-    const hostKey = utils.generateKeyPairSync('ed25519');
+    const hostKey = generateKeyPair('ed25519');
     let nextId = 1;
     const a = new Server({ hostKeys: [hostKey.private], ident: 'vesh' }, (conn, info) => {
       const id = (nextId++).toString(16).padStart(8, '0');
