@@ -50,7 +50,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import ssh2 from 'ssh2';
 import { loadServerConfig } from '../src/config/server-config.js';
-import { ackShortRead } from '../src/system/fdpass.js';
+import { ackShortRead, socketFd } from '../src/system/fdpass.js';
 import { makeLayout } from '../src/system/layout.js';
 import { removeInstance } from '../test/helpers/ve-env.js';
 import { sharedTemplate } from '../test/helpers/templates.js';
@@ -247,9 +247,9 @@ function startBareSsh2(dir: string, port: number): Promise<net.Server> {
   // the logins, and this floor was 60 ms in such rounds).
   const tcp = net.createServer((sock) => {
     sock.setNoDelay(true);
-    const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    const fd = socketFd(sock);
     server.injectSocket(sock);
-    if (typeof fd === 'number' && fd >= 0) sock.prependListener('data', (d: Buffer) => ackShortRead(fd, d.length));
+    if (fd !== null) sock.prependListener('data', (d: Buffer) => ackShortRead(fd, d.length));
   });
   return new Promise((r) => tcp.listen(port, '127.0.0.1', () => r(tcp)));
 }

@@ -8,7 +8,7 @@ import type { HostKey } from '../ssh/host-keys.js';
 import { MAX_SESSIONS_PER_CONNECTION } from '../ssh/limits.js';
 import type { SshAuthenticator } from '../ssh/ports.js';
 import { DEFAULT_SESSION_LIMITS, UsageCaps } from '../ssh/usage-caps.js';
-import { closeFd, dupFd } from '../system/fdpass.js';
+import { closeFd, dupFd, socketFd } from '../system/fdpass.js';
 import { countAccepted, countForward, countRefused } from '../audit/metrics.js';
 import type { VeAccess } from '../ve/access.js';
 import { Admission, normalizeAddress, type AdmissionSettings } from './admission.js';
@@ -213,8 +213,8 @@ export class Broker {
       socket.destroy();
       return;
     }
-    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    if (typeof fd !== 'number' || fd < 0) {
+    const fd = socketFd(socket);
+    if (fd === null) {
       countRefused('internal');
       this.admission.leave(adm);
       socket.destroy();

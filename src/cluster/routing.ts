@@ -6,7 +6,7 @@ import type { Logger } from '../audit/logger.js';
 import type { NodeRoutes } from '../broker/node-routes.js';
 import type { ClusterConfig } from '../config/cluster.js';
 import { ErrorCodes, VeshError, errorMessage } from '../errors.js';
-import { dupFd } from '../system/fdpass.js';
+import { dupFd, socketFd } from '../system/fdpass.js';
 import type { LiveNode } from './cluster-state.js';
 import { nodeDown, type ClusterVeAccess } from './cluster-ves.js';
 
@@ -129,9 +129,9 @@ export class NodeRouter implements NodeRoutes {
         reject(nodeDown(ve, node, `not answering at ${live.record.address} (${errorMessage(err)})`));
       });
     });
-    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    const fd = socketFd(socket);
     try {
-      if (typeof fd !== 'number' || fd < 0) throw new Error('no descriptor');
+      if (fd === null) throw new Error('no descriptor');
       // Ours to hand over; the socket object goes (closing its copy only).
       return { fd: dupFd(fd), hostKeys: live.record.hostKeys };
     } catch (err) {

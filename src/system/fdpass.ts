@@ -1,4 +1,5 @@
 import { createRequire } from 'node:module';
+import type { Socket } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ErrorCodes, VeshError } from '../errors.js';
@@ -176,7 +177,7 @@ export function tcpIdle(fd: number): TcpIdle {
  * that a ~40 ms stall in about half of OpenSSH's `ssh host cmd` logins. Bulk
  * reads (uploads) keep delayed ACKs: fewer packets, and nothing waits on them.
  */
-export const QUICK_ACK_BELOW = 8192;
+const QUICK_ACK_BELOW = 8192;
 
 /**
  * After a read of `bytes` from TCP socket fd: when it was short, ACK it now
@@ -188,6 +189,16 @@ export function ackShortRead(fd: number, bytes: number): void {
   try {
     addon().quickAck(fd);
   } catch { /* closing */ }
+}
+
+/**
+ * The descriptor under a connected net.Socket, or null when it has none (not
+ * yet connected, already closed). Node keeps it in the socket's private
+ * `_handle`; this is the one place we read it.
+ */
+export function socketFd(socket: Socket): number | null {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : null;
 }
 
 /**
