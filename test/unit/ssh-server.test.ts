@@ -183,6 +183,8 @@ describe('SSH server (OpenSSH client, host-fake VEs)', () => {
     cleanup.add(() => { s.destroy(); });
     return s;
   }
+  /** Waits until the server counts `n` unauthenticated connections (10 s: a loaded machine accepts slowly). */
+  const unauthenticatedIs = (n: number) => vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(n), { timeout: 10_000 });
   const closed = (s: net.Socket) => new Promise<void>((r) => (s.destroyed ? r() : s.once('close', () => r())));
 
   it('drops garbage instead of an identification line, with a log line, and holds it against the source', async () => {
@@ -238,25 +240,25 @@ describe('SSH server (OpenSSH client, host-fake VEs)', () => {
 
   it('refuses connections beyond maxStartups while others have not authenticated', async () => {
     // An earlier test's connection may still hold a slot for a moment after its client saw the close.
-    await vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(0), { timeout: 10_000 });
+    await unauthenticatedIs(0);
     // Two sources, each under its own cap of 3, fill the 5 slots.
     const socks = ['127.0.0.1', '127.0.0.1', '127.0.0.1', '127.0.0.2', '127.0.0.2'].map(connectFrom);
     try {
-      await vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(5), { timeout: 10_000 });
+      await unauthenticatedIs(5);
       const extra = connectFrom('127.0.0.9');
       await closed(extra);
       await srv.logs.waitFor((e) => e.event === 'ssh.connection_refused' && e.source === '127.0.0.9' && String(e.reason).includes('(maxStartups)'));
     } finally {
       for (const s of socks) s.destroy();
     }
-    await vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(0), { timeout: 10_000 });
+    await unauthenticatedIs(0);
   });
 
   it('refuses a source beyond maxStartupsPerSource while other sources still get in', async () => {
-    await vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(0), { timeout: 10_000 });
+    await unauthenticatedIs(0);
     const mine = [1, 2, 3].map(() => connectFrom('127.0.0.7'));
     try {
-      await vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(3), { timeout: 10_000 });
+      await unauthenticatedIs(3);
       const fourth = connectFrom('127.0.0.7');
       await closed(fourth);
       await srv.logs.waitFor((e) => e.event === 'ssh.connection_refused' && e.source === '127.0.0.7' && String(e.reason).includes('maxStartupsPerSource'));
@@ -268,7 +270,7 @@ describe('SSH server (OpenSSH client, host-fake VEs)', () => {
     } finally {
       for (const s of mine) s.destroy();
     }
-    await vi.waitFor(() => expect(srv.server.stats().unauthenticated).toBe(0), { timeout: 10_000 });
+    await unauthenticatedIs(0);
   });
 
   /** An ssh2 client logged in with the test key, for requests OpenSSH will not send. */
