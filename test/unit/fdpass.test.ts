@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../src/errors.js';
 import {
-  callSync, closeFd, dupFd, fdpassAddonPath, openPty, peerCred, recvFrame, sendFrame, setBlocking, setWinsize, shutdownFd, socketpair, watch,
+  callSync, closeFd, dupFd, fdpassAddonPath, openPty, peerCred, recvFrame, sendFrame, setBlocking, setWinsize, shutdownFd, socketFd, socketpair, watch,
   reap, spawn as addonSpawn,
 } from '../../src/system/fdpass.js';
 import { FrameChannel } from '../../src/system/frame-channel.js';
@@ -191,7 +191,7 @@ describe('fdpass addon and FrameChannel', () => {
     undo.push(() => new Promise<void>((r) => server.close(() => r())));
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     server.on('connection', (sock) => {
-      const fd = dupFd((sock as unknown as { _handle: { fd: number } })._handle.fd);
+      const fd = dupFd(socketFd(sock)!);
       ch.send({ op: 'tcp' }, [fd]);
       closeFd(fd);
       sock.destroy(); // closes only our descriptor: the child holds the connection
@@ -464,7 +464,7 @@ describe('lockdown(): the worker serves SSH and can do nothing else', () => {
     ch.on('error', () => undefined);
     const procs = new Set<ChildProcess>();
     const tcp = net.createServer({ pauseOnConnect: true }, (sock) => {
-      const fd = dupFd((sock as unknown as { _handle: { fd: number } })._handle.fd);
+      const fd = dupFd(socketFd(sock)!);
       ch.send({ op: 'serve', hostKey, clientKey: fs.readFileSync(`${clientKey}.pub`, 'utf8') }, [fd]);
       closeFd(fd);
       sock.destroy();
